@@ -1,0 +1,357 @@
+"""Protected checkpoints: the weights (safetensors) and ``protection.json``,
+never the key.
+
+``save_protected(model, directory)`` writes
+
+- ``model.safetensors``: the base model's ``state_dict`` under its own names
+  (so the architecture's own library can load it), with string metadata
+  ``format: pt``, the kp format version and the key's fingerprint;
+- ``protection.json``: a :class:`ProtectionConfig` as sorted JSON;
+- ``config.json``: the architecture's native config when the model has one
+  (a transformers ``config``, or timm's ``pretrained_cfg``).
+
+``load_protected(directory, model, key)`` loads the weights into ``model``
+and wraps it with ``key``, after checking that ``key`` is the one the
+checkpoint was protected with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import CheckpointError, ConfigurationError, KeyLeakError, KeyMismatchError
+from .keys import SecretKey, parse_scheme
+from .module import ProtectedModel, wrap_model
+
+__all__ = [
+    "ProtectionConfig",
+    "save_protected",
+    "load_protected",
+    "check_key_matches",
+    "find_key_material",
+    "PROTECTION_FILE",
+    "WEIGHTS_FILE",
+    "PROTECTION_FORMAT",
+    "PROTECTION_FORMAT_VERSION",
+]
+
+PROTECTION_FILE = "protection.json"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+PROTECTION_FORMAT = "kp-plugin-protection"
+PROTECTION_FORMAT_VERSION = 1
+
+
+@dataclass
+class ProtectionConfig:
+    """What a protected checkpoint records about its protection: public
+    settings and the key's fingerprint, never the key.
+
+    Serialized as sorted JSON with a type tag (``format``) and a version.
+    """
+
+    scheme: list
+    block_size: int
+    channels: int
+    fingerprint: str
+    mean: list
+    std: list
+    input_size: Optional[list] = None
+    architecture: Optional[str] = None
+    num_classes: Optional[int] = None
+    library_version: str = __version__
+    format: str = PROTECTION_FORMAT
+    format_version: int = PROTECTION_FORMAT_VERSION
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_model(cls, model: ProtectedModel, **extra: Any) -> "ProtectionConfig":
+        """The config describing a :class:`ProtectedModel`."""
+        if not isinstance(model, ProtectedModel):
+            raise ConfigurationError(
+                f"expected a ProtectedModel (from wrap_model), got {type(model).__name__}"
+            )
+        key, keyed, base = model.key, model.keyed, model.unwrap()
+        input_size = keyed.input_size or keyed._size
+        return cls(
+            scheme=list(key.scheme),
+            block_size=key.block_size,
+            channels=key.channels,
+            fingerprint=key.fingerprint,
+            mean=list(keyed.mean),
+            std=list(keyed.std),
+            input_size=list(input_size) if input_size else None,
+            architecture=_architecture_name(base),
+            num_classes=_num_classes(base),
+            extra={k: v for k, v in extra.items()},
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict, *, source: str = PROTECTION_FILE) -> "ProtectionConfig":
+        if not isinstance(data, dict) or data.get("format") != PROTECTION_FORMAT:
+            raise CheckpointError(f"{source} is not a kp-plugin protection config")
+        version = data.get("format_version")
+        if not isinstance(version, int) or version > PROTECTION_FORMAT_VERSION:
+            raise CheckpointError(
+                f"{source} has format version {version!r}; this kp-plugin reads up to "
+                f"{PROTECTION_FORMAT_VERSION}. Upgrade kp-plugin"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        known = {k: v for k, v in data.items() if k in names}
+        try:
+            config = cls(**known)
+            config.scheme = list(parse_scheme(config.scheme))
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{source} is invalid: {exc}") from None
+        return config
+
+    def save(self, directory: Union[str, os.PathLike]) -> Path:
+        path = Path(directory) / PROTECTION_FILE
+        _atomic_write(path, self.to_json().encode())
+        return path
+
+    @classmethod
+    def load(cls, directory: Union[str, os.PathLike]) -> "ProtectionConfig":
+        """Read ``protection.json`` from a checkpoint directory (or the file)."""
+        path = Path(directory)
+        if path.is_dir():
+            path = path / PROTECTION_FILE
+        try:
+            text = path.read_text("utf-8")
+        except FileNotFoundError:
+            raise CheckpointError(
+                f"{path} is missing: {path.parent} is not a kp-plugin protected checkpoint "
+                "(save one with kp_plugin.save_protected)"
+            ) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"cannot read {path}: {exc}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path} is corrupt (invalid JSON at line {exc.lineno})") from None
+        return cls.from_dict(data, source=str(path))
+
+    def check_key(self, key: SecretKey) -> None:
+        """Raise :class:`KeyMismatchError` unless ``key`` is the checkpoint's key."""
+        check_key_matches(key, fingerprint=self.fingerprint, block_size=self.block_size,
+                          scheme=self.scheme, channels=self.channels)
+
+
+def check_key_matches(key: SecretKey, *, fingerprint: str, block_size: int, scheme, channels: int) -> None:
+    """Raise :class:`KeyMismatchError` when ``key`` differs from the expected
+    fingerprint / settings; the message shows only public values."""
+    problems = []
+    if key.fingerprint != fingerprint:
+        problems.append(f"fingerprint {key.fingerprint} (expected {fingerprint})")
+    if key.block_size != block_size:
+        problems.append(f"block_size {key.block_size} (expected {block_size})")
+    if tuple(key.scheme) != tuple(parse_scheme(scheme)):
+        problems.append(f"scheme {key.scheme_name} (expected {'+'.join(parse_scheme(scheme))})")
+    if key.channels != channels:
+        problems.append(f"channels {key.channels} (expected {channels})")
+    if problems:
+        raise KeyMismatchError(
+            "this model was protected with another key: the key given has " + "; ".join(problems)
+            + ". Load the owner's key file (SecretKey.load), or pass allow_wrong_key=True to "
+            "evaluate with a wrong key on purpose"
+        )
+
+
+def _architecture_name(model: nn.Module) -> Optional[str]:
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("architecture"):
+        return str(cfg["architecture"])
+    hf = getattr(model, "config", None)
+    archs = getattr(hf, "architectures", None)
+    if archs:
+        return str(archs[0])
+    if hf is not None and getattr(hf, "model_type", None):
+        return type(model).__name__
+    return type(model).__name__
+
+
+def _num_classes(model: nn.Module) -> Optional[int]:
+    n = getattr(model, "num_classes", None)
+    if isinstance(n, int):
+        return n
+    hf = getattr(model, "config", None)
+    n = getattr(hf, "num_labels", None)
+    return n if isinstance(n, int) else None
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _native_config(base: nn.Module) -> Optional[dict]:
+    """timm's hub ``config.json`` for timm models (duck-typed, no timm import)."""
+    cfg = getattr(base, "pretrained_cfg", None)
+    if not isinstance(cfg, dict):
+        return None
+    pretrained_cfg = {k: v for k, v in cfg.items() if k not in ("url", "file", "hf_hub_id", "hf_hub_filename", "source", "state_dict")}
+    out = {
+        "architecture": cfg.get("architecture"),
+        "num_classes": getattr(base, "num_classes", None),
+        "num_features": getattr(base, "num_features", None),
+        "pretrained_cfg": pretrained_cfg,
+    }
+    if getattr(base, "global_pool", None) is not None and isinstance(getattr(base, "global_pool"), str):
+        out["global_pool"] = base.global_pool
+    out["pretrained_cfg"]["num_classes"] = out["num_classes"]
+    return out
+
+
+def find_key_material(directory: Union[str, os.PathLike], key: SecretKey) -> list:
+    """Files under ``directory`` that contain ``key``'s material (raw, hex,
+    base64) or look like a key file. Returns their paths (never the match)."""
+    needles = key.secret_forms()
+    hits = []
+    root = Path(directory)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    for path in files:
+        data = path.read_bytes()
+        if any(n in data for n in needles) or b'"format": "kp-plugin-key"' in data or b'"format":"kp-plugin-key"' in data:
+            hits.append(path)
+    return hits
+
+
+def save_protected(
+    model: ProtectedModel,
+    directory: Union[str, os.PathLike],
+    *,
+    metadata: Optional[dict] = None,
+) -> Path:
+    """Save a protected model: weights + ``protection.json`` (+ native
+    ``config.json``), never the key.
+
+    Args:
+        model: a :class:`ProtectedModel` (from :func:`wrap_model`).
+        directory: created if needed; existing files of the same names are
+            replaced.
+        metadata: extra public string values for ``protection.json``'s
+            ``extra`` field (e.g. dataset name, accuracy).
+
+    Returns:
+        The directory.
+
+    Example:
+        >>> save_protected(model, "out/")                    # doctest: +SKIP
+    """
+    from safetensors.torch import save_model
+
+    if not isinstance(model, ProtectedModel):
+        raise ConfigurationError(
+            f"save_protected expects a ProtectedModel (from wrap_model), got {type(model).__name__}"
+        )
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    base = model.unwrap()
+    config = ProtectionConfig.from_model(model, **(metadata or {}))
+
+    weights = directory / WEIGHTS_FILE
+    tmp = directory / f".{WEIGHTS_FILE}.tmp"
+    save_model(
+        base,
+        str(tmp),
+        metadata={
+            "format": "pt",
+            "kp_format": PROTECTION_FORMAT,
+            "kp_format_version": str(PROTECTION_FORMAT_VERSION),
+            "kp_fingerprint": model.key.fingerprint,
+        },
+    )
+    os.replace(tmp, weights)
+
+    hf_config = getattr(base, "config", None)
+    if hf_config is not None and hasattr(hf_config, "to_json_string") and hasattr(hf_config, "save_pretrained"):
+        hf_config.save_pretrained(directory)
+    else:
+        native = _native_config(base)
+        if native is not None:
+            _atomic_write(directory / CONFIG_FILE, (json.dumps(native, indent=2, sort_keys=True, default=str) + "\n").encode())
+    config.save(directory)
+
+    leaks = find_key_material(directory, model.key)
+    if leaks:
+        names = ", ".join(p.name for p in leaks)
+        raise KeyLeakError(f"key material found in {names} under {directory}; remove these files before sharing")
+    return directory
+
+
+def load_protected(
+    directory: Union[str, os.PathLike],
+    model: nn.Module,
+    key: SecretKey,
+    *,
+    allow_wrong_key: bool = False,
+    strict: bool = True,
+    device: Union[str, torch.device] = "cpu",
+) -> ProtectedModel:
+    """Load a protected checkpoint into ``model`` and wrap it with ``key``.
+
+    Args:
+        directory: written by :func:`save_protected`.
+        model: the base architecture (fresh, e.g. ``timm.create_model(name,
+            num_classes=10)``), or a :class:`ProtectedModel` whose base is used.
+        key: the owner's key.
+        allow_wrong_key: load even if ``key`` is not the checkpoint's key
+            (for wrong-key evaluation and attacks).
+        strict: require the weights to match the architecture exactly.
+        device: where to load the weights.
+
+    Raises:
+        KeyMismatchError: ``key`` is not the checkpoint's key.
+        CheckpointError: a file is missing or corrupt, or the weights do not
+            fit ``model``.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model, safe_open
+
+    directory = Path(directory)
+    config = ProtectionConfig.load(directory)
+    if not allow_wrong_key:
+        config.check_key(key)
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} is missing; the checkpoint is incomplete")
+    base = model.unwrap() if isinstance(model, ProtectedModel) else model
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        if meta.get("kp_fingerprint") not in (None, config.fingerprint):
+            raise CheckpointError(
+                f"{weights} was saved for key {meta.get('kp_fingerprint')} but {PROTECTION_FILE} "
+                f"names {config.fingerprint}; the files come from different checkpoints"
+            )
+        load_model(base, str(weights), strict=strict, device=str(device))
+    except SafetensorError as exc:
+        raise CheckpointError(f"{weights} is corrupt or not a safetensors file ({exc})") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {weights}: {exc}") from None
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"the weights in {weights} do not fit {type(base).__name__} ({str(exc).splitlines()[0]}); "
+            "create the model with the same architecture and num_classes as when it was saved"
+        ) from None
+    input_size = tuple(config.input_size) if config.input_size else None
+    return wrap_model(base, key, mean=config.mean, std=config.std, input_size=input_size)

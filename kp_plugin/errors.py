@@ -1,0 +1,66 @@
+"""Typed errors of kp-plugin.
+
+Every error the library raises on purpose derives from :class:`KPError`, so a
+caller can catch them all at once. Where a built-in exception fits too (a bad
+block size is also a ``ValueError``), the error derives from both, so code
+written against the built-in keeps working.
+
+No message ever contains key material: messages name files, sizes,
+fingerprints (public) and what to do next.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "KPError",
+    "KeyFileError",
+    "KeyMismatchError",
+    "CheckpointError",
+    "InputRangeError",
+    "InputDtypeError",
+    "BlockSizeError",
+    "ConfigurationError",
+    "KeyLeakError",
+]
+
+
+class KPError(Exception):
+    """Base class of every error raised by kp-plugin."""
+
+
+class KeyFileError(KPError, ValueError):
+    """A key file (or ``KP_KEY`` value) is missing, corrupt, tampered with, or
+    of an unknown format version; or saving it would overwrite another key."""
+
+
+class KeyMismatchError(KPError):
+    """The key given is not the key a checkpoint or model was protected with
+    (its fingerprint, block size or scheme differs)."""
+
+
+class CheckpointError(KPError):
+    """A protected checkpoint is missing a file, or a file is corrupt."""
+
+
+class InputRangeError(KPError, ValueError):
+    """Float images are outside [0, 1]: most often they were normalized
+    before the keyed transform, which must come first."""
+
+
+class InputDtypeError(KPError, TypeError):
+    """Images have a dtype the keyed transform does not take (it takes
+    floating point in [0, 1] or uint8 in 0..255)."""
+
+
+class BlockSizeError(KPError, ValueError):
+    """An image size is not a multiple of the key's block size, or a tensor
+    does not have the shape the key expects."""
+
+
+class ConfigurationError(KPError, ValueError):
+    """Something needed to protect a model is missing (mean/std, input size)
+    or inconsistent."""
+
+
+class KeyLeakError(KPError):
+    """A file about to be written or uploaded contains key material."""

@@ -1,0 +1,582 @@
+"""Secret keys: generation, key files, fingerprints and the derivation of every
+secret object the keyed transform uses.
+
+A :class:`SecretKey` is 256 random bits plus the public choices that go with
+them (block size, scheme, channel count). Everything secret the transform
+needs (the pixel permutation, the negative/positive mask, the value shifts,
+the FFX bijections, the block permutation) is derived from the 256 bits by a
+versioned procedure written down in ``docs/key-format.md``: HMAC-SHA256 as a
+PRF in counter mode, rejection sampling, Fisher-Yates. The same key file
+gives the same transform on every machine, OS, device and library version;
+golden vectors in the tests pin it.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence, Union
+
+from .errors import KeyFileError
+
+__all__ = [
+    "SecretKey",
+    "Scheme",
+    "STEPS",
+    "PAPER_SCHEME",
+    "DEFAULT_SCHEME",
+    "DEFAULT_BLOCK_SIZE",
+    "parse_scheme",
+    "scheme_name",
+    "KEY_FILE_FORMAT",
+    "KEY_FILE_VERSION",
+    "DERIVATION_VERSION",
+    "FFX_ROUNDS",
+]
+
+#: The steps a scheme can use, in the order DESIGN.md applies them.
+#: ``shuffle``: pixel shuffling inside each block (the paper's);
+#: ``np``: negative/positive flipping; ``shift``: a cyclic shift of 8-bit
+#: values per position; ``ffx``: a keyed bijection of 8-bit values per
+#: position; ``scramble``: a permutation of the blocks themselves.
+STEPS: tuple[str, ...] = ("shuffle", "np", "shift", "ffx", "scramble")
+
+_ALIASES = {
+    "pixel-shuffle": "shuffle",
+    "pixel_shuffle": "shuffle",
+    "shuffling": "shuffle",
+    "negative-positive": "np",
+    "negative_positive": "np",
+    "flip": "np",
+    "cyclic-shift": "shift",
+    "value-shift": "shift",
+    "block-scramble": "scramble",
+    "block_scramble": "scramble",
+    "scrambling": "scramble",
+}
+
+Scheme = tuple  # a canonical, ordered tuple of step names
+
+#: The paper's recipe (AprilPyone & Kiya 2021): block-wise pixel shuffling
+#: alone. Kept for comparison: measured here, it leaks through block
+#: statistics (see docs/benchmarks.md).
+PAPER_SCHEME: Scheme = ("shuffle",)
+
+#: The library's default scheme, chosen by measurement (docs/benchmarks.md).
+DEFAULT_SCHEME: Scheme = ("shuffle", "np")
+
+DEFAULT_BLOCK_SIZE = 16
+
+KEY_FILE_FORMAT = "kp-plugin-key"
+KEY_FILE_VERSION = 1
+DERIVATION_VERSION = 1
+#: Feistel rounds of the FFX bijection on bytes (two 4-bit halves).
+FFX_ROUNDS = 8
+
+_KEY_BYTES = 32
+_PRF_PREFIX = b"kp-plugin/v%d/" % DERIVATION_VERSION
+
+
+def parse_scheme(scheme: Union[str, Iterable[str]]) -> Scheme:
+    """Return the canonical tuple for a scheme given as ``"shuffle+np"`` or a
+    sequence of step names.
+
+    Steps are put in DESIGN.md's order whatever order they are given in;
+    unknown or repeated steps are an error.
+
+    Example:
+        >>> parse_scheme("np+shuffle")
+        ('shuffle', 'np')
+    """
+    if isinstance(scheme, str):
+        parts = [p for p in scheme.replace(",", "+").split("+")]
+    else:
+        parts = list(scheme)
+    steps = []
+    for part in parts:
+        if not isinstance(part, str):
+            raise ValueError(f"scheme steps are strings, got {type(part).__name__}")
+        name = _ALIASES.get(part.strip().lower(), part.strip().lower())
+        if name not in STEPS:
+            raise ValueError(
+                f"unknown scheme step {part!r}; choose from {', '.join(STEPS)} "
+                f"(e.g. 'shuffle+np')"
+            )
+        if name in steps:
+            raise ValueError(f"scheme step {name!r} is given twice")
+        steps.append(name)
+    if not steps:
+        raise ValueError("a scheme needs at least one step, e.g. 'shuffle+np'")
+    return tuple(s for s in STEPS if s in steps)
+
+
+def scheme_name(scheme: Union[str, Iterable[str]]) -> str:
+    """The canonical string form of a scheme, e.g. ``"shuffle+np"``."""
+    return "+".join(parse_scheme(scheme))
+
+
+# --------------------------------------------------------------------------
+# The derivation procedure (spec: docs/key-format.md)
+# --------------------------------------------------------------------------
+
+
+def _prf_stream(material: bytes, label: str) -> Iterator[int]:
+    """Bytes of HMAC-SHA256(key, prefix || label || 0x00 || counter_be32),
+    counter = 0, 1, 2, ..., concatenated."""
+    head = _PRF_PREFIX + label.encode("ascii") + b"\x00"
+    counter = 0
+    while True:
+        block = hmac.new(material, head + counter.to_bytes(4, "big"), hashlib.sha256).digest()
+        yield from block
+        counter += 1
+
+
+def _prf_bytes(material: bytes, label: str, n: int) -> bytes:
+    stream = _prf_stream(material, label)
+    return bytes(next(stream) for _ in range(n))
+
+
+class _UniformSampler:
+    """Uniform integers below ``n`` from a PRF stream: big-endian 32-bit words,
+    rejection sampling so that no value is more likely than another."""
+
+    def __init__(self, material: bytes, label: str) -> None:
+        self._stream = _prf_stream(material, label)
+
+    def word(self) -> int:
+        s = self._stream
+        return (next(s) << 24) | (next(s) << 16) | (next(s) << 8) | next(s)
+
+    def below(self, n: int) -> int:
+        limit = (1 << 32) // n * n
+        while True:
+            w = self.word()
+            if w < limit:
+                return w % n
+
+
+def _derive_permutation(material: bytes, label: str, n: int) -> list[int]:
+    """Fisher-Yates: for i = n-1 .. 1, swap a[i] with a[uniform(i + 1)]."""
+    a = list(range(n))
+    sampler = _UniformSampler(material, label)
+    for i in range(n - 1, 0, -1):
+        j = sampler.below(i + 1)
+        a[i], a[j] = a[j], a[i]
+    return a
+
+
+def _derive_bits(material: bytes, label: str, n: int) -> list[int]:
+    """Bit k is bit (7 - k % 8) of stream byte k // 8 (most significant first)."""
+    raw = _prf_bytes(material, label, (n + 7) // 8)
+    return [(raw[k >> 3] >> (7 - (k & 7))) & 1 for k in range(n)]
+
+
+def _feistel_tables(material: bytes, length: int) -> list[list[int]]:
+    """Per position p, the bijection of 0..255 given by an FFX_ROUNDS-round
+    Feistel network on two 4-bit halves, with round functions read from the
+    ``ffx-rounds`` stream as nibbles (high nibble first)."""
+    rounds = FFX_ROUNDS
+    raw = _prf_bytes(material, f"ffx-rounds/L={length}", length * rounds * 8)
+    tables = []
+    for p in range(length):
+        funcs = []
+        for r in range(rounds):
+            base = (p * rounds + r) * 8
+            f = []
+            for x in range(16):
+                byte = raw[base + (x >> 1)]
+                f.append(byte >> 4 if x % 2 == 0 else byte & 15)
+            funcs.append(f)
+        table = []
+        for v in range(256):
+            a, b = v >> 4, v & 15
+            for f in funcs:
+                a, b = b, a ^ f[b]
+            table.append((a << 4) | b)
+        tables.append(table)
+    return tables
+
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class SecretKey:
+    """A 256-bit secret key with the block size, scheme and channel count it
+    is used with.
+
+    The key material never appears in ``repr``/``str``, in error messages, or
+    in anything the library writes other than a key file. A key cannot be
+    pickled (so ``torch.save`` of a whole model cannot leak it): save it with
+    :meth:`save`.
+
+    Example:
+        >>> key = SecretKey.generate(block_size=4)
+        >>> key.save("owner.key")                       # doctest: +SKIP
+        >>> same = SecretKey.load("owner.key")          # doctest: +SKIP
+    """
+
+    __slots__ = ("_material", "block_size", "scheme", "channels", "created", "_cache", "__weakref__")
+
+    def __init__(
+        self,
+        material: bytes,
+        *,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        scheme: Union[str, Iterable[str]] = DEFAULT_SCHEME,
+        channels: int = 3,
+        created: str | None = None,
+    ) -> None:
+        if not isinstance(material, (bytes, bytearray)) or len(material) != _KEY_BYTES:
+            raise ValueError(f"key material must be exactly {_KEY_BYTES} bytes")
+        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+            raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+        if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
+            raise ValueError(f"channels must be a positive integer, got {channels!r}")
+        self._material = bytes(material)
+        self.block_size = block_size
+        self.scheme: Scheme = parse_scheme(scheme)
+        self.channels = channels
+        self.created = created or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self._cache: dict = {}
+
+    # ---------------------------------------------------------------- create
+    @classmethod
+    def generate(
+        cls,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        scheme: Union[str, Iterable[str]] = DEFAULT_SCHEME,
+        channels: int = 3,
+    ) -> "SecretKey":
+        """A new key: 256 bits from the operating system's CSPRNG (``secrets``).
+
+        Args:
+            block_size: side ``M`` of the square blocks; image sizes must be
+                multiples of it.
+            scheme: steps of the keyed transform (``"shuffle+np"``, a tuple,
+                or :data:`DEFAULT_SCHEME`).
+            channels: image channels (3 for RGB).
+        """
+        return cls(secrets.token_bytes(_KEY_BYTES), block_size=block_size, scheme=scheme, channels=channels)
+
+    @classmethod
+    def generate_like(cls, other: "SecretKey") -> "SecretKey":
+        """A new random key with the same block size, scheme and channels as
+        ``other`` (what a wrong-key evaluation draws)."""
+        return cls.generate(block_size=other.block_size, scheme=other.scheme, channels=other.channels)
+
+    def replace(self, **changes) -> "SecretKey":
+        """The same key material with other public settings, e.g.
+        ``key.replace(scheme="shuffle")``."""
+        args = dict(block_size=self.block_size, scheme=self.scheme, channels=self.channels, created=self.created)
+        args.update(changes)
+        return SecretKey(self._material, **args)
+
+    # ---------------------------------------------------------------- public
+    @property
+    def fingerprint(self) -> str:
+        """A public 128-bit hex identifier of the key material (its own PRF
+        label), safe to store in checkpoints and model cards."""
+        fp = self._cache.get("fingerprint")
+        if fp is None:
+            fp = self._cache["fingerprint"] = _prf_bytes(self._material, "fingerprint", 16).hex()
+        return fp
+
+    @property
+    def scheme_name(self) -> str:
+        """The scheme as a string, e.g. ``"shuffle+np"``."""
+        return "+".join(self.scheme)
+
+    @property
+    def block_length(self) -> int:
+        """``L = M * M * C``, the length of a flattened block."""
+        return self.block_size * self.block_size * self.channels
+
+    def __repr__(self) -> str:
+        return (
+            f"SecretKey(fingerprint='{self.fingerprint}', block_size={self.block_size}, "
+            f"scheme='{self.scheme_name}', channels={self.channels})"
+        )
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SecretKey):
+            return NotImplemented
+        return (
+            hmac.compare_digest(self._material, other._material)
+            and self.block_size == other.block_size
+            and self.scheme == other.scheme
+            and self.channels == other.channels
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.fingerprint, self.block_size, self.scheme, self.channels))
+
+    def __reduce__(self):
+        raise TypeError(
+            "SecretKey cannot be pickled, so that torch.save(model) cannot leak it; "
+            "save the key with key.save(path) and the model with kp_plugin.save_protected"
+        )
+
+    def __copy__(self) -> "SecretKey":
+        return self
+
+    def __deepcopy__(self, memo) -> "SecretKey":
+        return self
+
+    def secret_forms(self) -> list[bytes]:
+        """Byte strings whose presence in a file means the key leaked: the raw
+        material, its hex (both cases) and base64 forms, and the pixel
+        permutation serialized as int64/int32 arrays or JSON text. Used by
+        the leak scanners; never print them."""
+        m = self._material
+        perm = self.pixel_permutation()
+        perm_forms = [
+            b"".join(v.to_bytes(8, "little") for v in perm),
+            b"".join(v.to_bytes(4, "little") for v in perm),
+            json.dumps(perm).encode(),
+            json.dumps(perm, separators=(",", ":")).encode(),
+        ]
+        return perm_forms + [
+            m,
+            m.hex().encode(),
+            m.hex().upper().encode(),
+            base64.b64encode(m),
+            base64.urlsafe_b64encode(m),
+            base64.b64encode(m).rstrip(b"="),
+            base64.urlsafe_b64encode(m).rstrip(b"="),
+        ]
+
+    # ------------------------------------------------------ derived objects
+    def _derived(self, name: str, make):
+        value = self._cache.get(name)
+        if value is None:
+            value = self._cache[name] = make()
+        return value
+
+    def pixel_permutation(self, length: int | None = None) -> list[int]:
+        """The permutation ``P`` of block positions 0..L-1 (label
+        ``pixel-shuffle/L=<L>``): shuffled block ``y[p] = x[P[p]]``."""
+        n = length or self.block_length
+        return list(self._derived(f"perm{n}", lambda: _derive_permutation(self._material, f"pixel-shuffle/L={n}", n)))
+
+    def np_mask(self, length: int | None = None) -> list[int]:
+        """Bits ``b[p]``; where 1, a value ``v`` becomes ``1 - v`` (label
+        ``negative-positive/L=<L>``)."""
+        n = length or self.block_length
+        return list(self._derived(f"np{n}", lambda: _derive_bits(self._material, f"negative-positive/L={n}", n)))
+
+    def shift_values(self, length: int | None = None) -> list[int]:
+        """Per-position shifts ``s[p]`` in 0..255; an 8-bit value ``q``
+        becomes ``(q + s[p]) mod 256`` (label ``value-shift/L=<L>``)."""
+        n = length or self.block_length
+        return list(self._derived(f"shift{n}", lambda: list(_prf_bytes(self._material, f"value-shift/L={n}", n))))
+
+    def ffx_mask(self, length: int | None = None) -> list[int]:
+        """Bits ``f[p]``; where 1, the FFX bijection of position ``p`` is
+        applied (label ``ffx-mask/L=<L>``)."""
+        n = length or self.block_length
+        return list(self._derived(f"ffxmask{n}", lambda: _derive_bits(self._material, f"ffx-mask/L={n}", n)))
+
+    def ffx_tables(self, length: int | None = None) -> list[list[int]]:
+        """Per position ``p``, the keyed bijection of 0..255 (a list of 256
+        values) used where ``f[p] == 1`` (label ``ffx-rounds/L=<L>``)."""
+        n = length or self.block_length
+        return [list(t) for t in self._derived(f"ffx{n}", lambda: _feistel_tables(self._material, n))]
+
+    def block_permutation(self, num_blocks: int) -> list[int]:
+        """The permutation ``S`` of block indices (row-major) for block
+        scrambling: output block ``k`` is input block ``S[k]`` (label
+        ``block-scramble/N=<N>``)."""
+        n = num_blocks
+        return list(self._derived(f"blocks{n}", lambda: _derive_permutation(self._material, f"block-scramble/N={n}", n)))
+
+    # ------------------------------------------------------------ key files
+    def _body(self) -> dict:
+        return {
+            "format": KEY_FILE_FORMAT,
+            "version": KEY_FILE_VERSION,
+            "key": self._material.hex(),
+            "block_size": self.block_size,
+            "scheme": list(self.scheme),
+            "channels": self.channels,
+            "created": self.created,
+            "fingerprint": self.fingerprint,
+        }
+
+    def _mac(self, body: dict) -> str:
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+        return hmac.new(self._material, _PRF_PREFIX + b"key-file\x00" + canonical, hashlib.sha256).hexdigest()
+
+    def to_json(self) -> str:
+        """The key file content (JSON). It holds the key material: treat the
+        string as the key itself."""
+        body = self._body()
+        body["mac"] = self._mac(body)
+        return json.dumps(body, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: Union[str, bytes], *, source: str = "key data") -> "SecretKey":
+        """Parse key file content; :class:`KeyFileError` says what is wrong."""
+        if isinstance(text, bytes):
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError:
+                raise KeyFileError(f"{source} is not a kp-plugin key file (not UTF-8 text)") from None
+        if not text.strip():
+            raise KeyFileError(f"{source} is empty; was the key file truncated? Restore it from your backup")
+        try:
+            body = json.loads(text)
+        except json.JSONDecodeError:
+            raise KeyFileError(
+                f"{source} is not valid JSON (corrupt or truncated key file); restore it from your backup"
+            ) from None
+        if not isinstance(body, dict) or body.get("format") != KEY_FILE_FORMAT:
+            raise KeyFileError(f"{source} is not a kp-plugin key file (expected format '{KEY_FILE_FORMAT}')")
+        version = body.get("version")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise KeyFileError(f"{source} has no valid format version")
+        if version > KEY_FILE_VERSION:
+            raise KeyFileError(
+                f"{source} is key file version {version}, newer than this kp-plugin reads "
+                f"(version {KEY_FILE_VERSION}); upgrade kp-plugin"
+            )
+        if version < 1:
+            raise KeyFileError(f"{source} has an invalid format version {version}")
+        missing = [f for f in ("key", "block_size", "scheme", "channels", "fingerprint", "mac") if f not in body]
+        if missing:
+            raise KeyFileError(f"{source} is missing field(s) {', '.join(missing)}; the key file is incomplete")
+        hexkey = body["key"]
+        if not isinstance(hexkey, str) or len(hexkey) != 2 * _KEY_BYTES:
+            raise KeyFileError(f"{source}: field 'key' must be {2 * _KEY_BYTES} hex digits (corrupt key file)")
+        try:
+            material = bytes.fromhex(hexkey)
+        except ValueError:
+            raise KeyFileError(f"{source}: field 'key' is not hexadecimal (corrupt key file)") from None
+        try:
+            key = cls(
+                material,
+                block_size=body["block_size"],
+                scheme=body["scheme"],
+                channels=body["channels"],
+                created=body.get("created"),
+            )
+        except (ValueError, TypeError) as exc:
+            raise KeyFileError(f"{source} has an invalid setting: {exc}") from None
+        if not isinstance(body["fingerprint"], str) or not hmac.compare_digest(body["fingerprint"], key.fingerprint):
+            raise KeyFileError(
+                f"{source}: the key material does not match the recorded fingerprint "
+                "(the file was altered or damaged); restore it from your backup"
+            )
+        unsigned = {k: v for k, v in body.items() if k != "mac"}
+        if not isinstance(body["mac"], str) or not hmac.compare_digest(body["mac"], key._mac(unsigned)):
+            raise KeyFileError(
+                f"{source}: integrity check failed (a field was edited or damaged); restore it from your backup"
+            )
+        return key
+
+    def save(self, path: PathLike, *, overwrite: bool = False) -> Path:
+        """Write the key file atomically (temporary file, fsync, rename) with
+        owner-only permissions (0600).
+
+        An existing file is never replaced unless ``overwrite=True``: losing a
+        key loses the model. If writing fails midway, the previous file (if
+        any) is left intact.
+
+        Args:
+            path: where to write the key file.
+            overwrite: replace an existing file at ``path``.
+
+        Returns:
+            The path written.
+        """
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise KeyFileError(
+                f"{path} already exists; refusing to overwrite a key file (the model it protects "
+                "would be lost). Choose another path or pass overwrite=True"
+            )
+        directory = path.parent if str(path.parent) else Path(".")
+        directory.mkdir(parents=True, exist_ok=True)
+        data = self.to_json().encode()
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+        try:
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            if overwrite:
+                os.replace(tmp, path)
+            else:
+                # link() fails if the target appeared meanwhile: no race can
+                # make us replace another key.
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    raise KeyFileError(
+                        f"{path} already exists; refusing to overwrite a key file. "
+                        "Choose another path or pass overwrite=True"
+                    ) from None
+                except OSError:
+                    if path.exists():
+                        raise
+                    os.replace(tmp, path)
+                finally:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
+            _fsync_directory(directory)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: PathLike) -> "SecretKey":
+        """Read a key file written by :meth:`save`.
+
+        Raises:
+            KeyFileError: the file is missing, corrupt, truncated, tampered
+                with, or of a newer format version.
+        """
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise KeyFileError(f"key file {path} does not exist; create one with `kp keygen -o {path}`") from None
+        except OSError as exc:
+            raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from None
+        return cls.from_json(data, source=f"key file {path}")
+
+    @classmethod
+    def from_env(cls, name: str = "KP_KEY") -> "SecretKey":
+        """Read a key from an environment variable holding a key file's
+        content, e.g. ``export KP_KEY="$(cat owner.key)"``."""
+        value = os.environ.get(name)
+        if value is None:
+            raise KeyFileError(
+                f"environment variable {name} is not set; set it to the content of a key file, "
+                f'e.g. export {name}="$(cat owner.key)"'
+            )
+        return cls.from_json(value, source=f"environment variable {name}")
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,313 @@
+"""``KeyedInput`` and ``ProtectedModel``: the keyed transform as an nn.Module
+in front of any image model.
+
+``wrap_model(model, key)`` returns a :class:`ProtectedModel` whose forward
+takes images in [0, 1] and computes ``model(normalize(T_key(x)))``. The
+key-derived tensors are non-persistent buffers, so ``state_dict()`` holds the
+base model's weights and nothing derived from the key; the key object itself
+refuses to be pickled.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .errors import BlockSizeError, ConfigurationError, InputDtypeError
+from .keys import SecretKey
+from .transforms import TransformPlan, check_float_range, check_image_size, compile_plan
+
+__all__ = ["KeyedInput", "ProtectedModel", "wrap_model", "unwrap", "resolve_normalization"]
+
+
+def _as_triple(values: Sequence[float], channels: int, name: str) -> tuple:
+    values = tuple(float(v) for v in (values if isinstance(values, (list, tuple)) else [values]))
+    if len(values) == 1:
+        values = values * channels
+    if len(values) != channels:
+        raise ConfigurationError(f"{name} has {len(values)} values but the key is for {channels} channels")
+    if name == "std" and any(v <= 0 for v in values):
+        raise ConfigurationError(f"std must be positive, got {values}")
+    return values
+
+
+class KeyedInput(nn.Module):
+    """Keyed block-wise transform followed by mean/std normalization.
+
+    Input: images ``(B, C, H, W)`` (or ``(C, H, W)``), float in [0, 1] or
+    uint8. Output: float, normalized, ready for the model. The transform
+    and the normalization are fused: one gather, then one multiply-add (or
+    one table lookup when the scheme has 8-bit steps).
+
+    Args:
+        key: the secret key.
+        mean, std: the model's normalization (per channel, or one value).
+        input_size: ``(C, H, W)`` to compile for now; other sizes compile on
+            first use.
+        check_range: reject float input clearly outside [0, 1] (typically
+            already normalized) with :class:`InputRangeError`. The check reads
+            the batch once and, on CUDA, synchronizes; it is skipped while
+            ``torch.compile`` traces.
+
+    Example:
+        >>> keyed = KeyedInput(SecretKey.generate(block_size=4), mean=0.5, std=0.5)
+        >>> z = keyed(torch.rand(2, 3, 32, 32))
+    """
+
+    def __init__(
+        self,
+        key: SecretKey,
+        *,
+        mean: Sequence[float],
+        std: Sequence[float],
+        input_size: Optional[Sequence[int]] = None,
+        check_range: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(key, SecretKey):
+            raise TypeError(f"key must be a kp_plugin.SecretKey, got {type(key).__name__}")
+        self.key = key
+        self.mean = _as_triple(mean, key.channels, "mean")
+        self.std = _as_triple(std, key.channels, "std")
+        self.check_range = check_range
+        self._size: Optional[tuple] = None
+        self.input_size: Optional[tuple] = None
+        if input_size is not None:
+            input_size = tuple(int(s) for s in input_size)
+            if len(input_size) != 3:
+                raise ConfigurationError(f"input_size must be (C, H, W), got {input_size}")
+            if input_size[0] != key.channels:
+                raise ConfigurationError(
+                    f"input_size has {input_size[0]} channels but the key is for {key.channels}"
+                )
+            check_image_size(input_size[1], input_size[2], key.block_size)
+            self.input_size = input_size
+            self._compile(input_size, torch.device("cpu"), torch.float32)
+
+    # The buffers hold the compiled plan for one image size. They are
+    # non-persistent: never in state_dict, but moved by .to() / .half().
+    def _compile(self, size: tuple, device: torch.device, dtype: torch.dtype) -> None:
+        plan: TransformPlan = compile_plan(self.key, *size)
+        channel = plan.channel_of_element()
+        mean = torch.tensor(self.mean, dtype=torch.float64)
+        std = torch.tensor(self.std, dtype=torch.float64)
+        if plan.value_table is not None:
+            # Normalized value of every (position, 8-bit value) pair.
+            pos_channel = torch.arange(plan.value_table.shape[0]) % plan.channels
+            lookup = (plan.value_table.double() / 255 - mean[pos_channel, None]) / std[pos_channel, None]
+            tensors = {
+                "source_index": plan.source_index,
+                "lookup_offsets": plan.lookup_offsets(),
+                "value_lookup": lookup.reshape(-1).to(dtype),
+            }
+        else:
+            flip = plan.flip.double() if plan.flip is not None else torch.zeros(plan.numel, dtype=torch.float64)
+            # normalize(np(v)) = (1 - 2 f) / std * v + (f - mean) / std
+            tensors = {
+                "source_index": plan.source_index,
+                "value_scale": ((1 - 2 * flip) / std[channel]).to(dtype),
+                "value_bias": ((flip - mean[channel]) / std[channel]).to(dtype),
+            }
+        for name in ("source_index", "lookup_offsets", "value_lookup", "value_scale", "value_bias"):
+            if name in self._buffers:
+                del self._buffers[name]
+        for name, tensor in tensors.items():
+            self.register_buffer(name, tensor.to(device), persistent=False)
+        self._size = tuple(size)
+        self._quantizes = plan.value_table is not None
+
+    def _buffer_dtype(self, x: torch.Tensor) -> torch.dtype:
+        for name in ("value_lookup", "value_scale"):
+            if name in self._buffers:
+                return self._buffers[name].dtype
+        return x.dtype if x.is_floating_point() else torch.float32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise InputDtypeError(f"expected a torch.Tensor of images, got {type(x).__name__}")
+        if x.dtype != torch.uint8 and not x.is_floating_point():
+            raise InputDtypeError(
+                f"images have dtype {x.dtype}; KeyedInput takes float images in [0, 1] or uint8 "
+                "images in 0..255 (convert with x.float() / 255)"
+            )
+        single = x.dim() == 3
+        if single:
+            x = x.unsqueeze(0)
+        if x.dim() != 4:
+            raise BlockSizeError(f"expected images shaped (B, C, H, W) or (C, H, W), got {tuple(x.shape)}")
+        size = tuple(x.shape[1:])
+        if size[0] != self.key.channels:
+            raise BlockSizeError(
+                f"images have {size[0]} channels but the key is for {self.key.channels} "
+                "(channels-first layout (B, C, H, W) is expected)"
+            )
+        if size != self._size or self._buffers["source_index"].device != x.device:
+            check_image_size(size[1], size[2], self.key.block_size)
+            self._compile(size, x.device, self._buffer_dtype(x))
+        if self.check_range and x.is_floating_point() and not torch.compiler.is_compiling():
+            check_float_range(x)
+
+        flat = x.reshape(x.shape[0], -1)
+        gathered = torch.gather(flat, 1, self.source_index.expand(flat.shape[0], -1))
+        if self._quantizes:
+            if gathered.dtype == torch.uint8:
+                q = gathered.long()
+            else:
+                q = gathered.mul(255).round_().clamp_(0, 255).long()
+            out = self.value_lookup[q.add_(self.lookup_offsets)]
+        else:
+            scale, bias = self.value_scale, self.value_bias
+            if gathered.dtype == torch.uint8:
+                gathered = gathered.to(scale.dtype)
+                scale = scale / 255
+            out = torch.addcmul(bias, gathered, scale)
+        out = out.reshape(x.shape)
+        return out[0] if single else out
+
+    def extra_repr(self) -> str:
+        return (
+            f"fingerprint={self.key.fingerprint}, block_size={self.key.block_size}, "
+            f"scheme={self.key.scheme_name}, mean={self.mean}, std={self.std}"
+        )
+
+
+def resolve_normalization(
+    model: nn.Module,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    input_size: Optional[Sequence[int]] = None,
+) -> tuple:
+    """Find mean, std and input size for ``model``: explicit arguments first,
+    then timm's ``pretrained_cfg``, then an HF config's ``image_mean`` /
+    ``image_std`` / ``image_size`` / ``num_channels``."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict):
+        mean = mean if mean is not None else cfg.get("mean")
+        std = std if std is not None else cfg.get("std")
+        if input_size is None and cfg.get("input_size") is not None:
+            input_size = tuple(cfg["input_size"])
+    hf_config = getattr(model, "config", None)
+    if hf_config is not None and not isinstance(hf_config, dict):
+        mean = mean if mean is not None else getattr(hf_config, "image_mean", None)
+        std = std if std is not None else getattr(hf_config, "image_std", None)
+        if input_size is None:
+            side = getattr(hf_config, "image_size", None)
+            channels = getattr(hf_config, "num_channels", None)
+            if isinstance(side, int) and isinstance(channels, int):
+                input_size = (channels, side, side)
+    if mean is None or std is None:
+        raise ConfigurationError(
+            f"cannot tell the normalization of {type(model).__name__}: it has no timm pretrained_cfg "
+            "or HF config with image_mean/image_std. Pass them, e.g. "
+            "wrap_model(model, key, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))"
+        )
+    return mean, std, input_size
+
+
+class ProtectedModel(nn.Module):
+    """A model behind a :class:`KeyedInput`.
+
+    ``forward`` transforms the images (the first positional argument, or
+    ``pixel_values=``) and passes everything else through, so a transformers
+    model keeps its calling convention (``labels=``, output objects with
+    ``loss``). Attribute access falls through to the base model; ``unwrap()``
+    returns it. ``state_dict()`` has the base model's keys under ``model.``
+    and nothing derived from the key.
+    """
+
+    def __init__(self, model: nn.Module, keyed: KeyedInput) -> None:
+        super().__init__()
+        self.keyed = keyed
+        self.model = model
+
+    @property
+    def key(self) -> SecretKey:
+        return self.keyed.key
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if "pixel_values" in kwargs and kwargs["pixel_values"] is not None:
+            kwargs["pixel_values"] = self._prepare(kwargs["pixel_values"])
+        elif args:
+            args = (self._prepare(args[0]),) + tuple(args[1:])
+        else:
+            raise TypeError("ProtectedModel expects images as the first argument or as pixel_values=")
+        return self.model(*args, **kwargs)
+
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.keyed(images)
+        dtype = _parameter_dtype(self.model)
+        if dtype is not None and out.dtype != dtype and not torch.is_autocast_enabled(out.device.type):
+            out = out.to(dtype)
+        return out
+
+    def unwrap(self) -> nn.Module:
+        """The base model, without the keyed input."""
+        return self.model
+
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        """Same as :func:`kp_plugin.save_protected` (weights, native config
+        where there is one, ``protection.json``; never the key)."""
+        from .checkpoint import save_protected
+
+        save_protected(self, save_directory, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("model", "keyed"):
+                raise
+            return getattr(self.model, name)
+
+
+def _parameter_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+def wrap_model(
+    model: nn.Module,
+    key: SecretKey,
+    *,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    input_size: Optional[Sequence[int]] = None,
+    check_range: bool = True,
+) -> ProtectedModel:
+    """Put the keyed transform in front of ``model``.
+
+    mean/std (and the input size) come from timm's ``pretrained_cfg`` or an
+    HF config when the model has one; otherwise pass them.
+
+    Args:
+        model: any image model taking normalized ``(B, C, H, W)`` input.
+        key: the secret key.
+        mean, std: normalization, when the model does not say.
+        input_size: ``(C, H, W)``, when the model does not say.
+        check_range: see :class:`KeyedInput`.
+
+    Example:
+        >>> model = wrap_model(timm.create_model("resnet18", num_classes=10), key)  # doctest: +SKIP
+        >>> logits = model(images01)                                             # doctest: +SKIP
+    """
+    if isinstance(model, ProtectedModel):
+        raise ConfigurationError("model is already protected; call model.unwrap() first to re-key it")
+    if not isinstance(key, SecretKey):
+        raise TypeError(f"key must be a kp_plugin.SecretKey, got {type(key).__name__}")
+    mean, std, input_size = resolve_normalization(model, mean, std, input_size)
+    if input_size is not None and input_size[0] != key.channels:
+        raise ConfigurationError(
+            f"the model takes {input_size[0]}-channel images but the key is for {key.channels} channels; "
+            f"generate a key with SecretKey.generate(channels={input_size[0]})"
+        )
+    keyed = KeyedInput(key, mean=mean, std=std, input_size=input_size, check_range=check_range)
+    return ProtectedModel(model, keyed)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The base model of a :class:`ProtectedModel` (other modules unchanged)."""
+    return model.unwrap() if isinstance(model, ProtectedModel) else model

@@ -1,0 +1,336 @@
+"""The block-wise keyed transform, compiled once into index and lookup tensors.
+
+DESIGN.md fixes the transform. For an image ``(C, H, W)`` cut into ``M x M``
+blocks, each block is flattened to a vector of length ``L = M*M*C`` in
+(row, column, channel) order, then:
+
+1. ``shuffle``: ``y[p] = x[P[p]]`` with the key's permutation ``P``;
+2. ``np``: where ``b[p] = 1``, ``v -> 1 - v`` (uint8: ``255 - v``);
+3. ``shift``: ``q -> (q + s[p]) mod 256`` on 8-bit values;
+4. ``ffx``: where ``f[p] = 1``, ``q -> F_p(q)``, a keyed bijection of 0..255;
+5. ``scramble``: output block ``k`` is input block ``S[k]``;
+6. blocks are put back (and, in :class:`~kp_plugin.module.KeyedInput`,
+   normalized with the model's mean/std).
+
+Steps 3 and 4 work on 8-bit values, so when a scheme has either, float input
+is quantized first (``round(v * 255)``) and scaled back to [0, 1] at the end.
+
+Because every step moves or maps values by position only, the whole
+composition is one gather over the flattened image (``source_index``) and
+one per-position value map: a multiply-add for ``np`` alone, a 256-entry
+lookup table per position otherwise. :func:`compile_plan` builds those
+tensors once per (key, C, H, W); applying them has no Python loop over
+images, blocks or pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from .errors import BlockSizeError, InputDtypeError, InputRangeError
+from .keys import SecretKey
+
+__all__ = [
+    "TransformPlan",
+    "compile_plan",
+    "apply_transform",
+    "invert_transform",
+    "check_image_size",
+    "nearest_valid_size",
+    "RANGE_TOLERANCE",
+]
+
+#: How far outside [0, 1] float input may stray before it counts as "clearly
+#: not in [0, 1]" (resampling can overshoot a little; normalized images are
+#: far outside).
+RANGE_TOLERANCE = 1e-2
+
+
+def nearest_valid_size(size: int, block_size: int) -> int:
+    """The multiple of ``block_size`` closest to ``size`` (ties go up, never 0)."""
+    lower = (size // block_size) * block_size
+    upper = lower + block_size
+    if lower == 0 or size - lower > upper - size or size - lower == upper - size:
+        return upper
+    return lower
+
+
+def check_image_size(height: int, width: int, block_size: int) -> None:
+    """Raise :class:`BlockSizeError` unless both sides are multiples of the
+    block size; the message names both sizes and the nearest valid size."""
+    if height % block_size or width % block_size or height <= 0 or width <= 0:
+        h, w = nearest_valid_size(height, block_size), nearest_valid_size(width, block_size)
+        raise BlockSizeError(
+            f"image is {height}x{width} (HxW) but block_size is {block_size}; "
+            f"resize to a multiple of {block_size} (e.g. {h}x{w})"
+        )
+
+
+def _value_tables(key: SecretKey, length: int) -> Optional[torch.Tensor]:
+    """Per-position 8-bit value map of the value steps (np, shift, ffx), as a
+    ``(L, 256)`` uint8 tensor, or ``None`` when the scheme has no 8-bit step
+    (then ``np``, if present, is applied as ``1 - v`` in floating point)."""
+    scheme = key.scheme
+    if "shift" not in scheme and "ffx" not in scheme:
+        return None
+    table = torch.arange(256, dtype=torch.int64).repeat(length, 1)
+    if "np" in scheme:
+        flip = torch.tensor(key.np_mask(length), dtype=torch.bool)
+        table[flip] = 255 - table[flip]
+    if "shift" in scheme:
+        shift = torch.tensor(key.shift_values(length), dtype=torch.int64)
+        table = (table + shift[:, None]) % 256
+    if "ffx" in scheme:
+        mask = torch.tensor(key.ffx_mask(length), dtype=torch.bool)
+        ffx = torch.tensor(key.ffx_tables(length), dtype=torch.int64)
+        table = torch.where(mask[:, None], torch.gather(ffx, 1, table), table)
+    return table.to(torch.uint8)
+
+
+@dataclass
+class TransformPlan:
+    """The keyed transform for one (key, C, H, W), compiled to tensors.
+
+    Attributes:
+        source_index: ``(C*H*W,)`` int64; output element ``i`` (flattened
+            CHW) comes from input element ``source_index[i]``.
+        inverse_index: the inverse gather.
+        position: ``(C*H*W,)`` int64; the block-vector position ``p`` that
+            output element ``i`` holds (it selects the value map).
+        flip: ``(C*H*W,)`` bool; where ``np`` flips (only when the scheme
+            has ``np`` and no 8-bit step), else ``None``.
+        value_table: ``(L, 256)`` uint8 value maps per position when the
+            scheme has ``shift`` or ``ffx`` (``np`` folded in), else ``None``.
+    """
+
+    block_size: int
+    channels: int
+    height: int
+    width: int
+    scheme: tuple
+    fingerprint: str
+    source_index: torch.Tensor
+    inverse_index: torch.Tensor
+    position: torch.Tensor
+    flip: Optional[torch.Tensor]
+    value_table: Optional[torch.Tensor]
+    _device_cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    # ---------------------------------------------------------- derived
+    @property
+    def numel(self) -> int:
+        return self.channels * self.height * self.width
+
+    @property
+    def quantizes(self) -> bool:
+        """True when float input is quantized to 8 bits (shift or ffx)."""
+        return self.value_table is not None
+
+    def channel_of_element(self) -> torch.Tensor:
+        """Channel of each output element (flattened CHW)."""
+        return torch.arange(self.channels).repeat_interleave(self.height * self.width)
+
+    def lookup_offsets(self) -> Optional[torch.Tensor]:
+        """``position * 256`` per output element: where its 256-entry map
+        starts in the flattened value table."""
+        return None if self.value_table is None else self.position * 256
+
+    def inverse_value_table(self) -> Optional[torch.Tensor]:
+        if self.value_table is None:
+            return None
+        inv = torch.empty_like(self.value_table, dtype=torch.int64)
+        inv.scatter_(1, self.value_table.long(), torch.arange(256).expand_as(inv).contiguous())
+        return inv.to(torch.uint8)
+
+    def _on(self, device: torch.device) -> dict:
+        """The tensors the hot path needs, on ``device`` (cached)."""
+        cached = self._device_cache.get(device)
+        if cached is None:
+            cached = {
+                "src": self.source_index.to(device),
+                "inv": self.inverse_index.to(device),
+                "flip": None if self.flip is None else self.flip.to(device),
+            }
+            if self.value_table is not None:
+                offsets = self.lookup_offsets()
+                cached["offsets"] = offsets.to(device)
+                cached["table"] = self.value_table.reshape(-1).to(device)
+                # inverse: the element at output i went through map position[i]
+                cached["inv_table"] = self.inverse_value_table().reshape(-1).to(device)
+            self._device_cache[device] = cached
+        return cached
+
+    # ---------------------------------------------------------- apply
+    def _check(self, x: torch.Tensor, check_range: bool) -> tuple[torch.Tensor, bool]:
+        if not isinstance(x, torch.Tensor):
+            raise InputDtypeError(f"expected a torch.Tensor of images, got {type(x).__name__}")
+        if x.dtype != torch.uint8 and not x.is_floating_point():
+            raise InputDtypeError(
+                f"images have dtype {x.dtype}; the keyed transform takes float images in [0, 1] "
+                "or uint8 images in 0..255 (convert with x.float() / 255)"
+            )
+        single = x.dim() == 3
+        if x.dim() not in (3, 4):
+            raise BlockSizeError(
+                f"expected images shaped (B, C, H, W) or (C, H, W), got shape {tuple(x.shape)}"
+            )
+        c, h, w = x.shape[-3:]
+        if c != self.channels:
+            raise BlockSizeError(
+                f"images have {c} channels but the key is for {self.channels} "
+                "(channels-first layout (B, C, H, W) is expected)"
+            )
+        if (h, w) != (self.height, self.width):
+            check_image_size(h, w, self.block_size)
+            raise BlockSizeError(f"this plan is for {self.height}x{self.width} images, got {h}x{w}")
+        if check_range and x.is_floating_point() and x.numel():
+            check_float_range(x)
+        return (x.unsqueeze(0) if single else x), single
+
+    def apply(self, x: torch.Tensor, *, check_range: bool = True) -> torch.Tensor:
+        """Apply the keyed transform to ``(B, C, H, W)`` or ``(C, H, W)``
+        images; float in [0, 1] stays float, uint8 stays uint8."""
+        batch, single = self._check(x, check_range)
+        t = self._on(batch.device)
+        flat = batch.reshape(batch.shape[0], -1)
+        out = torch.gather(flat, 1, t["src"].expand(flat.shape[0], -1))
+        if self.value_table is not None:
+            out = _lookup(out, t["offsets"], t["table"])
+        elif self.flip is not None:
+            full = 255 if out.dtype == torch.uint8 else 1.0
+            out = torch.where(t["flip"], full - out, out)
+        out = out.reshape(batch.shape)
+        return out[0] if single else out
+
+    def invert(self, y: torch.Tensor) -> torch.Tensor:
+        """Undo :meth:`apply` (exact for uint8; for float up to float
+        precision, or to the 8-bit quantization when the scheme quantizes)."""
+        batch, single = self._check(y, check_range=False)
+        t = self._on(batch.device)
+        flat = batch.reshape(batch.shape[0], -1)
+        if self.value_table is not None:
+            flat = _lookup(flat, t["offsets"], t["inv_table"])
+        elif self.flip is not None:
+            full = 255 if flat.dtype == torch.uint8 else 1.0
+            flat = torch.where(t["flip"], full - flat, flat)
+        out = torch.gather(flat, 1, t["inv"].expand(flat.shape[0], -1)).reshape(batch.shape)
+        return out[0] if single else out
+
+
+def _lookup(values: torch.Tensor, offsets: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Per-element 256-entry lookup: ``table[offsets + q]``, quantizing float
+    input to 8 bits and scaling the result back to [0, 1]."""
+    if values.dtype == torch.uint8:
+        return table[offsets + values.long()]
+    q = values.mul(255).round_().clamp_(0, 255).long()
+    return table[offsets + q].to(values.dtype).div_(255)
+
+
+def check_float_range(x: torch.Tensor, tolerance: float = RANGE_TOLERANCE) -> None:
+    """Raise :class:`InputRangeError` if float images are clearly not in [0, 1]."""
+    lo, hi = torch.aminmax(x.detach())
+    lo, hi = float(lo), float(hi)
+    if not (lo >= -tolerance and hi <= 1 + tolerance):
+        raise InputRangeError(
+            f"float images must be in [0, 1] before the keyed transform, but values span "
+            f"[{lo:.3g}, {hi:.3g}]. Were they already normalized with mean/std? The keyed "
+            "transform goes before normalization (KeyedInput normalizes for you). Pass "
+            "uint8 images or rescale to [0, 1]; check_range=False turns this check off."
+        )
+
+
+def compile_plan(key: SecretKey, channels: int, height: int, width: int) -> TransformPlan:
+    """Compile the key's scheme for images ``(channels, height, width)``.
+
+    Plans are cached on the key, so compiling again is free.
+
+    Example:
+        >>> key = SecretKey.generate(block_size=4)
+        >>> plan = compile_plan(key, 3, 32, 32)
+        >>> y = plan.apply(torch.rand(8, 3, 32, 32))
+    """
+    if channels != key.channels:
+        raise BlockSizeError(f"images have {channels} channels but the key is for {key.channels}")
+    check_image_size(height, width, key.block_size)
+    cache_key = ("plan", channels, height, width)
+    plan = key._cache.get(cache_key)
+    if plan is not None:
+        return plan
+
+    m, c = key.block_size, channels
+    length = m * m * c
+    blocks_x = width // m
+    num_blocks = (height // m) * blocks_x
+
+    # Coordinates of every output element, flattened in CHW order.
+    ch = torch.arange(c).view(c, 1, 1).expand(c, height, width)
+    yy = torch.arange(height).view(1, height, 1).expand(c, height, width)
+    xx = torch.arange(width).view(1, 1, width).expand(c, height, width)
+    ch, yy, xx = ch.reshape(-1), yy.reshape(-1), xx.reshape(-1)
+    block = (yy // m) * blocks_x + (xx // m)
+    position = ((yy % m) * m + (xx % m)) * c + ch  # (row, column, channel) order
+
+    # Which input block feeds each output block (step 5).
+    if "scramble" in key.scheme:
+        source_block = torch.tensor(key.block_permutation(num_blocks), dtype=torch.int64)[block]
+    else:
+        source_block = block
+    # Which element of the input block feeds each position (step 2).
+    if "shuffle" in key.scheme:
+        source_pos = torch.tensor(key.pixel_permutation(length), dtype=torch.int64)[position]
+    else:
+        source_pos = position
+    src_c = source_pos % c
+    src_y = (source_block // blocks_x) * m + source_pos // (m * c)
+    src_x = (source_block % blocks_x) * m + (source_pos // c) % m
+    source_index = (src_c * height + src_y) * width + src_x
+    inverse_index = torch.empty_like(source_index)
+    inverse_index[source_index] = torch.arange(source_index.numel())
+
+    table = _value_tables(key, length)
+    flip = None
+    if table is None and "np" in key.scheme:
+        flip = torch.tensor(key.np_mask(length), dtype=torch.bool)[position]
+
+    plan = TransformPlan(
+        block_size=m,
+        channels=c,
+        height=height,
+        width=width,
+        scheme=key.scheme,
+        fingerprint=key.fingerprint,
+        source_index=source_index,
+        inverse_index=inverse_index,
+        position=position,
+        flip=flip,
+        value_table=table,
+    )
+    key._cache[cache_key] = plan
+    return plan
+
+
+def _plan_for(key: SecretKey, x: torch.Tensor) -> TransformPlan:
+    if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4):
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise BlockSizeError(f"expected images shaped (B, C, H, W) or (C, H, W), got {shape}")
+    c, h, w = x.shape[-3:]
+    return compile_plan(key, c, h, w)
+
+
+def apply_transform(x: torch.Tensor, key: SecretKey, *, check_range: bool = True) -> torch.Tensor:
+    """Apply ``key``'s block-wise transform to images in [0, 1] (float) or
+    0..255 (uint8), shaped ``(B, C, H, W)`` or ``(C, H, W)``.
+
+    Example:
+        >>> key = SecretKey.generate(block_size=8)
+        >>> protected = apply_transform(torch.rand(3, 64, 64), key)
+    """
+    return _plan_for(key, x).apply(x, check_range=check_range)
+
+
+def invert_transform(y: torch.Tensor, key: SecretKey) -> torch.Tensor:
+    """Undo :func:`apply_transform` (for pictures, debugging and tests)."""
+    return _plan_for(key, y).invert(y)
