@@ -116,9 +116,33 @@ class ProtectionConfig:
         try:
             config = cls(**known)
             config.scheme = list(parse_scheme(config.scheme))
+            config._validate()
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{source} is invalid: {exc}") from None
         return config
+
+    def _validate(self) -> None:
+        def positive_int(name: str) -> None:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"field {name!r} must be a positive integer, got {value!r}")
+
+        positive_int("block_size")
+        positive_int("channels")
+        if not isinstance(self.fingerprint, str) or not self.fingerprint:
+            raise ValueError("field 'fingerprint' must be a hex string")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if (
+                not isinstance(values, list)
+                or len(values) != self.channels
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+            ):
+                raise ValueError(f"field {name!r} must list {self.channels} numbers, got {values!r}")
+        if self.input_size is not None and (
+            not isinstance(self.input_size, list) or len(self.input_size) != 3
+        ):
+            raise ValueError(f"field 'input_size' must be [C, H, W] or null, got {self.input_size!r}")
 
     def save(self, directory: Union[str, os.PathLike]) -> Path:
         path = Path(directory) / PROTECTION_FILE
@@ -196,11 +220,15 @@ def _num_classes(model: nn.Module) -> Optional[int]:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def _native_config(base: nn.Module) -> Optional[dict]:
@@ -270,17 +298,21 @@ def save_protected(
 
     weights = directory / WEIGHTS_FILE
     tmp = directory / f".{WEIGHTS_FILE}.tmp"
-    save_model(
-        base,
-        str(tmp),
-        metadata={
-            "format": "pt",
-            "kp_format": PROTECTION_FORMAT,
-            "kp_format_version": str(PROTECTION_FORMAT_VERSION),
-            "kp_fingerprint": model.key.fingerprint,
-        },
-    )
-    os.replace(tmp, weights)
+    try:
+        save_model(
+            base,
+            str(tmp),
+            metadata={
+                "format": "pt",
+                "kp_format": PROTECTION_FORMAT,
+                "kp_format_version": str(PROTECTION_FORMAT_VERSION),
+                "kp_fingerprint": model.key.fingerprint,
+            },
+        )
+        os.replace(tmp, weights)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
     hf_config = getattr(base, "config", None)
     if hf_config is not None and hasattr(hf_config, "to_json_string") and hasattr(hf_config, "save_pretrained"):
@@ -353,5 +385,6 @@ def load_protected(
             f"the weights in {weights} do not fit {type(base).__name__} ({str(exc).splitlines()[0]}); "
             "create the model with the same architecture and num_classes as when it was saved"
         ) from None
+    base.to(device)
     input_size = tuple(config.input_size) if config.input_size else None
     return wrap_model(base, key, mean=config.mean, std=config.std, input_size=input_size)

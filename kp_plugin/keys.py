@@ -341,6 +341,7 @@ class SecretKey:
         perm_forms = [
             b"".join(v.to_bytes(8, "little") for v in perm),
             b"".join(v.to_bytes(4, "little") for v in perm),
+            b"".join(v.to_bytes(2, "little") for v in perm),
             json.dumps(perm).encode(),
             json.dumps(perm, separators=(",", ":")).encode(),
         ]
@@ -364,31 +365,31 @@ class SecretKey:
     def pixel_permutation(self, length: int | None = None) -> list[int]:
         """The permutation ``P`` of block positions 0..L-1 (label
         ``pixel-shuffle/L=<L>``): shuffled block ``y[p] = x[P[p]]``."""
-        n = length or self.block_length
+        n = self.block_length if length is None else length
         return list(self._derived(f"perm{n}", lambda: _derive_permutation(self._material, f"pixel-shuffle/L={n}", n)))
 
     def np_mask(self, length: int | None = None) -> list[int]:
         """Bits ``b[p]``; where 1, a value ``v`` becomes ``1 - v`` (label
         ``negative-positive/L=<L>``)."""
-        n = length or self.block_length
+        n = self.block_length if length is None else length
         return list(self._derived(f"np{n}", lambda: _derive_bits(self._material, f"negative-positive/L={n}", n)))
 
     def shift_values(self, length: int | None = None) -> list[int]:
         """Per-position shifts ``s[p]`` in 0..255; an 8-bit value ``q``
         becomes ``(q + s[p]) mod 256`` (label ``value-shift/L=<L>``)."""
-        n = length or self.block_length
+        n = self.block_length if length is None else length
         return list(self._derived(f"shift{n}", lambda: list(_prf_bytes(self._material, f"value-shift/L={n}", n))))
 
     def ffx_mask(self, length: int | None = None) -> list[int]:
         """Bits ``f[p]``; where 1, the FFX bijection of position ``p`` is
         applied (label ``ffx-mask/L=<L>``)."""
-        n = length or self.block_length
+        n = self.block_length if length is None else length
         return list(self._derived(f"ffxmask{n}", lambda: _derive_bits(self._material, f"ffx-mask/L={n}", n)))
 
     def ffx_tables(self, length: int | None = None) -> list[list[int]]:
         """Per position ``p``, the keyed bijection of 0..255 (a list of 256
         values) used where ``f[p] == 1`` (label ``ffx-rounds/L=<L>``)."""
-        n = length or self.block_length
+        n = self.block_length if length is None else length
         return [list(t) for t in self._derived(f"ffx{n}", lambda: _feistel_tables(self._material, n))]
 
     def block_permutation(self, num_blocks: int) -> list[int]:
@@ -565,6 +566,11 @@ class SecretKey:
             raise KeyFileError(
                 f"environment variable {name} is not set; set it to the content of a key file, "
                 f'e.g. export {name}="$(cat owner.key)"'
+            )
+        if not value.lstrip().startswith("{") and os.path.isfile(value):
+            raise KeyFileError(
+                f"environment variable {name} holds a file path; it must hold the key file's content, "
+                f'e.g. export {name}="$(cat {value})"'
             )
         return cls.from_json(value, source=f"environment variable {name}")
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import BlockSizeError, ConfigurationError, InputDtypeError
 from .keys import SecretKey
-from .transforms import TransformPlan, check_float_range, check_image_size, compile_plan
+from .transforms import TransformPlan, check_float_range, check_image_size, compile_plan, quantize
 
 __all__ = ["KeyedInput", "ProtectedModel", "wrap_model", "unwrap", "resolve_normalization"]
 
@@ -152,17 +152,19 @@ class KeyedInput(nn.Module):
         flat = x.reshape(x.shape[0], -1)
         gathered = torch.gather(flat, 1, self.source_index.expand(flat.shape[0], -1))
         if self._quantizes:
-            if gathered.dtype == torch.uint8:
-                q = gathered.long()
-            else:
-                q = gathered.mul(255).round_().clamp_(0, 255).long()
+            q = gathered.long() if gathered.dtype == torch.uint8 else quantize(gathered)
             out = self.value_lookup[q.add_(self.lookup_offsets)]
         else:
             scale, bias = self.value_scale, self.value_bias
             if gathered.dtype == torch.uint8:
                 gathered = gathered.to(scale.dtype)
                 scale = scale / 255
-            out = torch.addcmul(bias, gathered, scale)
+            if gathered.requires_grad or gathered.dtype != bias.dtype or torch.compiler.is_compiling():
+                out = torch.addcmul(bias, gathered, scale)
+            else:
+                # Fused multiply-add into the gather's own output: one pass
+                # over the batch instead of two, and no second allocation.
+                out = torch.addcmul(bias, gathered, scale, out=gathered)
         out = out.reshape(x.shape)
         return out[0] if single else out
 
@@ -298,7 +300,15 @@ def wrap_model(
         raise ConfigurationError("model is already protected; call model.unwrap() first to re-key it")
     if not isinstance(key, SecretKey):
         raise TypeError(f"key must be a kp_plugin.SecretKey, got {type(key).__name__}")
+    explicit_size = input_size is not None
     mean, std, input_size = resolve_normalization(model, mean, std, input_size)
+    if input_size is not None and not explicit_size and (
+        input_size[-1] % key.block_size or input_size[-2] % key.block_size
+    ):
+        # The model's native size (e.g. 299 for Inception) need not suit the
+        # key; images are resized by the caller, so compile on first use and
+        # let a wrong size fail there with a BlockSizeError.
+        input_size = None
     if input_size is not None and input_size[0] != key.channels:
         raise ConfigurationError(
             f"the model takes {input_size[0]}-channel images but the key is for {key.channels} channels; "

@@ -39,7 +39,9 @@ __all__ = [
     "apply_transform",
     "invert_transform",
     "check_image_size",
+    "check_float_range",
     "nearest_valid_size",
+    "quantize",
     "RANGE_TOLERANCE",
 ]
 
@@ -225,12 +227,25 @@ def _lookup(values: torch.Tensor, offsets: torch.Tensor, table: torch.Tensor) ->
     input to 8 bits and scaling the result back to [0, 1]."""
     if values.dtype == torch.uint8:
         return table[offsets + values.long()]
-    q = values.mul(255).round_().clamp_(0, 255).long()
-    return table[offsets + q].to(values.dtype).div_(255)
+    return table[offsets + quantize(values)].to(values.dtype).div_(255)
+
+
+def quantize(values: torch.Tensor) -> torch.Tensor:
+    """``round(v * 255)`` clamped to 0..255, as int64.
+
+    Half-precision input is widened first: in bfloat16, ``v * 255`` has no
+    room for the fraction and would round to the wrong byte.
+    """
+    if values.dtype in (torch.float16, torch.bfloat16):
+        values = values.float()
+    return values.mul(255).round_().clamp_(0, 255).long()
 
 
 def check_float_range(x: torch.Tensor, tolerance: float = RANGE_TOLERANCE) -> None:
-    """Raise :class:`InputRangeError` if float images are clearly not in [0, 1]."""
+    """Raise :class:`InputRangeError` if float images are clearly not in [0, 1]
+    (NaN counts as outside)."""
+    if x.numel() == 0:
+        return
     lo, hi = torch.aminmax(x.detach())
     lo, hi = float(lo), float(hi)
     if not (lo >= -tolerance and hi <= 1 + tolerance):
