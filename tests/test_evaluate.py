@@ -1,0 +1,169 @@
+"""Protection evaluation: accuracy with the key, with wrong keys, on plain
+images, and the report files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from kp_plugin import ConfigurationError, SecretKey, invert_transform, wrap_model
+from kp_plugin.checkpoint import find_key_material
+from kp_plugin.evaluate import (
+    EXAMPLES_FILE,
+    HISTOGRAM_FILE,
+    ProtectionReport,
+    evaluate_protection,
+    write_report,
+    wrong_key_accuracies,
+    wrong_keys,
+)
+from kp_plugin.timm import create_protected_model
+
+INTERFACE_KEYS = {
+    "key_accuracy", "wrong_key_accuracy_mean", "wrong_key_accuracy_std", "wrong_key_accuracy_max",
+    "num_wrong_keys", "plain_accuracy", "chance", "num_classes", "dataset", "scheme", "block_size",
+    "fingerprint",
+}
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Six jobs share two cores here; OpenMP threads then spin against each
+    # other and a tiny forward pass takes 100x longer.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, images, labels, classes):
+        self.images, self.labels, self.classes = images, labels, classes
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], int(self.labels[i])
+
+
+def fixed_key(name: str, **kw) -> SecretKey:
+    return SecretKey(hashlib.sha256(name.encode()).digest(), **kw)
+
+
+@pytest.fixture(scope="module")
+def random_set():
+    g = torch.Generator().manual_seed(0)
+    return ListDataset(torch.rand(24, 3, 16, 16, generator=g), torch.randint(0, 5, (24,), generator=g),
+                       [f"c{i}" for i in range(5)])
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return create_protected_model("test_efficientnet", fixed_key("owner", block_size=4), num_classes=5,
+                                  input_size=16).eval()
+
+
+def accuracy(model, dataset) -> float:
+    with torch.no_grad():
+        x = torch.stack([dataset[i][0] for i in range(len(dataset))])
+        y = torch.tensor([dataset[i][1] for i in range(len(dataset))])
+        return float((model(x).argmax(-1) == y).float().mean())
+
+
+class KeyDecoder(nn.Module):
+    """Classifies the brightness of channel 0 after undoing normalization
+    and the owner's transform: perfect with the owner's key, lost without."""
+
+    def __init__(self, key, mean, std, levels):
+        super().__init__()
+        self.key, self.levels = key, levels
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, z):
+        x = invert_transform((z * self.std + self.mean).clamp(0, 1), self.key)
+        level = (x[:, 0].mean(dim=(1, 2)) * (self.levels - 1)).round().long().clamp(0, self.levels - 1)
+        return nn.functional.one_hot(level, self.levels).float()
+
+
+def test_wrong_keys_are_reproducible_from_the_seed_and_never_the_owner_key():
+    owner = SecretKey.generate(block_size=4, scheme="shuffle+np")
+    first, again, other = wrong_keys(owner, 5, seed=3), wrong_keys(owner, 5, seed=3), wrong_keys(owner, 5, seed=4)
+    assert [k.fingerprint for k in first] == [k.fingerprint for k in again]
+    assert {k.fingerprint for k in first}.isdisjoint(k.fingerprint for k in other)
+    assert len({k.fingerprint for k in first} | {owner.fingerprint}) == 6
+    assert all(k.block_size == 4 and k.scheme == owner.scheme and k.channels == 3 for k in first)
+
+
+def test_wrong_key_accuracies_match_the_model_rekeyed_with_each_wrong_key(tiny_model, random_set):
+    accs = wrong_key_accuracies(tiny_model, random_set, num_keys=4, seed=1, batch_size=10, progress=False)
+    expected = [accuracy(wrap_model(tiny_model.unwrap(), k, input_size=(3, 16, 16)).eval(), random_set)
+                for k in wrong_keys(tiny_model.key, 4, seed=1)]
+    assert accs == pytest.approx(expected)
+
+
+def test_plain_accuracy_is_the_base_model_on_normalized_plain_images(tiny_model, random_set):
+    report = evaluate_protection(tiny_model, random_set, num_wrong_keys=0, progress=False, num_examples=0)
+    mean = torch.tensor(tiny_model.keyed.mean).view(1, 3, 1, 1)
+    std = torch.tensor(tiny_model.keyed.std).view(1, 3, 1, 1)
+    plain = nn.Sequential(nn.Identity())
+    plain.forward = lambda x: tiny_model.unwrap()((x - mean) / std)
+    assert report.plain_accuracy == pytest.approx(accuracy(plain, random_set))
+    assert report.key_accuracy == pytest.approx(accuracy(tiny_model, random_set))
+
+
+def test_a_model_that_needs_the_key_scores_full_marks_only_with_it():
+    owner = fixed_key("decoder-owner", block_size=4, scheme="shuffle+np")
+    levels = 4
+    labels = torch.arange(32) % levels
+    images = torch.zeros(32, 3, 16, 16)
+    images[:, 0] = (labels.float() / (levels - 1)).view(-1, 1, 1)
+    dataset = ListDataset(images, labels, [str(i) for i in range(levels)])
+    model = wrap_model(KeyDecoder(owner, (0.5,) * 3, (0.5,) * 3, levels), owner, mean=0.5, std=0.5)
+    report = evaluate_protection(model, dataset, num_wrong_keys=8, progress=False)
+    assert report.key_accuracy == 1.0
+    assert report.wrong_key_accuracy_max < 1.0
+    assert report.plain_accuracy < 1.0
+    assert report.chance == 0.25 and report.num_examples == 32 and report.num_wrong_keys == 8
+
+
+def test_evaluation_leaves_a_training_model_in_training_mode(tiny_model, random_set):
+    tiny_model.train()
+    try:
+        wrong_key_accuracies(tiny_model, random_set, num_keys=1, progress=False)
+        assert tiny_model.training
+    finally:
+        tiny_model.eval()
+
+
+def test_negative_number_of_wrong_keys_is_a_configuration_error(tiny_model, random_set):
+    with pytest.raises(ConfigurationError):
+        evaluate_protection(tiny_model, random_set, num_wrong_keys=-1, progress=False)
+
+
+def test_report_json_has_the_agreed_keys_and_reads_back(tmp_path, tiny_model, random_set):
+    report = evaluate_protection(tiny_model, random_set, num_wrong_keys=3, progress=False,
+                                 dataset_name="random", unprotected_accuracy=0.5)
+    write_report(report, tmp_path)
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert INTERFACE_KEYS | {"unprotected_accuracy"} <= set(data)
+    assert data["num_wrong_keys"] == 3 and data["dataset"] == "random" and data["chance"] == 0.2
+    assert data["wrong_key_accuracy_max"] == max(data["wrong_key_accuracies"])
+    assert data["fingerprint"] == tiny_model.key.fingerprint and data["scheme"] == "shuffle+np"
+    assert ProtectionReport.load(tmp_path).to_dict() == data
+
+
+def test_report_writes_png_figures_and_markdown_without_key_material(tmp_path, tiny_model, random_set):
+    report = evaluate_protection(tiny_model, random_set, num_wrong_keys=3, progress=False)
+    write_report(report, tmp_path)
+    for name in (HISTOGRAM_FILE, EXAMPLES_FILE):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (tmp_path / "report.md").read_text()
+    assert f"{100 * report.key_accuracy:.1f}%" in text and HISTOGRAM_FILE in text
+    assert find_key_material(tmp_path, tiny_model.key) == []
