@@ -1,0 +1,372 @@
+"""SecretKey: derivation pinned by golden vectors, key files that fail loudly,
+and no way for the material to slip out."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import hmac
+import json
+import os
+import pickle
+import stat
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+from kp_plugin import KeyFileError, SecretKey, parse_scheme
+from kp_plugin.keys import DEFAULT_SCHEME, PAPER_SCHEME
+
+from conftest import ALL_STEPS, GOLDEN_MATERIAL
+
+# ----------------------------------------------------------------------------
+# Golden vectors (also in docs/key-format.md): key = bytes(range(32)),
+# block size 4, 3 channels, so L = 48; 16 blocks for the block permutation.
+# ----------------------------------------------------------------------------
+GOLDEN = {
+    "fingerprint": "2cffb27bc8dd24fe499b7fff6eb80c75",
+    "pixel_permutation": [26, 6, 0, 30, 42, 12, 46, 1, 34, 14, 28, 23, 21, 29, 41, 2],
+    "np_mask": [1, 1, 0, 1, 0, 1, 0, 0, 1, 0, 0, 1, 0, 0, 1, 0],
+    "shift_values": [186, 197, 194, 198, 90, 173, 63, 149, 213, 55, 165, 246, 200, 36, 192, 185],
+    "ffx_mask": [1, 1, 1, 0, 1, 0, 0, 0, 1, 0, 1, 0, 0, 0, 0, 1],
+    "ffx_table_0": [130, 116, 228, 10, 38, 185, 80, 67, 136, 212, 49, 215, 7, 52, 69, 220],
+    "ffx_table_1": [152, 52, 241, 132, 144, 54, 180, 70, 77, 57, 48, 162, 249, 242, 69, 171],
+    "block_permutation_16": [11, 14, 3, 2, 12, 9, 7, 8, 13, 15, 4, 6, 1, 10, 0, 5],
+    "pixel_permutation_768": [344, 568, 604, 518, 159, 434, 338, 378],
+    "key_file_mac": "3e96b9422262da39cf9bca8eb6c2c3b4150488328708653721bb3b9162304b92",
+}
+
+
+def test_golden_vectors(golden_key):
+    assert golden_key.fingerprint == GOLDEN["fingerprint"]
+    assert golden_key.pixel_permutation(48)[:16] == GOLDEN["pixel_permutation"]
+    assert golden_key.np_mask(48)[:16] == GOLDEN["np_mask"]
+    assert golden_key.shift_values(48)[:16] == GOLDEN["shift_values"]
+    assert golden_key.ffx_mask(48)[:16] == GOLDEN["ffx_mask"]
+    assert golden_key.ffx_tables(48)[0][:16] == GOLDEN["ffx_table_0"]
+    assert golden_key.ffx_tables(48)[1][:16] == GOLDEN["ffx_table_1"]
+    assert golden_key.block_permutation(16) == GOLDEN["block_permutation_16"]
+    assert golden_key.pixel_permutation(768)[:8] == GOLDEN["pixel_permutation_768"]
+
+
+def test_golden_key_file_mac():
+    key = SecretKey(GOLDEN_MATERIAL, block_size=4, scheme=ALL_STEPS, created="2026-01-01T00:00:00Z")
+    assert json.loads(key.to_json())["mac"] == GOLDEN["key_file_mac"]
+
+
+# ----------------------------------------------------------------------------
+# An independent implementation written from docs/key-format.md: if the
+# library and the spec drift apart, these tests say so.
+# ----------------------------------------------------------------------------
+
+
+def _spec_stream(key: bytes, label: str):
+    counter = 0
+    while True:
+        message = b"kp-plugin/v1/" + label.encode("ascii") + b"\x00" + counter.to_bytes(4, "big")
+        yield from hmac.new(key, message, hashlib.sha256).digest()
+        counter += 1
+
+
+def _spec_permutation(key: bytes, label: str, n: int) -> list:
+    stream = _spec_stream(key, label)
+
+    def uniform(bound: int) -> int:
+        while True:
+            word = int.from_bytes(bytes(next(stream) for _ in range(4)), "big")
+            if word < (2**32 // bound) * bound:
+                return word % bound
+
+    a = list(range(n))
+    for i in reversed(range(1, n)):
+        j = uniform(i + 1)
+        a[i], a[j] = a[j], a[i]
+    return a
+
+
+def _spec_bits(key: bytes, label: str, n: int) -> list:
+    stream = _spec_stream(key, label)
+    raw = [next(stream) for _ in range((n + 7) // 8)]
+    return [(raw[k // 8] >> (7 - k % 8)) & 1 for k in range(n)]
+
+
+def _spec_ffx_table(key: bytes, length: int, position: int) -> list:
+    stream = _spec_stream(key, f"ffx-rounds/L={length}")
+    raw = [next(stream) for _ in range(length * 64)]
+    rounds = []
+    for r in range(8):
+        chunk = raw[(position * 8 + r) * 8:(position * 8 + r + 1) * 8]
+        rounds.append([n for byte in chunk for n in (byte >> 4, byte & 15)])
+    table = []
+    for v in range(256):
+        left, right = v >> 4, v & 15
+        for f in rounds:
+            left, right = right, left ^ f[right]
+        table.append(left << 4 | right)
+    return table
+
+
+@pytest.mark.parametrize("length", [48, 75])
+def test_derivation_follows_the_written_spec(length):
+    material = bytes(range(32, 64))
+    key = SecretKey(material, block_size=5, channels=3)
+    assert key.pixel_permutation(length) == _spec_permutation(material, f"pixel-shuffle/L={length}", length)
+    assert key.np_mask(length) == _spec_bits(material, f"negative-positive/L={length}", length)
+    assert key.ffx_mask(length) == _spec_bits(material, f"ffx-mask/L={length}", length)
+    assert key.shift_values(length) == [
+        b for b, _ in zip(_spec_stream(material, f"value-shift/L={length}"), range(length))
+    ]
+    assert key.ffx_tables(length)[length - 1] == _spec_ffx_table(material, length, length - 1)
+    assert key.block_permutation(length) == _spec_permutation(material, f"block-scramble/N={length}", length)
+    fingerprint = hmac.new(material, b"kp-plugin/v1/fingerprint\x00\x00\x00\x00\x00", hashlib.sha256)
+    assert key.fingerprint == fingerprint.hexdigest()[:32]
+
+
+def test_ffx_tables_are_bijections_of_bytes(golden_key):
+    for table in golden_key.ffx_tables(48):
+        assert sorted(table) == list(range(256))
+
+
+def test_permutations_are_permutations(golden_key):
+    assert sorted(golden_key.pixel_permutation(768)) == list(range(768))
+    assert sorted(golden_key.block_permutation(49)) == list(range(49))
+
+
+def test_derived_objects_depend_on_the_length(golden_key):
+    assert golden_key.pixel_permutation(48)[:8] != golden_key.pixel_permutation(49)[:8]
+
+
+# ----------------------------------------------------------------------------
+# Generation and public identity
+# ----------------------------------------------------------------------------
+
+
+def test_generate_draws_fresh_material_each_time():
+    a, b = SecretKey.generate(), SecretKey.generate()
+    assert a.fingerprint != b.fingerprint and a != b
+    assert a.scheme == DEFAULT_SCHEME and a.block_size == 16 and a.channels == 3
+
+
+def test_generate_like_keeps_settings_and_changes_material(golden_key):
+    other = SecretKey.generate_like(golden_key)
+    assert (other.block_size, other.scheme, other.channels) == (4, golden_key.scheme, 3)
+    assert other.fingerprint != golden_key.fingerprint
+
+
+def test_replace_keeps_material_and_changes_settings(golden_key):
+    paper = golden_key.replace(scheme="shuffle")
+    assert paper.scheme == PAPER_SCHEME
+    assert paper.fingerprint == golden_key.fingerprint
+    assert paper.pixel_permutation(48) == golden_key.pixel_permutation(48)
+    assert paper != golden_key
+
+
+def test_fingerprint_is_at_least_64_bits_of_hex(golden_key):
+    assert len(golden_key.fingerprint) >= 16
+    int(golden_key.fingerprint, 16)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("shuffle+np", ("shuffle", "np")),
+    ("np+shuffle", ("shuffle", "np")),
+    ("pixel-shuffle, flip", ("shuffle", "np")),
+    (["scramble", "ffx"], ("ffx", "scramble")),
+])
+def test_parse_scheme_orders_steps_as_design_does(text, expected):
+    assert parse_scheme(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "shuffle+rot13", "np+np"])
+def test_parse_scheme_rejects_bad_schemes(text):
+    with pytest.raises(ValueError):
+        parse_scheme(text)
+
+
+@pytest.mark.parametrize("material", [b"", bytes(31), bytes(33), "00" * 32])
+def test_key_material_must_be_32_bytes(material):
+    with pytest.raises(ValueError):
+        SecretKey(material)
+
+
+# ----------------------------------------------------------------------------
+# The material never slips out
+# ----------------------------------------------------------------------------
+
+
+def test_repr_and_str_show_no_material(golden_key):
+    for text in (repr(golden_key), str(golden_key), f"{golden_key}"):
+        assert golden_key.fingerprint in text
+        assert not any(form.decode("latin-1") in text for form in golden_key.secret_forms())
+        assert GOLDEN_MATERIAL.hex() not in text
+
+
+def test_pickling_is_refused(golden_key):
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(golden_key)
+
+
+def test_torch_save_of_a_key_is_refused(golden_key, tmp_path):
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        torch.save({"key": golden_key}, tmp_path / "x.pt")
+
+
+def test_copies_are_the_same_object(golden_key):
+    assert copy.copy(golden_key) is golden_key
+    assert copy.deepcopy({"k": golden_key})["k"] is golden_key
+
+
+def test_secret_forms_cover_raw_hex_base64_and_permutation(golden_key):
+    forms = golden_key.secret_forms()
+    for needed in (
+        GOLDEN_MATERIAL,
+        GOLDEN_MATERIAL.hex().encode(),
+        base64.b64encode(GOLDEN_MATERIAL),
+        json.dumps(golden_key.pixel_permutation()).encode(),
+        torch.tensor(golden_key.pixel_permutation(), dtype=torch.int64).numpy().tobytes(),
+    ):
+        assert needed in forms
+
+
+# ----------------------------------------------------------------------------
+# Key files
+# ----------------------------------------------------------------------------
+
+
+def test_save_and_load_round_trip(golden_key, tmp_path):
+    path = golden_key.save(tmp_path / "owner.key")
+    loaded = SecretKey.load(path)
+    assert loaded == golden_key and loaded.created == golden_key.created
+
+
+def test_key_file_is_owner_only(golden_key, tmp_path):
+    path = golden_key.save(tmp_path / "owner.key")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_key_file_is_owner_only_after_overwrite(golden_key, tmp_path):
+    path = tmp_path / "owner.key"
+    path.write_text("old")
+    path.chmod(0o644)
+    golden_key.save(path, overwrite=True)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_save_refuses_to_overwrite(golden_key, tmp_path):
+    path = golden_key.save(tmp_path / "owner.key")
+    other = SecretKey.generate_like(golden_key)
+    with pytest.raises(KeyFileError, match="overwrite=True"):
+        other.save(path)
+    assert SecretKey.load(path) == golden_key
+
+
+def test_save_overwrites_when_asked(golden_key, tmp_path):
+    path = golden_key.save(tmp_path / "owner.key")
+    other = SecretKey.generate_like(golden_key)
+    other.save(path, overwrite=True)
+    assert SecretKey.load(path) == other
+
+
+def test_save_creates_missing_directories(golden_key, tmp_path):
+    path = golden_key.save(tmp_path / "a" / "b" / "owner.key")
+    assert SecretKey.load(path) == golden_key
+
+
+@pytest.mark.parametrize("failing", ["fsync", "replace"])
+def test_interrupted_save_keeps_the_previous_file_and_leaves_no_temp_file(golden_key, tmp_path, monkeypatch, failing):
+    path = golden_key.save(tmp_path / "owner.key")
+    before = path.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(os, failing, crash)
+    with pytest.raises(OSError, match="disk went away"):
+        SecretKey.generate_like(golden_key).save(path, overwrite=True)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["owner.key"]
+
+
+def test_interrupted_first_save_leaves_nothing(golden_key, tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError("disk went away")))
+    with pytest.raises(OSError):
+        golden_key.save(tmp_path / "owner.key")
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+
+
+def _saved(golden_key, tmp_path) -> Path:
+    return golden_key.save(tmp_path / "owner.key")
+
+
+def _edit(path: Path, change) -> None:
+    body = json.loads(path.read_text())
+    change(body)
+    path.write_text(json.dumps(body))
+
+
+def _assert_no_material(message: str, key: SecretKey) -> None:
+    assert key._material.hex() not in message and key._material.hex().upper() not in message
+    assert base64.b64encode(key._material).decode() not in message
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda p: p.write_text(""), "empty"),
+    (lambda p: p.write_bytes(p.read_bytes()[:60]), "not valid JSON"),
+    (lambda p: p.write_text("key = 1234"), "not valid JSON"),
+    (lambda p: p.write_bytes(b"\xff\xfe\x00garbage"), "not UTF-8"),
+    (lambda p: p.write_text("[1, 2, 3]"), "not a kp-plugin key file"),
+    (lambda p: _edit(p, lambda b: b.update(version=99)), "newer than this kp-plugin"),
+    (lambda p: _edit(p, lambda b: b.update(version="1")), "format version"),
+    (lambda p: _edit(p, lambda b: b.pop("mac")), "missing field"),
+    (lambda p: _edit(p, lambda b: b.pop("key")), "missing field"),
+    (lambda p: _edit(p, lambda b: b.update(key=b["key"][:-2])), "64 hex digits"),
+    (lambda p: _edit(p, lambda b: b.update(key="zz" + b["key"][2:])), "not hexadecimal"),
+    (lambda p: _edit(p, lambda b: b.update(key=("1" if b["key"][0] != "1" else "2") + b["key"][1:])), "fingerprint"),
+    (lambda p: _edit(p, lambda b: b.update(block_size=8)), "integrity check failed"),
+    (lambda p: _edit(p, lambda b: b.update(scheme=["shuffle"])), "integrity check failed"),
+    (lambda p: _edit(p, lambda b: b.update(block_size=-1)), "invalid setting"),
+    (lambda p: _edit(p, lambda b: b.update(scheme=["rot13"])), "invalid setting"),
+])
+def test_damaged_key_file_is_rejected_with_a_reason_and_no_material(golden_key, tmp_path, damage, says):
+    path = _saved(golden_key, tmp_path)
+    damage(path)
+    with pytest.raises(KeyFileError) as info:
+        SecretKey.load(path)
+    assert says in str(info.value)
+    assert str(path) in str(info.value)
+    # Not even the printed traceback (with any chained error) shows material.
+    _assert_no_material("".join(traceback.format_exception(info.value)), golden_key)
+
+
+def test_missing_key_file_says_how_to_make_one(tmp_path):
+    with pytest.raises(KeyFileError, match="kp keygen"):
+        SecretKey.load(tmp_path / "nope.key")
+
+
+def test_from_env_reads_key_file_content(golden_key, monkeypatch):
+    monkeypatch.setenv("KP_KEY", golden_key.to_json())
+    assert SecretKey.from_env("KP_KEY") == golden_key
+
+
+def test_from_env_unset_says_what_to_set(monkeypatch):
+    monkeypatch.delenv("KP_TEST_KEY", raising=False)
+    with pytest.raises(KeyFileError, match="KP_TEST_KEY is not set"):
+        SecretKey.from_env("KP_TEST_KEY")
+
+
+def test_from_env_holding_a_path_says_to_use_the_content(golden_key, tmp_path, monkeypatch):
+    path = _saved(golden_key, tmp_path)
+    monkeypatch.setenv("KP_KEY", str(path))
+    with pytest.raises(KeyFileError, match="content"):
+        SecretKey.from_env()
+
+
+def test_from_env_with_tampered_content_names_the_variable(golden_key, monkeypatch):
+    monkeypatch.setenv("KP_KEY", golden_key.to_json().replace('"block_size": 4', '"block_size": 8'))
+    with pytest.raises(KeyFileError, match="environment variable KP_KEY") as info:
+        SecretKey.from_env()
+    _assert_no_material(str(info.value), golden_key)
