@@ -1,0 +1,59 @@
+"""Where the key sits in a Trainer's data path (shared by the callback and
+the Trainer subclass): which of our collators / ``with_transform``
+transforms a dataloader or dataset uses."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+from torch import nn
+
+from ..module import ProtectedModel
+from .data import _ImageBatcher
+
+__all__ = ["batchers_in", "dataset_transform", "base_module"]
+
+
+def dataset_transform(dataset: Any) -> Optional[Any]:
+    """The ``with_transform`` / ``set_transform`` function of a
+    ``datasets.Dataset`` (``None`` for anything else)."""
+    fmt = getattr(dataset, "format", None)
+    if isinstance(fmt, dict) and fmt.get("type") == "custom":
+        return (fmt.get("format_kwargs") or {}).get("transform")
+    return None
+
+
+def _collator(obj: Any) -> Any:
+    # Trainer wraps collators in RemoveColumnsCollator (.data_collator).
+    while obj is not None and not isinstance(obj, _ImageBatcher) and hasattr(obj, "data_collator"):
+        obj = obj.data_collator
+    return obj
+
+
+def batchers_in(*, dataloaders: Iterable[Any] = (), datasets: Iterable[Any] = (),
+                collators: Iterable[Any] = ()) -> list:
+    """Our collators / transforms found in the given dataloaders (their
+    ``collate_fn`` and ``dataset``), datasets and collators."""
+    found = []
+    for loader in dataloaders:
+        if loader is None:
+            continue
+        collators = list(collators) + [getattr(loader, "collate_fn", None)]
+        datasets = list(datasets) + [getattr(loader, "dataset", None)]
+    for collator in collators:
+        c = _collator(collator)
+        if isinstance(c, _ImageBatcher) and c not in found:
+            found.append(c)
+    for dataset in datasets:
+        t = dataset_transform(dataset)
+        if isinstance(t, _ImageBatcher) and t not in found:
+            found.append(t)
+    return found
+
+
+def base_module(model: nn.Module) -> nn.Module:
+    """``model`` without DDP / accelerate wrappers (``.module``)."""
+    while hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module) \
+            and not isinstance(model, ProtectedModel):
+        model = model.module
+    return model

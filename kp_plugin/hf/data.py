@@ -1,0 +1,170 @@
+"""Data helpers for ``datasets`` and ``Trainer``: a batch collator and a
+``with_transform`` transform, both driven by a :class:`KeyedImageProcessor`.
+
+Both read raw examples (an image column and a label column), resize them as
+the base processor does, optionally augment the [0, 1] images (augmentation
+goes before the key), and produce either
+
+- ``output="keyed"``: keyed, normalized ``pixel_values`` for a plain
+  transformers model (processor style), or
+- ``output="images01"``: [0, 1] images for a model wrapped with
+  :func:`kp_plugin.hf.wrap_hf_model` (model style; what the protection
+  objective needs).
+
+The ``remove_unused_columns`` trap: ``Trainer`` drops every dataset column
+that is not a parameter of ``model.forward``. The raw ``image`` column never
+is, and a :class:`kp_plugin.ProtectedModel`'s ``forward(*args, **kwargs)``
+hides even ``pixel_values``. :class:`kp_plugin.hf.KeyedTrainer` keeps the
+columns these helpers declare (``input_columns``); with a plain ``Trainer``
+pass ``TrainingArguments(remove_unused_columns=False)``. Either way, a
+missing column is a clear error here, not a silent drop.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from ..errors import ConfigurationError
+from .processor import KeyedImageProcessor
+
+__all__ = ["KeyedImageCollator", "KeyedExampleTransform", "OUTPUTS"]
+
+#: What the helpers produce: keyed pixel_values, or [0, 1] images.
+OUTPUTS = ("keyed", "images01")
+
+_TRAP_HINT = (
+    "Trainer's remove_unused_columns drops columns that model.forward does not name; use "
+    "kp_plugin.hf.KeyedTrainer (it keeps them) or TrainingArguments(remove_unused_columns=False)"
+)
+
+
+class _ImageBatcher:
+    def __init__(
+        self,
+        image_processor: KeyedImageProcessor,
+        *,
+        image_column: str,
+        label_column: Optional[str],
+        output: str,
+        augment: Optional[Callable[[torch.Tensor], torch.Tensor]],
+    ) -> None:
+        if not isinstance(image_processor, KeyedImageProcessor):
+            raise TypeError(
+                "image_processor must be a kp_plugin.hf.KeyedImageProcessor (it carries the key and the "
+                f"base processor's settings), got {type(image_processor).__name__}"
+            )
+        if output not in OUTPUTS:
+            raise ConfigurationError(f"output must be one of {OUTPUTS}, got {output!r}")
+        self.image_processor = image_processor
+        self.image_column = image_column
+        self.label_column = label_column
+        self.output = output
+        self.augment = augment
+
+    @property
+    def input_columns(self) -> list:
+        """The dataset columns this helper reads (Trainer must keep them)."""
+        return [c for c in (self.image_column, self.label_column) if c]
+
+    @property
+    def keys_data(self) -> bool:
+        """True when the output is keyed (processor style)."""
+        return self.output == "keyed"
+
+    def _pixel_values(self, images: Sequence[Any]) -> torch.Tensor:
+        x = self.image_processor.images01(list(images))
+        if self.augment is not None:
+            x = self.augment(x)
+        if self.output == "keyed":
+            return self.image_processor.apply_key(x)
+        return x
+
+    def _missing(self, column: str, have: Sequence[str]) -> ConfigurationError:
+        return ConfigurationError(f"examples have no {column!r} column (they have {sorted(have)}). {_TRAP_HINT}")
+
+
+class KeyedImageCollator(_ImageBatcher):
+    """``Trainer`` data collator: raw examples -> ``{"pixel_values", "labels"}``.
+
+    Processing whole batches at once uses the base processor's batched
+    (torchvision) path.
+
+    Args:
+        image_processor: a :class:`KeyedImageProcessor`.
+        image_column: the column with PIL images / arrays.
+        label_column: the column with int labels (``None``: no labels).
+        output: ``"keyed"`` (plain model) or ``"images01"`` (wrapped model).
+        augment: optional function on a float ``(B, C, H, W)`` batch in
+            [0, 1], applied before the key (e.g. a torchvision v2 transform).
+
+    Example:
+        >>> collator = KeyedImageCollator(processor)                              # doctest: +SKIP
+        >>> trainer = KeyedTrainer(model=model, args=args, train_dataset=ds["train"],
+        ...                        data_collator=collator)                        # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        image_processor: KeyedImageProcessor,
+        *,
+        image_column: str = "image",
+        label_column: Optional[str] = "label",
+        output: str = "keyed",
+        augment: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    ) -> None:
+        super().__init__(image_processor, image_column=image_column, label_column=label_column,
+                         output=output, augment=augment)
+
+    def __call__(self, examples: Sequence[dict]) -> dict:
+        if not examples:
+            raise ConfigurationError("empty batch")
+        have = list(examples[0].keys())
+        if self.image_column not in examples[0]:
+            raise self._missing(self.image_column, have)
+        batch = {"pixel_values": self._pixel_values([ex[self.image_column] for ex in examples])}
+        if self.label_column:
+            if self.label_column not in examples[0]:
+                raise self._missing(self.label_column, have)
+            batch["labels"] = torch.tensor([int(ex[self.label_column]) for ex in examples], dtype=torch.long)
+        return batch
+
+
+class KeyedExampleTransform(_ImageBatcher):
+    """A transform for ``datasets.Dataset.with_transform``: a batch of raw
+    columns -> ``pixel_values`` (+ ``labels``), computed on access.
+
+    Use it with ``transformers.default_data_collator``.
+
+    Args:
+        image_processor, image_column, label_column, output, augment: as in
+            :class:`KeyedImageCollator`.
+
+    Example:
+        >>> train = ds["train"].with_transform(KeyedExampleTransform(processor))  # doctest: +SKIP
+        >>> train[0]["pixel_values"].shape                                        # doctest: +SKIP
+        torch.Size([3, 224, 224])
+    """
+
+    def __init__(
+        self,
+        image_processor: KeyedImageProcessor,
+        *,
+        image_column: str = "image",
+        label_column: Optional[str] = "label",
+        output: str = "keyed",
+        augment: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    ) -> None:
+        super().__init__(image_processor, image_column=image_column, label_column=label_column,
+                         output=output, augment=augment)
+
+    def __call__(self, batch: dict) -> dict:
+        if self.image_column not in batch:
+            raise self._missing(self.image_column, list(batch.keys()))
+        out = {"pixel_values": list(self._pixel_values(batch[self.image_column]).unbind(0))}
+        if self.label_column:
+            if self.label_column not in batch:
+                raise self._missing(self.label_column, list(batch.keys()))
+            out["labels"] = [int(v) for v in batch[self.label_column]]
+        return out

@@ -1,0 +1,413 @@
+"""``KeyedImageProcessor``: any transformers image processor with the keyed
+transform between its rescale and its normalize.
+
+The base processor (whatever ``AutoImageProcessor`` gives: ViT's, ConvNeXt's,
+...) resizes, crops and converts exactly as it always does; instead of its
+normalize, the batch goes through :class:`kp_plugin.KeyedInput`, which
+applies the keyed block-wise transform and then normalizes with the base's
+mean and std (one gather and one multiply-add or lookup). There is one
+implementation of the transform: the core's.
+
+``save_pretrained`` writes ``preprocessor_config.json`` with the base
+processor's settings plus the public protection settings (block size,
+scheme, channels, key fingerprint), never the key; ``from_pretrained(path,
+key=...)`` and ``AutoImageProcessor.from_pretrained(path, key=...)`` (once
+``kp_plugin.hf`` is imported) restore it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from transformers import AutoImageProcessor, PretrainedConfig
+from transformers.image_processing_base import BatchFeature
+from transformers.image_processing_utils import BaseImageProcessor
+
+from ..checkpoint import check_key_matches, find_key_material
+from ..errors import BlockSizeError, CheckpointError, KeyLeakError, KeyMismatchError, KPError
+from ..keys import SecretKey, parse_scheme
+from ..module import KeyedInput
+from ..transforms import check_image_size, invert_transform, nearest_valid_size
+
+__all__ = ["KeyedImageProcessor", "KeyRequiredError", "PROTECTION_FIELD"]
+
+#: Name of the block in ``preprocessor_config.json`` that holds the public
+#: protection settings.
+PROTECTION_FIELD = "kp_protection"
+_BASE_TYPE_FIELD = "base_image_processor_type"
+_FORMAT = "kp-plugin-keyed-image-processor"
+_FORMAT_VERSION = 1
+
+# Arguments the keyed processor decides for the base: it rescales and
+# normalizes itself, after the keyed transform.
+_TAKEN_OVER = ("do_rescale", "do_normalize", "rescale_factor", "image_mean", "image_std", "return_tensors")
+
+
+class KeyRequiredError(KPError, TypeError):
+    """A keyed image processor was loaded or built without its secret key."""
+
+
+def _key_required(where: str) -> KeyRequiredError:
+    return KeyRequiredError(
+        f"{where} is a keyed image processor and needs the owner's secret key, which is never saved "
+        "with it. Pass it explicitly: KeyedImageProcessor.from_pretrained(path, key=SecretKey.load('owner.key')) "
+        "or AutoImageProcessor.from_pretrained(path, key=SecretKey.from_env('KP_KEY')) after `import kp_plugin.hf`"
+    )
+
+
+def processor_output_size(processor: BaseImageProcessor) -> Optional[tuple]:
+    """``(height, width)`` of the images ``processor`` produces, when its
+    settings say so unambiguously (center crop, or a fixed resize), else ``None``."""
+    crop = getattr(processor, "crop_size", None)
+    if getattr(processor, "do_center_crop", False) and crop is not None:
+        h, w = _size_pair(crop)
+        if h is not None:
+            return h, w
+    size = getattr(processor, "size", None)
+    if getattr(processor, "do_resize", False) and size is not None:
+        h, w = _size_pair(size)
+        if h is not None:
+            return h, w
+    return None
+
+
+def _size_pair(size: Any) -> tuple:
+    get = size.get if hasattr(size, "get") else (lambda k, d=None: getattr(size, k, d))
+    h, w = get("height", None), get("width", None)
+    if h is not None and w is not None:
+        return int(h), int(w)
+    return None, None
+
+
+def _normalization(processor: BaseImageProcessor) -> tuple:
+    """mean, std the base would normalize with (identity when it does not)."""
+    if getattr(processor, "do_normalize", False):
+        mean, std = processor.image_mean, processor.image_std
+        if mean is None or std is None:
+            raise KPError(
+                f"{type(processor).__name__} normalizes but has no image_mean/image_std; set them on it"
+            )
+        return mean, std
+    return 0.0, 1.0
+
+
+def _check_saved_key(key: SecretKey, protection: dict) -> None:
+    try:
+        check_key_matches(key, fingerprint=protection["fingerprint"], block_size=protection["block_size"],
+                          scheme=parse_scheme(protection["scheme"]), channels=protection["channels"])
+    except KeyMismatchError as exc:
+        detail = str(exc).split(". Load the owner")[0]
+        raise KeyMismatchError(
+            f"this image processor was saved for another key: {detail.split(': ', 1)[-1]}. Load the owner's key "
+            "file (SecretKey.load), or pass allow_wrong_key=True to build it with a wrong key on purpose"
+        ) from None
+
+
+class KeyedImageProcessor(BaseImageProcessor):
+    """A transformers image processor whose output is keyed.
+
+    ``processor(images)`` gives ``pixel_values = normalize(T_key(rescale(
+    resize(images))))``, where resize / crop / rescale / mean / std are the
+    base processor's own and ``T_key`` is the keyed block-wise transform
+    (:mod:`kp_plugin.transforms`). A plain (unwrapped) model fine-tuned on
+    these inputs is the protected model; in ``pipeline`` it is accurate with
+    this processor and near chance with a processor built on another key.
+
+    Settings of the base (``size``, ``crop_size``, ``image_mean``, ...) are
+    readable on the keyed processor. Per-call overrides of the base's
+    resize / crop settings pass through.
+
+    Args:
+        image_processor: the base processor (e.g. from
+            ``AutoImageProcessor.from_pretrained(model_id)``).
+        key: the secret key.
+        check_range: reject float input far outside [0, 1] (see
+            :class:`kp_plugin.KeyedInput`).
+
+    Raises:
+        BlockSizeError: the base produces images whose size is not a
+            multiple of the key's block size.
+
+    Example:
+        >>> from transformers import ViTImageProcessor
+        >>> key = SecretKey.generate(block_size=16)
+        >>> processor = KeyedImageProcessor(ViTImageProcessor(), key)
+        >>> batch = processor(images, return_tensors="pt")      # doctest: +SKIP
+        >>> processor.save_pretrained("out/")                   # no key in it
+        >>> same = KeyedImageProcessor.from_pretrained("out/", key=key)
+    """
+
+    model_input_names = ["pixel_values"]
+
+    def __init__(
+        self,
+        image_processor: Optional[BaseImageProcessor] = None,
+        key: Optional[SecretKey] = None,
+        *,
+        check_range: bool = True,
+        **unexpected: Any,
+    ) -> None:
+        # transformers builds processors from dicts with cls(**settings); that
+        # only happens here through from_dict, which we override.
+        if unexpected:
+            raise TypeError(
+                f"KeyedImageProcessor takes (image_processor, key); got settings {sorted(unexpected)}. "
+                "Load a saved one with KeyedImageProcessor.from_pretrained(path, key=...)"
+            )
+        super().__init__()
+        if key is None:
+            raise _key_required("KeyedImageProcessor")
+        if not isinstance(key, SecretKey):
+            raise TypeError(f"key must be a kp_plugin.SecretKey, got {type(key).__name__}")
+        if not isinstance(image_processor, BaseImageProcessor) or isinstance(image_processor, KeyedImageProcessor):
+            raise TypeError(
+                "image_processor must be a transformers image processor (not already keyed), got "
+                f"{type(image_processor).__name__}"
+            )
+        size = processor_output_size(image_processor)
+        if size is not None and (size[0] % key.block_size or size[1] % key.block_size):
+            h, w = nearest_valid_size(size[0], key.block_size), nearest_valid_size(size[1], key.block_size)
+            raise BlockSizeError(
+                f"{type(image_processor).__name__} produces {size[0]}x{size[1]} images but the key's block_size "
+                f"is {key.block_size}; configure the processor for a multiple of it, e.g. "
+                f"size={{'height': {h}, 'width': {w}}} (and crop_size likewise when it center-crops)"
+            )
+        mean, std = _normalization(image_processor)
+        self.image_processor = image_processor
+        self.key = key
+        self.check_range = check_range
+        self._keyed = KeyedInput(key, mean=mean, std=std, check_range=check_range)
+
+    # ------------------------------------------------------------ settings
+    def __getattr__(self, name: str) -> Any:
+        base = self.__dict__.get("image_processor")
+        if base is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(base, name)
+
+    @property
+    def rescale_factor(self) -> float:  # a class attribute on BaseImageProcessor
+        return self.image_processor.rescale_factor
+
+    @property
+    def image_mean(self) -> Sequence[float]:
+        """The mean the output is normalized with (the base's)."""
+        return list(self._keyed.mean)
+
+    @property
+    def image_std(self) -> Sequence[float]:
+        """The std the output is normalized with (the base's)."""
+        return list(self._keyed.std)
+
+    @property
+    def fingerprint(self) -> str:
+        """The key's public fingerprint."""
+        return self.key.fingerprint
+
+    @property
+    def output_size(self) -> Optional[tuple]:
+        """``(height, width)`` of the processed images, when fixed by the settings."""
+        return processor_output_size(self.image_processor)
+
+    # ---------------------------------------------------------- processing
+    def images01(self, images: Any, **kwargs: Any) -> torch.Tensor:
+        """Resize / crop / rescale ``images`` as the base does, without the
+        keyed transform or normalization: float ``(B, C, H, W)`` in [0, 1].
+
+        This is the input of a model-style :class:`kp_plugin.ProtectedModel`
+        (and of the protection objective, which needs the unkeyed images).
+        """
+        x = self._resized(images, **kwargs)
+        if x.dtype == torch.uint8:
+            return x.float().div_(255)
+        return x.float()
+
+    def _resized(self, images: Any, **kwargs: Any) -> torch.Tensor:
+        """The base's output before rescale/normalize: uint8 0..255 when the
+        input was 8-bit and the base rescales by 1/255, else float [0, 1]."""
+        for name in _TAKEN_OVER:
+            kwargs.pop(name, None)
+        base = self.image_processor
+        out = base(images, do_rescale=False, do_normalize=False, return_tensors="pt", **kwargs)
+        x = out["pixel_values"]
+        if not isinstance(x, torch.Tensor):
+            raise BlockSizeError(
+                "the images came out of the base processor with different sizes; configure it to resize "
+                "(or center-crop) to one size that is a multiple of the key's block size"
+            )
+        if x.dtype == torch.uint8:
+            if getattr(base, "do_rescale", True) and abs(base.rescale_factor - 1 / 255) > 1e-12:
+                return x.float() * base.rescale_factor
+            return x
+        if getattr(base, "do_rescale", False):
+            x = x.float() * base.rescale_factor
+        return x
+
+    def preprocess(self, images: Any, *args: Any, return_tensors: Any = None, **kwargs: Any) -> BatchFeature:
+        """Base resize / crop / rescale, then the keyed transform and the
+        base's normalization. Returns a ``BatchFeature`` with ``pixel_values``
+        ``(B, C, H, W)`` float32."""
+        if args:
+            raise TypeError("KeyedImageProcessor takes images and keyword arguments only")
+        x = self._resized(images, **kwargs)
+        if x.dtype != torch.uint8:
+            x = x.float()
+        pixel_values = self._keyed(x)
+        return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=return_tensors)
+
+    def __call__(self, images: Any = None, *args: Any, **kwargs: Any) -> BatchFeature:
+        return self.preprocess(images, *args, **kwargs)
+
+    def apply_key(self, images01: torch.Tensor) -> torch.Tensor:
+        """The keyed transform and normalization of [0, 1] (or uint8) images
+        already at the output size (e.g. :meth:`images01` after augmentation)."""
+        return self._keyed(images01)
+
+    def recover_images01(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Undo this processor's keyed transform and normalization: the [0, 1]
+        images it was given (after resize). Needs the key; used where the
+        unkeyed images are needed (wrong-key evaluation, the objective)."""
+        mean = torch.tensor(self._keyed.mean, dtype=pixel_values.dtype, device=pixel_values.device)
+        std = torch.tensor(self._keyed.std, dtype=pixel_values.dtype, device=pixel_values.device)
+        keyed01 = (pixel_values * std[:, None, None] + mean[:, None, None]).clamp_(0, 1)
+        return invert_transform(keyed01, self.key)
+
+    def check_key(self, key: SecretKey) -> None:
+        """Raise :class:`kp_plugin.KeyMismatchError` unless ``key`` is this processor's key."""
+        check_key_matches(key, fingerprint=self.key.fingerprint, block_size=self.key.block_size,
+                          scheme=self.key.scheme, channels=self.key.channels)
+
+    # -------------------------------------------------------- persistence
+    def protection_settings(self) -> dict:
+        """The public settings saved with the processor (no key)."""
+        return {
+            "format": _FORMAT,
+            "format_version": _FORMAT_VERSION,
+            "block_size": self.key.block_size,
+            "scheme": list(self.key.scheme),
+            "channels": self.key.channels,
+            "fingerprint": self.key.fingerprint,
+        }
+
+    def to_dict(self) -> dict:
+        """The base processor's settings plus the protection settings."""
+        output = self.image_processor.to_dict()
+        output[_BASE_TYPE_FIELD] = output.get("image_processor_type", type(self.image_processor).__name__)
+        output["image_processor_type"] = type(self).__name__
+        output[PROTECTION_FIELD] = self.protection_settings()
+        return output
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], push_to_hub: bool = False, **kwargs: Any):
+        """Write ``preprocessor_config.json`` (base settings + block size,
+        scheme, fingerprint; never the key), then check that no file in the
+        directory holds key material.
+
+        Raises:
+            KeyLeakError: a file in ``save_directory`` holds key material
+                (e.g. a key file saved next to it); nothing is pushed.
+        """
+        if push_to_hub:
+            # Scan before anything leaves the machine.
+            files = super().save_pretrained(save_directory, push_to_hub=False)
+            self._refuse_leaks(save_directory)
+            files = super().save_pretrained(save_directory, push_to_hub=True, **kwargs)
+            return files
+        files = super().save_pretrained(save_directory, push_to_hub=False, **kwargs)
+        self._refuse_leaks(save_directory)
+        return files
+
+    def _refuse_leaks(self, directory: Union[str, os.PathLike]) -> None:
+        leaks = find_key_material(directory, self.key)
+        if leaks:
+            names = ", ".join(p.name for p in leaks)
+            raise KeyLeakError(f"key material found in {names} under {directory}; remove these files before sharing")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], *args: Any,
+                        key: Optional[SecretKey] = None, allow_wrong_key: bool = False,
+                        **kwargs: Any) -> "KeyedImageProcessor":
+        """Load a keyed processor saved with :meth:`save_pretrained`, or key
+        a plain processor's directory / Hub id.
+
+        Args:
+            pretrained_model_name_or_path: a directory or Hub id with a
+                ``preprocessor_config.json``.
+            key: the owner's key (required; it is never saved). For a saved
+                keyed processor it must match the saved fingerprint.
+            allow_wrong_key: build it with ``key`` even if it is not the saved
+                key (to show what a wrong key gives).
+            kwargs: passed to transformers' loading (``cache_dir``, ...).
+
+        Raises:
+            KeyRequiredError: no key was given.
+            KeyMismatchError: ``key`` is not the key the processor was saved with.
+
+        Example:
+            >>> processor = KeyedImageProcessor.from_pretrained("out/", key=SecretKey.load("owner.key"))  # doctest: +SKIP
+        """
+        if key is None:
+            raise _key_required(str(pretrained_model_name_or_path))
+        kwargs.pop("_from_auto", None)
+        config, kwargs = cls.get_image_processor_dict(pretrained_model_name_or_path, **kwargs)
+        return cls.from_dict(config, key=key, allow_wrong_key=allow_wrong_key, **kwargs)
+
+    @classmethod
+    def from_dict(cls, image_processor_dict: dict, *, key: Optional[SecretKey] = None,
+                  allow_wrong_key: bool = False, **kwargs: Any):
+        """Build from a saved settings dict (see :meth:`from_pretrained`)."""
+        from transformers.models.auto.image_processing_auto import get_image_processor_class_from_name
+
+        if key is None:
+            raise _key_required("this configuration")
+        settings = dict(image_processor_dict)
+        protection = settings.pop(PROTECTION_FIELD, None)
+        base_type = settings.pop(_BASE_TYPE_FIELD, None)
+        own_type = settings.get("image_processor_type")
+        if own_type == cls.__name__:
+            if protection is None or base_type is None:
+                raise CheckpointError("preprocessor_config.json names KeyedImageProcessor but has no kp_protection block")
+            if protection.get("format") != _FORMAT or int(protection.get("format_version", 0)) > _FORMAT_VERSION:
+                raise CheckpointError(
+                    f"preprocessor_config.json has protection format {protection.get('format')!r} "
+                    f"v{protection.get('format_version')!r}; this kp-plugin reads {_FORMAT} up to v{_FORMAT_VERSION}"
+                )
+            if not allow_wrong_key:
+                _check_saved_key(key, protection)
+            settings["image_processor_type"] = base_type
+        else:
+            base_type = own_type
+        if base_type is None:
+            raise CheckpointError("preprocessor_config.json has no image_processor_type; cannot tell the base processor")
+        base_cls = get_image_processor_class_from_name(base_type)
+        if base_cls is None:
+            raise CheckpointError(f"transformers has no image processor class {base_type!r}")
+        check_range = kwargs.pop("check_range", True)
+        kwargs.pop("return_unused_kwargs", None)
+        base = base_cls.from_dict(settings, **kwargs)
+        return cls(base, key, check_range=check_range)
+
+    def __repr__(self) -> str:
+        return (
+            f"KeyedImageProcessor(base={type(self.image_processor).__name__}, block_size={self.key.block_size}, "
+            f"scheme={self.key.scheme_name}, fingerprint={self.key.fingerprint})"
+        )
+
+
+class _KeyedImageProcessorRegistration(PretrainedConfig):
+    """Placeholder config type: ``AutoImageProcessor.register`` maps config
+    classes to processors, and the keyed processor belongs to none. Registering
+    it under this type makes ``AutoImageProcessor`` resolve the
+    ``image_processor_type: KeyedImageProcessor`` saved in
+    ``preprocessor_config.json``."""
+
+    model_type = "kp_plugin_keyed_image_processor"
+
+
+AutoImageProcessor.register(
+    _KeyedImageProcessorRegistration,
+    image_processor_classes={"torchvision": KeyedImageProcessor, "pil": KeyedImageProcessor},
+    exist_ok=True,
+)

@@ -1,0 +1,159 @@
+"""``KeyedTrainer``: ``transformers.Trainer`` for protected fine-tuning.
+
+What it changes, and why:
+
+- columns: ``Trainer`` keeps only dataset columns named by
+  ``model.forward``. A :class:`kp_plugin.ProtectedModel`'s forward is
+  ``(*args, **kwargs)`` and the raw ``image`` column is never named, so the
+  stock Trainer drops what the keyed data path needs. ``KeyedTrainer`` reads
+  the base model's signature and keeps the columns our collators and
+  transforms declare.
+- loss: with ``objective=`` (a :class:`kp_plugin.objectives.ProtectionObjective`)
+  the loss is that objective's: cross-entropy with the key plus suppression
+  under random wrong keys. It needs the unkeyed [0, 1] images: in model style
+  they are the batch itself; in processor style they are recovered from the
+  keyed batch with the key. The parts are logged as ``objective_<part>``.
+- saving: a ProtectedModel's checkpoints are written by
+  :func:`kp_plugin.save_protected` (the base model's own weight names,
+  ``config.json``, ``protection.json``, never the key), and resuming loads
+  them back into the base model.
+- it binds every :class:`KeyProtectionCallback` so that its metrics go
+  through ``Trainer.log`` to every logger.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any, Optional
+
+import torch
+from transformers import Trainer
+
+from ..checkpoint import save_protected
+from ..errors import ConfigurationError
+from ..module import KeyedInput, ProtectedModel
+from ..objectives import ProtectionObjective, logits_of
+from ._datapath import base_module, batchers_in
+from .callback import KeyProtectionCallback
+from .processor import KeyedImageProcessor
+
+__all__ = ["KeyedTrainer"]
+
+
+class KeyedTrainer(Trainer):
+    """``Trainer`` that keeps the keyed data path's columns, optionally
+    trains with the protection objective, and saves protected checkpoints.
+
+    Takes every ``Trainer`` argument, plus:
+
+    Args:
+        objective: a :class:`kp_plugin.objectives.ProtectionObjective`
+            (e.g. ``kp_plugin.objectives.DEFAULT_OBJECTIVE``); ``None``:
+            the model's own loss (cross-entropy).
+
+    Example:
+        >>> trainer = KeyedTrainer(model=wrap_hf_model(model, key, image_processor=processor),
+        ...                        args=TrainingArguments("out"), train_dataset=ds["train"],
+        ...                        data_collator=KeyedImageCollator(processor, output="images01"),
+        ...                        objective=DEFAULT_OBJECTIVE,
+        ...                        callbacks=[KeyProtectionCallback(key)])         # doctest: +SKIP
+        >>> trainer.train()                                                     # doctest: +SKIP
+    """
+
+    def __init__(self, *args: Any, objective: Optional[ProtectionObjective] = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if objective is not None and not isinstance(objective, ProtectionObjective):
+            raise TypeError(f"objective must be a ProtectionObjective, got {type(objective).__name__}")
+        self.objective = objective
+        self._objective_parts: dict = {}
+        self._objective_steps = 0
+        self._keyed_view: Optional[ProtectedModel] = None
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, KeyProtectionCallback):
+                callback.bind(self)
+
+    # ------------------------------------------------------------ columns
+    def _set_signature_columns_if_needed(self) -> None:
+        if self._signature_columns is not None:
+            return
+        model = base_module(self.model)
+        if isinstance(model, ProtectedModel):
+            model = model.unwrap()
+        columns = list(inspect.signature(model.forward).parameters.keys())
+        columns += list(set(["label", "label_ids"] + self.label_names))
+        datasets = [self.train_dataset]
+        if isinstance(self.eval_dataset, dict):
+            datasets += list(self.eval_dataset.values())
+        else:
+            datasets.append(self.eval_dataset)
+        for batcher in batchers_in(datasets=datasets, collators=[self.data_collator]):
+            columns += [c for c in batcher.input_columns if c not in columns]
+        self._signature_columns = columns
+
+    # ------------------------------------------------------------ loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.objective is None:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        labels = inputs.get("labels")
+        if labels is None:
+            raise ConfigurationError("the protection objective needs labels in the batch ('labels')")
+        pixels = inputs["pixel_values"]
+        view, images01 = self._objective_view(model, pixels)
+        outputs = model(pixel_values=pixels)
+        loss, parts = self.objective(view, images01, labels, logits_of(outputs))
+        for name, value in parts.items():
+            self._objective_parts[name] = self._objective_parts.get(name, 0.0) + float(value)
+        self._objective_steps += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def _objective_view(self, model, pixels: torch.Tensor) -> tuple:
+        """The ProtectedModel the objective works on, and the [0, 1] images."""
+        base = base_module(model)
+        if isinstance(base, ProtectedModel):
+            return base, pixels
+        processor = self._keying_processor()
+        if self._keyed_view is None or self._keyed_view.unwrap() is not base:
+            keyed = KeyedInput(processor.key, mean=processor.image_mean, std=processor.image_std, check_range=False)
+            self._keyed_view = ProtectedModel(base, keyed.to(pixels.device))
+        return self._keyed_view, processor.recover_images01(pixels.float())
+
+    def _keying_processor(self) -> KeyedImageProcessor:
+        keyed = [b for b in batchers_in(datasets=[self.train_dataset], collators=[self.data_collator]) if b.keys_data]
+        if keyed:
+            return keyed[0].image_processor
+        if isinstance(self.processing_class, KeyedImageProcessor):
+            return self.processing_class
+        raise ConfigurationError(
+            "the protection objective needs the key: train a ProtectedModel (wrap_hf_model) on [0, 1] images, "
+            "or key the data with KeyedImageCollator / KeyedExampleTransform"
+        )
+
+    def log(self, logs: dict, *args: Any, **kwargs: Any) -> None:
+        if self._objective_steps and "loss" in logs:
+            for name, total in self._objective_parts.items():
+                logs[f"objective_{name}"] = total / self._objective_steps
+            self._objective_parts, self._objective_steps = {}, 0
+        super().log(logs, *args, **kwargs)
+
+    # ------------------------------------------------------------ saving
+    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
+        model = base_module(self.model)
+        if not isinstance(model, ProtectedModel):
+            return super()._save(output_dir, state_dict=state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        save_protected(model, output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if model is None:
+            wrapped = base_module(self.model)
+            if isinstance(wrapped, ProtectedModel):
+                model = wrapped.unwrap()
+        return super()._load_from_checkpoint(resume_from_checkpoint, model=model)
