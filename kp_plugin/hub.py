@@ -101,9 +101,12 @@ def _offline() -> bool:
 
 
 def _xet_enabled() -> bool:
-    from huggingface_hub.utils import is_xet_available
+    import importlib.util
 
-    return is_xet_available()
+    from huggingface_hub import constants
+
+    # The same rule huggingface_hub applies: hf_xet installed and not disabled.
+    return not constants.HF_HUB_DISABLE_XET and importlib.util.find_spec("hf_xet") is not None
 
 
 @contextlib.contextmanager

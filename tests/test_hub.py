@@ -1,0 +1,216 @@
+"""push_protected / pull_protected against the loopback test Hub, with the
+real huggingface_hub client both ways (classic protocol, HF_HUB_DISABLE_XET)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hub_servers import CLOSED_ENDPOINT, isolate_hub_client, test_hub  # noqa: F401 - fixtures
+from kp_plugin import KeyLeakError, KeyMismatchError, SecretKey, save_protected, wrap_model
+from kp_plugin.checkpoint import find_key_material
+from kp_plugin.hub import (
+    HubUnreachableError,
+    HubUploadError,
+    NotProtectedRepoError,
+    PublicRepoError,
+    RepoNotFoundError,
+    pull_protected,
+    push_protected,
+)
+
+timm = pytest.importorskip("timm")
+
+MATERIAL = bytes(range(7, 39))
+KEY = SecretKey(MATERIAL, block_size=8, scheme="shuffle+np", channels=3)
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return wrap_model(timm.create_model("test_resnet", num_classes=3), KEY).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _model()
+
+
+@pytest.fixture(scope="module")
+def pushed(test_hub, model):
+    """``org/locked``: the model pushed once for the module."""
+    from huggingface_hub import constants
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        push_protected(model, "org/locked", token=test_hub.token, endpoint=test_hub.url)
+    return "org/locked"
+
+
+def _pull(hub, repo_id, key, cache, **kw):
+    return pull_protected(repo_id, key, token=hub.token, endpoint=hub.url, cache_dir=cache, **kw).eval()
+
+
+def test_pull_gives_identical_logits_with_the_key(test_hub, pushed, model, isolate_hub_client):
+    pulled = _pull(test_hub, pushed, KEY, isolate_hub_client)
+    images = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(pulled(images), model(images))
+
+
+def test_pull_with_another_key_fails_before_the_weights_are_downloaded(test_hub, pushed, isolate_hub_client):
+    before = len(test_hub.received())
+    with pytest.raises(KeyMismatchError, match="another key"):
+        _pull(test_hub, pushed, SecretKey.generate_like(KEY), isolate_hub_client)
+    paths = [r["path"] for r in test_hub.received()[before:]]
+    assert any(p.endswith("/protection.json") for p in paths)
+    assert not any(p.endswith("/model.safetensors") for p in paths)
+
+
+def test_repository_holds_weights_native_config_protection_and_card(test_hub, pushed):
+    files = set(test_hub.head_files(pushed))
+    assert {"model.safetensors", "config.json", "protection.json", "README.md"} <= files
+    config = json.loads((test_hub.root / "blobs" / test_hub.head_files(pushed)["config.json"]).read_text())
+    assert config["architecture"] == "test_resnet" and config["num_classes"] == 3
+
+
+def test_nothing_the_server_received_or_holds_contains_key_material(test_hub, pushed, model):
+    weights = (test_hub.root / "blobs" / test_hub.head_files(pushed)["model.safetensors"]).read_bytes()
+    assert len(weights) > 100_000  # the scan below covers the real upload
+    assert find_key_material(test_hub.root, KEY) == []
+
+
+def test_new_repository_is_private_and_invisible_without_token(test_hub, pushed, isolate_hub_client):
+    assert test_hub.repo_state(pushed)["private"] is True
+    with pytest.raises(RepoNotFoundError, match="token"):
+        pull_protected(pushed, KEY, token=False, endpoint=test_hub.url, cache_dir=isolate_hub_client)
+
+
+def test_private_push_into_existing_public_repo_uploads_nothing(test_hub, model, isolate_hub_client):
+    from huggingface_hub import HfApi
+
+    HfApi(endpoint=test_hub.url, token=test_hub.token).create_repo("org/open", private=False)
+    head = dict(test_hub.head_files("org/open"))
+    before = len(test_hub.received())
+    with pytest.raises(PublicRepoError, match="nothing was uploaded"):
+        push_protected(model, "org/open", token=test_hub.token, endpoint=test_hub.url)
+    methods = {(r["method"], r["path"].split("?")[0]) for r in test_hub.received()[before:]}
+    assert all(m == "GET" for m, _ in methods), methods
+    assert test_hub.head_files("org/open") == head
+
+
+def test_folder_with_a_key_file_is_refused_and_nothing_is_sent(test_hub, model, tmp_path, isolate_hub_client):
+    folder = save_protected(model, tmp_path / "out")
+    KEY.save(folder / "owner.json")
+    before = len(test_hub.received())
+    with pytest.raises(KeyLeakError, match="owner.json"):
+        push_protected(folder, "org/leaky", token=test_hub.token, endpoint=test_hub.url)
+    assert test_hub.received()[before:] == []
+
+
+def test_folder_with_the_hex_key_is_refused_when_the_key_is_given(test_hub, model, tmp_path, isolate_hub_client):
+    folder = save_protected(model, tmp_path / "out")
+    (folder / "notes.txt").write_text(f"my key: {MATERIAL.hex()}\n")
+    before = len(test_hub.received())
+    with pytest.raises(KeyLeakError, match="notes.txt"):
+        push_protected(folder, "org/leaky", key=KEY, token=test_hub.token, endpoint=test_hub.url)
+    assert test_hub.received()[before:] == []
+
+
+def test_folder_push_with_another_key_is_refused(test_hub, model, tmp_path, isolate_hub_client):
+    folder = save_protected(model, tmp_path / "out")
+    with pytest.raises(KeyMismatchError):
+        push_protected(folder, "org/other", key=SecretKey.generate_like(KEY), token=test_hub.token,
+                       endpoint=test_hub.url)
+
+
+def test_model_card_has_tags_scheme_and_accuracy_from_the_report(test_hub, model, tmp_path, isolate_hub_client):
+    from huggingface_hub import ModelCard
+
+    folder = save_protected(model, tmp_path / "out")
+    report = {"key_accuracy": 0.931, "wrong_key_accuracy_mean": 0.112, "wrong_key_accuracy_std": 0.02,
+              "wrong_key_accuracy_max": 0.15, "num_wrong_keys": 100, "chance": 0.1, "dataset": "digits"}
+    (folder / "report.json").write_text(json.dumps(report))
+    push_protected(folder, "org/carded", key=KEY, token=test_hub.token, endpoint=test_hub.url,
+                   base_model="timm/test_resnet.r160_in1k")
+    card = ModelCard((test_hub.root / "blobs" / test_hub.head_files("org/carded")["README.md"]).read_text())
+    assert {"kp-plugin", "key-protected"} <= set(card.data.tags)
+    assert card.data.library_name == "kp-plugin"
+    assert card.data.base_model == "timm/test_resnet.r160_in1k"
+    assert card.data.kp_plugin["scheme"] == "shuffle+np" and card.data.kp_plugin["block_size"] == 8
+    assert "93.1%" in card.text and "11.2%" in card.text
+    assert 'pull_protected("org/carded", key)' in card.text
+    assert card.data.eval_results[0].metric_value == pytest.approx(0.931)
+
+
+def test_push_to_a_branch_and_pull_that_revision(test_hub, model, isolate_hub_client):
+    push_protected(model, "org/branched", revision="v1", token=test_hub.token, endpoint=test_hub.url)
+    assert "model.safetensors" in test_hub.head_files("org/branched", "v1")
+    assert "model.safetensors" not in test_hub.head_files("org/branched", "main")
+    pulled = _pull(test_hub, "org/branched", KEY, isolate_hub_client, revision="v1")
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(pulled(images), model(images))
+    with pytest.raises(NotProtectedRepoError):
+        _pull(test_hub, "org/branched", KEY, isolate_hub_client)
+
+
+def test_missing_repository_says_so(test_hub, isolate_hub_client):
+    with pytest.raises(RepoNotFoundError, match="does not exist"):
+        _pull(test_hub, "org/never-pushed", KEY, isolate_hub_client)
+
+
+def test_missing_revision_says_so(test_hub, pushed, isolate_hub_client):
+    with pytest.raises(RepoNotFoundError, match="revision 'nope'"):
+        _pull(test_hub, pushed, KEY, isolate_hub_client, revision="nope")
+
+
+def test_repository_without_protection_json_is_not_a_protected_model(test_hub, isolate_hub_client):
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=test_hub.url, token=test_hub.token)
+    api.create_repo("org/plain")
+    api.upload_file(path_or_fileobj=b"{}", path_in_repo="config.json", repo_id="org/plain")
+    with pytest.raises(NotProtectedRepoError, match="protection.json"):
+        _pull(test_hub, "org/plain", KEY, isolate_hub_client)
+
+
+def test_unreachable_endpoint_says_what_to_do(isolate_hub_client, model):
+    with pytest.raises(HubUnreachableError, match="HF_ENDPOINT"):
+        pull_protected("org/locked", KEY, endpoint=CLOSED_ENDPOINT, cache_dir=isolate_hub_client)
+    with pytest.raises(HubUnreachableError, match="cannot reach"):
+        push_protected(model, "org/locked", token="t", endpoint=CLOSED_ENDPOINT)
+
+
+def test_offline_pull_uses_the_cache_and_sends_nothing(test_hub, pushed, model, isolate_hub_client, monkeypatch):
+    from huggingface_hub import constants
+
+    _pull(test_hub, pushed, KEY, isolate_hub_client)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    before = len(test_hub.received())
+    pulled = _pull(test_hub, pushed, KEY, isolate_hub_client)
+    assert test_hub.received()[before:] == []
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(pulled(images), model(images))
+    with pytest.raises(HubUnreachableError, match="not in the local cache"):
+        _pull(test_hub, "org/carded", KEY, isolate_hub_client)
+
+
+def test_cached_model_loads_when_the_endpoint_is_down(test_hub, pushed, isolate_hub_client):
+    _pull(test_hub, pushed, KEY, isolate_hub_client)
+    pulled = pull_protected(pushed, KEY, endpoint=CLOSED_ENDPOINT, cache_dir=isolate_hub_client)
+    assert pulled.key.fingerprint == KEY.fingerprint
+
+
+def test_xet_upload_failure_against_self_hosted_hub_suggests_disabling_xet(test_hub, model, monkeypatch,
+                                                                           isolate_hub_client):
+    from huggingface_hub import constants
+    import importlib.util
+
+    if importlib.util.find_spec("hf_xet") is None:
+        pytest.skip("hf_xet is not installed, so the client never tries Xet")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
+    with pytest.raises(HubUploadError, match="HF_HUB_DISABLE_XET=1"):
+        push_protected(model, "org/xet", token=test_hub.token, endpoint=test_hub.url)
