@@ -1,0 +1,82 @@
+"""Transformers models with the key inside (wrap_hf_model): the calling
+convention, the same logits as the processor style, save_pretrained."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hf_fixtures import BLOCK_SIZE, digits_dataset, tiny_vit, vit_processor
+from kp_plugin import ConfigurationError, SecretKey, load_protected
+from kp_plugin.checkpoint import find_key_material
+from kp_plugin.hf import KeyedImageProcessor, wrap_hf_model
+
+
+@pytest.fixture(scope="module")
+def key():
+    return SecretKey.generate(block_size=BLOCK_SIZE)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    ds = digits_dataset("test", size=8)
+    return list(ds["image"]), torch.tensor(ds["label"])
+
+
+def test_processor_style_and_model_style_give_the_same_logits(key, batch):
+    images, _ = batch
+    processor = KeyedImageProcessor(vit_processor(), key)
+    model = tiny_vit().eval()
+    protected = wrap_hf_model(model, key, image_processor=processor)
+    with torch.no_grad():
+        processor_style = model(**processor(images, return_tensors="pt")).logits
+        model_style = protected(pixel_values=processor.images01(images)).logits
+    torch.testing.assert_close(processor_style, model_style, atol=1e-5, rtol=0)
+
+
+def test_wrapped_model_keeps_the_transformers_calling_convention(key, batch):
+    images, labels = batch
+    processor = KeyedImageProcessor(vit_processor(), key)
+    protected = wrap_hf_model(tiny_vit(), key, image_processor=processor)
+    out = protected(pixel_values=processor.images01(images), labels=labels)
+    assert out.logits.shape == (8, 10)
+    out.loss.backward()
+    assert protected.unwrap().classifier.weight.grad is not None
+
+
+def test_save_pretrained_writes_hf_config_weights_and_protection_without_key(key, batch, tmp_path):
+    images, _ = batch
+    processor = KeyedImageProcessor(vit_processor(), key)
+    protected = wrap_hf_model(tiny_vit().eval(), key, image_processor=processor)
+    protected.save_pretrained(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} >= {"config.json", "model.safetensors", "protection.json"}
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "vit"
+    assert find_key_material(tmp_path, key) == []
+    loaded = load_protected(tmp_path, tiny_vit(seed=1).eval(), key)
+    x = processor.images01(images)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values=x).logits, protected(pixel_values=x).logits)
+
+
+def test_saved_directory_loads_with_from_pretrained_as_a_plain_model(key, tmp_path):
+    from transformers import AutoModelForImageClassification
+
+    protected = wrap_hf_model(tiny_vit(), key, image_processor=vit_processor())
+    protected.save_pretrained(tmp_path)
+    plain = AutoModelForImageClassification.from_pretrained(tmp_path)
+    torch.testing.assert_close(plain.classifier.weight, protected.unwrap().classifier.weight)
+
+
+def test_wrapping_without_normalization_says_what_to_pass(key):
+    with pytest.raises(ConfigurationError, match="image_processor="):
+        wrap_hf_model(tiny_vit(), key)
+
+
+def test_wrapping_with_a_processor_keyed_with_another_key_is_rejected(key):
+    from kp_plugin import KeyMismatchError
+
+    other = KeyedImageProcessor(vit_processor(), SecretKey.generate_like(key))
+    with pytest.raises(KeyMismatchError):
+        wrap_hf_model(tiny_vit(), key, image_processor=other)

@@ -1,0 +1,125 @@
+"""KeyedImageProcessor: the base processor's resize, the core's keyed
+transform, the base's normalization; saved without the key."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, ConvNextImageProcessor, ViTImageProcessor
+
+from hf_fixtures import BLOCK_SIZE, IMAGE_SIZE, digits_dataset, vit_processor
+from kp_plugin import BlockSizeError, KeyedInput, KeyLeakError, KeyMismatchError, SecretKey
+from kp_plugin.checkpoint import find_key_material
+from kp_plugin.hf import KeyedImageProcessor, KeyRequiredError
+
+
+@pytest.fixture(scope="module")
+def key():
+    return SecretKey.generate(block_size=BLOCK_SIZE)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return list(digits_dataset("test", size=6)["image"])
+
+
+def test_output_is_the_core_transform_of_the_base_processors_images(key, images):
+    base = vit_processor()
+    keyed = KeyedImageProcessor(base, key)(images, return_tensors="pt")["pixel_values"]
+    unnormalized = ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_normalize=False)
+    images01 = unnormalized(images, return_tensors="pt")["pixel_values"]
+    expected = KeyedInput(key, mean=base.image_mean, std=base.image_std)(images01)
+    assert keyed.shape == (6, 3, IMAGE_SIZE, IMAGE_SIZE)
+    torch.testing.assert_close(keyed, expected, atol=1e-6, rtol=0)
+
+
+def test_output_differs_from_the_base_processors_output(key, images):
+    plain = vit_processor()(images, return_tensors="pt")["pixel_values"]
+    keyed = KeyedImageProcessor(vit_processor(), key)(images, return_tensors="pt")["pixel_values"]
+    assert (plain - keyed).abs().mean() > 0.1
+
+
+def test_recover_images01_undoes_the_key_and_normalization(key, images):
+    processor = KeyedImageProcessor(vit_processor(), key)
+    recovered = processor.recover_images01(processor(images, return_tensors="pt")["pixel_values"])
+    torch.testing.assert_close(recovered, processor.images01(images), atol=1e-5, rtol=0)
+
+
+def test_saved_config_has_base_settings_and_protection_but_no_key(key, tmp_path):
+    KeyedImageProcessor(vit_processor(), key).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert config["image_processor_type"] == "KeyedImageProcessor"
+    assert config["base_image_processor_type"] == "ViTImageProcessor"
+    assert config["size"] == {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    assert config["kp_protection"]["fingerprint"] == key.fingerprint
+    assert config["kp_protection"]["block_size"] == BLOCK_SIZE
+    assert config["kp_protection"]["scheme"] == list(key.scheme)
+    assert find_key_material(tmp_path, key) == []
+
+
+def test_auto_image_processor_restores_it_with_the_key(key, images, tmp_path):
+    processor = KeyedImageProcessor(vit_processor(), key)
+    processor.save_pretrained(tmp_path)
+    loaded = AutoImageProcessor.from_pretrained(tmp_path, key=key)
+    assert isinstance(loaded, KeyedImageProcessor)
+    torch.testing.assert_close(loaded(images, return_tensors="pt")["pixel_values"],
+                               processor(images, return_tensors="pt")["pixel_values"])
+
+
+def test_loading_without_a_key_says_how_to_pass_one(key, tmp_path):
+    KeyedImageProcessor(vit_processor(), key).save_pretrained(tmp_path)
+    with pytest.raises(KeyRequiredError, match=r"key=SecretKey\.load"):
+        AutoImageProcessor.from_pretrained(tmp_path)
+    with pytest.raises(KeyRequiredError):
+        KeyedImageProcessor.from_pretrained(tmp_path)
+
+
+def test_loading_with_another_key_is_rejected(key, tmp_path):
+    KeyedImageProcessor(vit_processor(), key).save_pretrained(tmp_path)
+    wrong = SecretKey.generate_like(key)
+    with pytest.raises(KeyMismatchError, match="allow_wrong_key"):
+        KeyedImageProcessor.from_pretrained(tmp_path, key=wrong)
+    assert KeyedImageProcessor.from_pretrained(tmp_path, key=wrong, allow_wrong_key=True).fingerprint == wrong.fingerprint
+
+
+def test_a_plain_processor_directory_can_be_keyed_on_load(key, tmp_path):
+    vit_processor().save_pretrained(tmp_path)
+    loaded = KeyedImageProcessor.from_pretrained(tmp_path, key=key)
+    assert isinstance(loaded.image_processor, ViTImageProcessor)
+    assert loaded.fingerprint == key.fingerprint
+
+
+def test_saving_next_to_a_key_file_is_refused(key, tmp_path):
+    key.save(tmp_path / "owner.key")
+    with pytest.raises(KeyLeakError, match="owner.key"):
+        KeyedImageProcessor(vit_processor(), key).save_pretrained(tmp_path)
+
+
+def test_output_size_not_a_multiple_of_the_block_size_is_rejected(key):
+    with pytest.raises(BlockSizeError, match=r"size=\{'height': 20, 'width': 20\}"):
+        KeyedImageProcessor(ViTImageProcessor(size={"height": 18, "width": 18}), key)
+
+
+def test_convnext_processor_is_wrapped_with_its_own_resize(key, images):
+    base = ConvNextImageProcessor(size={"shortest_edge": IMAGE_SIZE})
+    pixels = KeyedImageProcessor(base, key)(images, return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (6, 3, IMAGE_SIZE, IMAGE_SIZE)
+
+
+def test_numpy_and_pil_inputs_give_the_same_output(key):
+    array = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    processor = KeyedImageProcessor(vit_processor(), key)
+    from_pil = processor(Image.fromarray(array), return_tensors="pt")["pixel_values"]
+    from_numpy = processor(array, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(from_pil, from_numpy)
+
+
+def test_settings_of_the_base_are_readable(key):
+    processor = KeyedImageProcessor(vit_processor(), key)
+    assert processor.size["height"] == IMAGE_SIZE
+    assert processor.image_mean == [0.5, 0.5, 0.5]
+    assert key.fingerprint in repr(processor)

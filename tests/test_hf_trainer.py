@@ -1,0 +1,189 @@
+"""The real Trainer and pipeline with the keyed processor, the callback and
+the protection objective (tiny ViT, real digits)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments, pipeline
+
+from hf_fixtures import BLOCK_SIZE, digits_dataset, tiny_vit, vit_processor
+from kp_plugin import ConfigurationError, KeyMismatchError, ProtectionConfig, SecretKey, load_protected
+from kp_plugin.checkpoint import find_key_material
+from kp_plugin.objectives import ProtectionObjective
+from kp_plugin.hf import (
+    PROTECTION_METRICS,
+    KeyedExampleTransform,
+    KeyedImageCollator,
+    KeyedImageProcessor,
+    KeyedTrainer,
+    KeyProtectionCallback,
+    ProtectionMarginWarning,
+    wrap_hf_model,
+)
+
+
+def _args(output_dir, **overrides):
+    settings = dict(per_device_train_batch_size=32, per_device_eval_batch_size=128, learning_rate=3e-3,
+                    warmup_steps=20, report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=1000,
+                    save_strategy="no", eval_strategy="no", seed=0)
+    settings.update(overrides)
+    return TrainingArguments(str(output_dir), **settings)
+
+
+@pytest.fixture(scope="module")
+def key():
+    return SecretKey.generate(block_size=BLOCK_SIZE)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return digits_dataset("train"), digits_dataset("test")
+
+
+@pytest.fixture(scope="module")
+def trained(key, data, tmp_path_factory):
+    """Processor style: a plain ViT fine-tuned on keyed digits with the callback."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("trained")
+    train, test = data
+    processor = KeyedImageProcessor(vit_processor(), key)
+    callback = KeyProtectionCallback(key, wrong_keys=4, min_margin=0.0)
+    trainer = KeyedTrainer(
+        model=tiny_vit(), args=_args(out, num_train_epochs=8, eval_strategy="steps", eval_steps=176,
+                                     save_strategy="steps", save_steps=176, save_total_limit=1),
+        train_dataset=train, eval_dataset=test, data_collator=KeyedImageCollator(processor),
+        processing_class=processor, callbacks=[callback],
+    )
+    trainer.train()
+    return trainer, processor, out
+
+
+def _pipeline_accuracy(model, processor, dataset) -> float:
+    classify = pipeline("image-classification", model=model, image_processor=processor, device="cpu")
+    predictions = classify(list(dataset["image"]), top_k=1, batch_size=64)
+    return sum(int(p[0]["label"]) == y for p, y in zip(predictions, dataset["label"])) / len(dataset)
+
+
+def test_right_key_gives_the_trained_accuracy_and_a_wrong_key_near_chance(trained, key, data):
+    trainer, processor, _ = trained
+    test = data[1]
+    model = trainer.model.eval()
+    right = _pipeline_accuracy(model, processor, test)
+    wrong = _pipeline_accuracy(model, KeyedImageProcessor(vit_processor(), SecretKey.generate_like(key)), test)
+    print(f"pipeline accuracy: right key {right:.3f}, wrong key {wrong:.3f} (chance 0.100)")
+    assert right >= 0.7
+    assert wrong <= 0.25
+
+
+def test_callback_metrics_reach_the_log_history(trained):
+    trainer = trained[0]
+    logged = [entry for entry in trainer.state.log_history if "eval_key_accuracy" in entry]
+    assert [entry["step"] for entry in logged] == [176, 352]
+    assert set(PROTECTION_METRICS) <= set(logged[-1])
+    last = logged[-1]
+    assert last["eval_protection_margin"] == pytest.approx(last["eval_key_accuracy"] - last["eval_wrong_key_accuracy_max"])
+    assert last["eval_key_accuracy"] >= 0.7 and last["eval_wrong_key_accuracy_max"] <= 0.25
+
+
+def test_checkpoints_have_protection_json_and_no_key(trained, key):
+    out = trained[2]
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert checkpoints
+    for checkpoint in checkpoints:
+        assert ProtectionConfig.load(checkpoint).fingerprint == key.fingerprint
+        assert find_key_material(checkpoint, key) == []
+
+
+def test_callback_refuses_a_model_keyed_with_another_key(key, data, tmp_path):
+    train = data[0].select(range(64))
+    processor = KeyedImageProcessor(vit_processor(), key)
+    model = wrap_hf_model(tiny_vit(), SecretKey.generate_like(key), image_processor=vit_processor())
+    trainer = KeyedTrainer(model=model, args=_args(tmp_path, max_steps=1), train_dataset=train,
+                           data_collator=KeyedImageCollator(processor, output="images01"),
+                           callbacks=[KeyProtectionCallback(key)])
+    with pytest.raises(KeyMismatchError):
+        trainer.train()
+
+
+def test_callback_refuses_an_unkeyed_data_path(key, data, tmp_path):
+    train = data[0].select(range(64))
+    processor = KeyedImageProcessor(vit_processor(), key)
+    trainer = KeyedTrainer(model=tiny_vit(), args=_args(tmp_path, max_steps=1), train_dataset=train,
+                           data_collator=KeyedImageCollator(processor, output="images01"),
+                           callbacks=[KeyProtectionCallback(key)])
+    with pytest.raises(ConfigurationError, match="nothing applies the key"):
+        trainer.train()
+
+
+def test_callback_refuses_a_key_applied_twice(key, data, tmp_path):
+    train = data[0].select(range(64))
+    processor = KeyedImageProcessor(vit_processor(), key)
+    model = wrap_hf_model(tiny_vit(), key, image_processor=processor)
+    trainer = KeyedTrainer(model=model, args=_args(tmp_path, max_steps=1), train_dataset=train,
+                           data_collator=KeyedImageCollator(processor), callbacks=[KeyProtectionCallback(key)])
+    with pytest.raises(ConfigurationError, match="both apply the key"):
+        trainer.train()
+
+
+def test_plain_trainer_column_removal_is_a_clear_error(key, data, tmp_path):
+    train = data[0].select(range(64))
+    processor = KeyedImageProcessor(vit_processor(), key)
+    trainer = Trainer(model=tiny_vit(), args=_args(tmp_path, max_steps=1), train_dataset=train,
+                      data_collator=KeyedImageCollator(processor))
+    with pytest.raises(ConfigurationError, match="remove_unused_columns"):
+        trainer.train()
+
+
+def test_model_style_with_transform_and_objective_trains_and_saves_protected_checkpoints(key, data, tmp_path):
+    train = data[0].select(range(64)).with_transform(
+        KeyedExampleTransform(KeyedImageProcessor(vit_processor(), key), output="images01"))
+    processor = KeyedImageProcessor(vit_processor(), key)
+    model = wrap_hf_model(tiny_vit(), key, image_processor=processor)
+    trainer = KeyedTrainer(model=model, args=_args(tmp_path, max_steps=2, logging_steps=1, save_strategy="steps",
+                                                   save_steps=2),
+                           train_dataset=train, objective=ProtectionObjective(wrong_key_weight=0.5),
+                           callbacks=[KeyProtectionCallback(key)])
+    trainer.train()
+    assert any("objective_wrong" in entry for entry in trainer.state.log_history)
+    checkpoint = tmp_path / "checkpoint-2"
+    assert find_key_material(checkpoint, key) == []
+    loaded = load_protected(checkpoint, tiny_vit(seed=3), key)
+    torch.testing.assert_close(loaded.unwrap().classifier.weight, model.unwrap().classifier.weight)
+
+
+def test_processor_style_objective_uses_the_recovered_images(key, data, tmp_path):
+    train = data[0].select(range(64))
+    processor = KeyedImageProcessor(vit_processor(), key)
+    trainer = KeyedTrainer(model=tiny_vit(), args=_args(tmp_path, max_steps=1, logging_steps=1),
+                           train_dataset=train, data_collator=KeyedImageCollator(processor),
+                           objective=ProtectionObjective(wrong_key_weight=0.5))
+    trainer.train()
+    assert any("objective_wrong" in entry for entry in trainer.state.log_history)
+
+
+def test_small_margin_warns_and_can_stop_training(key, data, tmp_path):
+    train, test = data[0].select(range(64)), data[1].select(range(64))
+    processor = KeyedImageProcessor(vit_processor(), key)
+    trainer = KeyedTrainer(model=tiny_vit(), args=_args(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=1),
+                           train_dataset=train, eval_dataset=test, data_collator=KeyedImageCollator(processor),
+                           callbacks=[KeyProtectionCallback(key, wrong_keys=2, min_margin=0.9,
+                                                            stop_on_small_margin=True)])
+    with pytest.warns(ProtectionMarginWarning, match="below min_margin=0.9"):
+        trainer.train()
+    assert trainer.state.global_step == 1
+
+
+def test_unbound_callback_on_a_plain_trainer_writes_the_eval_entry(key, data, tmp_path):
+    train, test = data[0].select(range(32)), data[1].select(range(64))
+    processor = KeyedImageProcessor(vit_processor(), key)
+    trainer = Trainer(model=tiny_vit(), args=_args(tmp_path, max_steps=1, remove_unused_columns=False),
+                      train_dataset=train, eval_dataset=test, data_collator=KeyedImageCollator(processor),
+                      callbacks=[KeyProtectionCallback(key, wrong_keys=2, min_margin=0.0)])
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert "eval_protection_margin" in metrics
+    assert "eval_key_accuracy" in trainer.state.log_history[-1]
+    assert "eval_loss" in trainer.state.log_history[-1]
