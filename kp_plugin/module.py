@@ -149,7 +149,7 @@ class KeyedInput(nn.Module):
         if self.check_range and x.is_floating_point() and not torch.compiler.is_compiling():
             check_float_range(x)
 
-        flat = x.reshape(x.shape[0], -1)
+        flat = x.flatten(1)
         gathered = torch.gather(flat, 1, self.source_index.expand(flat.shape[0], -1))
         if self._quantizes:
             q = gathered.long() if gathered.dtype == torch.uint8 else quantize(gathered)

@@ -197,7 +197,7 @@ class TransformPlan:
         images; float in [0, 1] stays float, uint8 stays uint8."""
         batch, single = self._check(x, check_range)
         t = self._on(batch.device)
-        flat = batch.reshape(batch.shape[0], -1)
+        flat = batch.flatten(1)
         out = torch.gather(flat, 1, t["src"].expand(flat.shape[0], -1))
         if self.value_table is not None:
             out = _lookup(out, t["offsets"], t["table"])
@@ -212,7 +212,7 @@ class TransformPlan:
         precision, or to the 8-bit quantization when the scheme quantizes)."""
         batch, single = self._check(y, check_range=False)
         t = self._on(batch.device)
-        flat = batch.reshape(batch.shape[0], -1)
+        flat = batch.flatten(1)
         if self.value_table is not None:
             flat = _lookup(flat, t["offsets"], t["inv_table"])
         elif self.flip is not None:

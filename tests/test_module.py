@@ -1,0 +1,332 @@
+"""KeyedInput / ProtectedModel / wrap_model: the keyed transform in front of a
+real model, with nothing derived from the key in its state."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+
+import pytest
+import torch
+
+from kp_plugin import (
+    BlockSizeError,
+    ConfigurationError,
+    InputDtypeError,
+    InputRangeError,
+    KeyedInput,
+    ProtectedModel,
+    SecretKey,
+    unwrap,
+    wrap_model,
+)
+from kp_plugin.transforms import apply_transform
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    return (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+
+
+@pytest.fixture(params=["shuffle+np", "shuffle+np+shift+ffx+scramble"])
+def any_key(request) -> SecretKey:
+    return SecretKey(bytes(range(7, 39)), block_size=4, scheme=request.param)
+
+
+# ----------------------------------------------------------------------------
+# KeyedInput computes normalize(T_key(x))
+# ----------------------------------------------------------------------------
+
+
+def test_keyed_input_is_transform_then_normalize(any_key):
+    images = torch.rand(4, 3, 16, 8)
+    keyed = KeyedInput(any_key, mean=MEAN, std=STD)
+    torch.testing.assert_close(keyed(images), _normalize(apply_transform(images, any_key)))
+
+
+def test_keyed_input_takes_uint8_images(any_key):
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    keyed = KeyedInput(any_key, mean=MEAN, std=STD)
+    out = keyed(images)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, keyed(images.float() / 255))
+
+
+def test_keyed_input_takes_a_single_image(any_key):
+    images = torch.rand(2, 3, 8, 8)
+    keyed = KeyedInput(any_key, mean=MEAN, std=STD)
+    torch.testing.assert_close(keyed(images[1]), keyed(images)[1])
+
+
+def test_keyed_input_recompiles_for_a_new_size(any_key):
+    keyed = KeyedInput(any_key, mean=MEAN, std=STD, input_size=(3, 8, 8))
+    images = torch.rand(1, 3, 12, 4)
+    torch.testing.assert_close(keyed(images), _normalize(apply_transform(images, any_key)))
+
+
+def test_keyed_input_passes_gradients_to_images():
+    key = SecretKey(bytes(range(32)), block_size=4, scheme="shuffle+np")
+    images = torch.rand(1, 3, 8, 8, requires_grad=True)
+    KeyedInput(key, mean=0.5, std=0.5)(images).sum().backward()
+    flips = sum(key.np_mask())
+    assert images.grad.sum().item() == pytest.approx(4 * (48 - 2 * flips) / 0.5)
+
+
+def test_keyed_input_rejects_normalized_images(any_key):
+    keyed = KeyedInput(any_key, mean=MEAN, std=STD)
+    with pytest.raises(InputRangeError):
+        keyed(_normalize(torch.rand(1, 3, 8, 8)))
+    KeyedInput(any_key, mean=MEAN, std=STD, check_range=False)(_normalize(torch.rand(1, 3, 8, 8)))
+
+
+def test_keyed_input_rejects_bad_input(any_key):
+    keyed = KeyedInput(any_key, mean=MEAN, std=STD)
+    with pytest.raises(InputDtypeError):
+        keyed(torch.zeros(1, 3, 8, 8, dtype=torch.int32))
+    with pytest.raises(BlockSizeError, match="9x8"):
+        keyed(torch.rand(1, 3, 9, 8))
+    with pytest.raises(BlockSizeError, match="channels"):
+        keyed(torch.rand(1, 1, 8, 8))
+
+
+def test_keyed_input_takes_an_empty_batch(any_key):
+    assert KeyedInput(any_key, mean=MEAN, std=STD)(torch.rand(0, 3, 8, 8)).shape == (0, 3, 8, 8)
+
+
+def test_keyed_input_rejects_mean_of_the_wrong_length(any_key):
+    with pytest.raises(ConfigurationError, match="2 values"):
+        KeyedInput(any_key, mean=(0.5, 0.5), std=STD)
+    with pytest.raises(ConfigurationError, match="positive"):
+        KeyedInput(any_key, mean=MEAN, std=(0.2, 0.0, 0.2))
+
+
+# ----------------------------------------------------------------------------
+# Nothing derived from the key is in the state
+# ----------------------------------------------------------------------------
+
+
+def _serialized(module: torch.nn.Module) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    return buffer.getvalue()
+
+
+def test_state_dict_holds_only_the_base_weights(tiny_cnn, any_key):
+    expected = {f"model.{name}" for name in tiny_cnn.state_dict()}
+    model = wrap_model(tiny_cnn, any_key, mean=MEAN, std=STD, input_size=(3, 8, 8))
+    assert set(model.state_dict()) == expected
+    assert model.keyed.state_dict() == {}
+    assert {name for name, _ in model.keyed.named_buffers()} >= {"source_index"}
+
+
+def test_state_dict_bytes_contain_no_key_derived_tensor(tiny_cnn, any_key):
+    model = wrap_model(tiny_cnn, any_key, mean=MEAN, std=STD, input_size=(3, 8, 8))
+    data = _serialized(model)
+    for name, buffer in model.keyed.named_buffers():
+        assert buffer.numpy().tobytes()[:256] not in data, name
+    for form in any_key.secret_forms():
+        assert form not in data
+
+
+def test_torch_save_of_the_whole_model_is_refused(tiny_cnn, any_key):
+    model = wrap_model(tiny_cnn, any_key, mean=MEAN, std=STD)
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        torch.save(model, io.BytesIO())
+
+
+def test_buffers_follow_to(tiny_cnn, any_key):
+    model = wrap_model(tiny_cnn, any_key, mean=MEAN, std=STD, input_size=(3, 8, 8)).double()
+    floating = [b for b in model.keyed.buffers() if b.is_floating_point()]
+    assert floating and all(b.dtype == torch.float64 for b in floating)
+    images = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    assert model(images).dtype == torch.float64
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_buffers_follow_to_cuda(tiny_cnn, any_key):
+    model = wrap_model(tiny_cnn, any_key, mean=MEAN, std=STD, input_size=(3, 8, 8)).cuda()
+    assert all(b.is_cuda for b in model.keyed.buffers())
+    images = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(model(images.cuda()).cpu(), model.cpu()(images), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_model_gets_half_input(tiny_cnn, any_key, dtype):
+    images = torch.rand(2, 3, 8, 8)
+    model = wrap_model(tiny_cnn, any_key, mean=MEAN, std=STD).eval()
+    reference = model(images)
+    model.to(dtype)
+    for batch in (images, images.to(dtype)):
+        out = model(batch)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.05)
+
+
+# ----------------------------------------------------------------------------
+# ProtectedModel and wrap_model
+# ----------------------------------------------------------------------------
+
+
+def test_protected_model_is_model_after_keyed_input(tiny_cnn, any_key):
+    model = wrap_model(tiny_cnn, any_key, mean=MEAN, std=STD).eval()
+    images = torch.rand(3, 3, 8, 8)
+    torch.testing.assert_close(model(images), tiny_cnn(_normalize(apply_transform(images, any_key))))
+
+
+def test_another_key_gives_other_outputs(tiny_cnn, any_key):
+    images = torch.rand(3, 3, 8, 8)
+    mine = wrap_model(tiny_cnn, any_key, mean=MEAN, std=STD).eval()(images)
+    theirs = wrap_model(tiny_cnn, SecretKey.generate_like(any_key), mean=MEAN, std=STD).eval()(images)
+    assert not torch.allclose(mine, theirs)
+
+
+def test_pixel_values_keyword_is_transformed(tiny_cnn, any_key):
+    class KeywordModel(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, pixel_values, scale=1.0):
+            return self.inner(pixel_values) * scale
+
+    model = wrap_model(KeywordModel(tiny_cnn), any_key, mean=MEAN, std=STD).eval()
+    images = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(model(pixel_values=images, scale=2.0), 2 * model(images))
+
+
+def test_attribute_access_falls_through_to_the_base(tiny_timm_model, any_key):
+    model = wrap_model(tiny_timm_model, any_key)
+    assert model.num_classes == 3
+    assert model.get_classifier() is tiny_timm_model.get_classifier()
+    assert model.pretrained_cfg is tiny_timm_model.pretrained_cfg
+    with pytest.raises(AttributeError):
+        model.no_such_attribute
+
+
+def test_unwrap_returns_the_base(tiny_cnn, any_key):
+    model = wrap_model(tiny_cnn, any_key, mean=MEAN, std=STD)
+    assert model.unwrap() is tiny_cnn and unwrap(model) is tiny_cnn and unwrap(tiny_cnn) is tiny_cnn
+    assert model.key is any_key
+
+
+def test_wrapping_twice_is_refused(tiny_cnn, any_key):
+    model = wrap_model(tiny_cnn, any_key, mean=MEAN, std=STD)
+    with pytest.raises(ConfigurationError, match="already protected"):
+        wrap_model(model, any_key, mean=MEAN, std=STD)
+
+
+def test_mean_std_and_size_come_from_timm_pretrained_cfg(any_key):
+    timm = pytest.importorskip("timm")
+    base = timm.create_model("resnet18", num_classes=3)
+    model = wrap_model(base, any_key)
+    assert model.keyed.mean == pytest.approx(base.pretrained_cfg["mean"])
+    assert model.keyed.std == pytest.approx(base.pretrained_cfg["std"])
+    assert model.keyed.input_size == (3, 224, 224)
+
+
+def test_explicit_mean_std_override_pretrained_cfg(tiny_timm_model, any_key):
+    model = wrap_model(tiny_timm_model, any_key, mean=MEAN, std=STD)
+    assert model.keyed.mean == pytest.approx(MEAN)
+
+
+def test_mean_std_are_required_without_a_config(tiny_cnn, any_key):
+    with pytest.raises(ConfigurationError, match="mean=") as info:
+        wrap_model(tiny_cnn, any_key)
+    assert "Sequential" in str(info.value)
+
+
+def test_native_size_that_does_not_fit_the_block_size_is_not_compiled(tiny_timm_model):
+    key = SecretKey(bytes(range(32)), block_size=7)  # test_resnet's native size is 160
+    model = wrap_model(tiny_timm_model, key)
+    assert model.keyed.input_size is None
+    with pytest.raises(BlockSizeError, match="160x160"):
+        model(torch.rand(1, 3, 160, 160))
+    assert model(torch.rand(1, 3, 161, 161)).shape == (1, 3)
+
+
+def test_explicit_size_that_does_not_fit_is_an_error(tiny_cnn, any_key):
+    with pytest.raises(BlockSizeError):
+        wrap_model(tiny_cnn, any_key, mean=MEAN, std=STD, input_size=(3, 10, 8))
+
+
+def test_channel_count_must_match_the_key(tiny_cnn):
+    key = SecretKey(bytes(range(32)), block_size=4, channels=1)
+    with pytest.raises(ConfigurationError, match="channels"):
+        wrap_model(tiny_cnn, key, mean=MEAN, std=STD, input_size=(3, 8, 8))
+
+
+# ----------------------------------------------------------------------------
+# torch.compile and DDP
+# ----------------------------------------------------------------------------
+
+
+def test_torch_compile_traces_the_keyed_input(tiny_cnn, any_key):
+    model = wrap_model(tiny_cnn, any_key, mean=MEAN, std=STD, input_size=(3, 8, 8)).eval()
+    images = torch.rand(2, 3, 8, 8)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(images), model(images))
+
+
+@pytest.mark.slow
+def test_torch_compile_with_inductor(tiny_cnn, any_key):
+    model = wrap_model(tiny_cnn, any_key, mean=MEAN, std=STD, input_size=(3, 8, 8)).eval()
+    images = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(torch.compile(model)(images), model(images), rtol=1e-4, atol=1e-4)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ddp_trains_the_protected_model(tiny_cnn, any_key):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        model = wrap_model(tiny_cnn, any_key, mean=MEAN, std=STD, input_size=(3, 8, 8))
+        ddp = DistributedDataParallel(model)
+        images, labels = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+        torch.testing.assert_close(ddp(images), model(images))
+        before = [p.detach().clone() for p in tiny_cnn.parameters()]
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        torch.nn.functional.cross_entropy(ddp(images), labels).backward()
+        optimizer.step()
+        assert any(not torch.equal(a, b) for a, b in zip(before, tiny_cnn.parameters()))
+        assert set(ddp.module.state_dict()) == {f"model.{n}" for n in tiny_cnn.state_dict()}
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_worker(rank: int, port: int, results) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(rank)  # different initial weights: DDP must sync them
+        base = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+        base(torch.zeros(1, 3, 8, 8))
+        key = SecretKey(bytes(range(32)), block_size=4, scheme="shuffle+np")
+        ddp = DistributedDataParallel(wrap_model(base, key, mean=0.5, std=0.5, input_size=(3, 8, 8)))
+        torch.manual_seed(100 + rank)
+        loss = ddp(torch.rand(2, 3, 8, 8)).square().mean()
+        loss.backward()
+        torch.optim.SGD(ddp.parameters(), lr=0.1).step()
+        results[rank] = torch.cat([p.detach().flatten() for p in base.parameters()])
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_stay_in_sync():
+    import torch.multiprocessing as mp
+
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_ddp_worker, args=(_free_port(), results), nprocs=2)
+    assert torch.equal(results[0], results[1])
