@@ -1,0 +1,60 @@
+"""One rank of the two-process Trainer test (run under torchrun).
+
+Every rank reads the same key file, builds the keyed processor, writes a
+hash of its compiled transform, then runs a few Trainer steps (gloo on CPU)
+with the callback. Usage:
+    torchrun --nproc_per_node 2 tests/hf_ddp_worker.py KEY_FILE OUT_DIR
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+from transformers import TrainingArguments  # noqa: E402
+
+from hf_fixtures import IMAGE_SIZE, digits_dataset, tiny_vit, vit_processor  # noqa: E402
+from kp_plugin import SecretKey, compile_plan  # noqa: E402
+from kp_plugin.hf import KeyedImageCollator, KeyedImageProcessor, KeyedTrainer, KeyProtectionCallback  # noqa: E402
+
+
+def main(key_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    key = SecretKey.load(key_file)
+    processor = KeyedImageProcessor(vit_processor(), key)
+    plan = compile_plan(key, 3, IMAGE_SIZE, IMAGE_SIZE)
+    digest = hashlib.sha256(plan.source_index.numpy().tobytes())
+    if plan.flip is not None:
+        digest.update(plan.flip.numpy().tobytes())
+    args = TrainingArguments(
+        str(Path(out_dir) / "run"), max_steps=3, per_device_train_batch_size=16, per_device_eval_batch_size=32,
+        learning_rate=1e-3, use_cpu=True, ddp_backend="gloo", report_to=[], disable_tqdm=True,
+        save_strategy="no", eval_strategy="no", logging_steps=1, seed=0,
+    )
+    trainer = KeyedTrainer(
+        model=tiny_vit(), args=args, train_dataset=digits_dataset("train", size=96),
+        eval_dataset=digits_dataset("test", size=64), data_collator=KeyedImageCollator(processor),
+        callbacks=[KeyProtectionCallback(key, wrong_keys=2, min_margin=0.0)],
+    )
+    trainer.train()
+    metrics = trainer.evaluate()
+    report = {
+        "rank": rank,
+        "world_size": trainer.args.world_size,
+        "transform_sha256": digest.hexdigest(),
+        "global_step": trainer.state.global_step,
+        "eval_key_accuracy": metrics["eval_key_accuracy"],
+        "classifier_sum": float(trainer.model.classifier.weight.detach().sum()),
+    }
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
