@@ -41,6 +41,8 @@ __all__ = [
     "wrong_key_accuracies",
     "wrong_keys",
     "write_report",
+    "report_markdown",
+    "format_summary",
     "REPORT_FILE",
 ]
 
@@ -444,3 +446,24 @@ def write_report(
     (directory / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
     (directory / REPORT_MARKDOWN).write_text(report_markdown(report, figures=drawn))
     return directory
+
+
+def format_summary(report: ProtectionReport) -> str:
+    """The report's headline numbers as a plain-text table for a terminal.
+
+    Example:
+        >>> print(format_summary(report))   # doctest: +SKIP
+    """
+    rows = [
+        ("unprotected model (same recipe)", _pct(report.unprotected_accuracy)),
+        ("protected, with the key", _pct(report.key_accuracy)),
+        (f"wrong keys, mean of {report.num_wrong_keys}", _pct(report.wrong_key_accuracy_mean)),
+        (f"wrong keys, best of {report.num_wrong_keys}", _pct(report.wrong_key_accuracy_max)),
+        ("plain images (no key)", _pct(report.plain_accuracy)),
+        ("chance", _pct(report.chance)),
+    ]
+    width = max(len(name) for name, _ in rows)
+    title = f"{report.dataset}: {report.num_examples} images, scheme {report.scheme}, block size {report.block_size}"
+    lines = [title, "-" * max(len(title), width + 10)]
+    lines += [f"{name.ljust(width)}  {value.rjust(6)}" for name, value in rows]
+    return "\n".join(lines)

@@ -40,7 +40,7 @@ def plot_wrong_key_histogram(report, path: Union[str, os.PathLike]) -> None:
     try:
         values = [100 * v for v in report.wrong_key_accuracies]
         if values:
-            ax.hist(values, bins=min(30, max(5, len(values) // 3)), range=(0, 100), color="#8c8c8c",
+            ax.hist(values, bins=50, range=(0, 100), color="#8c8c8c",
                     edgecolor="white", label=f"{len(values)} wrong keys")
         ax.axvline(100 * report.key_accuracy, color="#1a7f37", lw=2, label="correct key")
         ax.axvline(100 * report.plain_accuracy, color="#cf222e", lw=1.5, ls="--", label="plain images")
@@ -51,7 +51,7 @@ def plot_wrong_key_histogram(report, path: Union[str, os.PathLike]) -> None:
         ax.set_xlabel("test accuracy (%)")
         ax.set_ylabel("wrong keys")
         ax.set_title(f"{report.dataset}: {report.scheme}, M={report.block_size}")
-        ax.legend(fontsize=8, loc="upper center")
+        ax.legend(fontsize=8, loc="best")
         fig.tight_layout()
         fig.savefig(path)
     finally:

@@ -35,6 +35,7 @@ from .transforms import check_image_size, nearest_valid_size
 
 __all__ = [
     "create_protected_model",
+    "create_base_model",
     "load_protected_timm",
     "resolve_data_config",
     "create_transform",
@@ -95,6 +96,27 @@ def _create_base(name: str, *, pretrained: bool, weights: str, num_classes: Opti
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     return timm.create_model(name, pretrained=pretrained, checkpoint_path=checkpoint_path or "", **kwargs)
+
+
+def create_base_model(
+    name: str,
+    *,
+    pretrained: bool = False,
+    checkpoint_path: Optional[str] = None,
+    num_classes: Optional[int] = None,
+    weights: str = "auto",
+    **timm_kwargs: Any,
+) -> nn.Module:
+    """The unprotected timm model that :func:`create_protected_model` wraps
+    (same weights source), e.g. for an unprotected baseline.
+
+    Args: as in :func:`create_protected_model`.
+
+    Example:
+        >>> base = create_base_model("tf_efficientnet_lite0", pretrained=True, num_classes=10)  # doctest: +SKIP
+    """
+    return _create_base(name, pretrained=pretrained, weights=weights, num_classes=num_classes,
+                        checkpoint_path=checkpoint_path, timm_kwargs=timm_kwargs)
 
 
 def create_protected_model(

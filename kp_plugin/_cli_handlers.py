@@ -1,0 +1,229 @@
+"""What ``kp protect``, ``kp evaluate`` and ``kp show`` do (the parsers are
+in :mod:`kp_plugin.cli`). Kept apart so ``kp --help`` and ``kp keygen`` do
+not import timm, the datasets or the training loop.
+
+A ``kp protect`` output directory holds:
+
+- ``model.safetensors``, ``config.json``, ``protection.json``: the protected
+  checkpoint (publishable; never the key);
+- ``training.json``: recipe, per-epoch history, and the unprotected
+  baseline's accuracy when ``--baseline`` was given;
+- ``training/``: the per-epoch checkpoint and optimizer state for
+  ``--resume`` (not needed to use the model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .checkpoint import PROTECTION_FILE, ProtectionConfig, save_protected
+from .errors import CheckpointError, ConfigurationError, KeyMismatchError
+from .keys import SecretKey
+from .transforms import check_image_size, nearest_valid_size
+
+TRAINING_FILE = "training.json"
+RESUME_DIR = "training"
+REPORT_DIR = "report"
+
+
+def _runtime(args: argparse.Namespace) -> torch.device:
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    if args.device:
+        return torch.device(args.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _say(args: argparse.Namespace, message: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(message, file=sys.stderr)
+
+
+def _check_size_for_key(size: int, key: SecretKey) -> None:
+    if size % key.block_size:
+        fix = nearest_valid_size(size, key.block_size)
+        raise ConfigurationError(
+            f"images are {size}x{size} but the key's block size is {key.block_size}; "
+            f"pass --image-size {fix} (a multiple of {key.block_size})"
+        )
+
+
+def _objective(weight: Optional[float]):
+    from .objectives import ProtectionObjective
+
+    return None if weight is None else ProtectionObjective(wrong_key_weight=weight)
+
+
+def protect(args: argparse.Namespace) -> int:
+    """``kp protect``: fine-tune a keyed model (and optionally the
+    unprotected baseline), save the protected checkpoint and the history."""
+    from .data import load_dataset
+    from .timm import create_base_model, create_protected_model
+    from .train import TRAINING_STATE_FILE, TrainConfig, evaluate_accuracy, fit, plain_model
+
+    device = _runtime(args)
+    key = SecretKey.load(args.key)
+    out = Path(args.output)
+    resume_dir = out / RESUME_DIR
+    if args.resume and not (resume_dir / TRAINING_STATE_FILE).is_file():
+        raise CheckpointError(f"cannot resume: {resume_dir / TRAINING_STATE_FILE} is missing (start without --resume)")
+    if not args.resume and (out / PROTECTION_FILE).exists():
+        raise ConfigurationError(
+            f"{out} already holds a protected model; pass --resume to continue it, or choose another -o"
+        )
+    if args.image_size is not None:
+        _check_size_for_key(args.image_size, key)
+    train_set = load_dataset(args.data, split="train", image_size=args.image_size)
+    test_set = load_dataset(args.data, split="test", image_size=train_set.image_size)
+    size = int(train_set.image_size)
+    _check_size_for_key(size, key)
+    num_classes = len(train_set.classes)
+
+    overrides = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
+    config = TrainConfig(epochs=args.epochs, seed=args.seed, objective=_objective(args.wrong_key_weight), **overrides)
+    record = {}
+    if args.resume and (out / TRAINING_FILE).is_file():
+        record = json.loads((out / TRAINING_FILE).read_text())
+    record.update({
+        "model": args.model,
+        "dataset": args.data,
+        "image_size": size,
+        "num_classes": num_classes,
+        "classes": list(train_set.classes),
+        "pretrained": not args.no_pretrained,
+        "scheme": key.scheme_name,
+        "block_size": key.block_size,
+        "fingerprint": key.fingerprint,
+        "config": config.to_dict(),
+    })
+
+    torch.manual_seed(args.seed)
+    model = create_protected_model(args.model, key, pretrained=not args.no_pretrained,
+                                   num_classes=num_classes, input_size=size)
+    _say(args, f"fine-tuning {args.model} on {args.data} ({len(train_set)} images, {size}x{size}) "
+               f"with key {key.fingerprint} ({key.scheme_name}, M={key.block_size}), {config.epochs} epochs")
+    result = fit(model, train_set, config=config, eval_set=test_set, checkpoint_dir=resume_dir,
+                 resume=args.resume, device=device, progress=not args.quiet)
+    key_accuracy = evaluate_accuracy(model, test_set, device=device)
+    record["history"] = result.history
+    record["key_accuracy"] = key_accuracy
+    record["seconds"] = record.get("seconds", 0.0) + result.seconds
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / TRAINING_FILE, record)
+
+    if args.baseline and "unprotected_accuracy" not in record:
+        torch.manual_seed(args.seed)
+        base = create_base_model(args.model, pretrained=not args.no_pretrained, num_classes=num_classes)
+        baseline = plain_model(base, model.keyed.mean, model.keyed.std)
+        _say(args, "fine-tuning the unprotected baseline with the same recipe")
+        baseline_result = fit(baseline, train_set, config=config, device=device, progress=not args.quiet)
+        record["unprotected_accuracy"] = evaluate_accuracy(baseline, test_set, device=device)
+        record["baseline_history"] = baseline_result.history
+        record["baseline_seconds"] = baseline_result.seconds
+        _write_json(out / TRAINING_FILE, record)
+
+    metadata = {
+        "dataset": args.data,
+        "image_size": size,
+        "epochs": config.epochs,
+        "objective": config.resolved_objective.describe(),
+        "key_accuracy": key_accuracy,
+    }
+    if "unprotected_accuracy" in record:
+        metadata["unprotected_accuracy"] = record["unprotected_accuracy"]
+    save_protected(model.cpu(), out, metadata=metadata)
+    line = f"saved the protected model to {out} (test accuracy with the key {100 * key_accuracy:.1f}%"
+    if "unprotected_accuracy" in record:
+        line += f", unprotected baseline {100 * record['unprotected_accuracy']:.1f}%"
+    print(line + ")")
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """``kp evaluate``: the protection report of a ``kp protect`` directory."""
+    from .data import load_dataset
+    from .evaluate import evaluate_protection, format_summary, write_report
+    from .timm import load_protected_timm
+
+    device = _runtime(args)
+    key = SecretKey.load(args.key)
+    checkpoint = Path(args.checkpoint)
+    protection = ProtectionConfig.load(checkpoint)
+    try:
+        protection.check_key(key)
+    except KeyMismatchError:
+        raise KeyMismatchError(
+            f"{args.key} is not the key {checkpoint} was protected with (key fingerprint {key.fingerprint}, "
+            f"checkpoint expects {protection.fingerprint}, {'+'.join(protection.scheme)}, "
+            f"block size {protection.block_size}); pass the owner's key file"
+        ) from None
+    model = load_protected_timm(checkpoint, key).to(device)
+    data = args.data or protection.extra.get("dataset")
+    if not data:
+        raise ConfigurationError(f"{checkpoint} does not record its dataset; pass --data")
+    size = args.image_size or (protection.input_size[1] if protection.input_size else None)
+    if size is not None:
+        _check_size_for_key(size, key)
+    dataset = load_dataset(data, split=args.split, image_size=size)
+    report = evaluate_protection(
+        model, dataset, num_wrong_keys=args.wrong_keys, seed=args.seed, batch_size=args.batch_size,
+        device=device, progress=not args.quiet, dataset_name=f"{data} ({args.split})",
+        unprotected_accuracy=protection.extra.get("unprotected_accuracy"),
+    )
+    out = Path(args.output) if args.output else checkpoint / REPORT_DIR
+    write_report(report, out)
+    print(format_summary(report))
+    print(f"report written to {out}")
+    return 0
+
+
+def show(args: argparse.Namespace) -> int:
+    """``kp show``: an image as the protected model sees it (or decrypted)."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    from .transforms import apply_transform, invert_transform
+
+    key = SecretKey.load(args.key)
+    try:
+        with Image.open(args.image) as img:
+            img = img.convert("L" if key.channels == 1 else "RGB")
+            array = np.asarray(img, dtype=np.uint8)
+    except FileNotFoundError:
+        raise ConfigurationError(f"{args.image} does not exist") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ConfigurationError(f"cannot read {args.image} as an image: {exc}") from None
+    x = torch.from_numpy(array.copy())
+    x = (x[None] if x.dim() == 2 else x.permute(2, 0, 1)).float().div_(255)
+    if key.channels not in (1, 3):
+        raise ConfigurationError(f"kp show handles 1- or 3-channel keys; this key is for {key.channels} channels")
+    h, w = x.shape[1:]
+    if args.image_size is not None:
+        check_image_size(args.image_size, args.image_size, key.block_size)
+        target = (args.image_size, args.image_size)
+    else:
+        target = (nearest_valid_size(h, key.block_size), nearest_valid_size(w, key.block_size))
+    if target != (h, w):
+        print(f"resized {args.image} from {h}x{w} to {target[0]}x{target[1]} (a multiple of the block size "
+              f"{key.block_size})", file=sys.stderr)
+        x = torch.nn.functional.interpolate(x[None], size=target, mode="bicubic", antialias=True,
+                                            align_corners=False)[0].clamp_(0, 1)
+    y = invert_transform(x, key) if args.invert else apply_transform(x, key)
+    out = (y.clamp(0, 1) * 255).round().to(torch.uint8)
+    pixels = out[0].numpy() if key.channels == 1 else out.permute(1, 2, 0).numpy()
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(args.output, format="PNG")
+    print(f"wrote {args.output} ({'decrypted' if args.invert else 'protected'}, {target[0]}x{target[1]})")
+    return 0
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(path)

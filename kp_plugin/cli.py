@@ -1,0 +1,269 @@
+"""The ``kp`` command: keygen, protect, evaluate, show (and, where their
+modules are installed, push / pull / attack).
+
+Every subcommand is ``handler(args) -> int``; handlers raise typed errors and
+:func:`main` maps them to exit codes:
+
+===  ==========================================
+0    success
+1    any other kp-plugin error (bad image size, dataset, ...)
+2    usage error (argparse)
+3    :class:`~kp_plugin.errors.KeyMismatchError` (not the model's key)
+4    :class:`~kp_plugin.errors.KeyFileError` (key file missing, corrupt, exists)
+5    :class:`~kp_plugin.errors.CheckpointError` (checkpoint missing or corrupt)
+===  ==========================================
+
+Other areas add subcommands with a ``register(subparsers)`` function in their
+own module (listed in :data:`EXTENSION_MODULES`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import textwrap
+from typing import Callable, Optional, Sequence
+
+from .errors import CheckpointError, KeyFileError, KeyMismatchError, KPError
+
+__all__ = ["main", "build_parser", "EXIT_CODES", "EXTENSION_MODULES"]
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_KEY_MISMATCH = 3
+EXIT_KEY_FILE = 4
+EXIT_CHECKPOINT = 5
+
+#: Most specific first.
+EXIT_CODES = (
+    (KeyMismatchError, EXIT_KEY_MISMATCH),
+    (KeyFileError, EXIT_KEY_FILE),
+    (CheckpointError, EXIT_CHECKPOINT),
+    (KPError, EXIT_ERROR),
+)
+
+#: Modules that add subcommands through ``register(subparsers)``; a module
+#: that is not there (yet) is skipped.
+EXTENSION_MODULES = ("kp_plugin._cli_hub", "kp_plugin.attacks._cli")
+
+
+def _subcommand(subparsers, name: str, *, help: str, example: str, handler: Callable) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        name,
+        help=help,
+        description=help,
+        epilog="example:\n" + textwrap.indent(textwrap.dedent(example).strip(), "  "),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.set_defaults(func=handler)
+    return parser
+
+
+def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (fewer is faster on a busy machine)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_data_option(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    parser.add_argument(
+        "--data", required=required, default=None,
+        help="'digits' (embedded handwriting), 'photos' (embedded colour photographs), or an "
+             "ImageFolder directory (one sub-folder per class; train/ and test/ splits if present)"
+             + ("" if required else "; default: the dataset the model was trained on"),
+    )
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="image side in pixels (a multiple of the key's block size)")
+
+
+def _register_keygen(subparsers) -> None:
+    from .keys import DEFAULT_BLOCK_SIZE, DEFAULT_SCHEME
+
+    parser = _subcommand(
+        subparsers, "keygen", help="generate a secret key file (256 random bits, owner-only permissions)",
+        example="kp keygen --block-size 8 -o owner.key", handler=_keygen,
+    )
+    parser.add_argument("-o", "--output", required=True, help="key file to write (refuses to overwrite)")
+    parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
+                        help=f"side M of the square blocks (default {DEFAULT_BLOCK_SIZE})")
+    parser.add_argument("--scheme", default="+".join(DEFAULT_SCHEME),
+                        help=f"transform steps, e.g. shuffle+np (default {'+'.join(DEFAULT_SCHEME)}; "
+                             "the paper's recipe is 'shuffle')")
+    parser.add_argument("--channels", type=int, default=3, help="image channels (default 3)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing key file (the old key is lost)")
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from .keys import SecretKey, parse_scheme
+
+    try:
+        scheme = parse_scheme(args.scheme)
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+    if os.path.exists(args.output) and not args.force:
+        raise KeyFileError(
+            f"{args.output} already exists; refusing to overwrite a key file (the models it protects would "
+            "be lost). Choose another path, or pass --force to replace it"
+        )
+    key = SecretKey.generate(block_size=args.block_size, scheme=scheme, channels=args.channels)
+    path = key.save(args.output, overwrite=args.force)
+    print(f"wrote {path} (fingerprint {key.fingerprint}, scheme {key.scheme_name}, block size {key.block_size})")
+    print("keep this file private: whoever holds it can use the protected model")
+    return EXIT_OK
+
+
+def _register_protect(subparsers) -> None:
+    from .train import DEMO_EPOCHS
+
+    parser = _subcommand(
+        subparsers, "protect",
+        help="fine-tune a pre-trained timm model on keyed images and save it (weights + protection.json, no key)",
+        example="""
+            kp keygen --block-size 8 -o owner.key
+            kp protect --model tf_efficientnet_lite0 --data digits --key owner.key -o out/ --baseline
+        """,
+        handler=_protect,
+    )
+    parser.add_argument("--model", default="tf_efficientnet_lite0", help="timm model name (default tf_efficientnet_lite0)")
+    _add_data_option(parser, required=True)
+    parser.add_argument("--key", required=True, help="the owner's key file (kp keygen)")
+    parser.add_argument("-o", "--output", required=True, help="directory for the protected checkpoint")
+    parser.add_argument("--baseline", action="store_true",
+                        help="also fine-tune an unprotected copy with the same recipe (the cost of protection)")
+    parser.add_argument("--epochs", type=int, default=DEMO_EPOCHS, help=f"default {DEMO_EPOCHS}")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--wrong-key-weight", type=float, default=None,
+                        help="weight of the wrong-key suppression term (default: the library's measured default; "
+                             "0 = cross-entropy only, the paper's recipe)")
+    parser.add_argument("--no-pretrained", action="store_true", help="start from random weights")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run in the same directory")
+    _add_runtime_options(parser)
+
+
+def _register_evaluate(subparsers) -> None:
+    parser = _subcommand(
+        subparsers, "evaluate",
+        help="accuracy with the key, with random wrong keys, and on plain images; writes report.json, "
+             "report.md and figures",
+        example="kp evaluate out/ --key owner.key --data digits --wrong-keys 100",
+        handler=_evaluate,
+    )
+    parser.add_argument("checkpoint", help="directory written by kp protect")
+    parser.add_argument("--key", required=True, help="the owner's key file")
+    _add_data_option(parser, required=False)
+    parser.add_argument("--split", default="test", choices=("test", "train"))
+    parser.add_argument("--wrong-keys", type=int, default=100, help="random wrong keys to try (default 100)")
+    parser.add_argument("--seed", type=int, default=0, help="picks the wrong keys (default 0)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("-o", "--output", default=None, help="report directory (default CHECKPOINT/report)")
+    _add_runtime_options(parser)
+
+
+def _register_show(subparsers) -> None:
+    parser = _subcommand(
+        subparsers, "show", help="write an image as the protected model sees it (or decrypt one with --invert)",
+        example="kp show --key owner.key cat.jpg -o protected.png", handler=_show,
+    )
+    parser.add_argument("image", help="an image file (PNG, JPEG, ...)")
+    parser.add_argument("--key", required=True, help="the key file")
+    parser.add_argument("-o", "--output", required=True, help="PNG file to write")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="resize to this side first (default: keep the size, rounded to a multiple "
+                             "of the block size)")
+    parser.add_argument("--invert", action="store_true", help="undo the transform instead (decrypt)")
+
+
+class _UsageError(Exception):
+    """Bad arguments found after parsing; exits with code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``kp`` argument parser, with every subcommand registered."""
+    parser = argparse.ArgumentParser(
+        prog="kp",
+        description="Lock vision models with a secret key.",
+        epilog="example:\n  kp keygen --block-size 8 -o owner.key\n"
+               "  kp protect --data digits --key owner.key -o out/ --baseline\n"
+               "  kp evaluate out/ --key owner.key --wrong-keys 100\n\n"
+               "exit codes: 0 ok, 1 error, 2 usage, 3 wrong key, 4 key file, 5 checkpoint",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"kp-plugin {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    _register_keygen(subparsers)
+    _register_protect(subparsers)
+    _register_evaluate(subparsers)
+    _register_show(subparsers)
+    for name in EXTENSION_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name and name.startswith(exc.name):
+                continue
+            raise
+        register = getattr(module, "register", None)
+        if register is not None:
+            register(subparsers)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``kp`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code.
+
+    Example:
+        >>> main(["keygen", "--block-size", "8", "-o", "owner.key"])   # doctest: +SKIP
+        0
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    try:
+        return int(args.func(args) or 0)
+    except _UsageError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"kp {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KPError as exc:
+        print(f"kp {args.command}: error: {exc}", file=sys.stderr)
+        for error_type, code in EXIT_CODES:
+            if isinstance(exc, error_type):
+                return code
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"kp {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+# The long handlers live in their own module; imported lazily so that
+# `kp keygen` and `kp --help` stay fast.
+def _protect(args: argparse.Namespace) -> int:
+    from ._cli_handlers import protect
+
+    return protect(args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from ._cli_handlers import evaluate
+
+    return evaluate(args)
+
+
+def _show(args: argparse.Namespace) -> int:
+    from ._cli_handlers import show
+
+    return show(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""The `kp` command end to end on a tiny setting: a real timm model (random
+init), the embedded digits at 16x16, one epoch."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kp_plugin import SecretKey
+from kp_plugin.checkpoint import find_key_material
+from kp_plugin.cli import build_parser, main
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Six jobs share two cores here; OpenMP threads then spin against each
+    # other and a tiny forward pass takes 100x longer.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+TINY = ["--model", "test_efficientnet", "--no-pretrained", "--data", "digits", "--image-size", "16",
+        "--epochs", "1", "--quiet", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def protected(tmp_path_factory):
+    """One `kp keygen` + `kp protect --baseline` run shared by the tests."""
+    root = tmp_path_factory.mktemp("kp")
+    key_path, out = root / "owner.key", root / "out"
+    assert main(["keygen", "--block-size", "8", "-o", str(key_path)]) == 0
+    assert main(["protect", *TINY, "--key", str(key_path), "-o", str(out), "--baseline"]) == 0
+    return key_path, out
+
+
+def test_every_subcommand_help_carries_an_example():
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command")
+    assert {"keygen", "protect", "evaluate", "show"} <= set(subparsers.choices)
+    for name, sub in subparsers.choices.items():
+        assert "example:" in sub.format_help() and f"kp {name}" in sub.format_help(), name
+
+
+def test_keygen_writes_an_owner_only_key_file(tmp_path, capsys):
+    path = tmp_path / "owner.key"
+    assert main(["keygen", "--block-size", "4", "--scheme", "shuffle", "-o", str(path)]) == 0
+    key = SecretKey.load(path)
+    assert (key.block_size, key.scheme_name) == (4, "shuffle")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert key.fingerprint in capsys.readouterr().out
+
+
+def test_keygen_refuses_to_overwrite_a_key_unless_forced(tmp_path, capsys):
+    path = tmp_path / "owner.key"
+    assert main(["keygen", "-o", str(path)]) == 0
+    first = SecretKey.load(path).fingerprint
+    assert main(["keygen", "-o", str(path)]) == 4
+    assert "--force" in capsys.readouterr().err
+    assert SecretKey.load(path).fingerprint == first
+    assert main(["keygen", "-o", str(path), "--force"]) == 0
+    assert SecretKey.load(path).fingerprint != first
+
+
+@pytest.mark.parametrize("argv", [["keygen", "--scheme", "rot13", "-o", "x.key"], ["protect", "--data", "digits"],
+                                  ["no-such-command"]])
+def test_bad_arguments_exit_with_the_usage_code(argv, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert not (tmp_path / "x.key").exists()
+
+
+def test_protect_writes_a_checkpoint_history_and_baseline_without_the_key(protected):
+    key_path, out = protected
+    for name in ("model.safetensors", "config.json", "protection.json", "training.json"):
+        assert (out / name).is_file(), name
+    record = json.loads((out / "training.json").read_text())
+    assert len(record["history"]) == 1 and 0 <= record["key_accuracy"] <= 1
+    assert 0 <= record["unprotected_accuracy"] <= 1
+    protection = json.loads((out / "protection.json").read_text())
+    assert protection["extra"]["dataset"] == "digits" and protection["input_size"] == [3, 16, 16]
+    assert find_key_material(out, SecretKey.load(key_path)) == []
+
+
+def test_evaluate_writes_the_report_with_the_baseline(protected, capsys):
+    key_path, out = protected
+    assert main(["evaluate", str(out), "--key", str(key_path), "--wrong-keys", "5", "--quiet"]) == 0
+    report = json.loads((out / "report" / "report.json").read_text())
+    record = json.loads((out / "training.json").read_text())
+    assert report["num_wrong_keys"] == 5 and report["num_classes"] == 10
+    assert report["key_accuracy"] == pytest.approx(record["key_accuracy"])
+    assert report["unprotected_accuracy"] == pytest.approx(record["unprotected_accuracy"])
+    assert (out / "report" / "wrong_keys.png").is_file()
+    assert "wrong keys, mean of 5" in capsys.readouterr().out
+    assert find_key_material(out, SecretKey.load(key_path)) == []
+
+
+def test_evaluate_with_another_key_exits_with_the_key_mismatch_code(protected, tmp_path, capsys):
+    _, out = protected
+    other = tmp_path / "other.key"
+    SecretKey.generate(block_size=8).save(other)
+    assert main(["evaluate", str(out), "--key", str(other), "--wrong-keys", "1", "--quiet"]) == 3
+    assert "not the key" in capsys.readouterr().err
+
+
+def test_a_missing_key_file_exits_with_the_key_file_code(protected, tmp_path):
+    _, out = protected
+    assert main(["evaluate", str(out), "--key", str(tmp_path / "nope.key"), "--quiet"]) == 4
+
+
+def test_a_directory_without_a_checkpoint_exits_with_the_checkpoint_code(protected, tmp_path):
+    key_path, _ = protected
+    assert main(["evaluate", str(tmp_path), "--key", str(key_path), "--quiet"]) == 5
+
+
+def test_protect_refuses_to_replace_a_protected_model_without_resume(protected, capsys):
+    key_path, out = protected
+    assert main(["protect", *TINY, "--key", str(key_path), "-o", str(out)]) == 1
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_resume_without_a_training_state_exits_with_the_checkpoint_code(protected, tmp_path):
+    key_path, _ = protected
+    assert main(["protect", *TINY, "--key", str(key_path), "-o", str(tmp_path / "fresh"), "--resume"]) == 5
+
+
+def test_an_image_size_that_does_not_fit_the_block_size_names_a_fix(protected, tmp_path, capsys):
+    key_path, _ = protected
+    argv = [a if a != "16" else "20" for a in TINY]
+    assert main(["protect", *argv, "--key", str(key_path), "-o", str(tmp_path / "o")]) == 1
+    assert "--image-size 24" in capsys.readouterr().err
+
+
+def test_show_writes_the_protected_view_and_invert_recovers_the_image(tmp_path):
+    key_path = tmp_path / "k.key"
+    key = SecretKey.generate(block_size=8)
+    key.save(key_path)
+    pixels = (np.random.default_rng(0).random((32, 40, 3)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "plain.png")
+    assert main(["show", "--key", str(key_path), str(tmp_path / "plain.png"), "-o", str(tmp_path / "p.png")]) == 0
+    protected = np.asarray(Image.open(tmp_path / "p.png"))
+    assert protected.shape == pixels.shape and not np.array_equal(protected, pixels)
+    assert main(["show", "--key", str(key_path), str(tmp_path / "p.png"), "-o", str(tmp_path / "b.png"),
+                 "--invert"]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "b.png")), pixels)
+
+
+def test_resume_continues_an_interrupted_run_to_more_epochs(protected, tmp_path):
+    key_path, _ = protected
+    out = tmp_path / "run"
+    assert main(["protect", *TINY, "--key", str(key_path), "-o", str(out)]) == 0
+    argv = [a if a != "1" else "2" for a in TINY]
+    assert main(["protect", *argv, "--key", str(key_path), "-o", str(out), "--resume"]) == 0
+    record = json.loads((out / "training.json").read_text())
+    assert [h["epoch"] for h in record["history"]] == [1, 2]
+    assert json.loads((out / "protection.json").read_text())["extra"]["epochs"] == 2
