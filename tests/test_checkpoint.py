@@ -1,0 +1,256 @@
+"""Protected checkpoints: round trip, the right key only, clear errors for
+damaged files, and no key material in anything written."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from kp_plugin import (
+    CheckpointError,
+    KeyMismatchError,
+    ProtectionConfig,
+    SecretKey,
+    load_protected,
+    save_protected,
+    wrap_model,
+)
+from kp_plugin.checkpoint import find_key_material
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _fresh_cnn() -> torch.nn.Module:
+    torch.manual_seed(123)  # other weights than the saved model's
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 5),
+    )
+
+
+@pytest.fixture
+def key() -> SecretKey:
+    return SecretKey(bytes(range(50, 82)), block_size=4, scheme="shuffle+np+shift")
+
+
+@pytest.fixture
+def saved(tmp_path, tiny_cnn, key):
+    """A protected tiny CNN (with non-trivial BatchNorm statistics) saved to disk."""
+    model = wrap_model(tiny_cnn, key, mean=MEAN, std=STD, input_size=(3, 8, 8))
+    model.train()(torch.rand(8, 3, 8, 8))  # move the running statistics
+    model.eval()
+    directory = save_protected(model, tmp_path / "ckpt", metadata={"dataset": "digits"})
+    return model, directory
+
+
+def test_round_trip_gives_identical_logits(saved, key):
+    model, directory = saved
+    images = torch.rand(4, 3, 8, 8)
+    loaded = load_protected(directory, _fresh_cnn(), key).eval()
+    assert torch.equal(loaded(images), model(images))
+
+
+def test_checkpoint_holds_the_expected_files(saved):
+    _, directory = saved
+    assert sorted(p.name for p in directory.iterdir()) == ["model.safetensors", "protection.json"]
+
+
+def test_weights_keep_the_base_models_own_names(saved, tiny_cnn):
+    from safetensors import safe_open
+
+    _, directory = saved
+    with safe_open(str(directory / "model.safetensors"), framework="pt") as fh:
+        assert set(fh.keys()) == set(tiny_cnn.state_dict())
+        meta = fh.metadata()
+    assert meta["format"] == "pt"
+    assert meta["kp_fingerprint"] == SecretKey(bytes(range(50, 82))).fingerprint
+
+
+def test_protection_json_records_public_settings(saved, key):
+    _, directory = saved
+    config = ProtectionConfig.load(directory)
+    assert (config.scheme, config.block_size, config.channels) == (list(key.scheme), 4, 3)
+    assert config.fingerprint == key.fingerprint
+    assert config.mean == pytest.approx(MEAN) and config.input_size == [3, 8, 8]
+    assert config.extra == {"dataset": "digits"}
+    text = (directory / "protection.json").read_text()
+    assert json.loads(text) == json.loads(json.dumps(json.loads(text), sort_keys=True))
+    assert list(json.loads(text)) == sorted(json.loads(text))
+
+
+def test_another_key_is_rejected_on_load(saved, key):
+    _, directory = saved
+    with pytest.raises(KeyMismatchError, match="another key") as info:
+        load_protected(directory, _fresh_cnn(), SecretKey.generate_like(key))
+    assert key.fingerprint in str(info.value)
+
+
+def test_same_material_with_another_scheme_is_rejected(saved, key):
+    _, directory = saved
+    with pytest.raises(KeyMismatchError, match="scheme"):
+        load_protected(directory, _fresh_cnn(), key.replace(scheme="shuffle"))
+
+
+def test_allow_wrong_key_loads_with_the_wrong_key(saved, key):
+    model, directory = saved
+    wrong = SecretKey.generate_like(key)
+    loaded = load_protected(directory, _fresh_cnn(), wrong, allow_wrong_key=True).eval()
+    assert loaded.key is wrong
+    images = torch.rand(4, 3, 8, 8)
+    assert torch.equal(loaded.unwrap()(torch.zeros(1, 3, 8, 8)), model.unwrap()(torch.zeros(1, 3, 8, 8)))
+    assert not torch.allclose(loaded(images), model(images))
+
+
+def test_load_into_a_protected_model_uses_its_base(saved, key):
+    model, directory = saved
+    target = wrap_model(_fresh_cnn(), key, mean=MEAN, std=STD)
+    loaded = load_protected(directory, target, key).eval()
+    images = torch.rand(2, 3, 8, 8)
+    assert torch.equal(loaded(images), model(images))
+
+
+def test_load_with_another_architecture_is_a_checkpoint_error(saved, key):
+    _, directory = saved
+    with pytest.raises(CheckpointError, match="same architecture"):
+        load_protected(directory, torch.nn.Sequential(torch.nn.Linear(3, 3)), key)
+
+
+def test_missing_protection_json_names_the_file(saved, key):
+    _, directory = saved
+    (directory / "protection.json").unlink()
+    with pytest.raises(CheckpointError, match="protection.json is missing"):
+        load_protected(directory, _fresh_cnn(), key)
+
+
+@pytest.mark.parametrize("damage", [
+    lambda text: text[: len(text) // 2],
+    lambda text: "not json",
+    lambda text: json.dumps({"format": "something-else"}),
+    lambda text: text.replace('"format_version": 1', '"format_version": 7'),
+    lambda text: text.replace('"block_size": 4', '"block_size": "four"'),
+    lambda text: text.replace('"channels": 3', '"channels": 0'),
+])
+def test_corrupt_protection_json_names_the_file(saved, key, damage):
+    _, directory = saved
+    path = directory / "protection.json"
+    path.write_text(damage(path.read_text()))
+    with pytest.raises(CheckpointError, match="protection.json"):
+        load_protected(directory, _fresh_cnn(), key)
+
+
+def test_missing_weights_name_the_file(saved, key):
+    _, directory = saved
+    (directory / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors is missing"):
+        load_protected(directory, _fresh_cnn(), key)
+
+
+@pytest.mark.parametrize("damage", [
+    lambda data: data[: len(data) // 2],
+    lambda data: b"garbage" * 10,
+    lambda data: b"",
+    lambda data: data[:8] + b"[" + data[9:],  # header JSON damaged
+])
+def test_corrupt_weights_name_the_file(saved, key, damage):
+    _, directory = saved
+    path = directory / "model.safetensors"
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_protected(directory, _fresh_cnn(), key)
+
+
+def test_weights_from_another_checkpoint_are_detected(saved, key, tmp_path, tiny_cnn):
+    _, directory = saved
+    other_key = SecretKey.generate_like(key)
+    other = save_protected(wrap_model(_fresh_cnn(), other_key, mean=MEAN, std=STD), tmp_path / "other")
+    (directory / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="different checkpoints"):
+        load_protected(directory, _fresh_cnn(), key)
+
+
+def test_save_refuses_an_unprotected_model(tiny_cnn, tmp_path):
+    from kp_plugin import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="wrap_model"):
+        save_protected(tiny_cnn, tmp_path)
+
+
+def test_timm_checkpoint_has_a_timm_config_and_round_trips(tiny_timm_model, key, tmp_path):
+    timm = pytest.importorskip("timm")
+    model = wrap_model(tiny_timm_model, key.replace(block_size=16)).eval()
+    directory = save_protected(model, tmp_path / "timm")
+    config = json.loads((directory / "config.json").read_text())
+    assert config["architecture"] == "test_resnet" and config["num_classes"] == 3
+    fresh = timm.create_model("test_resnet", num_classes=3)
+    loaded = load_protected(directory, fresh, key.replace(block_size=16)).eval()
+    images = torch.rand(2, 3, 32, 32)
+    assert torch.equal(loaded(images), model(images))
+
+
+# ----------------------------------------------------------------------------
+# The key never leaks
+# ----------------------------------------------------------------------------
+
+
+def _independent_needles(key: SecretKey) -> list:
+    """The key's forms, built here rather than by the library under test."""
+    material = key._material
+    perm = key.pixel_permutation()
+    return [
+        material,
+        material.hex().encode(),
+        material.hex().upper().encode(),
+        base64.b64encode(material),
+        base64.b64encode(material).rstrip(b"="),
+        base64.urlsafe_b64encode(material).rstrip(b"="),
+        torch.tensor(perm, dtype=torch.int64).numpy().tobytes(),
+        torch.tensor(perm, dtype=torch.int32).numpy().tobytes(),
+        json.dumps(perm).encode(),
+        ",".join(map(str, perm)).encode(),
+    ]
+
+
+@pytest.mark.parametrize("scheme", ["shuffle", "shuffle+np", "shuffle+np+shift+ffx+scramble"])
+def test_no_written_file_contains_key_material(tmp_path, tiny_timm_model, scheme):
+    key = SecretKey.generate(block_size=16, scheme=scheme)
+    model = wrap_model(tiny_timm_model, key)
+    model(torch.rand(1, 3, 32, 32))  # compile a plan for another size too
+    directory = save_protected(model, tmp_path / "ckpt")
+    written = [p for p in directory.rglob("*") if p.is_file()]
+    assert {p.name for p in written} == {"model.safetensors", "protection.json", "config.json"}
+    assert find_key_material(directory, key) == []
+    needles = _independent_needles(key)
+    for path in written:
+        data = path.read_bytes()
+        for needle in needles:
+            assert needle not in data, path.name
+
+
+def test_the_scanner_finds_planted_key_material(tmp_path, key):
+    (tmp_path / "clean.txt").write_text("nothing here")
+    (tmp_path / "notes.txt").write_bytes(b"my key: " + key._material.hex().encode())
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "perm.bin").write_bytes(
+        torch.tensor(key.pixel_permutation(), dtype=torch.int64).numpy().tobytes()
+    )
+    (tmp_path / "copy.key").write_text(SecretKey.generate().to_json())
+    found = {p.relative_to(tmp_path).as_posix() for p in find_key_material(tmp_path, key)}
+    assert found == {"notes.txt", "sub/perm.bin", "copy.key"}
+
+
+def test_save_protected_refuses_a_directory_holding_the_key(tmp_path, tiny_cnn, key):
+    from kp_plugin import KeyLeakError
+
+    key.save(tmp_path / "owner.key")
+    model = wrap_model(tiny_cnn, key, mean=MEAN, std=STD)
+    with pytest.raises(KeyLeakError, match="owner.key") as info:
+        save_protected(model, tmp_path)
+    assert key._material.hex() not in str(info.value)
