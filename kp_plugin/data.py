@@ -1,0 +1,420 @@
+"""Datasets for protected fine-tuning: two embedded ones and ImageFolder.
+
+Every dataset yields ``(image, label)`` with ``image`` a float32 ``(C, H, W)``
+tensor in [0, 1] *before* any keyed transform or normalization (the
+:class:`~kp_plugin.module.ProtectedModel` does both inside its forward), and
+``label`` an int.
+
+- ``"digits"``: scikit-learn's handwritten digits (real handwriting, 10
+  classes, 1797 images of 8x8), upsampled (bicubic) to RGB at a size that
+  is a multiple of every block size the demo uses, with a fixed stratified
+  train/test split.
+- ``"photos"``: crops of eight real colour photographs shipped with
+  scikit-image; the class is the photograph a crop comes from. A crop shows
+  only a patch of a scene, so colour and texture statistics carry much of
+  the answer, which is what makes block-statistics leaks visible. Train and
+  test crops come from disjoint strips of each photograph.
+- a directory in ImageFolder layout (one sub-folder per class), read lazily
+  and resized to ``image_size``.
+- a ``.npz`` file written by :func:`save_npz` (to carry a dataset to a
+  machine without scikit-learn / scikit-image).
+
+Example:
+    >>> train = load_dataset("digits", split="train")          # doctest: +SKIP
+    >>> image, label = train[0]; image.shape                   # doctest: +SKIP
+    torch.Size([3, 64, 64])
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigurationError, KPError
+
+__all__ = [
+    "ImageDataset",
+    "TensorImageDataset",
+    "ImageFolderDataset",
+    "DatasetError",
+    "load_dataset",
+    "save_npz",
+    "iterate_batches",
+    "DEFAULT_IMAGE_SIZE",
+    "EMBEDDED_DATASETS",
+    "PHOTO_SOURCES",
+    "IMAGE_EXTENSIONS",
+]
+
+
+class DatasetError(KPError):
+    """A dataset cannot be found or read, or a split/size is invalid."""
+
+
+#: Image side per embedded dataset (a multiple of 2, 4, 8, 16 and 32, so
+#: every block size the demo and benchmarks use fits).
+DEFAULT_IMAGE_SIZE = {"digits": 64, "photos": 64, "folder": 224}
+
+EMBEDDED_DATASETS = ("digits", "photos")
+
+#: The scikit-image colour photographs of the "photos" task (all shipped
+#: inside the scikit-image wheel, no download).
+PHOTO_SOURCES = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "rocket",
+    "stereo_motorcycle",
+)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+_SPLITS = ("train", "test")
+_DIGITS_TEST_FRACTION = 0.2
+_PHOTOS_PER_CLASS = {"train": 160, "test": 60}
+# Train crops come from the left part of each photograph, test crops from
+# the right strip, so no test pixel was seen in training.
+_PHOTOS_TEST_STRIP = 0.3
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Base class: ``(image, label)`` pairs, images float32 CHW in [0, 1].
+
+    Attributes:
+        classes: class names, index = label.
+        image_size: side of the (square) images.
+        name: where the dataset came from ("digits", "photos", a path).
+        split: "train" or "test" (or "all" for an ImageFolder without split).
+    """
+
+    classes: list
+    image_size: int
+    name: str
+    split: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(name={self.name!r}, split={self.split!r}, n={len(self)}, "
+            f"classes={self.num_classes}, image_size={self.image_size})"
+        )
+
+
+class TensorImageDataset(ImageDataset):
+    """A dataset held in memory as one ``(N, C, H, W)`` float tensor.
+
+    Args:
+        images: ``(N, C, H, W)`` float in [0, 1] (uint8 is converted).
+        labels: ``(N,)`` integer labels.
+        classes: class names.
+        name, split: provenance.
+
+    Example:
+        >>> ds = TensorImageDataset(torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 0, 1]), classes=["a", "b"])
+        >>> ds[1][1]
+        1
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        classes: Sequence[str],
+        name: str = "tensors",
+        split: str = "train",
+    ) -> None:
+        if images.dtype == torch.uint8:
+            images = images.float() / 255
+        if images.dim() != 4 or images.shape[2] != images.shape[3]:
+            raise DatasetError(f"images must be (N, C, H, W) with H == W, got {tuple(images.shape)}")
+        labels = torch.as_tensor(labels, dtype=torch.int64)
+        if labels.shape != (images.shape[0],):
+            raise DatasetError(f"{images.shape[0]} images but labels have shape {tuple(labels.shape)}")
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= len(classes)):
+            raise DatasetError(f"labels must be in 0..{len(classes) - 1}")
+        self.images = images.float().contiguous()
+        self.labels = labels
+        self.classes = list(classes)
+        self.image_size = int(images.shape[-1])
+        self.name = name
+        self.split = split
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple:
+        return self.images[index], int(self.labels[index])
+
+
+class ImageFolderDataset(ImageDataset):
+    """Images in ``root/<class>/<file>``, read lazily, converted to RGB and
+    resized (bicubic) to ``image_size x image_size``.
+
+    If ``root`` has ``train/`` and ``test/`` sub-folders, ``split`` picks one;
+    otherwise the whole folder is used (split "all").
+    """
+
+    def __init__(self, root: Union[str, os.PathLike], *, image_size: int, split: Optional[str] = None) -> None:
+        root = Path(root)
+        if split is not None and (root / split).is_dir():
+            root = root / split
+        elif split is not None and any((root / s).is_dir() for s in _SPLITS):
+            raise DatasetError(f"{root} has split folders but no {split!r} folder")
+        if not root.is_dir():
+            raise DatasetError(f"{root} is not a directory; pass 'digits', 'photos' or an ImageFolder directory")
+        self.classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not self.classes:
+            raise DatasetError(
+                f"{root} has no class sub-folders; an ImageFolder directory holds one folder per class "
+                "(e.g. root/cat/1.jpg, root/dog/2.jpg)"
+            )
+        self.samples = [
+            (path, label)
+            for label, cls in enumerate(self.classes)
+            for path in sorted((root / cls).rglob("*"))
+            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+        ]
+        if not self.samples:
+            raise DatasetError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+        self.image_size = int(image_size)
+        self.name = str(root)
+        self.split = split if (split is not None and root.name == split) else "all"
+        self.labels = torch.tensor([label for _, label in self.samples], dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple:
+        from PIL import Image
+
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as img:
+                array = np.asarray(img.convert("RGB"), dtype=np.uint8)
+        except OSError as exc:
+            raise DatasetError(f"cannot read image {path}: {exc}") from None
+        image = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
+        return _resize(image[None], self.image_size)[0], label
+
+
+def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Bicubic resize of ``(N, C, h, w)`` to ``size x size``, kept in [0, 1]."""
+    if images.shape[-2:] == (size, size):
+        return images
+    return F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp_(0, 1)
+
+
+def _check_size(image_size: Optional[int], default: int) -> int:
+    size = default if image_size is None else int(image_size)
+    if size < 8:
+        raise DatasetError(f"image_size must be at least 8, got {size}")
+    return size
+
+
+def _load_digits(split: str, image_size: int, seed: int) -> TensorImageDataset:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ConfigurationError(
+            "the 'digits' dataset needs scikit-learn (`pip install scikit-learn`), or pass a .npz "
+            "written by kp_plugin.data.save_npz"
+        ) from None
+    digits = load_digits()
+    images = np.asarray(digits.images, dtype=np.float32) / 16.0
+    labels = np.asarray(digits.target, dtype=np.int64)
+    # Stratified split with numpy's legacy generator (its stream is frozen,
+    # so the split is the same on every version and machine).
+    rng = np.random.RandomState(seed)
+    test = np.zeros(len(labels), dtype=bool)
+    for cls in range(10):
+        idx = np.flatnonzero(labels == cls)
+        idx = idx[rng.permutation(len(idx))]
+        test[idx[: int(round(len(idx) * _DIGITS_TEST_FRACTION))]] = True
+    keep = test if split == "test" else ~test
+    x = torch.from_numpy(images[keep])[:, None].expand(-1, 3, -1, -1)
+    x = F.interpolate(x.contiguous(), size=(image_size, image_size), mode="bicubic", align_corners=False)
+    return TensorImageDataset(
+        x.clamp_(0, 1),
+        torch.from_numpy(labels[keep]),
+        classes=[str(i) for i in range(10)],
+        name="digits",
+        split=split,
+    )
+
+
+def _photo(name: str) -> np.ndarray:
+    try:
+        import skimage.data
+    except ImportError:
+        raise ConfigurationError(
+            "the 'photos' dataset needs scikit-image (`pip install scikit-image`), or pass a .npz "
+            "written by kp_plugin.data.save_npz"
+        ) from None
+    image = getattr(skimage.data, name)()
+    if isinstance(image, tuple):  # stereo_motorcycle: (left, right, disparity)
+        image = image[0]
+    return np.asarray(image[..., :3], dtype=np.uint8)
+
+
+def _load_photos(split: str, image_size: int, seed: int) -> TensorImageDataset:
+    # Different streams for train and test; the crops are fixed given seed.
+    rng = np.random.RandomState(seed * 2 + (split == "test"))
+    count = _PHOTOS_PER_CLASS[split]
+    crops, labels = [], []
+    for label, name in enumerate(PHOTO_SOURCES):
+        photo = torch.from_numpy(_photo(name)).permute(2, 0, 1).float().div_(255)
+        _, height, width = photo.shape
+        boundary = int(round(width * (1 - _PHOTOS_TEST_STRIP)))
+        x_lo, x_hi = (boundary, width) if split == "test" else (0, boundary)
+        short = min(height, x_hi - x_lo)
+        made = 0
+        attempts = 0
+        while made < count:
+            attempts += 1
+            side = int(rng.randint(max(image_size // 2, short // 6), max(image_size // 2, short // 2) + 1))
+            side = min(side, short)
+            top = int(rng.randint(0, height - side + 1))
+            left = int(rng.randint(x_lo, x_hi - side + 1))
+            crop = photo[:, top : top + side, left : left + side]
+            # Skip crops of flat background (black borders of retina / hubble),
+            # which no method could classify.
+            if float(crop.std()) < 0.04 and attempts < count * 20:
+                continue
+            crops.append(_resize(crop[None], image_size)[0])
+            labels.append(label)
+            made += 1
+    return TensorImageDataset(
+        torch.stack(crops),
+        torch.tensor(labels),
+        classes=list(PHOTO_SOURCES),
+        name="photos",
+        split=split,
+    )
+
+
+def _load_npz(path: Path, image_size: Optional[int]) -> TensorImageDataset:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            images = torch.from_numpy(data["images"])
+            labels = torch.from_numpy(data["labels"])
+            classes = [str(c) for c in data["classes"]]
+            name = str(data["name"]) if "name" in data else path.stem
+            split = str(data["split"]) if "split" in data else "all"
+    except (OSError, KeyError, ValueError) as exc:
+        raise DatasetError(f"{path} is not a dataset written by save_npz ({exc})") from None
+    dataset = TensorImageDataset(images, labels, classes=classes, name=name, split=split)
+    if image_size is not None and image_size != dataset.image_size:
+        dataset.images = _resize(dataset.images, image_size)
+        dataset.image_size = int(image_size)
+    return dataset
+
+
+def load_dataset(
+    name: str,
+    *,
+    split: str = "train",
+    image_size: Optional[int] = None,
+    seed: int = 0,
+) -> ImageDataset:
+    """Load an embedded dataset or an ImageFolder directory.
+
+    Args:
+        name: ``"digits"``, ``"photos"``, an ImageFolder directory (one
+            sub-folder per class; ``train/`` and ``test/`` sub-folders are
+            used as splits when present), or a ``.npz`` from :func:`save_npz`.
+        split: ``"train"`` or ``"test"``.
+        image_size: side of the square images; default
+            :data:`DEFAULT_IMAGE_SIZE` for the dataset. Must be a multiple
+            of the key's block size to be used with that key.
+        seed: fixes the split / crops (the default 0 is the documented one).
+
+    Returns:
+        An :class:`ImageDataset` of ``(image, label)``, image float32 CHW in [0, 1].
+
+    Raises:
+        DatasetError: unknown name, missing directory, bad split or size.
+
+    Example:
+        >>> test = load_dataset("digits", split="test")          # doctest: +SKIP
+        >>> len(test.classes)                                     # doctest: +SKIP
+        10
+    """
+    if split not in _SPLITS:
+        raise DatasetError(f"split must be 'train' or 'test', got {split!r}")
+    if name in EMBEDDED_DATASETS:
+        size = _check_size(image_size, DEFAULT_IMAGE_SIZE[name])
+        return _load_digits(split, size, seed) if name == "digits" else _load_photos(split, size, seed)
+    path = Path(name)
+    if path.suffix == ".npz" and path.is_file():
+        return _load_npz(path, image_size)
+    if path.is_dir():
+        return ImageFolderDataset(path, image_size=_check_size(image_size, DEFAULT_IMAGE_SIZE["folder"]), split=split)
+    raise DatasetError(
+        f"unknown dataset {name!r}: use 'digits', 'photos', an ImageFolder directory "
+        "(root/<class>/<image>) or a .npz written by save_npz"
+    )
+
+
+def save_npz(dataset: ImageDataset, path: Union[str, os.PathLike]) -> Path:
+    """Write a dataset to one ``.npz`` (uint8 images), loadable with
+    ``load_dataset(path)`` where scikit-learn / scikit-image are missing.
+
+    Example:
+        >>> save_npz(load_dataset("digits", split="test"), "digits-test.npz")   # doctest: +SKIP
+    """
+    images, labels = _as_tensors(dataset)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        path,
+        images=(images * 255).round().clamp(0, 255).to(torch.uint8).numpy(),
+        labels=labels.numpy(),
+        classes=np.array(dataset.classes),
+        name=np.array(dataset.name),
+        split=np.array(dataset.split),
+    )
+    return path
+
+
+def _as_tensors(dataset: ImageDataset) -> tuple:
+    if isinstance(dataset, TensorImageDataset):
+        return dataset.images, dataset.labels
+    pairs = [dataset[i] for i in range(len(dataset))]
+    return torch.stack([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
+
+
+def iterate_batches(
+    dataset: torch.utils.data.Dataset,
+    *,
+    batch_size: int,
+    shuffle: bool = False,
+    generator: Optional[torch.Generator] = None,
+    drop_last: bool = False,
+) -> Iterator[tuple]:
+    """Yield ``(images, labels)`` batches; in-memory datasets are sliced
+    directly (no per-item Python work), others go through a DataLoader."""
+    n = len(dataset)
+    if isinstance(dataset, TensorImageDataset):
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        stop = n - n % batch_size if (drop_last and n >= batch_size) else n
+        for start in range(0, stop, batch_size):
+            idx = order[start : start + batch_size]
+            yield dataset.images[idx], dataset.labels[idx]
+        return
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last and n >= batch_size
+    )
+    for images, labels in loader:
+        yield images, torch.as_tensor(labels, dtype=torch.int64)

@@ -1,0 +1,500 @@
+"""Fine-tuning a protected model: small and solid.
+
+:func:`fit` trains a :class:`~kp_plugin.module.ProtectedModel` (or a plain
+model behind :func:`plain_model`, for the unprotected baseline) on images in
+[0, 1]: AdamW, a one-cycle or cosine schedule, augmentation on the [0, 1]
+images *before* the keyed transform (the ProtectedModel applies the key in
+its forward), bf16 autocast on CUDA, a tqdm bar with loss and accuracy, a
+checkpoint per epoch in the protected format (never the key) plus a
+training-state file, and resume.
+
+Example:
+    >>> key = SecretKey.generate(block_size=8)                                   # doctest: +SKIP
+    >>> model = wrap_model(load_efficientnet_lite0(num_classes=10), key)          # doctest: +SKIP
+    >>> result = fit(model, load_dataset("digits"), config=TrainConfig(epochs=4)) # doctest: +SKIP
+    >>> evaluate_accuracy(model, load_dataset("digits", split="test"))            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import (
+    PROTECTION_FILE,
+    WEIGHTS_FILE,
+    ProtectionConfig,
+    find_key_material,
+    save_protected,
+)
+from .data import iterate_batches
+from .errors import CheckpointError, ConfigurationError, KeyLeakError
+from .keys import SecretKey
+from .module import KeyedInput, ProtectedModel
+from .objectives import DEFAULT_OBJECTIVE, ProtectionObjective, logits_of
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "fit",
+    "evaluate_accuracy",
+    "rekey",
+    "Normalize",
+    "plain_model",
+    "PlainModel",
+    "augment_images",
+    "first_conv",
+    "SCHEDULES",
+    "TRAINING_STATE_FILE",
+    "DEMO_BLOCK_SIZE",
+    "DEMO_EPOCHS",
+]
+
+SCHEDULES = ("onecycle", "cosine")
+TRAINING_STATE_FILE = "training_state.pt"
+
+#: The demo's recommended settings (measured; docs/recipe.md).
+DEMO_BLOCK_SIZE = 8
+DEMO_EPOCHS = 8
+
+
+@dataclass
+class TrainConfig:
+    """How :func:`fit` trains.
+
+    Args:
+        epochs: passes over the training set.
+        batch_size: images per step.
+        lr: peak learning rate (AdamW).
+        weight_decay: AdamW weight decay.
+        schedule: ``"onecycle"`` (warm-up then cosine annealing) or ``"cosine"``.
+        augment: random translation/scale of the [0, 1] images before the key.
+        amp: bf16 autocast on CUDA (ignored on CPU).
+        seed: fixes shuffling, augmentation and the suppression's wrong keys.
+        objective: the loss (see :mod:`kp_plugin.objectives`); ``None``
+            means the library default :data:`DEFAULT_OBJECTIVE`. Use
+            ``ProtectionObjective()`` for plain cross-entropy.
+        stem_lr_scale: learning-rate multiplier of the first convolution.
+        reinit_stem: re-initialize the first convolution before training
+            (so its fine-tuned weights say nothing about the public ones).
+
+    Example:
+        >>> TrainConfig(epochs=2, batch_size=32).schedule
+        'onecycle'
+    """
+
+    epochs: int = DEMO_EPOCHS
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    schedule: str = "onecycle"
+    augment: bool = True
+    amp: bool = True
+    seed: int = 0
+    objective: Optional[ProtectionObjective] = None
+    stem_lr_scale: float = 1.0
+    reinit_stem: bool = False
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ConfigurationError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigurationError("epochs and batch_size must be at least 1")
+        if self.lr <= 0:
+            raise ConfigurationError(f"lr must be positive, got {self.lr}")
+
+    @property
+    def resolved_objective(self) -> ProtectionObjective:
+        return DEFAULT_OBJECTIVE if self.objective is None else self.objective
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["objective"] = self.resolved_objective.to_dict()
+        return data
+
+
+@dataclass
+class TrainResult:
+    """What :func:`fit` returns.
+
+    Attributes:
+        history: one dict per epoch (``epoch``, ``loss``, ``accuracy`` on the
+            training batches, ``lr``, the objective's parts, ``seconds``, and
+            ``eval_accuracy`` when an eval set was given).
+        seconds: wall time of the epochs run in this call.
+    """
+
+    history: list = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def final(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel, for models fed [0, 1] images.
+
+    Example:
+        >>> Normalize(0.5, 0.5)(torch.ones(1, 3, 2, 2)).max().item()
+        1.0
+    """
+
+    def __init__(self, mean: Union[float, Sequence[float]], std: Union[float, Sequence[float]]) -> None:
+        super().__init__()
+        mean_t = torch.as_tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1)
+        std_t = torch.as_tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1)
+        if (std_t <= 0).any():
+            raise ConfigurationError(f"std must be positive, got {std}")
+        self.register_buffer("mean", mean_t, persistent=False)
+        self.register_buffer("std", std_t, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float() / 255
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+
+class PlainModel(nn.Module):
+    """An unprotected model that takes [0, 1] images (normalizes inside), so
+    the baseline is trained and evaluated exactly like the protected one."""
+
+    def __init__(self, model: nn.Module, normalize: Normalize) -> None:
+        super().__init__()
+        self.normalize = normalize
+        self.model = model
+
+    def forward(self, images: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return self.model(self.normalize(images), *args, **kwargs)
+
+    def unwrap(self) -> nn.Module:
+        return self.model
+
+
+def plain_model(
+    model: nn.Module,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+) -> PlainModel:
+    """Wrap an unprotected model so it takes [0, 1] images like a
+    ProtectedModel; mean/std default to timm's ``pretrained_cfg``.
+
+    Example:
+        >>> baseline = plain_model(load_efficientnet_lite0(num_classes=10))   # doctest: +SKIP
+    """
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean = mean if mean is not None else cfg.get("mean")
+    std = std if std is not None else cfg.get("std")
+    if mean is None or std is None:
+        raise ConfigurationError(
+            f"cannot tell the normalization of {type(model).__name__}; pass mean= and std="
+        )
+    return PlainModel(model, Normalize(mean, std))
+
+
+def rekey(model: ProtectedModel, key: SecretKey) -> ProtectedModel:
+    """The same base weights (shared, not copied) behind another key: for
+    wrong-key evaluation and attacks.
+
+    Example:
+        >>> wrong = rekey(model, SecretKey.generate_like(model.key))   # doctest: +SKIP
+    """
+    if not isinstance(model, ProtectedModel):
+        raise ConfigurationError(f"rekey expects a ProtectedModel, got {type(model).__name__}")
+    keyed = model.keyed
+    new = KeyedInput(key, mean=keyed.mean, std=keyed.std, input_size=keyed.input_size, check_range=keyed.check_range)
+    return ProtectedModel(model.unwrap(), new)
+
+
+def first_conv(model: nn.Module) -> Optional[nn.Conv2d]:
+    """The model's first convolution (timm's ``pretrained_cfg['first_conv']``
+    when it names one, else the first ``nn.Conv2d``)."""
+    base = model.unwrap() if hasattr(model, "unwrap") else model
+    name = (getattr(base, "pretrained_cfg", None) or {}).get("first_conv")
+    if isinstance(name, str):
+        try:
+            module = base.get_submodule(name)
+            if isinstance(module, nn.Conv2d):
+                return module
+        except AttributeError:
+            pass
+    return next((m for m in base.modules() if isinstance(m, nn.Conv2d)), None)
+
+
+def augment_images(images: torch.Tensor, *, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Random translation (up to 1/8 of the side) and scale (0.9-1.1) of a
+    batch of [0, 1] images, one affine warp per image; values stay in [0, 1].
+    No flips: they would change a digit's meaning."""
+    n = images.shape[0]
+    rand = torch.rand(n, 3, generator=generator).to(images.device)
+    scale = 0.9 + 0.2 * rand[:, 0]
+    shift = (rand[:, 1:] - 0.5) * 0.5  # +-0.25 in [-1, 1] coordinates = +-1/8 of the side
+    theta = torch.zeros(n, 2, 3, device=images.device)
+    theta[:, 0, 0] = 1 / scale
+    theta[:, 1, 1] = 1 / scale
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid.to(images.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _device(device: Union[None, str, torch.device]) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    stem = first_conv(model)
+    stem_ids = {id(p) for p in stem.parameters()} if stem is not None else set()
+    decay, no_decay, stem_params = [], [], []
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        if id(param) in stem_ids:
+            stem_params.append(param)
+        elif param.ndim <= 1:
+            no_decay.append(param)  # biases and norm scales
+        else:
+            decay.append(param)
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay, "lr": config.lr},
+        {"params": no_decay, "weight_decay": 0.0, "lr": config.lr},
+    ]
+    if stem_params:
+        groups.append({"params": stem_params, "weight_decay": config.weight_decay, "lr": config.lr * config.stem_lr_scale})
+    return torch.optim.AdamW([g for g in groups if g["params"]])
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
+    total = max(1, config.epochs * steps_per_epoch)
+    if config.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=[g["lr"] for g in optimizer.param_groups],
+            total_steps=total,
+            pct_start=0.15,
+            anneal_strategy="cos",
+        )
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+
+
+def _reinit_stem(model: nn.Module, generator: torch.Generator) -> None:
+    stem = first_conv(model)
+    if stem is None:
+        raise ConfigurationError("reinit_stem: the model has no nn.Conv2d")
+    with torch.no_grad():
+        fan_in = stem.weight[0].numel()
+        stem.weight.copy_(torch.randn(stem.weight.shape, generator=generator) * math.sqrt(2.0 / fan_in))
+        if stem.bias is not None:
+            stem.bias.zero_()
+
+
+def _save_checkpoint(model: nn.Module, directory: Path, state: dict) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, ProtectedModel):
+        save_protected(model, directory, metadata={"epoch": state["epoch"]})
+    else:
+        from safetensors.torch import save_model
+
+        save_model(model.unwrap() if hasattr(model, "unwrap") else model, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    tmp = directory / f".{TRAINING_STATE_FILE}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, directory / TRAINING_STATE_FILE)
+    if isinstance(model, ProtectedModel):
+        leaks = find_key_material(directory, model.key)
+        if leaks:
+            raise KeyLeakError(f"key material found in {', '.join(p.name for p in leaks)} under {directory}")
+
+
+def _load_checkpoint(model: nn.Module, directory: Path, device: torch.device) -> dict:
+    from safetensors.torch import load_model
+
+    state_path = directory / TRAINING_STATE_FILE
+    if not state_path.is_file():
+        raise CheckpointError(f"cannot resume: {state_path} is missing")
+    if isinstance(model, ProtectedModel):
+        ProtectionConfig.load(directory).check_key(model.key)
+    base = model.unwrap() if hasattr(model, "unwrap") else model
+    try:
+        load_model(base, str(directory / WEIGHTS_FILE), strict=True, device=str(device))
+    except (OSError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot resume from {directory}: {str(exc).splitlines()[0]}") from None
+    return torch.load(state_path, map_location=device, weights_only=False)
+
+
+@torch.no_grad()
+def evaluate_accuracy(
+    model: nn.Module,
+    dataset: torch.utils.data.Dataset,
+    *,
+    batch_size: int = 256,
+    device: Union[None, str, torch.device] = None,
+) -> float:
+    """Top-1 accuracy (0..1) of ``model`` on ``dataset`` (images in [0, 1]).
+
+    Example:
+        >>> evaluate_accuracy(model, load_dataset("digits", split="test"))   # doctest: +SKIP
+        0.98
+    """
+    device = _device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    try:
+        for images, labels in iterate_batches(dataset, batch_size=batch_size):
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with _autocast(device, True):
+                logits = logits_of(model(images))
+            correct += int((logits.argmax(dim=-1) == labels).sum())
+            total += labels.numel()
+    finally:
+        model.train(was_training)
+    return correct / max(1, total)
+
+
+def fit(
+    model: nn.Module,
+    train_set: torch.utils.data.Dataset,
+    *,
+    config: Optional[TrainConfig] = None,
+    eval_set: Optional[torch.utils.data.Dataset] = None,
+    checkpoint_dir: Union[None, str, os.PathLike] = None,
+    resume: bool = False,
+    device: Union[None, str, torch.device] = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Fine-tune ``model`` on ``train_set`` (images in [0, 1]).
+
+    Args:
+        model: a :class:`ProtectedModel` (the key is applied in its forward,
+            after augmentation), or :func:`plain_model` for the baseline.
+        train_set: ``(image, label)`` items, images float CHW in [0, 1].
+        config: the recipe (default :class:`TrainConfig`).
+        eval_set: if given, accuracy on it is recorded after every epoch.
+        checkpoint_dir: write a checkpoint after every epoch: the protected
+            weights (``save_protected``, never the key) and
+            ``training_state.pt`` (optimizer, scheduler, epoch, history).
+        resume: continue from the checkpoint in ``checkpoint_dir``.
+        device: default CUDA when available, else CPU.
+        progress: show a tqdm bar (stderr) with loss and accuracy.
+
+    Returns:
+        :class:`TrainResult` with the per-epoch history.
+
+    Raises:
+        CheckpointError: ``resume`` without a usable checkpoint.
+        KeyMismatchError: resuming a checkpoint made with another key.
+
+    Example:
+        >>> result = fit(model, load_dataset("digits"), config=TrainConfig(epochs=4))   # doctest: +SKIP
+        >>> result.final["accuracy"]                                                    # doctest: +SKIP
+    """
+    config = config or TrainConfig()
+    objective = config.resolved_objective
+    if objective.suppresses and not isinstance(model, ProtectedModel):
+        objective = ProtectionObjective(label_smoothing=objective.label_smoothing)
+    device = _device(device)
+    if len(train_set) == 0:
+        raise ConfigurationError("the training set is empty")
+    if resume and checkpoint_dir is None:
+        raise ConfigurationError("resume=True needs checkpoint_dir")
+
+    generator = torch.Generator().manual_seed(config.seed)
+    if config.reinit_stem and not resume:
+        _reinit_stem(model, generator)
+    model.to(device)
+    optimizer = _optimizer(model, config)
+    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
+    scheduler = _scheduler(optimizer, config, steps_per_epoch)
+    result = TrainResult()
+    start_epoch = 0
+    checkpoint = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if resume and checkpoint is not None:
+        state = _load_checkpoint(model, checkpoint, device)
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch = int(state["epoch"])
+        # Rebuild the schedule for this config and move it to where training
+        # stopped (the saved one may be for another number of epochs).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(min(start_epoch, config.epochs) * steps_per_epoch):
+                scheduler.step()
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        result.history = list(state.get("history", []))
+    else:
+        torch.manual_seed(config.seed)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=(config.epochs - start_epoch) * steps_per_epoch, desc="fine-tune", unit="step", leave=False)
+    started = time.perf_counter()
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            model.train()
+            epoch_start = time.perf_counter()
+            sums: dict = {}
+            correct = seen = 0
+            for images, labels in iterate_batches(train_set, batch_size=config.batch_size, shuffle=True, generator=generator):
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                if config.augment:
+                    images = augment_images(images, generator=generator)
+                with _autocast(device, config.amp):
+                    logits = logits_of(model(images))
+                    loss, parts = objective(model, images, labels, logits)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                n = labels.numel()
+                seen += n
+                correct += int((logits.detach().argmax(dim=-1) == labels).sum())
+                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) * n
+                for name, value in parts.items():
+                    sums[name] = sums.get(name, 0.0) + value * n
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{sums['loss'] / seen:.3f}", acc=f"{correct / seen:.3f}")
+            record = {"epoch": epoch + 1, "accuracy": correct / seen, "lr": optimizer.param_groups[0]["lr"]}
+            record.update({name: total / seen for name, total in sums.items()})
+            if eval_set is not None:
+                record["eval_accuracy"] = evaluate_accuracy(model, eval_set, device=device)
+            record["seconds"] = time.perf_counter() - epoch_start
+            result.history.append(record)
+            if checkpoint is not None:
+                _save_checkpoint(
+                    model,
+                    checkpoint,
+                    {
+                        "epoch": epoch + 1,
+                        "optimizer": optimizer.state_dict(),
+                        "generator": generator.get_state(),
+                        "torch_rng": torch.get_rng_state(),
+                        "history": result.history,
+                        "config": config.to_dict(),
+                    },
+                )
+    finally:
+        if bar is not None:
+            bar.close()
+    model.eval()
+    result.seconds = time.perf_counter() - started
+    return result

@@ -1,0 +1,116 @@
+"""Fine-tuning: augmentation before the key, checkpoints without the key,
+resume, rekeying, accuracy."""
+
+import pytest
+import timm
+import torch
+
+from kp_plugin import SecretKey, wrap_model
+from kp_plugin.checkpoint import PROTECTION_FILE, WEIGHTS_FILE, find_key_material
+from kp_plugin.data import TensorImageDataset
+from kp_plugin.errors import CheckpointError, KeyMismatchError
+from kp_plugin.objectives import ProtectionObjective
+from kp_plugin.train import (
+    TRAINING_STATE_FILE,
+    TrainConfig,
+    augment_images,
+    evaluate_accuracy,
+    first_conv,
+    fit,
+    plain_model,
+    rekey,
+)
+
+SIZE = 16
+
+
+def _separable_dataset(n=32, seed=0):
+    """Two classes a model learns in a few steps: bright vs dark images."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    images = torch.rand(n, 3, SIZE, SIZE, generator=g) * 0.3 + labels.view(-1, 1, 1, 1) * 0.6
+    return TensorImageDataset(images, labels, classes=["dark", "bright"], name="toy")
+
+
+def _model(key, seed=0):
+    torch.manual_seed(seed)
+    return wrap_model(timm.create_model("test_efficientnet", num_classes=2), key)
+
+
+@pytest.fixture(scope="module")
+def key():
+    return SecretKey.generate(block_size=4, scheme="shuffle+np")
+
+
+def test_fit_learns_and_records_history(key):
+    model = _model(key)
+    data = _separable_dataset()
+    config = TrainConfig(epochs=3, batch_size=8, lr=5e-3, objective=ProtectionObjective())
+    result = fit(model, data, config=config, eval_set=data, progress=False)
+    assert [r["epoch"] for r in result.history] == [1, 2, 3]
+    assert {"loss", "accuracy", "ce", "eval_accuracy", "lr"} <= set(result.final)
+    assert evaluate_accuracy(model, data) >= 0.9
+
+
+def test_checkpoints_hold_no_key_and_resume_continues(tmp_path, key):
+    data = _separable_dataset()
+    config = TrainConfig(epochs=2, batch_size=32, objective=ProtectionObjective(wrong_key_weight=0.5))
+    interrupted = _model(key)
+    fit(interrupted, data, config=TrainConfig(**{**config.__dict__, "epochs": 1}), checkpoint_dir=tmp_path, progress=False)
+    for name in (WEIGHTS_FILE, PROTECTION_FILE, TRAINING_STATE_FILE):
+        assert (tmp_path / name).is_file()
+    assert find_key_material(tmp_path, key) == []
+
+    resumed = _model(key, seed=1)
+    result = fit(resumed, data, config=config, checkpoint_dir=tmp_path, resume=True, progress=False)
+    assert [r["epoch"] for r in result.history] == [1, 2]
+    assert torch.load(tmp_path / TRAINING_STATE_FILE, weights_only=False)["epoch"] == 2
+    assert find_key_material(tmp_path, key) == []
+
+
+def test_resume_with_another_key_is_refused(tmp_path, key):
+    data = _separable_dataset(16)
+    fit(_model(key), data, config=TrainConfig(epochs=1, batch_size=16), checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(KeyMismatchError):
+        fit(_model(SecretKey.generate_like(key)), data, config=TrainConfig(epochs=2, batch_size=16),
+            checkpoint_dir=tmp_path, resume=True, progress=False)
+
+
+def test_resume_without_checkpoint_is_a_checkpoint_error(tmp_path, key):
+    with pytest.raises(CheckpointError, match="missing"):
+        fit(_model(key), _separable_dataset(16), config=TrainConfig(epochs=1), checkpoint_dir=tmp_path,
+            resume=True, progress=False)
+
+
+def test_rekey_shares_the_weights_and_changes_the_outputs(key):
+    model = _model(key).eval()
+    wrong = rekey(model, SecretKey.generate_like(key))
+    assert wrong.unwrap() is model.unwrap() and wrong.key != model.key
+    images = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert not torch.allclose(model(images), wrong(images))
+
+
+def test_augmentation_moves_content_and_stays_in_unit_range():
+    images = torch.zeros(4, 3, SIZE, SIZE)
+    images[:, :, 6:10, 6:10] = 1
+    out = augment_images(images, generator=torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and float(out.min()) >= 0 and float(out.max()) <= 1
+    assert not torch.allclose(out, images)
+
+
+def test_reinit_stem_moves_the_first_conv_away_from_the_public_weights(key):
+    model = _model(key)
+    public = first_conv(model).weight.detach().clone()
+    fit(model, _separable_dataset(16), config=TrainConfig(epochs=1, batch_size=16, reinit_stem=True,
+        objective=ProtectionObjective()), progress=False)
+    corr = torch.corrcoef(torch.stack([public.flatten(), first_conv(model).weight.detach().flatten()]))[0, 1]
+    assert abs(float(corr)) < 0.5
+
+
+def test_baseline_trains_as_a_plain_model_on_unit_range_images():
+    torch.manual_seed(0)
+    baseline = plain_model(timm.create_model("test_efficientnet", num_classes=2))
+    data = _separable_dataset()
+    fit(baseline, data, config=TrainConfig(epochs=3, batch_size=8, lr=5e-3, objective=ProtectionObjective()), progress=False)
+    assert evaluate_accuracy(baseline, data) >= 0.9
