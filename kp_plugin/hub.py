@@ -260,6 +260,7 @@ def push_protected(
     key: Optional[SecretKey] = None,
     report: Union[str, os.PathLike, Mapping, None] = None,
     base_model: Optional[str] = None,
+    processor: Any = None,
     endpoint: Optional[str] = None,
 ):
     """Publish a protected model on the Hub; the key stays here.
@@ -287,6 +288,9 @@ def push_protected(
         base_model: Hub id of the pre-trained base, for the card (default:
             the ``from_pretrained`` origin of a transformers model; timm
             models cannot tell, so pass it, e.g. ``"timm/resnet18.a1_in1k"``).
+        processor: a transformers image processor to publish as
+            ``preprocessor_config.json`` (e.g. ``kp_plugin.hf.KeyedImageProcessor``,
+            which saves without the key); replaces the folder's own.
         endpoint: the Hub URL (default: ``HF_ENDPOINT`` or huggingface.co).
 
     Returns:
@@ -329,6 +333,9 @@ def push_protected(
         if key is not None:
             protection.check_key(key)
         files = _files_to_upload(directory)
+        if processor is not None:
+            processor.save_pretrained(str(staging / "processor"))
+            files[PREPROCESSOR_FILE] = staging / "processor" / PREPROCESSOR_FILE
         if WEIGHTS_FILE not in files and not any(n.endswith(".safetensors") for n in files):
             raise CheckpointError(f"{directory} has no {WEIGHTS_FILE}; save the model with save_protected first")
         card = build_model_card(
@@ -449,14 +456,16 @@ def _cached(repo_id: str, revision: Optional[str], cache_dir) -> bool:
 
 
 def _build_transformers_model(directory: Path):
+    """A fresh transformers model of the checkpoint's class: ``config.json``'s
+    ``architectures``, else ``protection.json``'s ``architecture``, else the
+    image-classification auto class."""
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(str(directory))
-    names = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, names[0], None) if names else None
+    names = list(getattr(config, "architectures", None) or []) + [ProtectionConfig.load(directory).architecture]
+    cls = next((getattr(transformers, n) for n in names if isinstance(n, str) and hasattr(transformers, n)), None)
     if cls is None:
-        cls = transformers.AutoModelForImageClassification
-        return cls.from_config(config)
+        return transformers.AutoModelForImageClassification.from_config(config)
     return cls(config)
 
 

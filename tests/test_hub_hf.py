@@ -1,0 +1,48 @@
+"""A transformers model through the Hub: the repository holds transformers'
+own config.json and preprocessor_config.json, and pull rebuilds the class."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hub_servers import isolate_hub_client, test_hub  # noqa: F401 - fixtures
+from kp_plugin import SecretKey, wrap_model
+from kp_plugin.checkpoint import find_key_material
+from kp_plugin.hub import pull_protected, push_protected
+
+transformers = pytest.importorskip("transformers")
+
+KEY = SecretKey(bytes(range(90, 122)), block_size=8, scheme="shuffle+np", channels=3)
+
+
+def _tiny_vit():
+    """A randomly initialised ViT for 32x32 images, patch 8 (= block size)."""
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2,
+                                    num_attention_heads=2, intermediate_size=96, num_labels=3)
+    return transformers.ViTForImageClassification(config)
+
+
+def test_vit_round_trip_keeps_logits_and_native_files(test_hub, isolate_hub_client):
+    from kp_plugin.hf import KeyedImageProcessor
+
+    model = wrap_model(_tiny_vit(), KEY, mean=0.5, std=0.5, input_size=(3, 32, 32)).eval()
+    processor = KeyedImageProcessor(transformers.ViTImageProcessor(size={"height": 32, "width": 32}), KEY)
+    push_protected(model, "org/vit", processor=processor,
+                   token=test_hub.token, endpoint=test_hub.url)
+
+    files = test_hub.head_files("org/vit")
+    config = json.loads((test_hub.root / "blobs" / files["config.json"]).read_text())
+    assert config["model_type"] == "vit" and len(config["id2label"]) == 3
+    assert "preprocessor_config.json" in files
+    assert find_key_material(test_hub.root, KEY) == []
+
+    pulled = pull_protected("org/vit", KEY, token=test_hub.token, endpoint=test_hub.url,
+                            cache_dir=isolate_hub_client).eval()
+    assert type(pulled.unwrap()).__name__ == "ViTForImageClassification"
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(pulled(images).logits, model(images).logits)
