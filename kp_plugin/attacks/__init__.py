@@ -21,7 +21,9 @@ not imported by ``import kp_plugin``.
 """
 
 from ._candidate import AttackError, CandidateKey, CandidateModel
+from .finetune import FinetuneResult, FinetuneRow, finetune_attack
 from .heuristic_search import HeuristicSearchResult, heuristic_key_search
+from .key_estimation import KeyEstimationResult, estimate_key
 from .partial_key import PartialKeyResult, partial_key_curve
 from .random_search import RandomSearchResult, random_key_search
 from .weight_matching import WeightMatchingResult, weight_matching_attack
@@ -39,6 +41,11 @@ __all__ = [
     "heuristic_key_search",
     "PartialKeyResult",
     "partial_key_curve",
+    "FinetuneResult",
+    "FinetuneRow",
+    "finetune_attack",
+    "KeyEstimationResult",
+    "estimate_key",
     "WeightMatchingResult",
     "weight_matching_attack",
 ]

@@ -17,6 +17,7 @@ __all__ = [
     "candidate_accuracy",
     "num_classes_of",
     "chance_of",
+    "as_dataset",
 ]
 
 
@@ -98,3 +99,16 @@ def candidate_accuracy(attacked, images: torch.Tensor, labels: torch.Tensor, can
     under ``candidate`` (``None``: plain images)."""
     logits = batched_logits(lambda x: attacked(x, candidate), images, batch_size=batch_size, device=device)
     return float((logits.argmax(1) == labels).float().mean())
+
+
+def as_dataset(dataset):
+    """``dataset`` itself, or an ``(images, labels)`` pair as an in-memory
+    :class:`~kp_plugin.data.TensorImageDataset` (for APIs that take datasets)."""
+    if isinstance(dataset, (tuple, list)) and len(dataset) == 2 and isinstance(dataset[0], torch.Tensor):
+        from ..data import TensorImageDataset
+
+        images, labels = dataset
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        classes = [str(i) for i in range(int(labels.max()) + 1)]
+        return TensorImageDataset(images, labels, classes=classes)
+    return dataset

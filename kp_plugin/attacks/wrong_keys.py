@@ -17,8 +17,9 @@ from typing import Optional
 import torch
 
 from ..module import ProtectedModel
-from ._candidate import CandidateKey, CandidateModel, seeded_key
-from ._data import as_tensors, batched_logits, chance_of, num_classes_of, resolve_device
+from ..evaluate import wrong_key_accuracies, wrong_keys
+from ._candidate import CandidateKey, CandidateModel
+from ._data import as_dataset, as_tensors, batched_logits, chance_of, num_classes_of, resolve_device
 
 __all__ = ["WrongKeyResult", "wrong_key_attack", "readout_accuracies"]
 
@@ -110,7 +111,8 @@ def wrong_key_attack(
         dataset: labelled test images in [0, 1] (items ``(image, label)``), or
             an ``(images, labels)`` pair of tensors.
         num_keys: how many random wrong keys.
-        seed: makes the wrong keys reproducible.
+        seed: picks the wrong keys (:func:`kp_plugin.evaluate.wrong_keys`,
+            the same keys ``kp evaluate`` uses).
         batch_size: images per forward pass.
         device: where to run (default: CUDA if available).
         progress: show a progress bar.
@@ -134,12 +136,14 @@ def wrong_key_attack(
 
     key_acc, _ = run(CandidateKey.from_secret_key(key, image_size=size))
     plain_acc, plain_ll = run(None)
-    accs, lls = [], []
-    for i in tqdm(range(num_keys), desc="wrong keys", disable=not progress, leave=False):
-        wrong = seeded_key(key, seed, i)
-        acc, ll = run(CandidateKey.from_secret_key(wrong, image_size=size))
-        accs.append(acc)
-        lls.append(ll)
+    # Top-1 under wrong keys is the evaluation's own figure (same keys, same
+    # seed as `kp evaluate`); the least-likely readout re-runs those keys.
+    accs = wrong_key_accuracies(model, as_dataset(dataset), num_keys=num_keys, seed=seed, batch_size=batch_size,
+                                device=device, progress=progress)
+    lls = []
+    for wrong in tqdm(wrong_keys(key, num_keys, seed=seed), desc="least-likely readout", disable=not progress,
+                      leave=False):
+        lls.append(run(CandidateKey.from_secret_key(wrong, image_size=size))[1])
     return WrongKeyResult(
         key_accuracy=key_acc,
         plain_accuracy=plain_acc,

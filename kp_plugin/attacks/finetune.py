@@ -1,0 +1,145 @@
+"""Fine-tuning attack: can the stolen weights be fine-tuned on plain data
+into a better model than the public pre-trained base gives with the same
+data?
+
+For each fraction of the labelled training data (stratified, reproducible),
+the attacker fine-tunes (a copy of) the protected model's weights on plain
+images, and, as the honest reference, fine-tunes the public base on the
+same images with the same recipe. Protection holds when the stolen weights
+buy no more than a couple of points over the public base: then the
+protected model is worth no more than what was public anyway.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence, Union
+
+from torch import nn
+
+from ..module import ProtectedModel
+from ._candidate import AttackError
+from ._data import as_dataset, as_tensors, class_balanced_indices
+
+__all__ = ["FinetuneResult", "FinetuneRow", "finetune_attack", "DEFAULT_DATA_FRACTIONS"]
+
+DEFAULT_DATA_FRACTIONS = (0.01, 0.05, 0.10, 0.25)
+
+
+@dataclass
+class FinetuneRow:
+    """One data fraction: accuracies (0..1) on the plain test images."""
+
+    fraction: float
+    images: int
+    steps: int
+    protected_accuracy: float
+    base_accuracy: float
+
+    @property
+    def advantage(self) -> float:
+        """Protected minus public base (positive: the stolen weights help)."""
+        return self.protected_accuracy - self.base_accuracy
+
+
+@dataclass
+class FinetuneResult:
+    """Outcome of the fine-tuning attack.
+
+    Attributes:
+        rows: one :class:`FinetuneRow` per data fraction.
+        plain_accuracy: the protected weights on plain images before any
+            fine-tuning.
+        key_accuracy: the protected model with its key.
+    """
+
+    rows: list = field(default_factory=list)
+    plain_accuracy: float = 0.0
+    key_accuracy: float = 0.0
+    train_images: int = 0
+    seed: int = 0
+
+    def row(self, fraction: float) -> FinetuneRow:
+        for r in self.rows:
+            if math.isclose(r.fraction, fraction):
+                return r
+        raise KeyError(fraction)
+
+    def summary(self) -> dict:
+        d = asdict(self)
+        for r, raw in zip(self.rows, d["rows"]):
+            raw["advantage"] = r.advantage
+        return d
+
+
+def finetune_attack(
+    model: ProtectedModel,
+    train_set,
+    test_set,
+    *,
+    public_base: Union[nn.Module, Callable[[], nn.Module]],
+    fractions: Sequence[float] = DEFAULT_DATA_FRACTIONS,
+    config=None,
+    min_steps: int = 30,
+    seed: int = 0,
+    device=None,
+    progress: bool = True,
+) -> FinetuneResult:
+    """Fine-tune the protected weights and the public base on the same plain
+    data, for each data fraction.
+
+    Args:
+        model: the protected model (its weights are copied, not changed).
+        train_set: labelled plain training images in [0, 1].
+        test_set: labelled plain test images in [0, 1].
+        public_base: the public pre-trained model with a head for this task,
+            or a function returning a fresh one (e.g.
+            ``lambda: load_efficientnet_lite0(num_classes=10)``); copied per
+            fraction.
+        fractions: fractions of ``train_set`` the attacker has.
+        config: a :class:`kp_plugin.train.TrainConfig`; both sides use it with
+            plain cross-entropy (default: ``TrainConfig(epochs=4)``).
+        min_steps: small fractions get more epochs so that both sides take
+            at least this many optimizer steps.
+        seed: picks the subsets and seeds training.
+
+    Example:
+        >>> res = finetune_attack(protected, train, test, public_base=lambda: load_efficientnet_lite0(num_classes=10))  # doctest: +SKIP
+        >>> res.row(0.10).advantage                                                                                   # doctest: +SKIP
+    """
+    from ..data import TensorImageDataset
+    from ..objectives import CROSS_ENTROPY_ONLY
+    from ..train import TrainConfig, evaluate_accuracy, fit, plain_model
+
+    if not isinstance(model, ProtectedModel):
+        raise AttackError(f"expected a ProtectedModel, got {type(model).__name__}")
+    config = config or TrainConfig(epochs=4)
+    mean, std = model.keyed.mean, model.keyed.std
+    images, labels = as_tensors(train_set)
+    test_set = as_dataset(test_set)
+    classes = getattr(train_set, "classes", None) or [str(i) for i in range(int(labels.max()) + 1)]
+
+    def fresh_base() -> nn.Module:
+        return copy.deepcopy(public_base) if isinstance(public_base, nn.Module) else public_base()
+
+    def train_and_score(net: nn.Module, subset, epochs: int) -> float:
+        plain = plain_model(net, mean, std)
+        cfg = dataclasses.replace(config, epochs=epochs, seed=seed, objective=CROSS_ENTROPY_ONLY)
+        fit(plain, subset, config=cfg, device=device, progress=progress)
+        return evaluate_accuracy(plain, test_set, device=device)
+
+    result = FinetuneResult(seed=seed, train_images=int(labels.numel()))
+    result.plain_accuracy = evaluate_accuracy(plain_model(model.model, mean, std), test_set, device=device)
+    result.key_accuracy = evaluate_accuracy(model, test_set, device=device)
+    for fraction in fractions:
+        idx = class_balanced_indices(labels, float(fraction), seed=seed)
+        subset = TensorImageDataset(images[idx], labels[idx], classes=classes, name="attacker", split="train")
+        steps_per_epoch = math.ceil(len(idx) / config.batch_size)
+        epochs = max(config.epochs, math.ceil(min_steps / steps_per_epoch))
+        stolen = train_and_score(copy.deepcopy(model.model), subset, epochs)
+        base = train_and_score(fresh_base(), subset, epochs)
+        result.rows.append(FinetuneRow(float(fraction), len(idx), epochs * steps_per_epoch, stolen, base))
+    return result

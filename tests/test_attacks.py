@@ -1,0 +1,138 @@
+"""The attack suite on a small real model: a patch-embedding net trained on
+real handwritten digits, protected by exact adaptation to a key."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attack_models import (
+    MEAN,
+    STD,
+    StemNet,
+    digits,
+    negated_protected,
+    protected_patchnet,
+    public_patchnet,
+)
+from kp_plugin import SecretKey, apply_transform, wrap_model
+from kp_plugin.attacks import (
+    AttackError,
+    CandidateKey,
+    estimate_key,
+    finetune_attack,
+    heuristic_key_search,
+    partial_key_curve,
+    random_key_search,
+    weight_matching_attack,
+    wrong_key_attack,
+)
+from kp_plugin.evaluate import wrong_key_accuracies
+
+
+@pytest.fixture(scope="module")
+def key() -> SecretKey:
+    return SecretKey(bytes(range(32)), block_size=4, scheme="shuffle+np")
+
+
+@pytest.fixture(scope="module")
+def protected(key):
+    return protected_patchnet(key)
+
+
+@pytest.fixture(scope="module")
+def test_set():
+    return digits("test")
+
+
+@pytest.mark.parametrize("scheme", ["shuffle", "shuffle+np", "np+shift", "shuffle+ffx", "shuffle+np+scramble"])
+def test_candidate_from_key_reproduces_the_library_transform(scheme):
+    key = SecretKey(bytes(32), block_size=4, scheme=scheme)
+    images = torch.rand(2, 3, 16, 8)
+    candidate = CandidateKey.from_secret_key(key, image_size=(16, 8))
+    assert torch.equal(candidate.apply(images), apply_transform(images, key))
+
+
+def test_wrong_keys_sit_near_chance_while_the_key_works(protected, test_set):
+    result = wrong_key_attack(protected, test_set, num_keys=8, progress=False)
+    assert result.key_accuracy > 0.9
+    assert result.mean < result.chance + 0.15
+    assert result.plain_accuracy < result.chance + 0.15
+    assert len(result.least_likely) == 8
+    # Same keys, same figures as `kp evaluate`.
+    assert result.accuracies == pytest.approx(wrong_key_accuracies(protected, test_set, num_keys=8, progress=False))
+
+
+def test_least_likely_readout_exposes_a_model_that_ranks_the_true_class_last(key, test_set):
+    upside_down = negated_protected(key)
+    result = wrong_key_attack(upside_down, test_set, num_keys=2, progress=False)
+    assert result.plain_accuracy < 0.05
+    assert result.plain_least_likely_accuracy > 0.9
+
+
+def test_partial_key_curve_reaches_the_key_accuracy_at_full_fraction(protected, test_set):
+    curve = partial_key_curve(protected, test_set, fractions=(0.0, 0.5, 1.0), repeats=1, progress=False)
+    assert curve.accuracies[-1] == curve.key_accuracy
+    assert curve.accuracies[0] < curve.key_accuracy - 0.5
+
+
+def test_random_search_scores_its_best_key_on_held_out_images(protected, test_set):
+    result = random_key_search(protected, test_set, num_keys=24, search_images=48, keys_per_batch=8, progress=False)
+    assert result.holdout_images == len(test_set) - 48
+    assert result.best_search_accuracy == max(result.search_accuracies)
+    assert result.best_holdout_accuracy < result.key_accuracy - 0.3
+
+
+def test_random_search_refuses_a_batch_as_large_as_the_data(protected, test_set):
+    with pytest.raises(AttackError, match="search_images"):
+        random_key_search(protected, test_set, num_keys=1, search_images=len(test_set), progress=False)
+
+
+def test_swap_search_never_lowers_the_batch_accuracy(protected, test_set):
+    result = heuristic_key_search(protected, test_set, budget=48, search_images=48, parallel=8, progress=False)
+    assert result.final_search_accuracy >= result.initial_search_accuracy
+    climbs = [acc for _, acc in result.history]
+    assert climbs == sorted(climbs)
+
+
+def test_weight_matching_fully_recovers_an_exact_permuted_copy(protected, test_set):
+    result = weight_matching_attack(protected, public_patchnet(), test_set)
+    assert result.layer_kind == "patch embedding"
+    assert result.recovered_fraction == 1.0
+    assert result.flip_agreement == 1.0
+    assert result.accuracy == result.key_accuracy
+
+
+def test_weight_matching_finds_nothing_in_a_small_kernel_stem():
+    key = SecretKey(bytes(range(32)), block_size=4, scheme="shuffle+np")
+    torch.manual_seed(0)
+    base = StemNet()
+    stolen = StemNet()
+    stolen.load_state_dict(base.state_dict())
+    with torch.no_grad():  # what fine-tuning with the key leaves: the same stem, nudged
+        stolen.stem.weight.add_(0.05 * torch.randn_like(stolen.stem.weight))
+    result = weight_matching_attack(wrap_model(stolen, key, mean=MEAN, std=STD), base)
+    assert result.layer_kind == "conv 3x3 stride 2"
+    assert result.recovered_fraction < 0.1
+
+
+def test_key_estimation_learns_a_key_that_beats_wrong_keys(protected, test_set):
+    train = digits("train")
+    result = estimate_key(protected, train, test_set, steps=40, batch_size=64, seed=0, progress=False)
+    wrong = wrong_key_accuracies(protected, test_set, num_keys=4, progress=False)
+    assert result.recovered_fraction > 5 * result.chance_fraction
+    assert result.accuracy > max(wrong) + 0.2
+
+
+def test_finetune_attack_compares_stolen_weights_with_the_public_base(protected, test_set):
+    from kp_plugin.train import TrainConfig
+
+    train = digits("train")
+    config = TrainConfig(epochs=1, batch_size=64, lr=1e-3, augment=False, amp=False)
+    result = finetune_attack(protected, train, test_set, public_base=public_patchnet(), fractions=(0.05, 0.25),
+                             config=config, min_steps=2, progress=False)
+    assert [r.fraction for r in result.rows] == [0.05, 0.25]
+    assert result.rows[0].images < result.rows[1].images
+    # The public base already solves the task: stolen weights buy nothing.
+    assert all(r.base_accuracy > 0.9 for r in result.rows)
+    assert all(r.advantage < 0 for r in result.rows)
