@@ -60,7 +60,8 @@ def main(argv=None) -> int:
             base_t.append(_time(base, images))
             keyed_t.append(_time(keyed, images))
         b, k = statistics.median(base_t), statistics.median(keyed_t)
-        rows.append((scheme, args.images / b, args.images / k, b / k))
+        pairs = sorted(bt / kt for bt, kt in zip(base_t, keyed_t))
+        rows.append((scheme, args.images / b, args.images / k, b / k, pairs[0], pairs[-1]))
         print(f"{scheme:16s} base {args.images / b:8.1f} img/s  keyed {args.images / k:8.1f} img/s  ratio {b / k:.3f}")
 
     lines = [
@@ -71,11 +72,13 @@ def main(argv=None) -> int:
         f"{args.repeats} alternating runs. Command: `.venv/bin/python benchmarks/bench_processor.py --images "
         f"{args.images} --repeats {args.repeats}`. Machine: {machine_description()}.",
         "",
-        "| scheme | base (images/s) | keyed (images/s) | keyed / base |",
-        "|---|---:|---:|---:|",
+        "| scheme | base (images/s) | keyed (images/s) | keyed / base | range over runs |",
+        "|---|---:|---:|---:|---:|",
     ]
-    lines += [f"| {s} | {b:.1f} | {k:.1f} | {r:.3f} |" for s, b, k, r in rows]
-    lines += ["", "Target: keyed / base >= 0.95."]
+    lines += [f"| {s} | {b:.1f} | {k:.1f} | {r:.3f} | {lo:.2f}-{hi:.2f} |" for s, b, k, r, lo, hi in rows]
+    lines += ["", "Target: keyed / base >= 0.95. The range is the spread of the per-run ratios (shared machine: "
+              "other jobs ran at the same time). The keyed cost over the base is one gather plus a multiply-add "
+              "(a 256-entry lookup per position for ffx) replacing the base's normalize; the resize dominates both."]
     if not args.no_write:
         write_section("processor", "\n".join(lines))
     return 0
