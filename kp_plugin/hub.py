@@ -515,6 +515,15 @@ def pull_protected(
         repo_id, key=None if allow_wrong_key else key, revision=revision, token=token, cache_dir=cache_dir,
         endpoint=endpoint,
     )
+    return _load_rebuilt(directory, key, model=model, allow_wrong_key=allow_wrong_key, device=device,
+                         source=repo_id)
+
+
+def _load_rebuilt(directory: Path, key: SecretKey, *, model=None, allow_wrong_key: bool = False,
+                  device: Union[str, torch.device] = "cpu", source: str = "") -> ProtectedModel:
+    """Load a downloaded checkpoint, rebuilding the architecture from its
+    native ``config.json`` unless ``model`` is given."""
+    repo_id = source or str(directory)
     if model is None:
         library = _native_library(directory)
         if library == "timm":

@@ -1,0 +1,128 @@
+"""``kp push`` and ``kp pull``: the Hub from the shell.
+
+The token comes from ``HF_TOKEN`` or ``hf auth login`` (never a command-line
+argument: those show up in ``ps``); the key from ``--key FILE`` or the
+``KP_KEY`` environment variable. Imports stay lazy so ``kp --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import textwrap
+from pathlib import Path
+
+__all__ = ["register"]
+
+KEY_ENV = "KP_KEY"
+
+
+def _subcommand(subparsers, name: str, *, help: str, example: str, handler) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        name, help=help, description=help,
+        epilog="example:\n" + textwrap.indent(textwrap.dedent(example).strip(), "  "),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.set_defaults(func=handler)
+    return parser
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--revision", default=None, help="branch (push: created if missing), tag or commit")
+    parser.add_argument("--endpoint", default=None,
+                        help="Hub URL (default: HF_ENDPOINT or https://huggingface.co); self-hosted hubs "
+                             "usually need HF_HUB_DISABLE_XET=1 for uploads")
+
+
+def register(subparsers) -> None:
+    """Add ``push`` and ``pull`` to the ``kp`` command."""
+    push = _subcommand(
+        subparsers, "push",
+        help="publish a protected checkpoint on the Hugging Face Hub (private by default; the key is never sent)",
+        example="""
+            export HF_TOKEN=hf_...            # a token with write access
+            kp push out/ my-org/digits-locked --key owner.key
+        """,
+        handler=_push,
+    )
+    push.add_argument("checkpoint", help="directory written by kp protect / save_protected")
+    push.add_argument("repo_id", help="org/name on the Hub")
+    push.add_argument("--key", default=None,
+                      help=f"the owner's key file (or set {KEY_ENV}): lets the leak scan look for the key's own "
+                           "bytes; without it only key files are caught")
+    push.add_argument("--public", action="store_true",
+                      help="create the repository public (default private; the weights are useless without the key)")
+    push.add_argument("-m", "--message", default=None, help="commit message")
+    push.add_argument("--report", default=None, help="evaluation report.json for the model card "
+                                                      "(default: CHECKPOINT/report.json if present)")
+    push.add_argument("--base-model", default=None, help="Hub id of the pre-trained base, for the model card")
+    _common(push)
+
+    pull = _subcommand(
+        subparsers, "pull",
+        help="download a protected model, check it is the key's, and load it (optionally copy it to a folder)",
+        example="""
+            kp pull my-org/digits-locked --key owner.key -o model/
+            KP_KEY="$(cat owner.key)" HF_HUB_OFFLINE=1 kp pull my-org/digits-locked   # from the cache
+        """,
+        handler=_pull,
+    )
+    pull.add_argument("repo_id", help="org/name on the Hub")
+    pull.add_argument("--key", default=None, help=f"the owner's key file (default: the {KEY_ENV} environment variable)")
+    pull.add_argument("-o", "--output", default=None,
+                      help="copy the checkpoint here (weights, config, protection.json; usable with kp evaluate)")
+    pull.add_argument("--cache-dir", default=None, help="Hub cache folder (default: HF_HUB_CACHE)")
+    _common(pull)
+
+
+def _key(path, *, required: bool):
+    from .errors import KeyFileError
+    from .keys import SecretKey
+
+    if path:
+        return SecretKey.load(path)
+    if os.environ.get(KEY_ENV):
+        return SecretKey.from_env(KEY_ENV)
+    if required:
+        raise KeyFileError(f"no key given: pass --key owner.key or set {KEY_ENV} to the key file's contents")
+    return None
+
+
+def _push(args: argparse.Namespace) -> int:
+    from .hub import push_protected
+
+    key = _key(args.key, required=False)
+    info = push_protected(
+        args.checkpoint, args.repo_id, private=not args.public, revision=args.revision,
+        commit_message=args.message, key=key, report=args.report, base_model=args.base_model,
+        endpoint=args.endpoint,
+    )
+    visibility = "public" if args.public else "private"
+    print(f"pushed {args.checkpoint} to {args.repo_id} ({visibility}): {info.commit_url}")
+    if key is None:
+        print(f"note: without --key (or {KEY_ENV}) the leak scan only looked for key files")
+    return 0
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from .checkpoint import ProtectionConfig
+    from .hub import _load_rebuilt, download_protected
+
+    key = _key(args.key, required=True)
+    folder = download_protected(args.repo_id, key=key, revision=args.revision, cache_dir=args.cache_dir,
+                                endpoint=args.endpoint)
+    _load_rebuilt(folder, key, source=args.repo_id)  # the weights fit the architecture
+    protection = ProtectionConfig.load(folder)
+    where = folder
+    if args.output:
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        for path in folder.iterdir():
+            if path.is_file():
+                shutil.copyfile(path, out / path.name)  # the cache holds symlinks; copy their content
+        where = out
+    print(f"loaded {args.repo_id}: {protection.architecture}, {protection.num_classes} classes, "
+          f"scheme {'+'.join(protection.scheme)}, block size {protection.block_size}, key {key.fingerprint} "
+          f"matches; files in {where}")
+    return 0

@@ -1,0 +1,67 @@
+"""``kp push`` / ``kp pull`` against the loopback test Hub, through kp's main."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hub_servers import isolate_hub_client, test_hub  # noqa: F401 - fixtures
+from kp_plugin import SecretKey, save_protected, wrap_model
+from kp_plugin.cli import main
+
+timm = pytest.importorskip("timm")
+
+KEY = SecretKey(bytes(range(130, 162)), block_size=8, scheme="shuffle+np", channels=3)
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    torch.manual_seed(2)
+    model = wrap_model(timm.create_model("test_resnet", num_classes=3), KEY)
+    return save_protected(model, tmp_path / "out")
+
+
+@pytest.fixture
+def key_file(tmp_path):
+    return KEY.save(tmp_path / "owner.key")
+
+
+def test_push_then_pull_from_the_shell(test_hub, checkpoint, key_file, tmp_path, monkeypatch, capsys,
+                                       isolate_hub_client):
+    monkeypatch.setenv("HF_TOKEN", test_hub.token)
+    assert main(["push", str(checkpoint), "org/cli", "--key", str(key_file), "--endpoint", test_hub.url]) == 0
+    assert "(private)" in capsys.readouterr().out
+    assert test_hub.repo_state("org/cli")["private"] is True
+
+    monkeypatch.setenv("KP_KEY", key_file.read_text())
+    out = tmp_path / "pulled"
+    assert main(["pull", "org/cli", "-o", str(out), "--endpoint", test_hub.url]) == 0
+    assert f"key {KEY.fingerprint} matches" in capsys.readouterr().out
+    assert (out / "model.safetensors").read_bytes() == (checkpoint / "model.safetensors").read_bytes()
+
+
+def test_pull_exit_codes_name_the_problem(test_hub, checkpoint, key_file, tmp_path, monkeypatch, capsys,
+                                          isolate_hub_client):
+    monkeypatch.setenv("HF_TOKEN", test_hub.token)
+    assert main(["push", str(checkpoint), "org/cli-codes", "--key", str(key_file), "--endpoint", test_hub.url]) == 0
+    wrong = SecretKey.generate_like(KEY).save(tmp_path / "wrong.key")
+    assert main(["pull", "org/cli-codes", "--key", str(wrong), "--endpoint", test_hub.url]) == 3
+    assert main(["pull", "org/cli-none", "--key", str(key_file), "--endpoint", test_hub.url]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    monkeypatch.delenv("KP_KEY", raising=False)
+    assert main(["pull", "org/cli-codes", "--endpoint", test_hub.url]) == 4
+
+
+def test_push_refuses_a_folder_holding_the_key_file(test_hub, checkpoint, capsys, monkeypatch, isolate_hub_client):
+    monkeypatch.setenv("HF_TOKEN", test_hub.token)
+    KEY.save(checkpoint / "owner.key")
+    before = len(test_hub.received())
+    assert main(["push", str(checkpoint), "org/cli-leak", "--endpoint", test_hub.url]) == 1
+    assert "owner.key" in capsys.readouterr().err
+    assert test_hub.received()[before:] == []
+
+
+def test_push_and_pull_help_carry_an_example(capsys):
+    for command in ("push", "pull"):
+        assert main([command, "--help"]) == 0
+        assert "example:" in capsys.readouterr().out
