@@ -85,8 +85,9 @@ class TrainConfig:
             means the library default :data:`DEFAULT_OBJECTIVE`. Use
             ``ProtectionObjective()`` for plain cross-entropy.
         stem_lr_scale: learning-rate multiplier of the first convolution.
-        reinit_stem: re-initialize the first convolution before training
-            (so its fine-tuned weights say nothing about the public ones).
+        reinit_stem: re-initialize the first convolution of a ProtectedModel
+            before training (so its fine-tuned weights say nothing about the
+            public ones); the unprotected baseline keeps its stem.
 
     Example:
         >>> TrainConfig(epochs=2, batch_size=32).schedule
@@ -416,8 +417,8 @@ def fit(
         raise ConfigurationError("resume=True needs checkpoint_dir")
 
     generator = torch.Generator().manual_seed(config.seed)
-    if config.reinit_stem and not resume:
-        _reinit_stem(model, generator)
+    if config.reinit_stem and not resume and isinstance(model, ProtectedModel):
+        _reinit_stem(model, generator)  # a protection measure; the baseline keeps its stem
     model.to(device)
     optimizer = _optimizer(model, config)
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
