@@ -187,3 +187,32 @@ def test_unbound_callback_on_a_plain_trainer_writes_the_eval_entry(key, data, tm
     assert "eval_protection_margin" in metrics
     assert "eval_key_accuracy" in trainer.state.log_history[-1]
     assert "eval_loss" in trainer.state.log_history[-1]
+
+
+@pytest.mark.slow
+def test_model_style_resume_and_best_model_load_the_protected_checkpoints(key, data, tmp_path):
+    train, test = data[0].select(range(64)), data[1].select(range(64))
+    processor = KeyedImageProcessor(vit_processor(), key)
+    collator = KeyedImageCollator(processor, output="images01")
+
+    def trainer(max_steps, model, best=True):
+        selection = dict(load_best_model_at_end=True, metric_for_best_model="protection_margin",
+                         greater_is_better=True) if best else {}
+        return KeyedTrainer(
+            model=model, train_dataset=train, eval_dataset=test, data_collator=collator,
+            args=_args(tmp_path, max_steps=max_steps, eval_strategy="steps", eval_steps=1, save_strategy="steps",
+                       save_steps=1, **selection),
+            callbacks=[KeyProtectionCallback(key, wrong_keys=2, min_margin=0.0)])
+
+    first = trainer(2, wrap_hf_model(tiny_vit(), key, image_processor=processor))
+    first.train()
+    best = first.state.best_model_checkpoint
+    assert best is not None
+    best_weights = load_protected(best, tiny_vit(seed=5), key).unwrap().classifier.weight
+    torch.testing.assert_close(first.model.unwrap().classifier.weight, best_weights)
+
+    # Resuming at the last step trains no further: the weights are checkpoint-2's.
+    resumed = trainer(2, wrap_hf_model(tiny_vit(seed=7), key, image_processor=processor), best=False)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    saved = load_protected(tmp_path / "checkpoint-2", tiny_vit(seed=5), key).unwrap().classifier.weight
+    torch.testing.assert_close(resumed.model.unwrap().classifier.weight, saved)

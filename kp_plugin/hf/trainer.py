@@ -15,8 +15,9 @@ What it changes, and why:
   keyed batch with the key. The parts are logged as ``objective_<part>``.
 - saving: a ProtectedModel's checkpoints are written by
   :func:`kp_plugin.save_protected` (the base model's own weight names,
-  ``config.json``, ``protection.json``, never the key), and resuming loads
-  them back into the base model.
+  ``config.json``, ``protection.json``, never the key); resuming and
+  ``load_best_model_at_end`` load them back into the base model, after
+  checking the key's fingerprint.
 - it binds every :class:`KeyProtectionCallback` so that its metrics go
   through ``Trainer.log`` to every logger.
 """
@@ -30,7 +31,7 @@ from typing import Any, Optional
 import torch
 from transformers import Trainer
 
-from ..checkpoint import save_protected
+from ..checkpoint import load_protected, save_protected
 from ..errors import ConfigurationError
 from ..module import KeyedInput, ProtectedModel
 from ..objectives import ProtectionObjective, logits_of
@@ -150,6 +151,15 @@ class KeyedTrainer(Trainer):
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_best_model(self) -> None:
+        wrapped = base_module(self.model)
+        if not isinstance(wrapped, ProtectedModel) or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_best_model()
+        # The checkpoint holds the base model's own names (save_protected);
+        # the stock loader would match them against the wrapper's, silently.
+        device = next(wrapped.parameters()).device
+        load_protected(self.state.best_model_checkpoint, wrapped.unwrap(), wrapped.key, device=device)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if model is None:
