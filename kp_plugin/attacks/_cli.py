@@ -1,0 +1,128 @@
+"""``kp attack``: run the attack suite on a ``kp protect`` checkpoint and
+write report.json, report.md and plots."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from pathlib import Path
+
+__all__ = ["register", "attack"]
+
+EXAMPLE = """\
+kp attack out/ --key owner.key --data digits --attacks all --budget quick
+kp attack out/ --key owner.key --attacks wrong_keys,random_search --budget paper -o out/attack-paper
+"""
+
+
+def register(subparsers) -> None:
+    """Add ``kp attack`` to the ``kp`` command."""
+    from .suite import ATTACKS, BUDGETS
+
+    parser = subparsers.add_parser(
+        "attack",
+        help="attack a protected checkpoint (wrong keys, key search, fine-tuning, key estimation, "
+             "weight matching); writes report.json, report.md and plots",
+        description="Measure how much an attacker without the key gets from a protected checkpoint.",
+        epilog="example:\n" + textwrap.indent(EXAMPLE, "  "),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("checkpoint", help="directory written by kp protect (a timm model)")
+    parser.add_argument("--key", required=True,
+                        help="the owner's key file (used to score the attacks, never by them)")
+    parser.add_argument("--data", default=None,
+                        help="'digits', 'photos' or an ImageFolder directory (default: the checkpoint's dataset)")
+    parser.add_argument("--image-size", type=int, default=None, help="image side (default: the checkpoint's)")
+    parser.add_argument("--attacks", default="all", type=_attack_list, help=f"'all' or a comma list of: {', '.join(ATTACKS)}")
+    parser.add_argument("--budget", default="quick", choices=tuple(BUDGETS),
+                        help="how hard to try: smoke (seconds), quick, standard, paper (20,000 random keys)")
+    parser.add_argument("--base", default="auto",
+                        help="the public pre-trained base for fine-tuning and weight matching: 'auto' (the "
+                             "checkpoint's architecture, pre-trained), a timm model name, or 'none' to skip")
+    parser.add_argument("--base-weights", default="pretrained", choices=("pretrained", "random"),
+                        help="'random' builds the base without pre-trained weights (a lower bound; offline tests)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("-o", "--output", default=None, help="report directory (default CHECKPOINT/attack)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA if available)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=attack)
+
+
+def _attack_list(text: str) -> str:
+    from ._candidate import AttackError
+    from .suite import parse_attacks
+
+    try:
+        parse_attacks(text)
+    except AttackError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def attack(args: argparse.Namespace) -> int:
+    """The ``kp attack`` handler."""
+    import torch
+
+    from ..checkpoint import ProtectionConfig, find_key_material
+    from ..data import load_dataset
+    from ..errors import ConfigurationError, KeyLeakError, KeyMismatchError
+    from ..keys import SecretKey
+    from ..timm import create_base_model, load_protected_timm
+    from .report import write_attack_report
+    from .suite import parse_attacks, run_attacks
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    attacks = parse_attacks(args.attacks)
+    key = SecretKey.load(args.key)
+    checkpoint = Path(args.checkpoint)
+    protection = ProtectionConfig.load(checkpoint)
+    try:
+        protection.check_key(key)
+    except KeyMismatchError:
+        raise KeyMismatchError(
+            f"{args.key} is not the key {checkpoint} was protected with (checkpoint expects fingerprint "
+            f"{protection.fingerprint}); the attack report is scored against the owner's key"
+        ) from None
+    model = load_protected_timm(checkpoint, key).to(device)
+    data = args.data or protection.extra.get("dataset")
+    if not data:
+        raise ConfigurationError(f"{checkpoint} does not record its dataset; pass --data")
+    size = args.image_size or (protection.input_size[1] if protection.input_size else None)
+    test_set = load_dataset(data, split="test", image_size=size)
+    train_set = load_dataset(data, split="train", image_size=size) if {"finetune", "key_estimation"} & set(attacks) else None
+
+    public_base = None
+    if args.base != "none":
+        name = protection.architecture if args.base == "auto" else args.base
+        if not name:
+            raise ConfigurationError(f"{checkpoint} does not record its architecture; pass --base NAME or --base none")
+        classes = len(test_set.classes)
+        pretrained = args.base_weights == "pretrained"
+
+        def public_base():
+            return create_base_model(name, pretrained=pretrained, num_classes=classes)
+
+    report = run_attacks(
+        model, test_set, train_set=train_set, public_base=public_base, attacks=attacks, budget=args.budget,
+        seed=args.seed, device=device, progress=not args.quiet,
+        meta={"model": protection.architecture, "dataset": str(data),
+              "base": None if public_base is None else f"{args.base} ({args.base_weights})"},
+    )
+    out = Path(args.output) if args.output else checkpoint / "attack"
+    write_attack_report(report, out)
+    leaks = find_key_material(out, key)
+    if leaks:  # cannot happen by construction; refuse loudly if it ever does
+        for path in leaks:
+            Path(path).unlink()
+        raise KeyLeakError(f"the attack report contained key material and was removed: {', '.join(map(str, leaks))}")
+    for target in report.targets():
+        status = "met" if target.met else f"MISSED by {-target.margin:.1f}"
+        print(f"{target.name}: {target.measured:+.1f} {target.unit} (limit {target.limit:g}) {status}")
+    for name, why in report.skipped.items():
+        print(f"skipped {name}: {why}", file=sys.stderr)
+    print(f"report written to {out}")
+    return 0
