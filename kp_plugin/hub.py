@@ -26,19 +26,30 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch
 
 from ._hub_card import REPORT_FILE, build_model_card, read_report
+from ._hub_errors import (
+    HubError,
+    HubUnreachableError,
+    HubUploadError,
+    NotProtectedRepoError,
+    PublicRepoError,
+    RepoNotFoundError,
+    _endpoint,
+    _hub_errors,
+    _offline,
+)
+from ._hub_scan import CARD_FILE, _files_to_upload, _refuse_key_material
 from .checkpoint import CONFIG_FILE, PROTECTION_FILE, WEIGHTS_FILE, ProtectionConfig, load_protected, save_protected
-from .errors import CheckpointError, ConfigurationError, KeyLeakError, KeyMismatchError, KPError
-from .keys import KEY_FILE_FORMAT, SecretKey
+from .errors import CheckpointError, ConfigurationError, KeyMismatchError
+from .keys import SecretKey
 from .module import ProtectedModel
 
 __all__ = [
@@ -54,155 +65,6 @@ __all__ = [
 ]
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
-CARD_FILE = "README.md"
-_KEY_FILE_MARKERS = (f'"format": "{KEY_FILE_FORMAT}"'.encode(), f'"format":"{KEY_FILE_FORMAT}"'.encode())
-_DEFAULT_ENDPOINT = "https://huggingface.co"
-
-
-class HubError(KPError):
-    """Talking to the Hub failed; the message says what to do."""
-
-
-class HubUnreachableError(HubError):
-    """The Hub endpoint cannot be reached (and, for a pull, the model is not
-    in the local cache)."""
-
-
-class RepoNotFoundError(HubError):
-    """The repository or revision does not exist, or the token cannot see it."""
-
-
-class NotProtectedRepoError(HubError, CheckpointError):
-    """The repository exists but holds no ``protection.json``: it is not a
-    kp-plugin protected model."""
-
-
-class PublicRepoError(HubError):
-    """``private=True`` was asked but the repository exists and is public;
-    nothing was uploaded."""
-
-
-class HubUploadError(HubError):
-    """The upload itself failed (e.g. the Xet protocol against a self-hosted
-    endpoint)."""
-
-
-# ---------------------------------------------------------------- helpers
-def _endpoint(endpoint: Optional[str]) -> str:
-    from huggingface_hub import constants
-
-    return (endpoint or constants.ENDPOINT).rstrip("/")
-
-
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-
-
-def _xet_enabled() -> bool:
-    import importlib.util
-
-    from huggingface_hub import constants
-
-    # The same rule huggingface_hub applies: hf_xet installed and not disabled.
-    return not constants.HF_HUB_DISABLE_XET and importlib.util.find_spec("hf_xet") is not None
-
-
-@contextlib.contextmanager
-def _hub_errors(endpoint: str, repo_id: str, revision: Optional[str], *, pushing: bool = False) -> Iterator[None]:
-    """Turn huggingface_hub / network errors into kp-plugin errors that say
-    what to do."""
-    import httpx2
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    where = f"{repo_id!r} at {endpoint}"
-    try:
-        yield
-    except KPError:
-        raise
-    except OfflineModeIsEnabled:
-        raise HubUnreachableError(
-            f"HF_HUB_OFFLINE is set, so {where} cannot be reached"
-            + (": unset HF_HUB_OFFLINE to upload" if pushing else " and the model is not in the local cache")
-        ) from None
-    except GatedRepoError:
-        raise RepoNotFoundError(f"{where} is gated: accept its terms on the Hub and pass token= (or set HF_TOKEN)") from None
-    except RevisionNotFoundError:
-        raise RepoNotFoundError(
-            f"revision {revision!r} of {where} does not exist: check the branch, tag or commit name"
-        ) from None
-    except RepositoryNotFoundError:
-        raise RepoNotFoundError(
-            f"repository {where} does not exist, or it is private and the token cannot see it: check the "
-            "name, and pass token= (or set HF_TOKEN) for private repositories"
-        ) from None
-    except HfHubHTTPError as exc:
-        status = exc.response.status_code if exc.response is not None else None
-        if status in (401, 403):
-            raise HubError(
-                f"the Hub refused access to {where} (HTTP {status}): pass a token with "
-                f"{'write' if pushing else 'read'} access as token= (or set HF_TOKEN)"
-            ) from None
-        if pushing and _xet_enabled() and endpoint != _DEFAULT_ENDPOINT:
-            raise HubUploadError(_xet_hint(where, exc)) from None
-        raise HubError(f"the Hub at {endpoint} answered HTTP {status} for {repo_id!r}: {_first_line(exc)}") from None
-    except (httpx2.TransportError, ConnectionError) as exc:
-        if pushing and _xet_enabled() and ("xet" in str(exc).lower()) and endpoint != _DEFAULT_ENDPOINT:
-            raise HubUploadError(_xet_hint(where, exc)) from None
-        raise HubUnreachableError(
-            f"cannot reach the Hub at {endpoint} ({_first_line(exc)}): check the address (endpoint= or "
-            "HF_ENDPOINT) and the network"
-            + ("" if pushing else "; to load a model pulled before, set HF_HUB_OFFLINE=1")
-        ) from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _xet_hint(where: str, exc: BaseException) -> str:
-    return (
-        f"uploading to {where} failed in the Xet protocol ({_first_line(exc)}). Self-hosted hubs usually "
-        "speak only the classic LFS upload protocol: set HF_HUB_DISABLE_XET=1 in the environment (before "
-        "Python starts) and push again"
-    )
-
-
-def _files_to_upload(directory: Path) -> dict:
-    """``path_in_repo -> local path`` for a checkpoint directory: every file
-    except hidden ones (``.git``, temporary files) and an old model card."""
-    files = {}
-    for path in sorted(directory.rglob("*")):
-        rel = path.relative_to(directory)
-        if not path.is_file() or any(part.startswith(".") for part in rel.parts) or rel.as_posix() == CARD_FILE:
-            continue
-        files[rel.as_posix()] = path
-    return files
-
-
-def _refuse_key_material(files: Mapping[str, Path], key: Optional[SecretKey]) -> None:
-    """Raise :class:`KeyLeakError` if a file holds key material or is a key
-    file. Without ``key`` only key files can be recognized."""
-    needles = list(key.secret_forms()) if key is not None else []
-    needles += list(_KEY_FILE_MARKERS)
-    leaks = []
-    for name, path in files.items():
-        data = Path(path).read_bytes()
-        if name.endswith(".key") or any(n in data for n in needles):
-            leaks.append(name)
-    if leaks:
-        raise KeyLeakError(
-            f"refusing to upload: {', '.join(leaks)} hold(s) key material or a key file. Nothing was sent. "
-            "Remove these files from the folder (the key stays on the owner's disk) and push again"
-        )
 
 
 def _native_library(directory: Path) -> Optional[str]:

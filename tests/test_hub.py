@@ -214,3 +214,20 @@ def test_xet_upload_failure_against_self_hosted_hub_suggests_disabling_xet(test_
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
     with pytest.raises(HubUploadError, match="HF_HUB_DISABLE_XET=1"):
         push_protected(model, "org/xet", token=test_hub.token, endpoint=test_hub.url)
+
+
+def test_push_without_a_write_token_says_to_pass_one(test_hub, model, isolate_hub_client):
+    from kp_plugin.hub import HubError
+
+    with pytest.raises(HubError, match="token"):
+        push_protected(model, "org/anonymous", token=False, endpoint=test_hub.url)
+
+
+def test_key_material_split_across_read_chunks_is_found(tmp_path):
+    from kp_plugin._hub_scan import _holds_any
+
+    secret = MATERIAL.hex().encode()
+    path = tmp_path / "blob.bin"
+    path.write_bytes(b"x" * 1000 + secret + b"y" * 1000)
+    assert _holds_any(path, [secret], chunk_size=1010)
+    assert not _holds_any(path, [SecretKey.generate_like(KEY).secret_forms()[5]], chunk_size=1010)

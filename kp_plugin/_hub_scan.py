@@ -1,0 +1,55 @@
+"""What ``push_protected`` uploads from a folder, and the scan that keeps
+the key off the Hub: key bytes, their hex / base64 forms, the serialized
+permutation, key files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Optional
+
+from .errors import KeyLeakError
+from .keys import KEY_FILE_FORMAT, SecretKey
+
+CARD_FILE = "README.md"
+_KEY_FILE_MARKERS = (f'"format": "{KEY_FILE_FORMAT}"'.encode(), f'"format":"{KEY_FILE_FORMAT}"'.encode())
+
+
+def _files_to_upload(directory: Path) -> dict:
+    """``path_in_repo -> local path`` for a checkpoint directory: every file
+    except hidden ones (``.git``, temporary files) and an old model card."""
+    files = {}
+    for path in sorted(directory.rglob("*")):
+        rel = path.relative_to(directory)
+        if not path.is_file() or any(part.startswith(".") for part in rel.parts) or rel.as_posix() == CARD_FILE:
+            continue
+        files[rel.as_posix()] = path
+    return files
+
+
+def _refuse_key_material(files: Mapping[str, Path], key: Optional[SecretKey]) -> None:
+    """Raise :class:`KeyLeakError` if a file holds key material or is a key
+    file. Without ``key`` only key files can be recognized."""
+    needles = list(key.secret_forms()) if key is not None else []
+    needles += list(_KEY_FILE_MARKERS)
+    leaks = [name for name, path in files.items() if name.endswith(".key") or _holds_any(Path(path), needles)]
+    if leaks:
+        raise KeyLeakError(
+            f"refusing to upload: {', '.join(leaks)} hold(s) key material or a key file. Nothing was sent. "
+            "Remove these files from the folder (the key stays on the owner's disk) and push again"
+        )
+
+
+def _holds_any(path: Path, needles: list, chunk_size: int = 1 << 24) -> bool:
+    """Whether the file contains one of ``needles``; read in chunks that
+    overlap by the longest needle, so multi-GB weights need not fit in memory."""
+    overlap = max(len(n) for n in needles) - 1
+    tail = b""
+    with open(path, "rb") as fh:
+        while True:
+            chunk = fh.read(chunk_size)
+            if not chunk:
+                return False
+            window = tail + chunk
+            if any(n in window for n in needles):
+                return True
+            tail = window[-overlap:] if overlap > 0 else b""
