@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import BlockSizeError, ConfigurationError, InputDtypeError
 from .keys import SecretKey
-from .transforms import TransformPlan, check_float_range, check_image_size, compile_plan, quantize
+from .transforms import TransformPlan, check_float_range, check_image_size, compile_plan, lookup_table
 
 __all__ = ["KeyedInput", "ProtectedModel", "wrap_model", "unwrap", "resolve_normalization"]
 
@@ -99,7 +99,7 @@ class KeyedInput(nn.Module):
             lookup = (plan.value_table.double() / 255 - mean[pos_channel, None]) / std[pos_channel, None]
             tensors = {
                 "source_index": plan.source_index,
-                "lookup_offsets": plan.lookup_offsets(),
+                "lookup_offsets": plan.lookup_offsets().to(torch.int32),
                 "value_lookup": lookup.reshape(-1).to(dtype),
             }
         else:
@@ -152,8 +152,7 @@ class KeyedInput(nn.Module):
         flat = x.flatten(1)
         gathered = torch.gather(flat, 1, self.source_index.expand(flat.shape[0], -1))
         if self._quantizes:
-            q = gathered.long() if gathered.dtype == torch.uint8 else quantize(gathered)
-            out = self.value_lookup[q.add_(self.lookup_offsets)]
+            out = lookup_table(gathered, self.lookup_offsets, self.value_lookup, owned=True)
         else:
             scale, bias = self.value_scale, self.value_bias
             if gathered.dtype == torch.uint8:

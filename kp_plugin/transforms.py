@@ -42,6 +42,7 @@ __all__ = [
     "check_float_range",
     "nearest_valid_size",
     "quantize",
+    "lookup_table",
     "RANGE_TOLERANCE",
 ]
 
@@ -158,7 +159,7 @@ class TransformPlan:
             }
             if self.value_table is not None:
                 offsets = self.lookup_offsets()
-                cached["offsets"] = offsets.to(device)
+                cached["offsets"] = offsets.to(device=device, dtype=torch.int32)
                 cached["table"] = self.value_table.reshape(-1).to(device)
                 # inverse: the element at output i went through map position[i]
                 cached["inv_table"] = self.inverse_value_table().reshape(-1).to(device)
@@ -200,7 +201,7 @@ class TransformPlan:
         flat = batch.flatten(1)
         out = torch.gather(flat, 1, t["src"].expand(flat.shape[0], -1))
         if self.value_table is not None:
-            out = _lookup(out, t["offsets"], t["table"])
+            out = _lookup(out, t["offsets"], t["table"], owned=True)
         elif self.flip is not None:
             full = 255 if out.dtype == torch.uint8 else 1.0
             out = torch.where(t["flip"], full - out, out)
@@ -214,7 +215,7 @@ class TransformPlan:
         t = self._on(batch.device)
         flat = batch.flatten(1)
         if self.value_table is not None:
-            flat = _lookup(flat, t["offsets"], t["inv_table"])
+            flat = _lookup(flat, t["offsets"], t["inv_table"], owned=False)
         elif self.flip is not None:
             full = 255 if flat.dtype == torch.uint8 else 1.0
             flat = torch.where(t["flip"], full - flat, flat)
@@ -222,12 +223,37 @@ class TransformPlan:
         return out[0] if single else out
 
 
-def _lookup(values: torch.Tensor, offsets: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Per-element 256-entry lookup: ``table[offsets + q]``, quantizing float
-    input to 8 bits and scaling the result back to [0, 1]."""
+def _lookup(values: torch.Tensor, offsets: torch.Tensor, table: torch.Tensor, *, owned: bool) -> torch.Tensor:
+    """Per-element 256-entry lookup ``table[offsets + q]`` (uint8 result for
+    uint8 input; float input is quantized to 8 bits and the result scaled
+    back to [0, 1])."""
+    out = lookup_table(values, offsets, table, owned=owned)
+    return out if values.dtype == torch.uint8 else out.to(values.dtype).div_(255)
+
+
+def lookup_table(values: torch.Tensor, offsets: torch.Tensor, table: torch.Tensor, *, owned: bool = False) -> torch.Tensor:
+    """``table[offsets[i] + q[i]]`` for every element of ``values`` ``(B, N)``,
+    where ``q`` is ``values`` itself (uint8) or ``round(v * 255)`` clamped to
+    0..255 (float).
+
+    ``offsets`` is ``(N,)`` (``position * 256``, int32), ``table`` is 1-D.
+    The index is built in place when ``owned`` (``values`` is a temporary the
+    caller gives up) and kept in int32, so the lookup costs a few streaming
+    passes and one ``index_select`` rather than int64 fancy indexing.
+    """
+    if table.numel() >= 1 << 24:  # float32 can no longer hold the index exactly
+        q = values.long() if values.dtype == torch.uint8 else quantize(values)
+        return table[q + offsets.long()]
     if values.dtype == torch.uint8:
-        return table[offsets + values.long()]
-    return table[offsets + quantize(values)].to(values.dtype).div_(255)
+        index = values.to(torch.int32).add_(offsets)
+    else:
+        work = values.detach()
+        if work.dtype != torch.float32:
+            work = work.float()
+        elif not owned:
+            work = work.clone()
+        index = work.mul_(255).round_().clamp_(0, 255).add_(offsets).to(torch.int32)
+    return torch.index_select(table, 0, index.view(-1)).view(values.shape)
 
 
 def quantize(values: torch.Tensor) -> torch.Tensor:

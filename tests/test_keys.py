@@ -370,3 +370,14 @@ def test_from_env_with_tampered_content_names_the_variable(golden_key, monkeypat
     with pytest.raises(KeyFileError, match="environment variable KP_KEY") as info:
         SecretKey.from_env()
     _assert_no_material(str(info.value), golden_key)
+
+
+def test_key_format_doc_carries_the_golden_vectors_and_runnable_reference_code():
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "key-format.md").read_text()
+    for name, value in GOLDEN.items():
+        text = value if isinstance(value, str) else str(value)
+        assert text in doc, name
+    code = doc.split("```python", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, "docs/key-format.md", "exec"), namespace)  # its own asserts must hold
+    assert namespace["permutation"](GOLDEN_MATERIAL, "pixel-shuffle/L=48", 48)[:16] == GOLDEN["pixel_permutation"]

@@ -1,0 +1,188 @@
+"""Speed of the keyed transform on CPU, side by side in one process.
+
+For float32 batches (64, 3, 224, 224) and (256, 3, 32, 32) it times
+
+- ``x.clone()``: the memory-copy floor;
+- normalize alone: what an unprotected pipeline does anyway;
+- ``KeyedInput``: keyed transform + normalize (the library);
+- a naive baseline written the way published code does it: reshape/permute
+  into blocks, index the last axis, reshape/permute back, then normalize;
+
+and one training step (forward, backward, SGD) of a timm resnet18 (random
+init) at 112x112, batch 32, wrapped by ``wrap_model`` vs unwrapped (the
+unwrapped model normalizes its input, as an unprotected pipeline would).
+
+Candidates run interleaved (one call of each per round) and each reports
+its median, so a load spike hits them all alike. Ratios are printed and the
+table goes into docs/benchmarks.md (section ``transform``).
+
+Targets (issue 2): KeyedInput at least 0.8x the speed of clone and at least
+3x the naive baseline; the wrapped training step at most 3% slower.
+
+Run: ``.venv/bin/python benchmarks/bench_transform.py`` (about 2-4 minutes
+on 2 CPU cores); ``--quick`` for a smoke run that writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _report import machine_description, write_section  # noqa: E402
+
+from kp_plugin import KeyedInput, SecretKey, wrap_model  # noqa: E402
+from kp_plugin.keys import DEFAULT_SCHEME  # noqa: E402
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+#: (batch shape, block size) measured; M=16 for ImageNet-size images (the
+#: library default), M=4 for 32x32 (the paper's CIFAR setting).
+CASES = [((64, 3, 224, 224), 16), ((256, 3, 32, 32), 4)]
+
+
+def interleaved_medians(candidates: dict[str, Callable[[], object]], *, rounds: int, warmup: int = 2) -> dict:
+    """Median seconds per call of each candidate, timed one call each per round."""
+    for _ in range(warmup):
+        for run in candidates.values():
+            run()
+    times = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, run in candidates.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def naive_keyed_normalize(x: torch.Tensor, key: SecretKey, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """The keyed transform as published research code writes it: blocks via
+    reshape/permute, the key's permutation as an index on the last axis,
+    flips with a mask, back via permute/reshape; then normalize."""
+    b, c, h, w = x.shape
+    m = key.block_size
+    perm = torch.tensor(key.pixel_permutation())
+    flip = torch.tensor(key.np_mask(), dtype=torch.bool)
+    blocks = x.reshape(b, c, h // m, m, w // m, m).permute(0, 2, 4, 3, 5, 1).reshape(b, h // m, w // m, -1)
+    blocks = blocks[..., perm]
+    if "np" in key.scheme:
+        blocks[..., flip] = 1 - blocks[..., flip]
+    out = blocks.reshape(b, h // m, w // m, m, m, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
+    return (out - mean) / std
+
+
+def transform_rows(*, rounds: int) -> tuple[list[str], list[str]]:
+    """Time the four candidates for each batch shape; return table rows and notes."""
+    rows, notes = [], []
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    for shape, block_size in CASES:
+        torch.manual_seed(0)
+        x = torch.rand(shape)
+        key = SecretKey(bytes(range(32)), block_size=block_size, scheme=DEFAULT_SCHEME)
+        keyed = KeyedInput(key, mean=MEAN, std=STD, input_size=shape[1:])
+        candidates = {
+            "clone": lambda: x.clone(),
+            "normalize": lambda: (x - mean) / std,
+            "KeyedInput": lambda: keyed(x),
+        }
+        if set(key.scheme) <= {"shuffle", "np"}:
+            expected = naive_keyed_normalize(x, key, mean, std)
+            torch.testing.assert_close(keyed(x), expected, rtol=1e-5, atol=1e-5)
+            candidates["naive"] = lambda: naive_keyed_normalize(x, key, mean, std)
+        else:
+            notes.append(f"naive baseline skipped for scheme {key.scheme_name} (it implements shuffle+np only)")
+        full = SecretKey(bytes(range(32)), block_size=block_size, scheme="shuffle+np+shift+ffx")
+        keyed_full = KeyedInput(full, mean=MEAN, std=STD, input_size=shape[1:])
+        candidates["KeyedInput (shuffle+np+shift+ffx)"] = lambda: keyed_full(x)
+
+        t = interleaved_medians(candidates, rounds=rounds)
+        label = f"({', '.join(map(str, shape))}), M={block_size}"
+        for name, seconds in t.items():
+            vs_clone = t["clone"] / seconds
+            vs_naive = f"{t['naive'] / seconds:.2f}x" if "naive" in t else "n/a"
+            rows.append(f"| {label} | {name} | {seconds * 1e3:.2f} | {vs_clone:.2f}x | {vs_naive} |")
+            print(f"{label:32s} {name:36s} {seconds * 1e3:8.2f} ms  speed vs clone {vs_clone:5.2f}x  vs naive {vs_naive}")
+    return rows, notes
+
+
+def train_step_ratio(*, steps: int) -> tuple[float, float]:
+    """Median seconds of one training step, unwrapped and wrapped (interleaved)."""
+    import timm
+
+    torch.manual_seed(0)
+    base = timm.create_model("resnet18", num_classes=10)
+    key = SecretKey(bytes(range(32)), block_size=16, scheme=DEFAULT_SCHEME)
+    wrapped = wrap_model(base, key, input_size=(3, 112, 112))
+    mean = torch.tensor(base.pretrained_cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(base.pretrained_cfg["std"]).view(1, 3, 1, 1)
+    optimizer = torch.optim.SGD(base.parameters(), lr=0.01, momentum=0.9)
+    images = torch.rand(32, 3, 112, 112)
+    labels = torch.randint(0, 10, (32,))
+
+    def step(forward: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(forward(images), labels).backward()
+        optimizer.step()
+
+    base.train()
+    t = interleaved_medians(
+        {"unwrapped": lambda: step(lambda x: base((x - mean) / std)), "wrapped": lambda: step(wrapped)},
+        rounds=steps,
+    )
+    return t["unwrapped"], t["wrapped"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds per transform case")
+    parser.add_argument("--steps", type=int, default=12, help="interleaved training steps per variant")
+    parser.add_argument("--quick", action="store_true", help="few rounds, no docs/benchmarks.md update")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.steps = 3, 2
+
+    machine = machine_description()
+    print(machine)
+    rows, notes = transform_rows(rounds=args.rounds)
+    plain, wrapped = train_step_ratio(steps=args.steps)
+    slowdown = wrapped / plain - 1
+    print(f"train step resnet18 112x112 b32: unwrapped {plain * 1e3:.1f} ms, wrapped {wrapped * 1e3:.1f} ms "
+          f"({slowdown * 100:+.1f}%)")
+    if args.quick:
+        return 0
+
+    lines = [
+        "## Keyed transform speed (`benchmarks/bench_transform.py`)",
+        "",
+        f"Machine: {machine}. Scheme: `{'+'.join(DEFAULT_SCHEME)}` (the default) unless named. "
+        f"Median of {args.rounds} interleaved rounds; speed ratios are time(baseline) / time(candidate), "
+        "so above 1 means faster than the baseline.",
+        "",
+        "| batch (float32) | candidate | ms | speed vs clone | speed vs naive |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+        f"Training step, timm resnet18 (random init), 112x112, batch 32, SGD, median of {args.steps} "
+        f"interleaved steps: unwrapped {plain * 1e3:.1f} ms, wrapped {wrapped * 1e3:.1f} ms "
+        f"({slowdown * 100:+.1f}%).",
+        "",
+        "Targets (issue 2): KeyedInput >= 0.8x the speed of clone and >= 3x the naive baseline; "
+        "wrapped training step at most 3% slower.",
+    ]
+    lines += [f"Note: {n}." for n in notes]
+    write_section("transform", "\n".join(lines))
+    print("wrote docs/benchmarks.md (section transform)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
