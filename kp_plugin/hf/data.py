@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from ..errors import ConfigurationError
-from .processor import KeyedImageProcessor
+from .processor import KeyedImageProcessor, KeyRequiredError
 
 __all__ = ["KeyedImageCollator", "KeyedExampleTransform", "OUTPUTS"]
 
@@ -81,8 +81,30 @@ class _ImageBatcher:
             return self.image_processor.apply_key(x)
         return x
 
+    # ``datasets`` fingerprints a transform by pickling it. The pickle holds
+    # public settings only (the processor's config with the key's
+    # fingerprint), so the fingerprint is stable and the key never leaves
+    # the process; unpickling refuses, since the key is not in it.
+    def __reduce__(self):
+        return (_refuse_unpickling, (type(self).__name__, self.image_processor.to_json_string(),
+                                     self.image_column, self.label_column, self.output, self.augment))
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo: dict):
+        return self
+
     def _missing(self, column: str, have: Sequence[str]) -> ConfigurationError:
         return ConfigurationError(f"examples have no {column!r} column (they have {sorted(have)}). {_TRAP_HINT}")
+
+
+def _refuse_unpickling(name: str, *public_settings: Any) -> None:
+    raise KeyRequiredError(
+        f"a {name} was sent to another process without its key (keys are never pickled). Build it in each "
+        "process from the key file (SecretKey.load), e.g. with DataLoader workers started by fork (the Linux "
+        "default) or inside a worker_init_fn"
+    )
 
 
 class KeyedImageCollator(_ImageBatcher):

@@ -1,0 +1,66 @@
+"""Data helpers: with_transform / collator outputs, and pickling that
+carries no key (datasets fingerprints transforms by pickling them)."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from datasets.fingerprint import Hasher
+
+from hf_fixtures import BLOCK_SIZE, IMAGE_SIZE, digits_dataset, vit_processor
+from kp_plugin import SecretKey
+from kp_plugin.hf import KeyedExampleTransform, KeyedImageCollator, KeyedImageProcessor, KeyRequiredError
+
+
+@pytest.fixture(scope="module")
+def key():
+    return SecretKey.generate(block_size=BLOCK_SIZE)
+
+
+def test_with_transform_and_collator_give_the_processors_output(key):
+    processor = KeyedImageProcessor(vit_processor(), key)
+    raw = digits_dataset("test", size=4)
+    expected = processor(list(raw["image"]), return_tensors="pt")["pixel_values"]
+    transformed = raw.with_transform(KeyedExampleTransform(processor))
+    from_transform = torch.stack([transformed[i]["pixel_values"] for i in range(4)])
+    batch = KeyedImageCollator(processor)([raw[i] for i in range(4)])
+    torch.testing.assert_close(from_transform, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(batch["pixel_values"], expected, atol=1e-6, rtol=0)
+    assert batch["labels"].tolist() == raw["label"]
+
+
+def test_images01_output_is_unkeyed_and_in_range(key):
+    processor = KeyedImageProcessor(vit_processor(), key)
+    raw = digits_dataset("test", size=4)
+    batch = KeyedImageCollator(processor, output="images01")([raw[i] for i in range(4)])
+    assert batch["pixel_values"].shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert 0.0 <= batch["pixel_values"].min() and batch["pixel_values"].max() <= 1.0
+    torch.testing.assert_close(processor.apply_key(batch["pixel_values"]),
+                               processor(list(raw["image"]), return_tensors="pt")["pixel_values"], atol=1e-6, rtol=0)
+
+
+def test_augmentation_runs_on_images01_before_the_key(key):
+    processor = KeyedImageProcessor(vit_processor(), key)
+    raw = digits_dataset("test", size=2)
+    flipped = KeyedImageCollator(processor, augment=lambda x: x.flip(-1))([raw[0], raw[1]])["pixel_values"]
+    expected = processor.apply_key(processor.images01(list(raw["image"])).flip(-1))
+    torch.testing.assert_close(flipped, expected)
+
+
+def test_transform_fingerprint_is_stable_and_pickles_hold_no_key(key):
+    a = KeyedExampleTransform(KeyedImageProcessor(vit_processor(), key))
+    b = KeyedExampleTransform(KeyedImageProcessor(vit_processor(), key))
+    other = KeyedExampleTransform(KeyedImageProcessor(vit_processor(), SecretKey.generate_like(key)))
+    assert Hasher.hash(a) == Hasher.hash(b) != Hasher.hash(other)
+    data = pickle.dumps(a)
+    assert not any(form in data for form in key.secret_forms())
+    with pytest.raises(KeyRequiredError, match="SecretKey.load"):
+        pickle.loads(data)
+
+
+def test_missing_image_column_names_the_trap(key):
+    collator = KeyedImageCollator(KeyedImageProcessor(vit_processor(), key))
+    with pytest.raises(Exception, match="remove_unused_columns"):
+        collator([{"label": 1}])
