@@ -67,14 +67,34 @@ def _xet_enabled() -> bool:
     from huggingface_hub import constants
 
     # The same rule huggingface_hub applies: hf_xet installed and not disabled.
-    return not constants.HF_HUB_DISABLE_XET and importlib.util.find_spec("hf_xet") is not None
+    return not getattr(constants, "HF_HUB_DISABLE_XET", False) and importlib.util.find_spec("hf_xet") is not None
+
+
+def transport_errors() -> tuple:
+    """Connection-level error classes of whichever HTTP stack this
+    huggingface_hub uses (httpx2 in 2.x, httpx in 1.x, requests before)."""
+    import importlib
+
+    found = [ConnectionError, TimeoutError]
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "ConnectionError"),
+                         ("requests", "Timeout")):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+def _mentions_xet(exc: BaseException) -> bool:
+    response = getattr(exc, "response", None)
+    url = str(getattr(response, "url", "") or "")
+    return "xet" in str(exc).lower() or "xet" in url.lower()
 
 
 @contextlib.contextmanager
 def _hub_errors(endpoint: str, repo_id: str, revision: Optional[str], *, pushing: bool = False) -> Iterator[None]:
     """Turn huggingface_hub / network errors into kp-plugin errors that say
     what to do."""
-    import httpx2
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -111,11 +131,11 @@ def _hub_errors(endpoint: str, repo_id: str, revision: Optional[str], *, pushing
                 f"the Hub refused access to {where} (HTTP {status}): pass a token with "
                 f"{'write' if pushing else 'read'} access as token= (or set HF_TOKEN)"
             ) from None
-        if pushing and _xet_enabled() and endpoint != _DEFAULT_ENDPOINT:
+        if pushing and _xet_enabled() and _mentions_xet(exc) and endpoint != _DEFAULT_ENDPOINT:
             raise HubUploadError(_xet_hint(where, exc)) from None
         raise HubError(f"the Hub at {endpoint} answered HTTP {status} for {repo_id!r}: {_first_line(exc)}") from None
-    except (httpx2.TransportError, ConnectionError) as exc:
-        if pushing and _xet_enabled() and ("xet" in str(exc).lower()) and endpoint != _DEFAULT_ENDPOINT:
+    except transport_errors() as exc:
+        if pushing and _xet_enabled() and _mentions_xet(exc) and endpoint != _DEFAULT_ENDPOINT:
             raise HubUploadError(_xet_hint(where, exc)) from None
         raise HubUnreachableError(
             f"cannot reach the Hub at {endpoint} ({_first_line(exc)}): check the address (endpoint= or "

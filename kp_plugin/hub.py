@@ -45,6 +45,7 @@ from ._hub_errors import (
     _endpoint,
     _hub_errors,
     _offline,
+    transport_errors,
 )
 from ._hub_scan import CARD_FILE, _files_to_upload, _refuse_key_material
 from .checkpoint import CONFIG_FILE, PROTECTION_FILE, WEIGHTS_FILE, ProtectionConfig, load_protected, save_protected
@@ -247,7 +248,6 @@ def download_protected(
     Example:
         >>> folder = download_protected("org/name", key=SecretKey.load("owner.key"))  # doctest: +SKIP
     """
-    import httpx2
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
 
@@ -283,7 +283,7 @@ def download_protected(
                         + (f": it is not a kp-plugin protected model (publish one with push_protected)"
                            if filename == PROTECTION_FILE else "; the protected model is incomplete")
                     ) from None
-        except (LocalEntryNotFoundError, httpx2.TransportError) as exc:
+        except (LocalEntryNotFoundError, *transport_errors()) as exc:
             raise HubUnreachableError(
                 f"{filename} of {repo_id!r} is not in the local cache and {endpoint} "
                 f"{'is not used (HF_HUB_OFFLINE)' if offline else 'cannot be reached'}: pull it once online "
