@@ -2,7 +2,7 @@
 
 Every rank reads the same key file, builds the keyed processor, writes a
 hash of its compiled transform, then runs a few Trainer steps (gloo on CPU)
-with the callback. Usage:
+with the protection objective and the callback. Usage:
     torchrun --nproc_per_node 2 tests/hf_ddp_worker.py KEY_FILE OUT_DIR
 """
 
@@ -22,6 +22,7 @@ from transformers import TrainingArguments  # noqa: E402
 from hf_fixtures import IMAGE_SIZE, digits_dataset, tiny_vit, vit_processor  # noqa: E402
 from kp_plugin import SecretKey, compile_plan  # noqa: E402
 from kp_plugin.hf import KeyedImageCollator, KeyedImageProcessor, KeyedTrainer, KeyProtectionCallback  # noqa: E402
+from kp_plugin.objectives import ProtectionObjective  # noqa: E402
 
 
 def main(key_file: str, out_dir: str) -> None:
@@ -42,6 +43,9 @@ def main(key_file: str, out_dir: str) -> None:
         model=tiny_vit(), args=args, train_dataset=digits_dataset("train", size=96),
         eval_dataset=digits_dataset("test", size=64), data_collator=KeyedImageCollator(processor),
         callbacks=[KeyProtectionCallback(key, wrong_keys=2, min_margin=0.0)],
+        # The objective's wrong-key passes run outside DDP's forward; the
+        # replicas must still end identical.
+        objective=ProtectionObjective(wrong_key_weight=0.5),
     )
     trainer.train()
     metrics = trainer.evaluate()
