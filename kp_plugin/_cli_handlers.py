@@ -22,8 +22,8 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import PROTECTION_FILE, ProtectionConfig, save_protected
-from .errors import CheckpointError, ConfigurationError, KeyMismatchError
+from .checkpoint import PROTECTION_FILE, ProtectionConfig, find_key_material, save_protected
+from .errors import CheckpointError, ConfigurationError, KeyLeakError, KeyMismatchError
 from .keys import SecretKey
 from .transforms import check_image_size, nearest_valid_size
 
@@ -138,6 +138,7 @@ def protect(args: argparse.Namespace) -> int:
     if "unprotected_accuracy" in record:
         metadata["unprotected_accuracy"] = record["unprotected_accuracy"]
     save_protected(model.cpu(), out, metadata=metadata)
+    _check_no_key_material(out, key, args.key)
     line = f"saved the protected model to {out} (test accuracy with the key {100 * key_accuracy:.1f}%"
     if "unprotected_accuracy" in record:
         line += f", unprotected baseline {100 * record['unprotected_accuracy']:.1f}%"
@@ -178,6 +179,7 @@ def evaluate(args: argparse.Namespace) -> int:
     )
     out = Path(args.output) if args.output else checkpoint / REPORT_DIR
     write_report(report, out)
+    _check_no_key_material(out, key, args.key)
     print(format_summary(report))
     print(f"report written to {out}")
     return 0
@@ -221,6 +223,19 @@ def show(args: argparse.Namespace) -> int:
     Image.fromarray(pixels).save(args.output, format="PNG")
     print(f"wrote {args.output} ({'decrypted' if args.invert else 'protected'}, {target[0]}x{target[1]})")
     return 0
+
+
+def _check_no_key_material(directory: Path, key: SecretKey, key_file: str) -> None:
+    """Nothing written under ``directory`` may hold the key; the owner's own
+    key file lying there is only worth a warning."""
+    own = Path(key_file).resolve()
+    leaks = [p for p in find_key_material(directory, key) if p.resolve() != own]
+    if own.is_relative_to(directory.resolve()):
+        print(f"warning: the key file {key_file} lies inside {directory}; move it out before sharing the "
+              "directory", file=sys.stderr)
+    if leaks:
+        names = ", ".join(str(p.relative_to(directory)) for p in leaks)
+        raise KeyLeakError(f"key material found in {names} under {directory}; delete these files")
 
 
 def _write_json(path: Path, data: dict) -> None:
