@@ -57,6 +57,9 @@ def register(subparsers) -> None:
     push.add_argument("--report", default=None, help="evaluation report.json for the model card "
                                                       "(default: CHECKPOINT/report.json if present)")
     push.add_argument("--base-model", default=None, help="Hub id of the pre-trained base, for the model card")
+    push.add_argument("--include", action="append", default=[], metavar="GLOB",
+                      help="also upload files matching this relative-path glob (repeatable); by default only "
+                           "the checkpoint, report and training.json go up")
     _common(push)
 
     pull = _subcommand(
@@ -96,7 +99,7 @@ def _push(args: argparse.Namespace) -> int:
     info = push_protected(
         args.checkpoint, args.repo_id, private=not args.public, revision=args.revision,
         commit_message=args.message, key=key, report=args.report, base_model=args.base_model,
-        endpoint=args.endpoint,
+        include=args.include, endpoint=args.endpoint,
     )
     visibility = "public" if args.public else "private"
     print(f"pushed {args.checkpoint} to {args.repo_id} ({visibility}): {info.commit_url}")

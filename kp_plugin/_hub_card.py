@@ -20,15 +20,19 @@ REPORT_FILE = "report.json"
 
 
 def read_report(source: Any) -> Optional[dict]:
-    """An evaluation report as a dict: ``source`` is a mapping, a path to a
-    ``report.json``, a directory holding one, or None (no report)."""
+    """An evaluation report as a dict: ``source`` is a mapping, a
+    ``ProtectionReport``, a path to a ``report.json``, a checkpoint directory
+    holding one (or ``report/report.json``), or None (no report)."""
     if source is None:
         return None
     if isinstance(source, Mapping):
         return dict(source)
+    if callable(getattr(source, "to_dict", None)):  # kp_plugin.evaluate.ProtectionReport
+        return dict(source.to_dict())
     path = Path(source)
     if path.is_dir():
-        path = path / REPORT_FILE
+        # kp evaluate writes CHECKPOINT/report/report.json by default.
+        path = next((p for p in (path / REPORT_FILE, path / "report" / REPORT_FILE) if p.is_file()), path / REPORT_FILE)
     if not path.is_file():
         return None
     try:

@@ -4,8 +4,9 @@ permutation, key files."""
 
 from __future__ import annotations
 
+import fnmatch
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Iterable, Mapping, Optional
 
 from .errors import KeyLeakError
 from .keys import KEY_FILE_FORMAT, SecretKey
@@ -13,17 +14,35 @@ from .keys import KEY_FILE_FORMAT, SecretKey
 CARD_FILE = "README.md"
 _KEY_FILE_MARKERS = (f'"format": "{KEY_FILE_FORMAT}"'.encode(), f'"format":"{KEY_FILE_FORMAT}"'.encode())
 
+#: What a protected checkpoint folder publishes by default: the weights, the
+#: native configs, protection.json, and the evaluation report and training
+#: summary when present. Not the per-epoch training state (``training/``).
+UPLOAD_PATTERNS = (
+    "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
+    "config.json", "preprocessor_config.json", "protection.json",
+    "report.json", "report/*", "training.json",
+)
 
-def _files_to_upload(directory: Path) -> dict:
-    """``path_in_repo -> local path`` for a checkpoint directory: every file
-    except hidden ones (``.git``, temporary files) and an old model card."""
-    files = {}
-    for path in sorted(directory.rglob("*")):
-        rel = path.relative_to(directory)
-        if not path.is_file() or any(part.startswith(".") for part in rel.parts) or rel.as_posix() == CARD_FILE:
-            continue
-        files[rel.as_posix()] = path
-    return files
+
+def _files_to_upload(directory: Path, include: Iterable[str] = ()) -> dict:
+    """``path_in_repo -> local path``: the folder's files matching
+    :data:`UPLOAD_PATTERNS` or ``include`` (globs on the relative path),
+    never hidden ones or an old model card."""
+    patterns = tuple(UPLOAD_PATTERNS) + tuple(include)
+    return {
+        rel: path for rel, path in _folder_files(directory).items()
+        if rel != CARD_FILE and not any(p.startswith(".") for p in rel.split("/"))
+        and any(fnmatch.fnmatchcase(rel, pattern) for pattern in patterns)
+    }
+
+
+def _folder_files(directory: Path) -> dict:
+    """Every regular file under ``directory`` (relative posix path -> path),
+    skipping ``.git``."""
+    return {
+        path.relative_to(directory).as_posix(): path for path in sorted(directory.rglob("*"))
+        if path.is_file() and ".git" not in path.relative_to(directory).parts
+    }
 
 
 def _refuse_key_material(files: Mapping[str, Path], key: Optional[SecretKey]) -> None:

@@ -30,11 +30,11 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 
-from ._hub_card import REPORT_FILE, build_model_card, read_report
+from ._hub_card import build_model_card, read_report
 from ._hub_errors import (
     HubError,
     HubUnreachableError,
@@ -47,7 +47,7 @@ from ._hub_errors import (
     _offline,
     transport_errors,
 )
-from ._hub_scan import CARD_FILE, _files_to_upload, _refuse_key_material
+from ._hub_scan import CARD_FILE, _files_to_upload, _folder_files, _refuse_key_material
 from .checkpoint import CONFIG_FILE, PROTECTION_FILE, WEIGHTS_FILE, ProtectionConfig, load_protected, save_protected
 from .errors import CheckpointError, ConfigurationError, KeyMismatchError
 from .keys import SecretKey
@@ -124,15 +124,18 @@ def push_protected(
     report: Union[str, os.PathLike, Mapping, None] = None,
     base_model: Optional[str] = None,
     processor: Any = None,
+    include: Sequence[str] = (),
     endpoint: Optional[str] = None,
 ):
     """Publish a protected model on the Hub; the key stays here.
 
     Uploads the weights (``model.safetensors``), the architecture's own
     ``config.json`` (and ``preprocessor_config.json`` for transformers
-    models), ``protection.json``, any other files of the folder (e.g. an
-    evaluation ``report.json``) and a generated model card (``README.md``).
-    Hidden files are skipped.
+    models), ``protection.json``, the evaluation report (``report.json`` or
+    ``report/``) and ``training.json`` when present, and a generated model
+    card (``README.md``); other files only when ``include`` names them
+    (the per-epoch ``training/`` state stays home). Every file of the
+    folder is scanned for key material first.
 
     Args:
         model_or_directory: a :class:`ProtectedModel`, or a directory written
@@ -154,6 +157,8 @@ def push_protected(
         processor: a transformers image processor to publish as
             ``preprocessor_config.json`` (e.g. ``kp_plugin.hf.KeyedImageProcessor``,
             which saves without the key); replaces the folder's own.
+        include: extra glob patterns (relative paths) of files to upload,
+            e.g. ``["samples/*.png"]``.
         endpoint: the Hub URL (default: ``HF_ENDPOINT`` or huggingface.co).
 
     Returns:
@@ -195,7 +200,7 @@ def push_protected(
         protection = ProtectionConfig.load(directory)
         if key is not None:
             protection.check_key(key)
-        files = _files_to_upload(directory)
+        files = _files_to_upload(directory, include)
         if processor is not None:
             processor.save_pretrained(str(staging / "processor"))
             files[PREPROCESSOR_FILE] = staging / "processor" / PREPROCESSOR_FILE
@@ -203,11 +208,13 @@ def push_protected(
             raise CheckpointError(f"{directory} has no {WEIGHTS_FILE}; save the model with save_protected first")
         card = build_model_card(
             protection, repo_id=repo_id, native_library=_native_library(directory), base_model=base_model,
-            report=read_report(report if report is not None else directory / REPORT_FILE),
+            report=read_report(report if report is not None else directory),
         )
         card.save(staging / CARD_FILE)
         files[CARD_FILE] = staging / CARD_FILE
-        _refuse_key_material(files, key)
+        # Everything in the folder is scanned, not only what is uploaded: a
+        # key file next to the weights is a mistake worth stopping for.
+        _refuse_key_material({**_folder_files(directory), **files}, key)
 
         api = HfApi(endpoint=endpoint, token=token)
         with _hub_errors(endpoint, repo_id, revision, pushing=True):

@@ -118,6 +118,25 @@ def test_folder_with_the_hex_key_is_refused_when_the_key_is_given(test_hub, mode
     assert test_hub.received()[before:] == []
 
 
+def test_folder_push_uploads_checkpoint_and_report_but_not_training_state(test_hub, model, tmp_path,
+                                                                         isolate_hub_client):
+    folder = save_protected(model, tmp_path / "out")
+    (folder / "report").mkdir()
+    (folder / "report" / "report.json").write_text(json.dumps({"key_accuracy": 0.9, "dataset": "digits"}))
+    (folder / "training").mkdir()
+    (folder / "training" / "training_state.pt").write_bytes(b"optimizer state")
+    (folder / "samples").mkdir()
+    (folder / "samples" / "a.png").write_bytes(b"png")
+    push_protected(folder, "org/selected", key=KEY, include=["samples/*.png"], token=test_hub.token,
+                   endpoint=test_hub.url)
+    files = set(test_hub.head_files("org/selected"))
+    assert {"model.safetensors", "config.json", "protection.json", "README.md", "report/report.json",
+            "samples/a.png"} <= files
+    assert not any(name.startswith("training/") for name in files)
+    card = (test_hub.root / "blobs" / test_hub.head_files("org/selected")["README.md"]).read_text()
+    assert "90.0%" in card
+
+
 def test_folder_push_with_another_key_is_refused(test_hub, model, tmp_path, isolate_hub_client):
     folder = save_protected(model, tmp_path / "out")
     with pytest.raises(KeyMismatchError):
