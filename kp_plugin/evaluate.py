@@ -180,9 +180,9 @@ def _device_of(model: nn.Module, device) -> torch.device:
 
 
 def _batches(dataset, batch_size: int) -> Iterator[tuple]:
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
-    for images, labels in loader:
-        yield images, torch.as_tensor(labels)
+    from .data import iterate_batches  # in-memory datasets are sliced, not read item by item
+
+    yield from iterate_batches(dataset, batch_size=batch_size)
 
 
 def _num_classes(model: ProtectedModel, dataset) -> int:
