@@ -109,6 +109,15 @@ def test_allow_wrong_key_loads_with_the_wrong_key(saved, key):
     assert not torch.allclose(loaded(images), model(images))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_load_onto_cuda(saved, key):
+    model, directory = saved
+    loaded = load_protected(directory, _fresh_cnn(), key, device="cuda").eval()
+    assert all(p.is_cuda for p in loaded.parameters())
+    images = torch.rand(4, 3, 8, 8)
+    torch.testing.assert_close(loaded(images.cuda()).cpu(), model(images), rtol=1e-4, atol=1e-4)
+
+
 def test_load_into_a_protected_model_uses_its_base(saved, key):
     model, directory = saved
     target = wrap_model(_fresh_cnn(), key, mean=MEAN, std=STD)

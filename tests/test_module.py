@@ -152,6 +152,17 @@ def test_buffers_follow_to_cuda(tiny_cnn, any_key):
     torch.testing.assert_close(model(images.cuda()).cpu(), model.cpu()(images), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_autocast_on_cuda(tiny_cnn, any_key):
+    model = wrap_model(tiny_cnn, any_key, mean=MEAN, std=STD).eval()
+    images = torch.rand(2, 3, 8, 8)
+    reference = model(images)
+    model.cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(images.cuda())
+    torch.testing.assert_close(out.float().cpu(), reference, rtol=0.05, atol=0.05)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_model_gets_half_input(tiny_cnn, any_key, dtype):
     images = torch.rand(2, 3, 8, 8)

@@ -187,6 +187,11 @@ def test_apply_is_differentiable_for_the_affine_scheme(shuffle_np_key):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_cpu(golden_key):
-    images = torch.rand(2, 3, 8, 8)
-    assert torch.equal(apply_transform(images.cuda(), golden_key).cpu(), apply_transform(images, golden_key))
+@pytest.mark.parametrize("scheme", ["shuffle+np", "shuffle+np+shift+ffx+scramble"])
+def test_cuda_matches_cpu(golden_key, scheme):
+    key = golden_key.replace(scheme=scheme)
+    for images in (torch.rand(2, 3, 8, 8), torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)):
+        on_gpu = apply_transform(images.cuda(), key)
+        assert on_gpu.is_cuda
+        assert torch.equal(on_gpu.cpu(), apply_transform(images, key))
+        assert torch.equal(invert_transform(on_gpu, key).cpu(), invert_transform(apply_transform(images, key), key))
