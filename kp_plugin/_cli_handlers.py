@@ -9,7 +9,10 @@ A ``kp protect`` output directory holds:
 - ``training.json``: recipe, per-epoch history, and the unprotected
   baseline's accuracy when ``--baseline`` was given;
 - ``training/``: the per-epoch checkpoint and optimizer state for
-  ``--resume`` (not needed to use the model).
+  ``--resume`` (not needed to use the model);
+- ``report/`` (``kp evaluate``): public numbers and figures;
+- ``private/`` (``kp evaluate``): example images, plain beside protected,
+  which reveal the transform: never publish.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from .transforms import check_image_size, nearest_valid_size
 TRAINING_FILE = "training.json"
 RESUME_DIR = "training"
 REPORT_DIR = "report"
+PRIVATE_DIR = "private"
 
 
 def _runtime(args: argparse.Namespace) -> torch.device:
@@ -178,10 +182,10 @@ def evaluate(args: argparse.Namespace) -> int:
         unprotected_accuracy=protection.extra.get("unprotected_accuracy"),
     )
     out = Path(args.output) if args.output else checkpoint / REPORT_DIR
-    write_report(report, out)
+    write_report(report, out, private_directory=checkpoint / PRIVATE_DIR)
     _check_no_key_material(out, key, args.key)
     print(format_summary(report))
-    print(f"report written to {out}")
+    print(f"report written to {out}; example images (owner only, do not publish) in {checkpoint / PRIVATE_DIR}")
     return 0
 
 

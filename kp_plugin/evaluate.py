@@ -51,8 +51,10 @@ REPORT_MARKDOWN = "report.md"
 HISTOGRAM_FILE = "wrong_keys.png"
 #: Plain images beside the same images under the key. A plain/protected pair
 #: reveals the transform to whoever sees it (known plaintext), so this file
-#: is for the owner only: never publish it with the weights.
-EXAMPLES_FILE = "examples-private.png"
+#: is for the owner only: it is written to a separate private directory
+#: (default ``<report>/../private/``), never beside the publishable report.
+EXAMPLES_FILE = "examples.png"
+PRIVATE_DIR = "private"
 
 
 def wrong_keys(key: SecretKey, num_keys: int, *, seed: int = 0) -> list:
@@ -378,7 +380,8 @@ def _pct(value: Optional[float]) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}%"
 
 
-def report_markdown(report: ProtectionReport, *, figures: Sequence[str] = ()) -> str:
+def report_markdown(report: ProtectionReport, *, figures: Sequence[str] = (),
+                    private_examples: Optional[str] = None) -> str:
     """The report as Markdown (what ``report.md`` holds)."""
     rows = [
         ("Unprotected model (same recipe)", _pct(report.unprotected_accuracy)),
@@ -402,11 +405,11 @@ def report_markdown(report: ProtectionReport, *, figures: Sequence[str] = ()) ->
     lines += [f"| {name} | {value} |" for name, value in rows]
     if HISTOGRAM_FILE in figures:
         lines += ["", f"![Accuracy under wrong keys]({HISTOGRAM_FILE})"]
-    if EXAMPLES_FILE in figures:
+    if private_examples:
         lines += [
             "",
-            f"`{EXAMPLES_FILE}` shows plain images beside what the model sees. It is for the owner only: "
-            "a plain/protected pair reveals the transform, so do not publish it with the weights.",
+            f"Plain images beside what the model sees are in `{private_examples}`, kept apart from this "
+            "report: a plain/protected pair reveals the transform, so that file is for the owner only.",
         ]
     return "\n".join(lines) + "\n"
 
@@ -416,15 +419,23 @@ def write_report(
     directory: Union[str, os.PathLike],
     *,
     figures: bool = True,
+    private_directory: Union[str, os.PathLike, None] = None,
 ) -> Path:
-    """Write ``report.json``, ``report.md`` and (with matplotlib) the PNG
-    figures: the wrong-key histogram against the correct-key line, and the
-    owner-only example grid (plain beside protected).
+    """Write ``report.json``, ``report.md`` and (with matplotlib) the
+    wrong-key histogram (``wrong_keys.png``, against the correct-key line)
+    into ``directory``: public values only, fit to publish with the weights.
+
+    The grid of example images (plain beside protected, ``examples.png``)
+    goes to ``private_directory`` instead, because a plain/protected pair
+    reveals the transform.
 
     Args:
         report: from :func:`evaluate_protection`.
         directory: created if needed.
         figures: also draw the PNG figures.
+        private_directory: where the example grid goes; default
+            ``private/`` beside ``directory`` (e.g. ``out/report`` ->
+            ``out/private``).
 
     Returns:
         The directory.
@@ -435,16 +446,21 @@ def write_report(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     drawn = []
+    private_examples = None
     if figures:
         from .figures import plot_examples, plot_wrong_key_histogram
 
         plot_wrong_key_histogram(report, directory / HISTOGRAM_FILE)
         drawn.append(HISTOGRAM_FILE)
         if report.example_images is not None:
-            plot_examples(report.example_images, report.example_protected, directory / EXAMPLES_FILE)
-            drawn.append(EXAMPLES_FILE)
+            private = Path(private_directory) if private_directory is not None else (
+                directory.resolve().parent / PRIVATE_DIR)
+            private.mkdir(parents=True, exist_ok=True)
+            plot_examples(report.example_images, report.example_protected, private / EXAMPLES_FILE)
+            private_examples = os.path.relpath(private / EXAMPLES_FILE, directory.resolve())
     (directory / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
-    (directory / REPORT_MARKDOWN).write_text(report_markdown(report, figures=drawn))
+    (directory / REPORT_MARKDOWN).write_text(
+        report_markdown(report, figures=drawn, private_examples=private_examples))
     return directory
 
 

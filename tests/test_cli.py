@@ -97,7 +97,7 @@ def test_evaluate_writes_the_report_with_the_baseline(protected, capsys):
     assert report["num_wrong_keys"] == 5 and report["num_classes"] == 10
     assert report["key_accuracy"] == pytest.approx(record["key_accuracy"])
     assert report["unprotected_accuracy"] == pytest.approx(record["unprotected_accuracy"])
-    assert (out / "report" / "wrong_keys.png").is_file()
+    assert (out / "report" / "wrong_keys.png").is_file() and (out / "private" / "examples.png").is_file()
     assert "wrong keys, mean of 5" in capsys.readouterr().out
     assert find_key_material(out, SecretKey.load(key_path)) == []
 

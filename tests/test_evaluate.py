@@ -150,20 +150,28 @@ def test_negative_number_of_wrong_keys_is_a_configuration_error(tiny_model, rand
 def test_report_json_has_the_agreed_keys_and_reads_back(tmp_path, tiny_model, random_set):
     report = evaluate_protection(tiny_model, random_set, num_wrong_keys=3, progress=False,
                                  dataset_name="random", unprotected_accuracy=0.5)
-    write_report(report, tmp_path)
-    data = json.loads((tmp_path / "report.json").read_text())
+    write_report(report, tmp_path / "report")
+    data = json.loads((tmp_path / "report" / "report.json").read_text())
     assert INTERFACE_KEYS | {"unprotected_accuracy"} <= set(data)
     assert data["num_wrong_keys"] == 3 and data["dataset"] == "random" and data["chance"] == 0.2
     assert data["wrong_key_accuracy_max"] == max(data["wrong_key_accuracies"])
     assert data["fingerprint"] == tiny_model.key.fingerprint and data["scheme"] == "shuffle+np"
-    assert ProtectionReport.load(tmp_path).to_dict() == data
+    assert ProtectionReport.load(tmp_path / "report").to_dict() == data
 
 
 def test_report_writes_png_figures_and_markdown_without_key_material(tmp_path, tiny_model, random_set):
     report = evaluate_protection(tiny_model, random_set, num_wrong_keys=3, progress=False)
-    write_report(report, tmp_path)
-    for name in (HISTOGRAM_FILE, EXAMPLES_FILE):
-        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    text = (tmp_path / "report.md").read_text()
+    write_report(report, tmp_path / "report")
+    for path in (tmp_path / "report" / HISTOGRAM_FILE, tmp_path / "private" / EXAMPLES_FILE):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (tmp_path / "report" / "report.md").read_text()
     assert f"{100 * report.key_accuracy:.1f}%" in text and HISTOGRAM_FILE in text
     assert find_key_material(tmp_path, tiny_model.key) == []
+
+
+def test_example_grid_stays_out_of_the_publishable_report(tmp_path, tiny_model, random_set):
+    report = evaluate_protection(tiny_model, random_set, num_wrong_keys=1, progress=False)
+    write_report(report, tmp_path / "report", private_directory=tmp_path / "owner-only")
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["report.json", "report.md", HISTOGRAM_FILE]
+    assert (tmp_path / "owner-only" / EXAMPLES_FILE).is_file()
+    assert "owner-only/examples.png" in (tmp_path / "report" / "report.md").read_text()
