@@ -67,6 +67,10 @@ class KeyedTrainer(Trainer):
         if objective is not None and not isinstance(objective, ProtectionObjective):
             raise TypeError(f"objective must be a ProtectionObjective, got {type(objective).__name__}")
         self.objective = objective
+        if objective is not None:
+            # The objective returns a per-batch mean (not a sum over
+            # num_items_in_batch): let Trainer divide by the accumulation steps.
+            self.loss_is_scaled_for_ga = False
         self._objective_parts: dict = {}
         self._objective_steps = 0
         self._keyed_view: Optional[ProtectedModel] = None
