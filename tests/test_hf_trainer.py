@@ -216,3 +216,17 @@ def test_model_style_resume_and_best_model_load_the_protected_checkpoints(key, d
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     saved = load_protected(tmp_path / "checkpoint-2", tiny_vit(seed=5), key).unwrap().classifier.weight
     torch.testing.assert_close(resumed.model.unwrap().classifier.weight, saved)
+
+
+def test_objective_loss_is_scaled_for_gradient_accumulation(key, data, tmp_path):
+    train = data[0].select(range(32))
+    processor = KeyedImageProcessor(vit_processor(), key)
+    model = wrap_hf_model(tiny_vit(), key, image_processor=processor)
+    trainer = KeyedTrainer(model=model, args=_args(tmp_path, max_steps=1, logging_steps=1, per_device_train_batch_size=16,
+                                                   gradient_accumulation_steps=2),
+                           train_dataset=train, data_collator=KeyedImageCollator(processor, output="images01"),
+                           objective=ProtectionObjective(wrong_key_weight=0.5))
+    trainer.train()
+    logged = next(entry for entry in trainer.state.log_history if "objective_ce" in entry)
+    expected = logged["objective_ce"] + 0.5 * logged["objective_wrong"]
+    assert logged["loss"] == pytest.approx(expected, rel=1e-3)
