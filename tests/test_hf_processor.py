@@ -123,3 +123,11 @@ def test_settings_of_the_base_are_readable(key):
     assert processor.size["height"] == IMAGE_SIZE
     assert processor.image_mean == [0.5, 0.5, 0.5]
     assert key.fingerprint in repr(processor)
+
+
+def test_a_legacy_feature_extractor_config_is_keyed_through_auto_resolution(key, images, tmp_path):
+    legacy = {"feature_extractor_type": "ViTFeatureExtractor", "do_resize": True, "size": IMAGE_SIZE,
+              "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(legacy))
+    processor = KeyedImageProcessor.from_pretrained(tmp_path, key=key)
+    assert processor(images, return_tensors="pt")["pixel_values"].shape == (6, 3, IMAGE_SIZE, IMAGE_SIZE)

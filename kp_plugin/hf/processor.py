@@ -351,8 +351,15 @@ class KeyedImageProcessor(BaseImageProcessor):
         if key is None:
             raise _key_required(str(pretrained_model_name_or_path))
         kwargs.pop("_from_auto", None)
+        check_range = kwargs.pop("check_range", True)
+        loading = dict(kwargs)
         config, kwargs = cls.get_image_processor_dict(pretrained_model_name_or_path, **kwargs)
-        return cls.from_dict(config, key=key, allow_wrong_key=allow_wrong_key, **kwargs)
+        if config.get("image_processor_type") != cls.__name__:
+            # A plain processor: let AutoImageProcessor resolve it (legacy
+            # names, feature extractors, backends), then key it.
+            base = AutoImageProcessor.from_pretrained(pretrained_model_name_or_path, **loading)
+            return cls(base, key, check_range=check_range)
+        return cls.from_dict(config, key=key, allow_wrong_key=allow_wrong_key, check_range=check_range, **kwargs)
 
     @classmethod
     def from_dict(cls, image_processor_dict: dict, *, key: Optional[SecretKey] = None,
