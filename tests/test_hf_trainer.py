@@ -3,8 +3,6 @@ the protection objective (tiny ViT, real digits)."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from transformers import Trainer, TrainingArguments, pipeline

@@ -18,7 +18,6 @@ key=...)`` and ``AutoImageProcessor.from_pretrained(path, key=...)`` (once
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -30,7 +29,7 @@ from ..checkpoint import check_key_matches, find_key_material
 from ..errors import BlockSizeError, CheckpointError, KeyLeakError, KeyMismatchError, KPError
 from ..keys import SecretKey, parse_scheme
 from ..module import KeyedInput
-from ..transforms import check_image_size, invert_transform, nearest_valid_size
+from ..transforms import invert_transform, nearest_valid_size
 
 __all__ = ["KeyedImageProcessor", "KeyRequiredError", "PROTECTION_FIELD"]
 
