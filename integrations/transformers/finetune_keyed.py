@@ -15,7 +15,7 @@ Single process:
     python integrations/transformers/finetune_keyed.py --output-dir out/
 Several processes / GPUs / nodes (every rank reads the same key file):
     torchrun --nproc_per_node 2 integrations/transformers/finetune_keyed.py --output-dir out/ --key-file owner.key
-    accelerate launch --num_processes 2 integrations/transformers/finetune_keyed.py --output-dir out/ --key-file owner.key
+    accelerate launch --multi_gpu --num_processes 2 integrations/transformers/finetune_keyed.py --output-dir out/ --key-file owner.key
 Create the key once beforehand (``python -c "from kp_plugin import SecretKey;
 SecretKey.generate(block_size=4).save('owner.key')"``) so all ranks share it.
 """
