@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -213,6 +214,23 @@ def _keyed_for(model: ProtectedModel, key: SecretKey, size: tuple, device: torch
     return keyed.to(device)
 
 
+@contextlib.contextmanager
+def _channels_last(base: nn.Module, device: torch.device) -> Iterator[None]:
+    """Run a CPU evaluation with channels-last weights (measured 1.6-1.8x
+    faster for EfficientNet-Lite0 inference at 64x64 on CPU), then put the
+    weights back as they were. The Parameter objects are kept, so an
+    optimizer holding them is unaffected."""
+    convs = [p for p in base.parameters() if p.dim() == 4]
+    if device.type != "cpu" or not convs or not all(p.is_contiguous() for p in convs):
+        yield
+        return
+    base.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        base.to(memory_format=torch.contiguous_format)
+
+
 def _plain_input(model: ProtectedModel, images: torch.Tensor) -> torch.Tensor:
     """Plain images normalized as the model expects (no keyed transform)."""
     x = images.float() / 255 if images.dtype == torch.uint8 else images
@@ -250,7 +268,7 @@ def _score(
     passes = len(keys) + int(with_key) + int(plain)
     bar = _progress(num_batches * passes, "evaluating", progress)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), _channels_last(base, device):
             for images, labels in _batches(dataset, batch_size):
                 images, labels = images.to(device), labels.to(device)
                 total += labels.numel()

@@ -175,3 +175,11 @@ def test_example_grid_stays_out_of_the_publishable_report(tmp_path, tiny_model, 
     assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["report.json", "report.md", HISTOGRAM_FILE]
     assert (tmp_path / "owner-only" / EXAMPLES_FILE).is_file()
     assert "owner-only/examples.png" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_evaluation_leaves_the_weights_in_their_memory_format(tiny_model, random_set):
+    before = {name: p.is_contiguous() for name, p in tiny_model.named_parameters()}
+    ids = {name: id(p) for name, p in tiny_model.named_parameters()}
+    evaluate_protection(tiny_model, random_set, num_wrong_keys=1, progress=False, num_examples=0)
+    assert {name: p.is_contiguous() for name, p in tiny_model.named_parameters()} == before
+    assert {name: id(p) for name, p in tiny_model.named_parameters()} == ids
