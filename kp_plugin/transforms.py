@@ -166,6 +166,19 @@ class TransformPlan:
             self._device_cache[device] = cached
         return cached
 
+    def _table_for(self, tensors: dict, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """The byte table ``name`` for uint8 images; for float images the same
+        table as values ``q / 255`` in ``dtype``, computed once on the CPU in
+        float64 so every device returns the same, correctly rounded values."""
+        if dtype == torch.uint8:
+            return tensors[name]
+        cached = tensors.get((name, dtype))
+        if cached is None:
+            source = self.value_table if name == "table" else self.inverse_value_table()
+            values = (source.reshape(-1).double() / 255).to(dtype)
+            cached = tensors[(name, dtype)] = values.to(tensors[name].device)
+        return cached
+
     # ---------------------------------------------------------- apply
     def _check(self, x: torch.Tensor, check_range: bool) -> tuple[torch.Tensor, bool]:
         if not isinstance(x, torch.Tensor):
@@ -201,7 +214,7 @@ class TransformPlan:
         flat = batch.flatten(1)
         out = torch.gather(flat, 1, t["src"].expand(flat.shape[0], -1))
         if self.value_table is not None:
-            out = _lookup(out, t["offsets"], t["table"], owned=True)
+            out = lookup_table(out, t["offsets"], self._table_for(t, "table", out.dtype), owned=True)
         elif self.flip is not None:
             full = 255 if out.dtype == torch.uint8 else 1.0
             out = torch.where(t["flip"], full - out, out)
@@ -215,20 +228,12 @@ class TransformPlan:
         t = self._on(batch.device)
         flat = batch.flatten(1)
         if self.value_table is not None:
-            flat = _lookup(flat, t["offsets"], t["inv_table"], owned=False)
+            flat = lookup_table(flat, t["offsets"], self._table_for(t, "inv_table", flat.dtype), owned=False)
         elif self.flip is not None:
             full = 255 if flat.dtype == torch.uint8 else 1.0
             flat = torch.where(t["flip"], full - flat, flat)
         out = torch.gather(flat, 1, t["inv"].expand(flat.shape[0], -1)).reshape(batch.shape)
         return out[0] if single else out
-
-
-def _lookup(values: torch.Tensor, offsets: torch.Tensor, table: torch.Tensor, *, owned: bool) -> torch.Tensor:
-    """Per-element 256-entry lookup ``table[offsets + q]`` (uint8 result for
-    uint8 input; float input is quantized to 8 bits and the result scaled
-    back to [0, 1])."""
-    out = lookup_table(values, offsets, table, owned=owned)
-    return out if values.dtype == torch.uint8 else out.to(values.dtype).div_(255)
 
 
 def lookup_table(values: torch.Tensor, offsets: torch.Tensor, table: torch.Tensor, *, owned: bool = False) -> torch.Tensor:
