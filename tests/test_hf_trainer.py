@@ -106,6 +106,15 @@ def test_callback_refuses_a_model_keyed_with_another_key(key, data, tmp_path):
         trainer.train()
 
 
+def test_callback_refuses_data_keyed_with_another_key(key, data, tmp_path):
+    train = data[0].select(range(64))
+    other = KeyedImageProcessor(vit_processor(), SecretKey.generate_like(key))
+    trainer = KeyedTrainer(model=tiny_vit(), args=_args(tmp_path, max_steps=1), train_dataset=train,
+                           data_collator=KeyedImageCollator(other), callbacks=[KeyProtectionCallback(key)])
+    with pytest.raises(KeyMismatchError):
+        trainer.train()
+
+
 def test_callback_refuses_an_unkeyed_data_path(key, data, tmp_path):
     train = data[0].select(range(64))
     processor = KeyedImageProcessor(vit_processor(), key)
