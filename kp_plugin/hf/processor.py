@@ -93,16 +93,20 @@ def _normalization(processor: BaseImageProcessor) -> tuple:
     return 0.0, 1.0
 
 
-def _check_saved_key(key: SecretKey, protection: dict) -> None:
+def _check_key(key: SecretKey, protection: dict, *, situation: str, remedy: str) -> None:
+    """KeyMismatchError (public values only) unless ``key`` fits ``protection``."""
     try:
         check_key_matches(key, fingerprint=protection["fingerprint"], block_size=protection["block_size"],
                           scheme=parse_scheme(protection["scheme"]), channels=protection["channels"])
     except KeyMismatchError as exc:
-        detail = str(exc).split(". Load the owner")[0]
-        raise KeyMismatchError(
-            f"this image processor was saved for another key: {detail.split(': ', 1)[-1]}. Load the owner's key "
-            "file (SecretKey.load), or pass allow_wrong_key=True to build it with a wrong key on purpose"
-        ) from None
+        detail = str(exc).split(". Load the owner")[0].split(": ", 1)[-1]
+        raise KeyMismatchError(f"{situation}: {detail}. {remedy}") from None
+
+
+def _check_saved_key(key: SecretKey, protection: dict) -> None:
+    _check_key(key, protection, situation="this image processor was saved for another key",
+               remedy="Load the owner's key file (SecretKey.load), or pass allow_wrong_key=True to build it "
+                      "with a wrong key on purpose")
 
 
 class KeyedImageProcessor(BaseImageProcessor):
@@ -276,8 +280,8 @@ class KeyedImageProcessor(BaseImageProcessor):
 
     def check_key(self, key: SecretKey) -> None:
         """Raise :class:`kp_plugin.KeyMismatchError` unless ``key`` is this processor's key."""
-        check_key_matches(key, fingerprint=self.key.fingerprint, block_size=self.key.block_size,
-                          scheme=self.key.scheme, channels=self.key.channels)
+        _check_key(key, self.protection_settings(), situation="this image processor is keyed with another key",
+                   remedy="Build the processor and the model (or callback) from the same key file")
 
     # -------------------------------------------------------- persistence
     def protection_settings(self) -> dict:
