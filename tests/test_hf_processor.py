@@ -131,3 +131,13 @@ def test_a_legacy_feature_extractor_config_is_keyed_through_auto_resolution(key,
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(legacy))
     processor = KeyedImageProcessor.from_pretrained(tmp_path, key=key)
     assert processor(images, return_tensors="pt")["pixel_values"].shape == (6, 3, IMAGE_SIZE, IMAGE_SIZE)
+
+
+def test_pil_backend_processor_is_wrapped_too(key, images):
+    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+    base = ViTImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    keyed = KeyedImageProcessor(base, key)
+    pixels = keyed(images, return_tensors="pt")["pixel_values"]
+    plain = base(images, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(keyed.recover_images01(pixels) * 2 - 1, plain, atol=1e-5, rtol=0)
