@@ -199,5 +199,9 @@ class ProtectionObjective:
 #: Plain cross-entropy: the paper's recipe and the unprotected baseline.
 CROSS_ENTROPY_ONLY = ProtectionObjective()
 
-#: The library's default objective, chosen by measurement (docs/recipe.md).
-DEFAULT_OBJECTIVE = ProtectionObjective(wrong_key_weight=0.5)
+#: The library's default objective, chosen by measurement (docs/recipe.md):
+#: cross-entropy with the key plus, at weight 1, cross-entropy to the uniform
+#: distribution under a fresh random wrong key at every step. On digits
+#: (shuffle+np, M=4) it took the mean wrong-key accuracy from 12.9% to 10.0%
+#: and the worst of 100 wrong keys from 29.8% to 10.9%, at no cost with the key.
+DEFAULT_OBJECTIVE = ProtectionObjective(wrong_key_weight=1.0)
