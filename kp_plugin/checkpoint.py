@@ -249,18 +249,40 @@ def _native_config(base: nn.Module) -> Optional[dict]:
     return out
 
 
+_KEY_FILE_MARKERS = (b'"format": "kp-plugin-key"', b'"format":"kp-plugin-key"')
+_SCAN_CHUNK = 16 << 20
+
+
+def _file_contains(path: Path, needles: list) -> bool:
+    """Whether any needle occurs in the file, read in chunks that overlap by
+    the longest needle, so a large weights file never sits in memory whole."""
+    overlap = max(len(n) for n in needles) - 1
+    tail = b""
+    with open(path, "rb") as fh:
+        while True:
+            chunk = fh.read(_SCAN_CHUNK)
+            if not chunk:
+                return False
+            window = tail + chunk
+            if any(n in window for n in needles):
+                return True
+            tail = window[-overlap:] if overlap else b""
+
+
 def find_key_material(directory: Union[str, os.PathLike], key: SecretKey) -> list:
-    """Files under ``directory`` that contain ``key``'s material (raw, hex,
-    base64) or look like a key file. Returns their paths (never the match)."""
-    needles = key.secret_forms()
-    hits = []
+    """Files under ``directory`` (or the file itself) that contain ``key``'s
+    material (raw bytes, hex, base64, the serialized pixel permutation; see
+    :meth:`SecretKey.secret_forms`) or that are a kp-plugin key file.
+
+    Returns their paths, never the match.
+
+    Example:
+        >>> assert find_key_material("out/", key) == []      # doctest: +SKIP
+    """
+    needles = list(key.secret_forms()) + list(_KEY_FILE_MARKERS)
     root = Path(directory)
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    for path in files:
-        data = path.read_bytes()
-        if any(n in data for n in needles) or b'"format": "kp-plugin-key"' in data or b'"format":"kp-plugin-key"' in data:
-            hits.append(path)
-    return hits
+    return [path for path in files if _file_contains(path, needles)]
 
 
 def save_protected(

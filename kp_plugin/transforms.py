@@ -280,11 +280,20 @@ def check_float_range(x: torch.Tensor, tolerance: float = RANGE_TOLERANCE) -> No
     lo, hi = torch.aminmax(x.detach())
     lo, hi = float(lo), float(hi)
     if not (lo >= -tolerance and hi <= 1 + tolerance):
+        if lo >= 0 and 2 < hi <= 255:
+            cause = (
+                "They look like 8-bit pixel values stored as float: divide by 255, or pass the "
+                "uint8 tensor itself."
+            )
+        else:
+            cause = (
+                "Were they already normalized with mean/std? The keyed transform goes before "
+                "normalization (KeyedInput normalizes for you)."
+            )
         raise InputRangeError(
             f"float images must be in [0, 1] before the keyed transform, but values span "
-            f"[{lo:.3g}, {hi:.3g}]. Were they already normalized with mean/std? The keyed "
-            "transform goes before normalization (KeyedInput normalizes for you). Pass "
-            "uint8 images or rescale to [0, 1]; check_range=False turns this check off."
+            f"[{lo:.3g}, {hi:.3g}]. {cause} Pass uint8 images or rescale to [0, 1]; "
+            "check_range=False turns this check off."
         )
 
 

@@ -255,6 +255,16 @@ def test_the_scanner_finds_planted_key_material(tmp_path, key):
     assert found == {"notes.txt", "sub/perm.bin", "copy.key"}
 
 
+def test_the_scanner_finds_material_across_its_read_chunks(tmp_path, key, monkeypatch):
+    import kp_plugin.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "_SCAN_CHUNK", 1000)
+    hexkey = key._material.hex().encode()
+    (tmp_path / "big.bin").write_bytes(b"\0" * (1000 - 10) + hexkey + b"\0" * 3000)
+    (tmp_path / "clean.bin").write_bytes(b"\0" * 5000)
+    assert [p.name for p in find_key_material(tmp_path, key)] == ["big.bin"]
+
+
 def test_save_protected_refuses_a_directory_holding_the_key(tmp_path, tiny_cnn, key):
     from kp_plugin import KeyLeakError
 

@@ -123,6 +123,11 @@ def test_normalized_float_input_is_rejected_with_a_hint(golden_key):
         apply_transform(normalized, golden_key)
 
 
+def test_float_pixels_in_0_255_are_told_to_divide_by_255(golden_key):
+    with pytest.raises(InputRangeError, match="divide by 255"):
+        apply_transform(torch.rand(1, 3, 8, 8) * 255, golden_key)
+
+
 def test_nan_input_is_out_of_range(golden_key):
     images = torch.rand(1, 3, 8, 8)
     images[0, 0, 0, 0] = float("nan")
