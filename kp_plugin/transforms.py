@@ -253,8 +253,8 @@ def lookup_table(values: torch.Tensor, offsets: torch.Tensor, table: torch.Tenso
         index = values.to(torch.int32).add_(offsets)
     else:
         work = values.detach()
-        if work.dtype != torch.float32:
-            work = work.float()
+        if work.dtype in (torch.float16, torch.bfloat16):
+            work = work.float()  # as in quantize(): no room for the fraction in half types
         elif not owned:
             work = work.clone()
         index = work.mul_(255).round_().clamp_(0, 255).add_(offsets).to(torch.int32)

@@ -200,3 +200,14 @@ def test_cuda_matches_cpu(golden_key, scheme):
         assert on_gpu.is_cuda
         assert torch.equal(on_gpu.cpu(), apply_transform(images, key))
         assert torch.equal(invert_transform(on_gpu, key).cpu(), invert_transform(apply_transform(images, key), key))
+
+
+def test_lookup_with_a_table_too_large_for_float_indices_matches_the_small_path():
+    from kp_plugin.transforms import lookup_table
+
+    values = torch.rand(2, 6)
+    offsets = torch.tensor([0, 256, 512, 0, 256, 512], dtype=torch.int32)
+    small = torch.rand(3 * 256)
+    large = torch.cat([small, torch.zeros((1 << 24) - small.numel())])
+    assert torch.equal(lookup_table(values, offsets, large), lookup_table(values, offsets, small))
+    assert torch.equal(lookup_table(values, offsets, small), small[values.mul(255).round().long() + offsets.long()])
