@@ -96,13 +96,18 @@ class ProtectionConfig:
         )
 
     def to_dict(self) -> dict:
+        """The config as a plain dict (what ``protection.json`` holds)."""
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
+        """Sorted, indented JSON text of :meth:`to_dict`."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_dict(cls, data: dict, *, source: str = PROTECTION_FILE) -> "ProtectionConfig":
+        """Parse a ``protection.json`` dict; :class:`CheckpointError` (naming
+        ``source``) if it is not one, is of a newer format, or is invalid.
+        Unknown fields are ignored, so newer minor additions still load."""
         if not isinstance(data, dict) or data.get("format") != PROTECTION_FORMAT:
             raise CheckpointError(f"{source} is not a kp-plugin protection config")
         version = data.get("format_version")
@@ -145,6 +150,7 @@ class ProtectionConfig:
             raise ValueError(f"field 'input_size' must be [C, H, W] or null, got {self.input_size!r}")
 
     def save(self, directory: Union[str, os.PathLike]) -> Path:
+        """Write ``protection.json`` into ``directory`` atomically; returns its path."""
         path = Path(directory) / PROTECTION_FILE
         _atomic_write(path, self.to_json().encode())
         return path
@@ -409,4 +415,6 @@ def load_protected(
         ) from None
     base.to(device)
     input_size = tuple(config.input_size) if config.input_size else None
+    if input_size is not None and (input_size[1] % key.block_size or input_size[2] % key.block_size):
+        input_size = None  # only with allow_wrong_key: a key of another block size
     return wrap_model(base, key, mean=config.mean, std=config.std, input_size=input_size)

@@ -125,6 +125,7 @@ class TransformPlan:
     # ---------------------------------------------------------- derived
     @property
     def numel(self) -> int:
+        """Elements of one image, ``C * H * W``."""
         return self.channels * self.height * self.width
 
     @property
@@ -142,6 +143,8 @@ class TransformPlan:
         return None if self.value_table is None else self.position * 256
 
     def inverse_value_table(self) -> Optional[torch.Tensor]:
+        """The ``(L, 256)`` uint8 inverse of :attr:`value_table` (row ``p``
+        undoes the value map of position ``p``), or ``None``."""
         if self.value_table is None:
             return None
         inv = torch.empty_like(self.value_table, dtype=torch.int64)

@@ -273,3 +273,10 @@ def test_save_protected_refuses_a_directory_holding_the_key(tmp_path, tiny_cnn, 
     with pytest.raises(KeyLeakError, match="owner.key") as info:
         save_protected(model, tmp_path)
     assert key._material.hex() not in str(info.value)
+
+
+def test_allow_wrong_key_with_another_block_size_still_loads(saved, key):
+    _, directory = saved
+    other = SecretKey.generate(block_size=3, scheme=key.scheme)
+    loaded = load_protected(directory, _fresh_cnn(), other, allow_wrong_key=True)
+    assert loaded(torch.rand(1, 3, 9, 9)).shape == (1, 5)
