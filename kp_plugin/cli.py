@@ -160,7 +160,7 @@ def _register_evaluate(subparsers) -> None:
     parser.add_argument("--split", default="test", choices=("test", "train"))
     parser.add_argument("--wrong-keys", type=int, default=100, help="random wrong keys to try (default 100)")
     parser.add_argument("--seed", type=int, default=0, help="picks the wrong keys (default 0)")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=None, help="default 64 on CPU, 256 on a GPU")
     parser.add_argument("-o", "--output", default=None, help="report directory (default CHECKPOINT/report)")
     _add_runtime_options(parser)
 
