@@ -65,7 +65,7 @@ def _subcommand(subparsers, name: str, *, help: str, example: str, handler: Call
 def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (fewer is faster on a busy machine)")
+                        help="CPU threads for torch (default: the cores not busy with other work)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ._cli_handlers import auto_threads
 from .cli import main as kp_main
 from .errors import ConfigurationError, KPError
 
@@ -39,24 +40,6 @@ def _recipe_defaults() -> dict:
     from .train import DEMO_BLOCK_SIZE, DEMO_EPOCHS
 
     return {"scheme": "+".join(DEFAULT_SCHEME), "block_size": DEMO_BLOCK_SIZE, "epochs": DEMO_EPOCHS}
-
-
-def auto_threads() -> int:
-    """CPU threads for torch: the cores not already busy (at least 1).
-
-    On a shared machine, OpenMP threads that compete with other processes
-    for the same cores spin against each other; measured here, a Lite0
-    training step at 64x64 took 0.7-1.0 s on one thread and 6-10 s on two
-    while other jobs kept both cores busy.
-    """
-    import os
-
-    cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        return cores
-    return max(1, min(cores, round(cores - busy)))
 
 
 def _prepare(output: Path) -> None:
@@ -212,7 +195,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    if args.threads is None and not torch.cuda.is_available():
+    if args.threads is None and args.device in (None, "cpu") and not torch.cuda.is_available():
         args.threads = auto_threads()
         print(f"using {args.threads} CPU thread(s) (pass --threads to choose)", flush=True)
     try:
