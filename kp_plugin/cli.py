@@ -109,7 +109,10 @@ def _keygen(args: argparse.Namespace) -> int:
             f"{args.output} already exists; refusing to overwrite a key file (the models it protects would "
             "be lost). Choose another path, or pass --force to replace it"
         )
-    key = SecretKey.generate(block_size=args.block_size, scheme=scheme, channels=args.channels)
+    try:
+        key = SecretKey.generate(block_size=args.block_size, scheme=scheme, channels=args.channels)
+    except ValueError as exc:  # block size or channels out of range
+        raise _UsageError(str(exc)) from None
     path = key.save(args.output, overwrite=args.force)
     print(f"wrote {path} (fingerprint {key.fingerprint}, scheme {key.scheme_name}, block size {key.block_size})")
     print("keep this file private: whoever holds it can use the protected model")

@@ -69,7 +69,8 @@ def test_keygen_refuses_to_overwrite_a_key_unless_forced(tmp_path, capsys):
     assert SecretKey.load(path).fingerprint != first
 
 
-@pytest.mark.parametrize("argv", [["keygen", "--scheme", "rot13", "-o", "x.key"], ["protect", "--data", "digits"],
+@pytest.mark.parametrize("argv", [["keygen", "--scheme", "rot13", "-o", "x.key"], ["keygen", "--block-size", "0", "-o",
+                                  "x.key"], ["protect", "--data", "digits"],
                                   ["no-such-command"]])
 def test_bad_arguments_exit_with_the_usage_code(argv, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
