@@ -94,7 +94,7 @@ def _create_base(name: str, *, pretrained: bool, weights: str, num_classes: Opti
             )
         from .pretrained import load_efficientnet_lite0
 
-        base = load_efficientnet_lite0(num_classes=num_classes)
+        base = load_efficientnet_lite0(num_classes=num_classes).train()  # like timm.create_model
         if checkpoint_path:
             timm.models.load_checkpoint(base, checkpoint_path)
         return base
