@@ -90,7 +90,6 @@ class KeyedInput(nn.Module):
     # non-persistent: never in state_dict, but moved by .to() / .half().
     def _compile(self, size: tuple, device: torch.device, dtype: torch.dtype) -> None:
         plan: TransformPlan = compile_plan(self.key, *size)
-        channel = plan.channel_of_element()
         mean = torch.tensor(self.mean, dtype=torch.float64)
         std = torch.tensor(self.std, dtype=torch.float64)
         if plan.value_table is not None:
@@ -103,12 +102,20 @@ class KeyedInput(nn.Module):
                 "value_lookup": lookup.reshape(-1).to(dtype),
             }
         else:
-            flip = plan.flip.double() if plan.flip is not None else torch.zeros(plan.numel, dtype=torch.float64)
-            # normalize(np(v)) = (1 - 2 f) / std * v + (f - mean) / std
+            # Per block position p (whose channel is p % C), then spread over
+            # the image: normalize(np(v)) = (1 - 2 f) / std * v + (f - mean) / std.
+            length = self.key.block_length
+            pos_channel = torch.arange(length) % plan.channels
+            if "np" in plan.scheme:
+                flip = torch.tensor(self.key.np_mask(length), dtype=torch.float64)
+            else:
+                flip = torch.zeros(length, dtype=torch.float64)
+            scale = ((1 - 2 * flip) / std[pos_channel]).to(dtype)
+            bias = ((flip - mean[pos_channel]) / std[pos_channel]).to(dtype)
             tensors = {
                 "source_index": plan.source_index,
-                "value_scale": ((1 - 2 * flip) / std[channel]).to(dtype),
-                "value_bias": ((flip - mean[channel]) / std[channel]).to(dtype),
+                "value_scale": scale[plan.position],
+                "value_bias": bias[plan.position],
             }
         for name in ("source_index", "lookup_offsets", "value_lookup", "value_scale", "value_bias"):
             if name in self._buffers:

@@ -320,33 +320,37 @@ def compile_plan(key: SecretKey, channels: int, height: int, width: int) -> Tran
 
     m, c = key.block_size, channels
     length = m * m * c
-    blocks_x = width // m
-    num_blocks = (height // m) * blocks_x
+    blocks_y, blocks_x = height // m, width // m
+    num_blocks = blocks_y * blocks_x
 
-    # Coordinates of every output element, flattened in CHW order.
-    ch = torch.arange(c).view(c, 1, 1).expand(c, height, width)
-    yy = torch.arange(height).view(1, height, 1).expand(c, height, width)
-    xx = torch.arange(width).view(1, 1, width).expand(c, height, width)
-    ch, yy, xx = ch.reshape(-1), yy.reshape(-1), xx.reshape(-1)
-    block = (yy // m) * blocks_x + (xx // m)
-    position = ((yy % m) * m + (xx % m)) * c + ch  # (row, column, channel) order
+    # An output element (c, y, x) = (c, by*m + ry, bx*m + rx) splits into a
+    # block part (by, bx) and a within-block part (ry, rx, c). Index tensors
+    # are computed on those two small grids and combined by one broadcast
+    # over the 5-D view (C, blocks_y, m, blocks_x, m) of the CHW image: a few
+    # full-size ops instead of a dozen (compiling a plan per wrong key is on
+    # the attacks' hot path).
+    ch = torch.arange(c).view(c, 1, 1, 1, 1)
+    ry = torch.arange(m).view(1, 1, m, 1, 1)
+    rx = torch.arange(m).view(1, 1, 1, 1, m)
+    position = (ry * m + rx) * c + ch  # (row, column, channel) order; shape (C, 1, m, 1, m)
+    block = torch.arange(num_blocks).view(1, blocks_y, 1, blocks_x, 1)  # row-major
 
-    # Which input block feeds each output block (step 5).
-    if "scramble" in key.scheme:
-        source_block = torch.tensor(key.block_permutation(num_blocks), dtype=torch.int64)[block]
-    else:
-        source_block = block
-    # Which element of the input block feeds each position (step 2).
+    # Which element of the input block feeds each position (step 2), and
+    # which input block feeds each output block (step 5).
     if "shuffle" in key.scheme:
         source_pos = torch.tensor(key.pixel_permutation(length), dtype=torch.int64)[position]
     else:
         source_pos = position
-    src_c = source_pos % c
-    src_y = (source_block // blocks_x) * m + source_pos // (m * c)
-    src_x = (source_block % blocks_x) * m + (source_pos // c) % m
-    source_index = (src_c * height + src_y) * width + src_x
+    if "scramble" in key.scheme:
+        source_block = torch.tensor(key.block_permutation(num_blocks), dtype=torch.int64)[block]
+    else:
+        source_block = block
+    within = ((source_pos % c) * height + source_pos // (m * c)) * width + (source_pos // c) % m
+    offset = (source_block // blocks_x) * m * width + (source_block % blocks_x) * m
+    source_index = (within + offset).reshape(-1)
     inverse_index = torch.empty_like(source_index)
     inverse_index[source_index] = torch.arange(source_index.numel())
+    position = position.expand(c, blocks_y, m, blocks_x, m).reshape(-1)
 
     table = _value_tables(key, length)
     flip = None
