@@ -383,6 +383,10 @@ def load_protected(
         KeyMismatchError: ``key`` is not the checkpoint's key.
         CheckpointError: a file is missing or corrupt, or the weights do not
             fit ``model``.
+
+    Example:
+        >>> base = timm.create_model("resnet18", num_classes=10)            # doctest: +SKIP
+        >>> model = load_protected("out/", base, SecretKey.load("owner.key"))  # doctest: +SKIP
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_model, safe_open

@@ -266,6 +266,11 @@ class SecretKey:
             scheme: steps of the keyed transform (``"shuffle+np"``, a tuple,
                 or :data:`DEFAULT_SCHEME`).
             channels: image channels (3 for RGB).
+
+        Example:
+            >>> key = SecretKey.generate(block_size=16, scheme="shuffle+np")
+            >>> key.block_length
+            768
         """
         return cls(secrets.token_bytes(_KEY_BYTES), block_size=block_size, scheme=scheme, channels=channels)
 
