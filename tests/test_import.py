@@ -34,3 +34,17 @@ def test_every_error_is_a_kp_error():
     assert len(errors) >= 8 and all(issubclass(e, kp_plugin.KPError) for e in errors)
     assert issubclass(kp_plugin.BlockSizeError, ValueError)
     assert issubclass(kp_plugin.InputRangeError, ValueError)
+
+
+def test_docstring_examples_of_the_core_run(tmp_path, monkeypatch):
+    import doctest
+
+    import kp_plugin.checkpoint
+    import kp_plugin.keys
+    import kp_plugin.module
+    import kp_plugin.transforms
+
+    monkeypatch.chdir(tmp_path)  # examples that write files write here
+    for module in (kp_plugin.keys, kp_plugin.transforms, kp_plugin.module, kp_plugin.checkpoint):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0, module.__name__
