@@ -518,7 +518,8 @@ class SecretKey:
         data = self.to_json().encode()
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
         try:
-            os.fchmod(fd, 0o600)
+            if hasattr(os, "fchmod"):  # POSIX; mkstemp already creates the file 0600
+                os.fchmod(fd, 0o600)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
                 fh.flush()
