@@ -21,7 +21,12 @@ from kp_plugin import (
     unwrap,
     wrap_model,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kp_plugin.keys import STEPS
 from kp_plugin.transforms import apply_transform
+from reference import reference_transform
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -44,6 +49,31 @@ def test_keyed_input_is_transform_then_normalize(any_key):
     images = torch.rand(4, 3, 16, 8)
     keyed = KeyedInput(any_key, mean=MEAN, std=STD)
     torch.testing.assert_close(keyed(images), _normalize(apply_transform(images, any_key)))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    material=st.binary(min_size=32, max_size=32),
+    steps=st.lists(st.sampled_from(STEPS), min_size=1, max_size=len(STEPS), unique=True),
+    block_size=st.integers(1, 4),
+    channels=st.integers(1, 3),
+    blocks=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    as_uint8=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_keyed_input_equals_normalized_reference(material, steps, block_size, channels, blocks, as_uint8, seed):
+    key = SecretKey(material, block_size=block_size, scheme=steps, channels=channels)
+    generator = torch.Generator().manual_seed(seed)
+    shape = (2, channels, block_size * blocks[0], block_size * blocks[1])
+    mean = torch.rand(channels, generator=generator).tolist()
+    std = (torch.rand(channels, generator=generator) + 0.1).tolist()
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
+    if not as_uint8:
+        images = images.float() / 255
+    expected = reference_transform(images, key)
+    expected = expected.float() / 255 if as_uint8 else expected
+    expected = (expected - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
+    torch.testing.assert_close(KeyedInput(key, mean=mean, std=std)(images), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_keyed_input_takes_uint8_images(any_key):
