@@ -344,6 +344,9 @@ def save_protected(
 
     hf_config = getattr(base, "config", None)
     if hf_config is not None and hasattr(hf_config, "to_json_string") and hasattr(hf_config, "save_pretrained"):
+        # As transformers' own save_pretrained does: name the class, so
+        # AutoModel-style loading rebuilds this architecture.
+        hf_config.architectures = [type(base).__name__]
         hf_config.save_pretrained(directory)
     else:
         native = _native_config(base)

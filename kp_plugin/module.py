@@ -234,14 +234,17 @@ class ProtectedModel(nn.Module):
     def key(self) -> SecretKey:
         return self.keyed.key
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if "pixel_values" in kwargs and kwargs["pixel_values"] is not None:
-            kwargs["pixel_values"] = self._prepare(kwargs["pixel_values"])
-        elif args:
-            args = (self._prepare(args[0]),) + tuple(args[1:])
-        else:
+    def forward(self, pixel_values: Optional[torch.Tensor] = None, *args: Any,
+                labels: Optional[torch.Tensor] = None, **kwargs: Any) -> Any:
+        # Named like a transformers forward on purpose: Trainer keeps only the
+        # dataset columns that forward's signature names (pixel_values,
+        # labels) and finds label names in it; a (*args, **kwargs) forward
+        # would make it drop both.
+        if pixel_values is None:
             raise TypeError("ProtectedModel expects images as the first argument or as pixel_values=")
-        return self.model(*args, **kwargs)
+        if labels is not None:
+            kwargs["labels"] = labels
+        return self.model(self._prepare(pixel_values), *args, **kwargs)
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
         out = self.keyed(images)

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from hf_fixtures import BLOCK_SIZE, digits_dataset, tiny_vit, vit_processor
+from hf_fixtures import BLOCK_SIZE, IMAGE_SIZE, digits_dataset, tiny_vit, vit_processor
 from kp_plugin import ConfigurationError, SecretKey, load_protected
 from kp_plugin.checkpoint import find_key_material
 from kp_plugin.hf import KeyedImageProcessor, wrap_hf_model
@@ -80,3 +80,24 @@ def test_wrapping_with_a_processor_keyed_with_another_key_is_rejected(key):
     other = KeyedImageProcessor(vit_processor(), SecretKey.generate_like(key))
     with pytest.raises(KeyMismatchError):
         wrap_hf_model(tiny_vit(), key, image_processor=other)
+
+
+def test_stock_trainer_keeps_pixel_values_and_labels_of_a_wrapped_model(key, tmp_path):
+    # Trainer drops dataset columns that forward's signature does not name and
+    # finds label names there; the wrapped model must name both.
+    import datasets
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    images = torch.rand(8, 3, IMAGE_SIZE, IMAGE_SIZE)
+    data = datasets.Dataset.from_dict(
+        {"pixel_values": images.numpy(), "label": [i % 10 for i in range(8)]}
+    ).with_format("torch")
+    model = wrap_hf_model(tiny_vit(), key, image_processor=vit_processor())
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1,
+                             report_to=[], use_cpu=True, save_strategy="no")
+    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data)
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert "eval_loss" in metrics and metrics["eval_loss"] > 0
