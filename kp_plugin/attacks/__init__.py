@@ -16,6 +16,10 @@ returning a result dataclass:
 - :func:`weight_matching_attack` (``weight_matching``): first layer vs. the
   public base.
 
+``run_attacks`` runs a chosen set with a named budget and checks the
+protection targets; ``write_attack_report`` writes report.json, report.md
+and plots (what ``kp attack`` does).
+
 These modules need scipy and tqdm (``pip install kp-plugin[demo]``); they are
 not imported by ``import kp_plugin``.
 """
@@ -26,6 +30,8 @@ from .heuristic_search import HeuristicSearchResult, heuristic_key_search
 from .key_estimation import KeyEstimationResult, estimate_key
 from .partial_key import PartialKeyResult, partial_key_curve
 from .random_search import RandomSearchResult, random_key_search
+from .report import write_attack_report
+from .suite import ATTACKS, BUDGETS, AttackReport, Budget, run_attacks
 from .weight_matching import WeightMatchingResult, weight_matching_attack
 from .wrong_keys import WrongKeyResult, wrong_key_attack
 
@@ -48,4 +54,10 @@ __all__ = [
     "estimate_key",
     "WeightMatchingResult",
     "weight_matching_attack",
+    "ATTACKS",
+    "BUDGETS",
+    "Budget",
+    "AttackReport",
+    "run_attacks",
+    "write_attack_report",
 ]
