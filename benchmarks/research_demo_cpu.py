@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     parser.add_argument("--scheme", default="+".join(DEFAULT_SCHEME))
     parser.add_argument("--wrong-weight", type=float, default=1.0)
     parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--wrong-keys-per-step", type=int, default=1)
     parser.add_argument("--wrong-keys", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -50,7 +51,8 @@ def main(argv=None) -> int:
     test = load_dataset(args.dataset, split="test", image_size=args.size)
     key = SecretKey.generate(block_size=args.block_size, scheme=args.scheme)
     config = TrainConfig(epochs=args.epochs, seed=args.seed,
-                         objective=ProtectionObjective(wrong_key_weight=args.wrong_weight))
+                         objective=ProtectionObjective(wrong_key_weight=args.wrong_weight,
+                                                   wrong_keys_per_step=args.wrong_keys_per_step))
     result = {"dataset": args.dataset, "size": args.size, "block_size": args.block_size, "scheme": key.scheme_name,
               "objective": config.resolved_objective.describe(), "epochs": args.epochs,
               "threads": args.threads, "device": "cpu"}
