@@ -7,7 +7,7 @@ EfficientNet-Lite0, then: accuracy with the key, over 100 reproducible random
 wrong keys (mean, max, and how often the *least* likely class is the true
 one: a readout that leaks when a recipe pushes wrong keys below chance), on
 plain images, and how close the fine-tuned first convolution stays to the
-public weights (cosine; close means weak against weight matching).
+public weights (cosine), what a weight-matching attack starts from.
 
 Steps (the GPU machine has torch/timm/safetensors, not sklearn/skimage or the
 weights package, so data and weights travel as files):
@@ -20,8 +20,7 @@ weights package, so data and weights travel as files):
     PYTHONPATH=. python3 benchmarks/bench_recipes.py sweep --data-dir .bench --out $OUT/results.jsonl
     # 4. here: tables into docs/benchmarks.md
     .venv/bin/python benchmarks/bench_recipes.py report results.jsonl
-    # demo cost on this machine's CPU: one epoch of the recommended setting
-    .venv/bin/python benchmarks/bench_recipes.py cpu-epoch --data-dir .bench
+    # the demo's setting and cost on this machine's CPU: benchmarks/research_demo_cpu.py
 """
 
 from __future__ import annotations
@@ -30,13 +29,12 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import queue
 import shutil
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -383,39 +381,6 @@ def export(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------- cpu epoch
-def cpu_epoch(args: argparse.Namespace) -> int:
-    """Seconds per epoch of the demo setting on this machine's CPU."""
-    import torch
-
-    from kp_plugin import SecretKey, wrap_model
-    from kp_plugin.data import load_dataset
-    from kp_plugin.evaluate import wrong_key_accuracies
-    from kp_plugin.keys import DEFAULT_SCHEME
-    from kp_plugin.objectives import DEFAULT_OBJECTIVE, ProtectionObjective
-    from kp_plugin.pretrained import load_efficientnet_lite0
-    from kp_plugin.train import DEMO_BLOCK_SIZE, TrainConfig, fit, plain_model
-
-    torch.set_num_threads(args.threads)
-    train = load_dataset(args.dataset, split="train", image_size=args.size)
-    test = load_dataset(args.dataset, split="test", image_size=args.size)
-    key = SecretKey.generate(block_size=DEMO_BLOCK_SIZE, scheme=DEFAULT_SCHEME)
-    rows = {}
-    for name, objective in (("protected", DEFAULT_OBJECTIVE), ("baseline", ProtectionObjective())):
-        torch.manual_seed(0)
-        base = load_efficientnet_lite0(len(train.classes))
-        model = wrap_model(base, key) if name == "protected" else plain_model(base)
-        result = fit(model, train, config=TrainConfig(epochs=1, objective=objective), device="cpu", progress=False)
-        rows[name] = result.seconds
-    t = time.perf_counter()
-    wrong_key_accuracies(wrap_model(load_efficientnet_lite0(len(train.classes)), key), test, num_keys=10, progress=False)
-    rows["wrong_keys_10"] = time.perf_counter() - t
-    print(json.dumps({"dataset": args.dataset, "size": args.size, "threads": args.threads,
-                      "scheme": "+".join(DEFAULT_SCHEME), "objective": DEFAULT_OBJECTIVE.describe(),
-                      "block_size": DEMO_BLOCK_SIZE, "seconds": rows}), flush=True)
-    return 0
-
-
 # ------------------------------------------------------------------- report
 def _pct(v: Optional[float]) -> str:
     return "–" if v is None else f"{100 * v:.1f}"
@@ -523,7 +488,7 @@ def report(args: argparse.Namespace) -> int:
     intro = (
         f"Measured with `benchmarks/bench_recipes.py sweep` on {gpu} ({len(rows)} fine-tunes of the "
         f"ImageNet-pretrained EfficientNet-Lite0; AdamW lr 2e-3, one-cycle, batch 64, augmentation before the key; "
-        f"{n_keys} reproducible wrong keys per row). Accuracies in %, on the test splits. "
+        f"{n_keys} reproducible wrong keys per row; one run per row). Accuracies in %, on the test splits. "
         "*wrong least-likely*: how often the least likely class under a wrong key is the true one "
         "(chance level means the readout does not leak). *stem cos*: cosine between the fine-tuned and the public "
         "first convolution. *targets*: key within 2 points of the unprotected fine-tune, wrong keys mean <= chance+10, "
@@ -536,7 +501,13 @@ def report(args: argparse.Namespace) -> int:
                   "plain 95.43, M=2 94.77, M=4 92.56, M=8 86.40, M=16 77.25.\n\n" + _block_table(rows))
     write_section("recipes-levers", "## Recipes: other levers on shuffle+np+shift, M=8\n\n" + _table(rows, levers))
     write_section("recipes-demo", "## Recipes: cheaper settings for the CPU demo\n\n" + _table(rows, demo))
-    write_section("recipes-seeds", "## Recipes: repeats with other keys and initializations\n\n" + _table(rows, seeds))
+    if any(r["seed"] for r in rows):
+        seeds_md = _table(rows, seeds)
+    else:
+        seeds_md = ("The repeats with other keys and initializations were queued last and did not run within the "
+                    "machine time: every row above is one run (one key, one initialization), so differences of a "
+                    "few points between rows are within run-to-run noise.")
+    write_section("recipes-seeds", "## Recipes: repeats with other keys and initializations\n\n" + seeds_md)
     print(f"wrote {len(rows)} rows into docs/benchmarks.md")
     return 0
 
@@ -561,11 +532,6 @@ def main(argv=None) -> int:
     p = sub.add_parser("report", help="write the tables into docs/benchmarks.md")
     p.add_argument("results", nargs="+")
     p.set_defaults(func=report)
-    p = sub.add_parser("cpu-epoch", help="CPU seconds of one epoch of the demo setting")
-    p.add_argument("--dataset", default="digits")
-    p.add_argument("--size", type=int, default=None)
-    p.add_argument("--threads", type=int, default=2)
-    p.set_defaults(func=cpu_epoch)
     args = parser.parse_args(argv)
     return args.func(args)
 

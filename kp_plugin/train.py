@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import (
-    PROTECTION_FILE,
     WEIGHTS_FILE,
     ProtectionConfig,
     find_key_material,
