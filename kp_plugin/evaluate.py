@@ -110,19 +110,23 @@ class ProtectionReport:
 
     @property
     def chance(self) -> float:
+        """Accuracy of guessing: ``1 / num_classes``."""
         return 1.0 / self.num_classes
 
     @property
     def num_wrong_keys(self) -> int:
+        """How many random wrong keys were tried."""
         return len(self.wrong_key_accuracies)
 
     @property
     def wrong_key_accuracy_mean(self) -> float:
+        """Mean accuracy over the wrong keys."""
         values = self.wrong_key_accuracies
         return float(sum(values) / len(values)) if values else float("nan")
 
     @property
     def wrong_key_accuracy_std(self) -> float:
+        """Sample standard deviation of the wrong-key accuracies."""
         values = self.wrong_key_accuracies
         if len(values) < 2:
             return 0.0 if values else float("nan")
@@ -131,9 +135,12 @@ class ProtectionReport:
 
     @property
     def wrong_key_accuracy_max(self) -> float:
+        """Accuracy under the best of the wrong keys."""
         return float(max(self.wrong_key_accuracies)) if self.wrong_key_accuracies else float("nan")
 
     def to_dict(self) -> dict:
+        """What ``report.json`` holds: the fields, the derived wrong-key
+        statistics and ``chance`` (``unprotected_accuracy`` only if known)."""
         out = {
             "key_accuracy": self.key_accuracy,
             "wrong_key_accuracy_mean": self.wrong_key_accuracy_mean,

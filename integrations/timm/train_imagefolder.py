@@ -23,7 +23,6 @@ Public API only: kp_plugin, kp_plugin.timm, kp_plugin.objectives, kp_plugin.eval
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
