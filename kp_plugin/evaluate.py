@@ -4,8 +4,9 @@ and on plain images, measured in one pass over a dataset.
 ``evaluate_protection(model, dataset)`` reads every batch once and scores it
 under the owner's key, under ``num_wrong_keys`` random keys with the same
 settings, and without any transform (plain images, normalized as the model
-expects). ``write_report(report, directory)`` writes ``report.json``,
-``report.md`` and the figures.
+expects). The result is a :class:`~kp_plugin.protection_report.ProtectionReport`;
+``write_report(report, directory)`` writes ``report.json``, ``report.md``
+and the figures (both re-exported here from :mod:`kp_plugin.protection_report`).
 
 Wrong keys are drawn from ``seed`` by hashing, not from the CSPRNG, so a
 report can be reproduced; they are public test keys, never secrets.
@@ -21,12 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -34,6 +31,16 @@ from torch import nn
 from .errors import ConfigurationError
 from .keys import SecretKey
 from .module import KeyedInput, ProtectedModel
+from .protection_report import (  # noqa: F401  (re-exported: the report is part of this API)
+    EXAMPLES_FILE,
+    HISTOGRAM_FILE,
+    PRIVATE_DIR,
+    REPORT_FILE,
+    ProtectionReport,
+    format_summary,
+    report_markdown,
+    write_report,
+)
 from .transforms import apply_transform
 
 __all__ = [
@@ -45,17 +52,10 @@ __all__ = [
     "report_markdown",
     "format_summary",
     "REPORT_FILE",
+    "HISTOGRAM_FILE",
+    "EXAMPLES_FILE",
+    "PRIVATE_DIR",
 ]
-
-REPORT_FILE = "report.json"
-REPORT_MARKDOWN = "report.md"
-HISTOGRAM_FILE = "wrong_keys.png"
-#: Plain images beside the same images under the key. A plain/protected pair
-#: reveals the transform to whoever sees it (known plaintext), so this file
-#: is for the owner only: it is written to a separate private directory
-#: (default ``<report>/../private/``), never beside the publishable report.
-EXAMPLES_FILE = "examples.png"
-PRIVATE_DIR = "private"
 
 
 def wrong_keys(key: SecretKey, num_keys: int, *, seed: int = 0) -> list:
@@ -81,104 +81,6 @@ def wrong_keys(key: SecretKey, num_keys: int, *, seed: int = 0) -> list:
         if candidate.fingerprint != key.fingerprint:
             out.append(candidate)
     return out
-
-
-@dataclass
-class ProtectionReport:
-    """Accuracies of a protected model with its key, wrong keys and no key.
-
-    Accuracies are fractions in [0, 1]. ``to_dict()`` is what ``report.json``
-    holds (public values only: the fingerprint, never the key).
-    """
-
-    key_accuracy: float
-    wrong_key_accuracies: list
-    plain_accuracy: float
-    num_classes: int
-    num_examples: int
-    dataset: str
-    scheme: str
-    block_size: int
-    fingerprint: str
-    seed: int = 0
-    unprotected_accuracy: Optional[float] = None
-    extra: dict = field(default_factory=dict)
-    # Not serialized: a few plain images and the same under the key, for the
-    # example figure (owner-only, see EXAMPLES_FILE).
-    example_images: Optional[torch.Tensor] = field(default=None, repr=False)
-    example_protected: Optional[torch.Tensor] = field(default=None, repr=False)
-
-    @property
-    def chance(self) -> float:
-        """Accuracy of guessing: ``1 / num_classes``."""
-        return 1.0 / self.num_classes
-
-    @property
-    def num_wrong_keys(self) -> int:
-        """How many random wrong keys were tried."""
-        return len(self.wrong_key_accuracies)
-
-    @property
-    def wrong_key_accuracy_mean(self) -> float:
-        """Mean accuracy over the wrong keys."""
-        values = self.wrong_key_accuracies
-        return float(sum(values) / len(values)) if values else float("nan")
-
-    @property
-    def wrong_key_accuracy_std(self) -> float:
-        """Sample standard deviation of the wrong-key accuracies."""
-        values = self.wrong_key_accuracies
-        if len(values) < 2:
-            return 0.0 if values else float("nan")
-        mean = self.wrong_key_accuracy_mean
-        return float(math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)))
-
-    @property
-    def wrong_key_accuracy_max(self) -> float:
-        """Accuracy under the best of the wrong keys."""
-        return float(max(self.wrong_key_accuracies)) if self.wrong_key_accuracies else float("nan")
-
-    def to_dict(self) -> dict:
-        """What ``report.json`` holds: the fields, the derived wrong-key
-        statistics and ``chance`` (``unprotected_accuracy`` only if known)."""
-        out = {
-            "key_accuracy": self.key_accuracy,
-            "wrong_key_accuracy_mean": self.wrong_key_accuracy_mean,
-            "wrong_key_accuracy_std": self.wrong_key_accuracy_std,
-            "wrong_key_accuracy_max": self.wrong_key_accuracy_max,
-            "wrong_key_accuracies": list(self.wrong_key_accuracies),
-            "num_wrong_keys": self.num_wrong_keys,
-            "wrong_key_seed": self.seed,
-            "plain_accuracy": self.plain_accuracy,
-            "chance": self.chance,
-            "num_classes": self.num_classes,
-            "num_examples": self.num_examples,
-            "dataset": self.dataset,
-            "scheme": self.scheme,
-            "block_size": self.block_size,
-            "fingerprint": self.fingerprint,
-        }
-        if self.unprotected_accuracy is not None:
-            out["unprotected_accuracy"] = self.unprotected_accuracy
-        if self.extra:
-            out["extra"] = dict(self.extra)
-        return out
-
-    @classmethod
-    def load(cls, directory: Union[str, os.PathLike]) -> "ProtectionReport":
-        """Read ``report.json`` (from a directory or the file)."""
-        path = Path(directory)
-        if path.is_dir():
-            path = path / REPORT_FILE
-        data = json.loads(path.read_text("utf-8"))
-        return cls(
-            key_accuracy=data["key_accuracy"], wrong_key_accuracies=list(data["wrong_key_accuracies"]),
-            plain_accuracy=data["plain_accuracy"], num_classes=data["num_classes"],
-            num_examples=data["num_examples"], dataset=data["dataset"], scheme=data["scheme"],
-            block_size=data["block_size"], fingerprint=data["fingerprint"],
-            seed=data.get("wrong_key_seed", 0), unprotected_accuracy=data.get("unprotected_accuracy"),
-            extra=data.get("extra", {}),
-        )
 
 
 def _device_of(model: nn.Module, device) -> torch.device:
@@ -399,112 +301,3 @@ def evaluate_protection(
         unprotected_accuracy=unprotected_accuracy, extra=dict(extra or {}),
         example_images=images, example_protected=protected,
     )
-
-
-def _pct(value: Optional[float]) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}%"
-
-
-def report_markdown(report: ProtectionReport, *, figures: Sequence[str] = (),
-                    private_examples: Optional[str] = None) -> str:
-    """The report as Markdown (what ``report.md`` holds)."""
-    rows = [
-        ("Unprotected model (same recipe)", _pct(report.unprotected_accuracy)),
-        ("Protected, with the key", _pct(report.key_accuracy)),
-        (f"Wrong keys, mean over {report.num_wrong_keys}",
-         f"{_pct(report.wrong_key_accuracy_mean)} (std {_pct(report.wrong_key_accuracy_std)})"),
-        (f"Wrong keys, best of {report.num_wrong_keys}", _pct(report.wrong_key_accuracy_max)),
-        ("Plain images (no key)", _pct(report.plain_accuracy)),
-        ("Chance", _pct(report.chance)),
-    ]
-    lines = [
-        "# Protection report",
-        "",
-        f"Dataset `{report.dataset}` ({report.num_examples} images, {report.num_classes} classes); "
-        f"scheme `{report.scheme}`, block size {report.block_size}; key fingerprint "
-        f"`{report.fingerprint}`; wrong keys drawn with seed {report.seed}.",
-        "",
-        "| | Accuracy |",
-        "|---|---|",
-    ]
-    lines += [f"| {name} | {value} |" for name, value in rows]
-    if HISTOGRAM_FILE in figures:
-        lines += ["", f"![Accuracy under wrong keys]({HISTOGRAM_FILE})"]
-    if private_examples:
-        lines += [
-            "",
-            f"Plain images beside what the model sees are in `{private_examples}`, kept apart from this "
-            "report: a plain/protected pair reveals the transform, so that file is for the owner only.",
-        ]
-    return "\n".join(lines) + "\n"
-
-
-def write_report(
-    report: ProtectionReport,
-    directory: Union[str, os.PathLike],
-    *,
-    figures: bool = True,
-    private_directory: Union[str, os.PathLike, None] = None,
-) -> Path:
-    """Write ``report.json``, ``report.md`` and (with matplotlib) the
-    wrong-key histogram (``wrong_keys.png``, against the correct-key line)
-    into ``directory``: public values only, fit to publish with the weights.
-
-    The grid of example images (plain beside protected, ``examples.png``)
-    goes to ``private_directory`` instead, because a plain/protected pair
-    reveals the transform.
-
-    Args:
-        report: from :func:`evaluate_protection`.
-        directory: created if needed.
-        figures: also draw the PNG figures.
-        private_directory: where the example grid goes; default
-            ``private/`` beside ``directory`` (e.g. ``out/report`` ->
-            ``out/private``).
-
-    Returns:
-        The directory.
-
-    Example:
-        >>> write_report(report, "out/report")   # doctest: +SKIP
-    """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    drawn = []
-    private_examples = None
-    if figures:
-        from .figures import plot_examples, plot_wrong_key_histogram
-
-        plot_wrong_key_histogram(report, directory / HISTOGRAM_FILE)
-        drawn.append(HISTOGRAM_FILE)
-        if report.example_images is not None:
-            private = Path(private_directory) if private_directory is not None else (
-                directory.resolve().parent / PRIVATE_DIR)
-            private.mkdir(parents=True, exist_ok=True)
-            plot_examples(report.example_images, report.example_protected, private / EXAMPLES_FILE)
-            private_examples = os.path.relpath(private / EXAMPLES_FILE, directory.resolve())
-    (directory / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
-    (directory / REPORT_MARKDOWN).write_text(
-        report_markdown(report, figures=drawn, private_examples=private_examples))
-    return directory
-
-
-def format_summary(report: ProtectionReport) -> str:
-    """The report's headline numbers as a plain-text table for a terminal.
-
-    Example:
-        >>> print(format_summary(report))   # doctest: +SKIP
-    """
-    rows = [
-        ("unprotected model (same recipe)", _pct(report.unprotected_accuracy)),
-        ("protected, with the key", _pct(report.key_accuracy)),
-        (f"wrong keys, mean of {report.num_wrong_keys}", _pct(report.wrong_key_accuracy_mean)),
-        (f"wrong keys, best of {report.num_wrong_keys}", _pct(report.wrong_key_accuracy_max)),
-        ("plain images (no key)", _pct(report.plain_accuracy)),
-        ("chance", _pct(report.chance)),
-    ]
-    width = max(len(name) for name, _ in rows)
-    title = f"{report.dataset}: {report.num_examples} images, scheme {report.scheme}, block size {report.block_size}"
-    lines = [title, "-" * max(len(title), width + 10)]
-    lines += [f"{name.ljust(width)}  {value.rjust(6)}" for name, value in rows]
-    return "\n".join(lines)
