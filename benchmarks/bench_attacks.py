@@ -75,12 +75,14 @@ def stage_demo(args) -> None:
     from kp_plugin.train import DEMO_BLOCK_SIZE, DEMO_EPOCHS
 
     work = Path(args.workdir) / "demo"
-    directory = Path(args.demo_dir) if args.demo_dir else work / "model"
-    key_file = Path(args.demo_key) if args.demo_key else work / "owner.key"
+    suffix = "" if args.demo_scheme is None else f"-{args.tag}"
+    directory = Path(args.demo_dir) if args.demo_dir else work / f"model{suffix}"
+    key_file = Path(args.demo_key) if args.demo_key else work / f"owner{suffix}.key"
     if not (directory / "model.safetensors").exists():
         work.mkdir(parents=True, exist_ok=True)
         if not key_file.exists():
-            assert kp(["keygen", "--block-size", str(DEMO_BLOCK_SIZE), "-o", str(key_file)]) == 0
+            scheme = ["--scheme", args.demo_scheme] if args.demo_scheme else []
+            assert kp(["keygen", "--block-size", str(DEMO_BLOCK_SIZE), *scheme, "-o", str(key_file)]) == 0
         _log(f"training the demo model ({DEMO_EPOCHS} epochs) into {directory}")
         start = time.perf_counter()
         code = kp(["protect", "--model", "tf_efficientnet_lite0", "--data", "digits", "--key", str(key_file),
@@ -143,11 +145,13 @@ def stage_vit(args) -> None:
         return net
 
     config = TrainConfig(epochs=args.vit_epochs, lr=1e-3)
-    key_file = work / "owner.key"
-    key = SecretKey.load(key_file) if key_file.exists() else SecretKey.generate(block_size=VIT_PATCH)
+    suffix = "" if args.vit_scheme is None else f"-{args.tag}"
+    key_file = work / f"owner{suffix}.key"
+    scheme = args.vit_scheme or DEFAULT_SCHEME
+    key = SecretKey.load(key_file) if key_file.exists() else SecretKey.generate(block_size=VIT_PATCH, scheme=scheme)
     if not key_file.exists():
         key.save(key_file)
-    protected_dir = work / "protected"
+    protected_dir = work / f"protected{suffix}"
     if (protected_dir / "model.safetensors").exists():
         protected = load_protected(protected_dir, public_for_digits(), key)
     else:
@@ -243,12 +247,20 @@ def _rows(summary: dict) -> list:
 def write(args) -> None:
     work = Path(args.workdir)
     parts = ["## Attacks (benchmarks/bench_attacks.py)", ""]
-    for name, title in (("demo", "Demo model (EfficientNet-Lite0, digits)"), ("vit", "ViT setting")):
-        path = work / name / f"summary-{args.tag}.json"
+    runs = [("demo", "main", "Demo model (EfficientNet-Lite0, digits)")]
+    runs += [("demo", tag, "Demo model, run '{tag}'") for tag in args.extra_tags]
+    runs += [("vit", "main", "ViT setting")]
+    runs += [("vit", tag, "ViT setting, run '{tag}'") for tag in args.extra_tags]
+    for name, tag, title in runs:
+        path = work / name / f"summary-{tag}.json"
         if not path.exists():
             continue
         summary = json.loads(path.read_text())
         meta = summary["meta"]
+        if tag != "main":
+            title = f"{title.format(tag=tag)}: {meta['scheme']}, block size {meta['block_size']}, {meta['dataset']}"
+        elif name == "demo":
+            title = f"{title}, {meta['dataset']}"
         parts += [f"### {title}", "",
                   f"Scheme {meta['scheme']}, block size {meta['block_size']}, budget {meta['budget']}; "
                   f"{meta.get('machine', '')}.", "",
@@ -260,7 +272,7 @@ def write(args) -> None:
                          f"{'yes' if t['met'] else 'NO (by %.1f)' % -t['margin']} |")
         parts += ["", "Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["seconds"].items()), ""]
         facts = summary.get("facts", {})
-        if "adapt" in facts:
+        if "adapt" in facts and tag == "main":
             ad = facts["adapt"]
             parts += [f"Zero-training adaptation ({ad['scheme']}) of the owner's plain ViT "
                       f"(unprotected accuracy {_pct(facts.get('unprotected_accuracy'))}): max |logit difference| "
@@ -292,8 +304,13 @@ def main(argv=None) -> int:
     parser.add_argument("--finetune-min-steps", type=int, default=20)
     parser.add_argument("--vit-pretrain-epochs", type=int, default=30)
     parser.add_argument("--vit-epochs", type=int, default=15)
+    parser.add_argument("--demo-scheme", default=None,
+                        help="another scheme for the demo model (a mitigation run; use with --tag)")
+    parser.add_argument("--vit-scheme", default=None,
+                        help="another scheme for the owner's ViT (a mitigation run; use with --tag)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--extra-tags", nargs="*", default=[], help="mitigation runs to add to the section")
     parser.add_argument("--write", action="store_true", help="write the section of docs/benchmarks.md")
     args = parser.parse_args(argv)
     if args.threads:
