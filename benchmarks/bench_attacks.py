@@ -64,6 +64,7 @@ def _budget(args) -> Budget:
         swap_proposals=args.swaps, partial_repeats=1, partial_fractions=base.partial_fractions,
         estimation_steps=args.estimation_steps, finetune_fractions=base.finetune_fractions,
         finetune_epochs=args.finetune_epochs, finetune_min_steps=args.finetune_min_steps,
+        random_search_seconds=args.random_search_seconds,
     )
 
 
@@ -298,6 +299,8 @@ def main(argv=None) -> int:
     parser.add_argument("--wrong-keys", type=int, default=100)
     parser.add_argument("--random-keys", type=int, default=20000)
     parser.add_argument("--search-images", type=int, default=64)
+    parser.add_argument("--random-search-seconds", type=float, default=None,
+                        help="stop the random search after this long (the report says how many keys ran)")
     parser.add_argument("--swaps", type=int, default=1000)
     parser.add_argument("--estimation-steps", type=int, default=200)
     parser.add_argument("--finetune-epochs", type=int, default=3)

@@ -138,3 +138,9 @@ def test_finetune_attack_compares_stolen_weights_with_the_public_base(protected,
     # The public base already solves the task: stolen weights buy nothing.
     assert all(r.base_accuracy > 0.9 for r in result.rows)
     assert all(r.advantage < 0 for r in result.rows)
+
+
+def test_random_search_stops_at_its_time_budget_and_says_how_many_keys_ran(protected, test_set):
+    result = random_key_search(protected, test_set, num_keys=10_000, search_images=16, keys_per_batch=4,
+                               max_seconds=0.0, progress=False)
+    assert result.num_keys == 4 == len(result.search_accuracies)

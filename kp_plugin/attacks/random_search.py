@@ -83,6 +83,7 @@ def random_key_search(
     num_keys: int = 20000,
     search_images: int = 64,
     keys_per_batch: int = 16,
+    max_seconds: float | None = None,
     seed: int = 0,
     device=None,
     progress: bool = True,
@@ -98,6 +99,8 @@ def random_key_search(
         search_images: size of the batch every key is scored on.
         keys_per_batch: keys evaluated in one forward pass (batch =
             ``keys_per_batch * search_images`` images).
+        max_seconds: stop early after this much search time; the result's
+            ``num_keys`` then says how many keys were actually tried.
         seed: makes the split and the keys reproducible.
         device: where to run.
         progress: show a progress bar.
@@ -125,8 +128,9 @@ def random_key_search(
         pred = attacked(keyed).argmax(1).view(count, -1)
         accs.extend((pred == y).float().mean(1).tolist())
         bar.update(count)
-        if accs:
-            bar.set_postfix(best=f"{max(accs):.3f}")
+        bar.set_postfix(best=f"{max(accs):.3f}")
+        if max_seconds is not None and time.perf_counter() - start > max_seconds:
+            break
     bar.close()
     seconds = time.perf_counter() - start
 
@@ -138,7 +142,7 @@ def random_key_search(
 
     best_cand = CandidateKey.from_secret_key(seeded_key(key, seed, best), image_size=size)
     return RandomSearchResult(
-        num_keys=num_keys,
+        num_keys=len(accs),
         search_images=search_images,
         holdout_images=int(hold_idx.numel()),
         best_search_accuracy=accs[best],

@@ -59,6 +59,8 @@ class Budget:
     finetune_min_steps: int
     #: fraction of the training data the key-estimation attacker holds
     estimation_data: float = 0.10
+    #: stop the random search after this many seconds (None: never)
+    random_search_seconds: float | None = None
 
 
 BUDGETS = {
@@ -215,7 +217,8 @@ def run_attacks(
             result = wrong_key_attack(model, test_set, num_keys=budget.wrong_keys, **common)
         elif name == "random_search":
             result = random_key_search(model, test_set, num_keys=budget.random_keys,
-                                       search_images=min(budget.search_images, len(test_set) // 2), **common)
+                                       search_images=min(budget.search_images, len(test_set) // 2),
+                                       max_seconds=budget.random_search_seconds, **common)
         elif name == "heuristic_search":
             result = heuristic_key_search(model, test_set, budget=budget.swap_proposals,
                                           search_images=min(budget.search_images, len(test_set) // 2), **common)
