@@ -4,6 +4,7 @@ fine-tune with the same schedule, then 100 wrong keys and plain images.
     .venv/bin/python benchmarks/research_demo_cpu.py --size 32 --block-size 4 --epochs 8 --out demo_cpu.json
 
 Prints one JSON object (accuracies and seconds per phase, seconds per epoch).
+``--report A.json B.json`` writes those runs as a table into docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -19,8 +20,45 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+def _pct(value) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def write_report(paths: list) -> None:
+    """Write the runs in ``paths`` (JSON from --out) as one table."""
+    from benchmarks._report import machine_description, write_section
+
+    lines = ["| recipe | epochs | with key | unprotected | wrong keys mean | worst of 100 | plain "
+             "| s/epoch protected | s/epoch unprotected | s for 100 wrong keys |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for path in paths:
+        r = json.loads(Path(path).read_text())
+        recipe = f"{r['dataset']} {r['size']}x{r['size']}, {r['scheme']} M={r['block_size']}, {r['objective']}"
+        per_epoch = r["protected_seconds"] / r["epochs"]
+        base = r.get("baseline_seconds")
+        base_epoch = "–" if base is None else f"{base / r['epochs']:.0f}"
+        lines.append(
+            f"| {recipe} | {r['epochs']} | {_pct(r['key_accuracy'])} | {_pct(r.get('unprotected_accuracy'))} "
+            f"| {_pct(r['wrong_key_accuracy_mean'])} | {_pct(r['wrong_key_accuracy_max'])} "
+            f"| {_pct(r['plain_accuracy'])} | {per_epoch:.0f} (min {min(r['protected_epoch_seconds']):.0f}) "
+            f"| {base_epoch} | {r['evaluate_seconds']:.0f} |"
+        )
+    write_section(
+        "recipes-demo-cpu",
+        "## The demo's setting on CPU\n\nMeasured with `benchmarks/research_demo_cpu.py` (one thread, on a "
+        f"machine shared with five other jobs, load 3-9 on its 2 cores, so the seconds are upper bounds): "
+        f"{machine_description()}. One run per row.\n\n" + "\n".join(lines),
+    )
+
+
 def main(argv=None) -> int:
     import torch
+
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "--report":
+        write_report(argv[1:])
+        return 0
 
     from kp_plugin import SecretKey, wrap_model
     from kp_plugin.data import load_dataset
@@ -38,6 +76,7 @@ def main(argv=None) -> int:
     parser.add_argument("--wrong-weight", type=float, default=1.0)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--wrong-keys-per-step", type=int, default=1)
+    parser.add_argument("--plain-weight", type=float, default=0.0)
     parser.add_argument("--wrong-keys", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -50,10 +89,11 @@ def main(argv=None) -> int:
     test = load_dataset(args.dataset, split="test", image_size=args.size)
     key = SecretKey.generate(block_size=args.block_size, scheme=args.scheme)
     config = TrainConfig(epochs=args.epochs, seed=args.seed,
-                         objective=ProtectionObjective(wrong_key_weight=args.wrong_weight,
+                         objective=ProtectionObjective(wrong_key_weight=args.wrong_weight, plain_weight=args.plain_weight,
                                                    wrong_keys_per_step=args.wrong_keys_per_step))
     result = {"dataset": args.dataset, "size": args.size, "block_size": args.block_size, "scheme": key.scheme_name,
               "objective": config.resolved_objective.describe(), "epochs": args.epochs,
+              "wrong_keys_per_step": args.wrong_keys_per_step,
               "threads": args.threads, "device": "cpu"}
 
     torch.manual_seed(args.seed)

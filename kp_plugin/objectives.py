@@ -129,7 +129,9 @@ class ProtectionObjective:
         if self.plain_weight:
             name += f"+plain{self.plain_weight:g}"
         if self.suppresses:
-            name += f"({self.form})"
+            several = self.wrong_key_weight and self.wrong_keys_per_step > 1
+            per_step = f", {self.wrong_keys_per_step} keys/step" if several else ""
+            name += f"({self.form}{per_step})"
         return name
 
     def to_dict(self) -> dict:
