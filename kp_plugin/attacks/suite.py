@@ -140,6 +140,12 @@ class AttackReport:
         }
 
 
+def _count(dataset) -> int:
+    if isinstance(dataset, (tuple, list)) and len(dataset) == 2 and hasattr(dataset[1], "numel"):
+        return int(dataset[1].numel())
+    return len(dataset)
+
+
 def parse_attacks(spec: Union[str, Sequence[str]]) -> list:
     """``"all"``, ``"wrong_keys,finetune"`` or a list -> attack names."""
     names = list(ATTACKS) if spec == "all" else (spec.split(",") if isinstance(spec, str) else list(spec))
@@ -190,14 +196,15 @@ def run_attacks(
     else:
         budget_name = "custom"
     key = model.key
+    num_test = _count(test_set)
     report = AttackReport(meta={
         "scheme": key.scheme_name,
         "block_size": key.block_size,
         "fingerprint": key.fingerprint,
         "budget": budget_name,
         "seed": seed,
-        "test_images": len(test_set),
-        "train_images": len(train_set) if train_set is not None else None,
+        "test_images": num_test,
+        "train_images": _count(train_set) if train_set is not None else None,
         **(meta or {}),
     })
 
@@ -217,11 +224,11 @@ def run_attacks(
             result = wrong_key_attack(model, test_set, num_keys=budget.wrong_keys, **common)
         elif name == "random_search":
             result = random_key_search(model, test_set, num_keys=budget.random_keys,
-                                       search_images=min(budget.search_images, len(test_set) // 2),
+                                       search_images=min(budget.search_images, num_test // 2),
                                        max_seconds=budget.random_search_seconds, **common)
         elif name == "heuristic_search":
             result = heuristic_key_search(model, test_set, budget=budget.swap_proposals,
-                                          search_images=min(budget.search_images, len(test_set) // 2), **common)
+                                          search_images=min(budget.search_images, num_test // 2), **common)
         elif name == "partial_key":
             result = partial_key_curve(model, test_set, fractions=budget.partial_fractions,
                                        repeats=budget.partial_repeats, **common)
