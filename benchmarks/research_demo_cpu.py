@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -47,7 +48,8 @@ def write_report(paths: list) -> None:
         "recipes-demo-cpu",
         "## The demo's setting on CPU\n\nMeasured with `benchmarks/research_demo_cpu.py` (one thread, on a "
         f"machine shared with five other jobs, load 3-9 on its 2 cores, so the seconds are upper bounds): "
-        f"{machine_description()}. One run per row.\n\n" + "\n".join(lines),
+        f"{re.sub(r' [(][0-9]+ threads[)]', '', machine_description())}. One run per row, each with its own random "
+        "key; the unprotected fine-tune (same schedule) was run once, with the first row.\n\n" + "\n".join(lines),
     )
 
 

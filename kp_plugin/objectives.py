@@ -202,8 +202,9 @@ class ProtectionObjective:
 CROSS_ENTROPY_ONLY = ProtectionObjective()
 
 #: The library's default objective, chosen by measurement (docs/recipe.md):
-#: cross-entropy with the key plus, at weight 1, cross-entropy to the uniform
-#: distribution under a fresh random wrong key at every step. On digits
-#: (shuffle+np, M=4) it took the mean wrong-key accuracy from 12.9% to 10.0%
-#: and the worst of 100 wrong keys from 29.8% to 10.9%, at no cost with the key.
-DEFAULT_OBJECTIVE = ProtectionObjective(wrong_key_weight=1.0)
+#: cross-entropy with the key, plus cross-entropy to the uniform distribution
+#: under a fresh random wrong key at every step (weight 1) and on the plain
+#: images (weight 1). On digits at the demo setting (32x32, shuffle+np, M=4,
+#: 8 epochs, CPU) it gave 97.8% with the key (unprotected 98.6%), 10.8% mean
+#: and 28.7% worst over 100 wrong keys, 9.7% on plain images.
+DEFAULT_OBJECTIVE = ProtectionObjective(wrong_key_weight=1.0, plain_weight=1.0)
