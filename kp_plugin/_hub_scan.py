@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
 from .errors import KeyLeakError
-from .keys import KEY_FILE_FORMAT, SecretKey
+from .checkpoint import KEY_FILE_MARKERS, file_contains_any
+from .keys import SecretKey
 
 CARD_FILE = "README.md"
-_KEY_FILE_MARKERS = (f'"format": "{KEY_FILE_FORMAT}"'.encode(), f'"format":"{KEY_FILE_FORMAT}"'.encode())
 
 #: What a protected checkpoint folder publishes by default: the weights, the
 #: native configs, protection.json, and the evaluation report and training
@@ -49,26 +49,11 @@ def _refuse_key_material(files: Mapping[str, Path], key: Optional[SecretKey]) ->
     """Raise :class:`KeyLeakError` if a file holds key material or is a key
     file. Without ``key`` only key files can be recognized."""
     needles = list(key.secret_forms()) if key is not None else []
-    needles += list(_KEY_FILE_MARKERS)
-    leaks = [name for name, path in files.items() if name.endswith(".key") or _holds_any(Path(path), needles)]
+    needles += list(KEY_FILE_MARKERS)
+    leaks = [name for name, path in files.items() if name.endswith(".key") or file_contains_any(Path(path), needles)]
     if leaks:
         raise KeyLeakError(
             f"refusing to upload: {', '.join(leaks)} hold(s) key material or a key file. Nothing was sent. "
             "Remove these files from the folder (the key stays on the owner's disk) and push again"
         )
 
-
-def _holds_any(path: Path, needles: list, chunk_size: int = 1 << 24) -> bool:
-    """Whether the file contains one of ``needles``; read in chunks that
-    overlap by the longest needle, so multi-GB weights need not fit in memory."""
-    overlap = max(len(n) for n in needles) - 1
-    tail = b""
-    with open(path, "rb") as fh:
-        while True:
-            chunk = fh.read(chunk_size)
-            if not chunk:
-                return False
-            window = tail + chunk
-            if any(n in window for n in needles):
-                return True
-            tail = window[-overlap:] if overlap > 0 else b""

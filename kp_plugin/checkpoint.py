@@ -29,7 +29,7 @@ from torch import nn
 
 from . import __version__
 from .errors import CheckpointError, ConfigurationError, KeyLeakError, KeyMismatchError
-from .keys import SecretKey, parse_scheme
+from .keys import KEY_FILE_FORMAT, SecretKey, parse_scheme
 from .module import ProtectedModel, wrap_model
 
 __all__ = [
@@ -255,18 +255,19 @@ def _native_config(base: nn.Module) -> Optional[dict]:
     return out
 
 
-_KEY_FILE_MARKERS = (b'"format": "kp-plugin-key"', b'"format":"kp-plugin-key"')
+#: Byte strings that mark a kp-plugin key file, however it was serialized.
+KEY_FILE_MARKERS = (f'"format": "{KEY_FILE_FORMAT}"'.encode(), f'"format":"{KEY_FILE_FORMAT}"'.encode())
 _SCAN_CHUNK = 16 << 20
 
 
-def _file_contains(path: Path, needles: list) -> bool:
+def file_contains_any(path: Path, needles: list, chunk_size: int = _SCAN_CHUNK) -> bool:
     """Whether any needle occurs in the file, read in chunks that overlap by
     the longest needle, so a large weights file never sits in memory whole."""
     overlap = max(len(n) for n in needles) - 1
     tail = b""
     with open(path, "rb") as fh:
         while True:
-            chunk = fh.read(_SCAN_CHUNK)
+            chunk = fh.read(chunk_size)
             if not chunk:
                 return False
             window = tail + chunk
@@ -285,10 +286,10 @@ def find_key_material(directory: Union[str, os.PathLike], key: SecretKey) -> lis
     Example:
         >>> assert find_key_material("out/", key) == []      # doctest: +SKIP
     """
-    needles = list(key.secret_forms()) + list(_KEY_FILE_MARKERS)
+    needles = list(key.secret_forms()) + list(KEY_FILE_MARKERS)
     root = Path(directory)
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    return [path for path in files if _file_contains(path, needles)]
+    return [path for path in files if file_contains_any(path, needles)]
 
 
 def save_protected(

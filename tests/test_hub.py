@@ -243,10 +243,10 @@ def test_push_without_a_write_token_says_to_pass_one(test_hub, model, isolate_hu
 
 
 def test_key_material_split_across_read_chunks_is_found(tmp_path):
-    from kp_plugin._hub_scan import _holds_any
+    from kp_plugin.checkpoint import file_contains_any
 
     secret = MATERIAL.hex().encode()
     path = tmp_path / "blob.bin"
     path.write_bytes(b"x" * 1000 + secret + b"y" * 1000)
-    assert _holds_any(path, [secret], chunk_size=1010)
-    assert not _holds_any(path, [SecretKey.generate_like(KEY).secret_forms()[5]], chunk_size=1010)
+    assert file_contains_any(path, [secret], chunk_size=1010)
+    assert not file_contains_any(path, [SecretKey.generate_like(KEY).secret_forms()[5]], chunk_size=1010)
