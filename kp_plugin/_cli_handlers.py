@@ -173,13 +173,16 @@ def protect(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate(args: argparse.Namespace) -> int:
-    """``kp evaluate``: the protection report of a ``kp protect`` directory."""
-    from .data import load_dataset
-    from .evaluate import evaluate_protection, format_summary, write_report
+def open_checkpoint(args: argparse.Namespace, device: torch.device) -> tuple:
+    """Load ``args.checkpoint`` (a ``kp protect`` directory) with the key file
+    ``args.key`` and resolve the dataset and image size it was trained on
+    (``--data`` / ``--image-size`` override them).
+
+    Returns ``(model, key, protection_config, data, image_size)``.
+    Raises :class:`KeyMismatchError` when the key is not the checkpoint's.
+    """
     from .timm import load_protected_timm
 
-    device = _runtime(args)
     key = SecretKey.load(args.key)
     checkpoint = Path(args.checkpoint)
     protection = ProtectionConfig.load(checkpoint)
@@ -196,6 +199,17 @@ def evaluate(args: argparse.Namespace) -> int:
     if not data:
         raise ConfigurationError(f"{checkpoint} does not record its dataset; pass --data")
     size = args.image_size or (protection.input_size[1] if protection.input_size else None)
+    return model, key, protection, data, size
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """``kp evaluate``: the protection report of a ``kp protect`` directory."""
+    from .data import load_dataset
+    from .evaluate import evaluate_protection, format_summary, write_report
+
+    device = _runtime(args)
+    checkpoint = Path(args.checkpoint)
+    model, key, protection, data, size = open_checkpoint(args, device)
     if size is not None:
         _check_size_for_key(size, key)
     dataset = load_dataset(data, split=args.split, image_size=size)

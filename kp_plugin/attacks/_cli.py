@@ -63,35 +63,19 @@ def _attack_list(text: str) -> str:
 
 def attack(args: argparse.Namespace) -> int:
     """The ``kp attack`` handler."""
-    import torch
 
-    from ..checkpoint import ProtectionConfig, find_key_material
+    from ..checkpoint import find_key_material
     from ..data import load_dataset
-    from ..errors import ConfigurationError, KeyLeakError, KeyMismatchError
-    from ..keys import SecretKey
-    from ..timm import create_base_model, load_protected_timm
+    from .._cli_handlers import _runtime, open_checkpoint
+    from ..errors import ConfigurationError, KeyLeakError
+    from ..timm import create_base_model
     from .report import write_attack_report
     from .suite import parse_attacks, run_attacks
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = _runtime(args)
     attacks = parse_attacks(args.attacks)
-    key = SecretKey.load(args.key)
     checkpoint = Path(args.checkpoint)
-    protection = ProtectionConfig.load(checkpoint)
-    try:
-        protection.check_key(key)
-    except KeyMismatchError:
-        raise KeyMismatchError(
-            f"{args.key} is not the key {checkpoint} was protected with (checkpoint expects fingerprint "
-            f"{protection.fingerprint}); the attack report is scored against the owner's key"
-        ) from None
-    model = load_protected_timm(checkpoint, key).to(device)
-    data = args.data or protection.extra.get("dataset")
-    if not data:
-        raise ConfigurationError(f"{checkpoint} does not record its dataset; pass --data")
-    size = args.image_size or (protection.input_size[1] if protection.input_size else None)
+    model, key, protection, data, size = open_checkpoint(args, device)
     test_set = load_dataset(data, split="test", image_size=size)
     train_set = load_dataset(data, split="train", image_size=size) if {"finetune", "key_estimation"} & set(attacks) else None
 
