@@ -45,10 +45,10 @@ class _ImageBatcher:
         self,
         image_processor: KeyedImageProcessor,
         *,
-        image_column: str,
-        label_column: Optional[str],
-        output: str,
-        augment: Optional[Callable[[torch.Tensor], torch.Tensor]],
+        image_column: str = "image",
+        label_column: Optional[str] = "label",
+        output: str = "keyed",
+        augment: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     ) -> None:
         if not isinstance(image_processor, KeyedImageProcessor):
             raise TypeError(
@@ -127,18 +127,6 @@ class KeyedImageCollator(_ImageBatcher):
         ...                        data_collator=collator)                        # doctest: +SKIP
     """
 
-    def __init__(
-        self,
-        image_processor: KeyedImageProcessor,
-        *,
-        image_column: str = "image",
-        label_column: Optional[str] = "label",
-        output: str = "keyed",
-        augment: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-    ) -> None:
-        super().__init__(image_processor, image_column=image_column, label_column=label_column,
-                         output=output, augment=augment)
-
     def __call__(self, examples: Sequence[dict]) -> dict:
         if not examples:
             raise ConfigurationError("empty batch")
@@ -168,18 +156,6 @@ class KeyedExampleTransform(_ImageBatcher):
         >>> train[0]["pixel_values"].shape                                        # doctest: +SKIP
         torch.Size([3, 224, 224])
     """
-
-    def __init__(
-        self,
-        image_processor: KeyedImageProcessor,
-        *,
-        image_column: str = "image",
-        label_column: Optional[str] = "label",
-        output: str = "keyed",
-        augment: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-    ) -> None:
-        super().__init__(image_processor, image_column=image_column, label_column=label_column,
-                         output=output, augment=augment)
 
     def __call__(self, batch: dict) -> dict:
         if self.image_column not in batch:
