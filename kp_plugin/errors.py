@@ -14,6 +14,7 @@ from __future__ import annotations
 __all__ = [
     "KPError",
     "KeyFileError",
+    "KeyFileExistsError",
     "KeyMismatchError",
     "CheckpointError",
     "InputRangeError",
@@ -31,6 +32,11 @@ class KPError(Exception):
 class KeyFileError(KPError, ValueError):
     """A key file (or ``KP_KEY`` value) is missing, corrupt, tampered with, or
     of an unknown format version; or saving it would overwrite another key."""
+
+
+class KeyFileExistsError(KeyFileError, FileExistsError):
+    """Saving a key would replace an existing file (pass ``overwrite=True``
+    to replace it on purpose)."""
 
 
 class KeyMismatchError(KPError):

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence, Union
 
-from .errors import KeyFileError
+from .errors import KeyFileError, KeyFileExistsError
 
 __all__ = [
     "SecretKey",
@@ -509,7 +509,7 @@ class SecretKey:
         """
         path = Path(path)
         if path.exists() and not overwrite:
-            raise KeyFileError(
+            raise KeyFileExistsError(
                 f"{path} already exists; refusing to overwrite a key file (the model it protects "
                 "would be lost). Choose another path or pass overwrite=True"
             )
@@ -532,7 +532,7 @@ class SecretKey:
                 try:
                     os.link(tmp, path)
                 except FileExistsError:
-                    raise KeyFileError(
+                    raise KeyFileExistsError(
                         f"{path} already exists; refusing to overwrite a key file. "
                         "Choose another path or pass overwrite=True"
                     ) from None

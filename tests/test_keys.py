@@ -258,8 +258,9 @@ def test_key_file_is_owner_only_after_overwrite(golden_key, tmp_path):
 def test_save_refuses_to_overwrite(golden_key, tmp_path):
     path = golden_key.save(tmp_path / "owner.key")
     other = SecretKey.generate_like(golden_key)
-    with pytest.raises(KeyFileError, match="overwrite=True"):
+    with pytest.raises(KeyFileError, match="overwrite=True") as refused:
         other.save(path)
+    assert isinstance(refused.value, FileExistsError)  # also catchable as the built-in
     assert SecretKey.load(path) == golden_key
 
 

@@ -24,6 +24,7 @@ These modules need scipy and tqdm (``pip install kp-plugin[demo]``); they are
 not imported by ``import kp_plugin``.
 """
 
+from ..adapt import adapt_patch_embedding
 from ._candidate import AttackError, CandidateKey, CandidateModel
 from .finetune import FinetuneResult, FinetuneRow, finetune_attack
 from .heuristic_search import HeuristicSearchResult, heuristic_key_search
@@ -36,6 +37,7 @@ from .weight_matching import WeightMatchingResult, weight_matching_attack
 from .wrong_keys import WrongKeyResult, wrong_key_attack
 
 __all__ = [
+    "adapt_patch_embedding",
     "AttackError",
     "CandidateKey",
     "CandidateModel",
