@@ -16,9 +16,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..module import ProtectedModel
-from ._candidate import CandidateKey, CandidateModel, seeded_key
-from ._data import as_tensors, candidate_accuracy, chance_of, num_classes_of, resolve_device
-from .random_search import search_split
+from ._candidate import CandidateKey, seeded_key
+from .random_search import SearchSetup
 
 __all__ = ["HeuristicSearchResult", "heuristic_key_search"]
 
@@ -93,24 +92,16 @@ def heuristic_key_search(
     """
     from tqdm.auto import tqdm
 
-    device = resolve_device(device)
-    images, labels = as_tensors(dataset)
-    search_idx, hold_idx = search_split(labels, search_images, seed=seed)
-    x, y = images[search_idx].to(device), labels[search_idx].to(device)
-    attacked = CandidateModel.from_protected(model).to(device).eval()
-    key, size = model.key, tuple(images.shape[-2:])
-    truth = CandidateKey.from_secret_key(key, image_size=size)
+    setup = SearchSetup(model, dataset, search_images, seed=seed, device=device)
+    key = setup.key
+    truth = setup.candidate(key)
     generator = torch.Generator().manual_seed(seed)
     with_flip = "np" in key.scheme
-
-    def batch_accuracy(cands: list[CandidateKey]) -> list[float]:
-        keyed = torch.cat([c.apply(x) for c in cands])
-        pred = attacked(keyed).argmax(1).view(len(cands), -1)
-        return (pred == y).float().mean(1).tolist()
+    batch_accuracy = setup.batch_accuracies
 
     start = time.perf_counter()
     # The start is a random key, from a stream the random search does not use.
-    current = CandidateKey.from_secret_key(seeded_key(key, seed + 1_000_003, 0), image_size=size)
+    current = setup.candidate(seeded_key(key, seed + 1_000_003, 0))
     current_acc = initial_acc = batch_accuracy([current])[0]
     initial_rec = current.recovered_fraction(truth)
     history = [(0, current_acc)]
@@ -132,10 +123,7 @@ def heuristic_key_search(
     bar.close()
     seconds = time.perf_counter() - start
 
-    hx, hy = images[hold_idx], labels[hold_idx]
-
-    def holdout(candidate: CandidateKey) -> float:
-        return candidate_accuracy(attacked, hx, hy, candidate, device=device)
+    holdout = setup.holdout_accuracy
 
     return HeuristicSearchResult(
         budget=budget,
@@ -147,7 +135,7 @@ def heuristic_key_search(
         recovered_fraction=current.recovered_fraction(truth),
         accepted_moves=accepted,
         key_accuracy=holdout(truth),
-        chance=chance_of(hy, num_classes_of(dataset, labels)),
+        chance=setup.chance,
         seed=seed,
         seconds=seconds,
         history=history,

@@ -75,6 +75,36 @@ def search_split(labels: torch.Tensor, search_images: int, *, seed: int) -> tupl
     return order[:search_images], order[search_images:]
 
 
+class SearchSetup:
+    """What a key search works with: the attacked model, a search batch, and
+    held-out images to score the selected key on (the batch score is biased
+    upwards by the selection itself)."""
+
+    def __init__(self, model: ProtectedModel, dataset, search_images: int, *, seed: int, device) -> None:
+        self.device = resolve_device(device)
+        images, labels = as_tensors(dataset)
+        search_idx, hold_idx = search_split(labels, search_images, seed=seed)
+        self.x, self.y = images[search_idx].to(self.device), labels[search_idx].to(self.device)
+        self.hx, self.hy = images[hold_idx], labels[hold_idx]
+        self.attacked = CandidateModel.from_protected(model).to(self.device).eval()
+        self.key, self.size = model.key, tuple(images.shape[-2:])
+        self.chance = chance_of(self.hy, num_classes_of(dataset, labels))
+
+    @torch.no_grad()
+    def batch_accuracies(self, candidates: list) -> list:
+        """Accuracy of each candidate key on the search batch (one forward)."""
+        keyed = torch.cat([c.apply(self.x) for c in candidates])
+        pred = self.attacked(keyed).argmax(1).view(len(candidates), -1)
+        return (pred == self.y).float().mean(1).tolist()
+
+    def holdout_accuracy(self, candidate: CandidateKey) -> float:
+        """Accuracy of one candidate key on the held-out images."""
+        return candidate_accuracy(self.attacked, self.hx, self.hy, candidate, device=self.device)
+
+    def candidate(self, key) -> CandidateKey:
+        return CandidateKey.from_secret_key(key, image_size=self.size)
+
+
 @torch.no_grad()
 def random_key_search(
     model: ProtectedModel,
@@ -111,22 +141,15 @@ def random_key_search(
     """
     from tqdm.auto import tqdm
 
-    device = resolve_device(device)
-    images, labels = as_tensors(dataset)
-    search_idx, hold_idx = search_split(labels, search_images, seed=seed)
-    x, y = images[search_idx].to(device), labels[search_idx].to(device)
-    attacked = CandidateModel.from_protected(model).to(device).eval()
-    key, size = model.key, tuple(images.shape[-2:])
+    setup = SearchSetup(model, dataset, search_images, seed=seed, device=device)
+    key = setup.key
 
     start = time.perf_counter()
     accs: list[float] = []
     bar = tqdm(total=num_keys, desc="random keys", disable=not progress, leave=False)
     for first in range(0, num_keys, keys_per_batch):
         count = min(keys_per_batch, num_keys - first)
-        cands = [CandidateKey.from_secret_key(seeded_key(key, seed, first + j), image_size=size) for j in range(count)]
-        keyed = torch.cat([c.apply(x) for c in cands])
-        pred = attacked(keyed).argmax(1).view(count, -1)
-        accs.extend((pred == y).float().mean(1).tolist())
+        accs.extend(setup.batch_accuracies([setup.candidate(seeded_key(key, seed, first + j)) for j in range(count)]))
         bar.update(count)
         bar.set_postfix(best=f"{max(accs):.3f}")
         if max_seconds is not None and time.perf_counter() - start > max_seconds:
@@ -135,21 +158,15 @@ def random_key_search(
     seconds = time.perf_counter() - start
 
     best = int(torch.tensor(accs).argmax())
-    hx, hy = images[hold_idx], labels[hold_idx]
-
-    def holdout_accuracy(candidate: CandidateKey) -> float:
-        return candidate_accuracy(attacked, hx, hy, candidate, device=device)
-
-    best_cand = CandidateKey.from_secret_key(seeded_key(key, seed, best), image_size=size)
     return RandomSearchResult(
         num_keys=len(accs),
         search_images=search_images,
-        holdout_images=int(hold_idx.numel()),
+        holdout_images=int(setup.hy.numel()),
         best_search_accuracy=accs[best],
-        best_holdout_accuracy=holdout_accuracy(best_cand),
+        best_holdout_accuracy=setup.holdout_accuracy(setup.candidate(seeded_key(key, seed, best))),
         best_index=best,
-        key_accuracy=holdout_accuracy(CandidateKey.from_secret_key(key, image_size=size)),
-        chance=chance_of(hy, num_classes_of(dataset, labels)),
+        key_accuracy=setup.holdout_accuracy(setup.candidate(key)),
+        chance=setup.chance,
         seed=seed,
         seconds=seconds,
         search_accuracies=accs,
