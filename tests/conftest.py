@@ -7,6 +7,18 @@ import torch
 
 from kp_plugin import SecretKey
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-tensor tests (opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``): faster for tiny
+    tensors, and on a shared machine OpenMP threads that compete for the cores
+    spin against each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 #: The golden-vector key of docs/key-format.md.
 GOLDEN_MATERIAL = bytes(range(32))
 

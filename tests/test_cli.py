@@ -9,7 +9,6 @@ import stat
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from kp_plugin import SecretKey
@@ -17,14 +16,7 @@ from kp_plugin.checkpoint import find_key_material
 from kp_plugin.cli import build_parser, main
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Six jobs share two cores here; OpenMP threads then spin against each
-    # other and a tiny forward pass takes 100x longer.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = ["--model", "test_efficientnet", "--no-pretrained", "--data", "digits", "--image-size", "16",

@@ -11,20 +11,12 @@ import sys
 import time
 
 import pytest
-import torch
 
 from kp_plugin import ConfigurationError
 from kp_plugin.demo import _prepare, demo_table, main, run_demo
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Six jobs share two cores here; OpenMP threads then spin against each
-    # other and a tiny forward pass takes 100x longer.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = ["--model", "test_efficientnet", "--no-pretrained", "--epochs", "1", "--image-size", "16",

@@ -29,14 +29,7 @@ INTERFACE_KEYS = {
     "fingerprint",
 }
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Six jobs share two cores here; OpenMP threads then spin against each
-    # other and a tiny forward pass takes 100x longer.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

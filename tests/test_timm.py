@@ -14,14 +14,7 @@ from kp_plugin.timm import create_protected_model, create_transform, load_protec
 
 TINY = "test_efficientnet"  # a real timm architecture, ~0.1M parameters
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Six jobs share two cores here; OpenMP threads then spin against each
-    # other and a tiny forward pass takes 100x longer.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
