@@ -58,6 +58,12 @@ def main(key_file: str, out_dir: str) -> None:
         "classifier_sum": float(trainer.model.classifier.weight.detach().sum()),
     }
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(report))
+    # Tear the gloo group down before the interpreter exits: left to process
+    # teardown, its background threads can be destroyed while still joinable
+    # ("terminate called without an active exception", SIGABRT on one rank).
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
