@@ -133,6 +133,16 @@ def transform_rows(*, rounds: int, device: str = "cpu") -> tuple[list[str], list
             candidates[f"KeyedInput {scheme}"] = lambda keyed=keyed: keyed(x)
             candidates[f"naive {scheme}"] = lambda naive=naive: naive(x)
             naive_of[f"KeyedInput {scheme}"] = f"naive {scheme}"
+            if scheme == "+".join(DEFAULT_SCHEME) and device == "cpu":
+                # Two reference points for the clone target: the gather alone
+                # (the floor of any transform built from PyTorch's gather),
+                # and KeyedInput under torch.compile, where inductor fuses
+                # the gather and the multiply-add into one generated loop.
+                index = keyed.source_index.expand(shape[0], -1)
+                candidates["gather alone (no normalize)"] = lambda index=index: torch.gather(x.flatten(1), 1, index)
+                compiled = _compiled(keyed, x)
+                if compiled is not None:
+                    candidates[f"KeyedInput {scheme}, torch.compile"] = lambda compiled=compiled: compiled(x)
 
         t = interleaved_medians(candidates, rounds=rounds, sync=sync)
         label = f"{device} ({', '.join(map(str, shape))}), M={block_size}"
@@ -148,6 +158,18 @@ def transform_rows(*, rounds: int, device: str = "cpu") -> tuple[list[str], list
             f"{vs_naive:.2f}x the naive baseline (target 3x: {_met(vs_naive >= 3)})"
         )
     return rows, verdicts
+
+
+def _compiled(keyed: KeyedInput, x: torch.Tensor):
+    """``torch.compile(keyed)`` checked against eager, or None (with the
+    reason printed) where inductor cannot build here."""
+    try:
+        compiled = torch.compile(keyed, dynamic=False)
+        torch.testing.assert_close(compiled(x), keyed(x), rtol=1e-5, atol=1e-5)
+    except Exception as error:  # no C++ compiler, unsupported platform
+        print(f"torch.compile candidate skipped: {type(error).__name__}: {str(error)[:200]}")
+        return None
+    return compiled
 
 
 def _met(ok: bool) -> str:

@@ -79,6 +79,10 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--wrong-keys-per-step", type=int, default=1)
     parser.add_argument("--plain-weight", type=float, default=0.0)
+    parser.add_argument("--near-weight", type=float, default=0.0)
+    parser.add_argument("--hard-weight", type=float, default=0.0)
+    parser.add_argument("--hard-every", type=int, default=10)
+    parser.add_argument("--hard-candidates", type=int, default=16)
     parser.add_argument("--wrong-keys", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -92,7 +96,10 @@ def main(argv=None) -> int:
     key = SecretKey.generate(block_size=args.block_size, scheme=args.scheme)
     config = TrainConfig(epochs=args.epochs, seed=args.seed,
                          objective=ProtectionObjective(wrong_key_weight=args.wrong_weight, plain_weight=args.plain_weight,
-                                                   wrong_keys_per_step=args.wrong_keys_per_step))
+                                                   wrong_keys_per_step=args.wrong_keys_per_step,
+                                                   near_key_weight=args.near_weight, hard_key_weight=args.hard_weight,
+                                                   hard_key_every=args.hard_every,
+                                                   hard_key_candidates=args.hard_candidates))
     result = {"dataset": args.dataset, "size": args.size, "block_size": args.block_size, "scheme": key.scheme_name,
               "objective": config.resolved_objective.describe(), "epochs": args.epochs,
               "wrong_keys_per_step": args.wrong_keys_per_step,
@@ -109,7 +116,9 @@ def main(argv=None) -> int:
     result["evaluate_seconds"] = time.perf_counter() - started
     result.update(key_accuracy=report.key_accuracy, wrong_key_accuracy_mean=report.wrong_key_accuracy_mean,
                   wrong_key_accuracy_max=report.wrong_key_accuracy_max, plain_accuracy=report.plain_accuracy,
-                  num_wrong_keys=report.num_wrong_keys)
+                  num_wrong_keys=report.num_wrong_keys, wrong_key_accuracies=list(report.wrong_key_accuracies))
+    groups = [report.wrong_key_accuracies[i:i + 100] for i in range(0, len(report.wrong_key_accuracies), 100)]
+    result["worst_of_each_100"] = [max(g) for g in groups if len(g) == 100]
     print(json.dumps(result), flush=True)
     if not args.skip_baseline:
         torch.manual_seed(args.seed)

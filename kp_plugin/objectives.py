@@ -31,8 +31,17 @@ from torch import nn
 from .errors import ConfigurationError
 from .keys import SecretKey
 from .module import KeyedInput, ProtectedModel
+from .transforms import compile_plan
 
-__all__ = ["ProtectionObjective", "DEFAULT_OBJECTIVE", "CROSS_ENTROPY_ONLY", "FORMS", "logits_of", "random_wrong_key"]
+__all__ = [
+    "ProtectionObjective",
+    "DEFAULT_OBJECTIVE",
+    "CROSS_ENTROPY_ONLY",
+    "FORMS",
+    "logits_of",
+    "random_wrong_key",
+    "near_key_images",
+]
 
 #: How a suppression term scores an output distribution ``p`` that should
 #: carry no information about the label:
@@ -63,6 +72,52 @@ def random_wrong_key(key: SecretKey, *, generator: Optional[torch.Generator] = N
     (an example of a wrong key), not a secret."""
     material = torch.randint(0, 256, (32,), dtype=torch.uint8, generator=generator)
     return SecretKey(bytes(material.tolist()), block_size=key.block_size, scheme=key.scheme, channels=key.channels)
+
+
+def near_key_images(
+    keyed01: torch.Tensor,
+    block_size: int,
+    distance: float,
+    *,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Correctly keyed images moved a random ``distance`` away from the key.
+
+    A random block transform ``R`` (the same for every block, like a key's)
+    re-shuffles a random ``distance`` fraction of the ``L = M*M*C`` block
+    positions among themselves and flips each position (``v -> 1 - v``) with
+    probability ``distance / 2``; ``R(T_key(x))`` is what a key that agrees
+    with the true one on the rest of the block would give. At ``distance=1``
+    it is as far as a random key; below, it is a *near* key, the hard case
+    that random keys reach only by luck (the worst of 100 random keys).
+
+    Args:
+        keyed01: ``(B, C, H, W)`` images already under the true key, in [0, 1].
+        block_size: the key's ``M``.
+        distance: in (0, 1].
+        generator: torch generator, for reproducible training.
+
+    Example:
+        >>> y = torch.rand(2, 3, 8, 8)
+        >>> near_key_images(y, 4, 0.5).shape
+        torch.Size([2, 3, 8, 8])
+    """
+    if not 0 < distance <= 1:
+        raise ConfigurationError(f"near-key distance must be in (0, 1], got {distance}")
+    b, c, h, w = keyed01.shape
+    m = block_size
+    length = m * m * c
+    moved = max(2, round(distance * length))
+    chosen = torch.randperm(length, generator=generator)[:moved]
+    order = torch.arange(length)
+    order[chosen] = chosen[torch.randperm(moved, generator=generator)]
+    flips = torch.rand(length, generator=generator) < distance / 2
+    # Block vectors in DESIGN.md's (row, column, channel) order.
+    blocks = keyed01.reshape(b, c, h // m, m, w // m, m).permute(0, 2, 4, 3, 5, 1).reshape(b, h // m, w // m, length)
+    blocks = blocks[..., order.to(keyed01.device)]
+    flips = flips.to(keyed01.device)
+    blocks = torch.where(flips, 1 - blocks, blocks)
+    return blocks.reshape(b, h // m, w // m, m, m, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
 
 
 @contextlib.contextmanager
@@ -96,6 +151,18 @@ class ProtectionObjective:
         wrong_keys_per_step: how many random wrong keys per step (their
             terms are averaged).
         label_smoothing: of the cross-entropy with the key.
+        near_key_weight: weight of the term on images under a *near* key
+            (:func:`near_key_images`): the true key's images with a random
+            fraction of the block re-shuffled and flipped.
+        near_key_distance: ``(low, high)``; each step draws that fraction
+            uniformly from this range.
+        hard_key_weight: weight of the term on the hardest wrong key found
+            so far: every ``hard_key_every`` steps, ``hard_key_candidates``
+            fresh random keys and the pool are scored on the batch (mean
+            probability of the true class) and the ``hard_key_pool`` best
+            kept; each step suppresses the pool's current best, then
+            re-scores it. Random keys that happen to work are rare (the worst
+            of 100); this term goes looking for them during training.
 
     Example:
         >>> objective = ProtectionObjective(wrong_key_weight=0.5)
@@ -108,8 +175,29 @@ class ProtectionObjective:
     form: str = "uniform"
     wrong_keys_per_step: int = 1
     label_smoothing: float = 0.0
+    near_key_weight: float = 0.0
+    near_key_distance: tuple = (0.25, 0.75)
+    hard_key_weight: float = 0.0
+    hard_key_pool: int = 4
+    hard_key_candidates: int = 16
+    hard_key_every: int = 10
 
     def __post_init__(self) -> None:
+        # Training state of the hard-key term (not a dataclass field: it is
+        # not configuration and stays out of to_dict / training.json).
+        self._pool: list = []
+        self._pool_owner: Optional[str] = None
+        self._steps = 0
+        if self.hard_key_weight < 0:
+            raise ConfigurationError("suppression weights must be >= 0")
+        if min(self.hard_key_pool, self.hard_key_candidates, self.hard_key_every) < 1:
+            raise ConfigurationError("hard_key_pool, hard_key_candidates and hard_key_every must be at least 1")
+        self.near_key_distance = tuple(float(d) for d in self.near_key_distance)
+        low, high = self.near_key_distance
+        if not 0 < low <= high <= 1:
+            raise ConfigurationError(f"near_key_distance must be (low, high) with 0 < low <= high <= 1, got {self.near_key_distance}")
+        if self.near_key_weight < 0:
+            raise ConfigurationError("suppression weights must be >= 0")
         if self.form not in FORMS:
             raise ConfigurationError(f"unknown suppression form {self.form!r}; choose from {', '.join(FORMS)}")
         if self.wrong_key_weight < 0 or self.plain_weight < 0:
@@ -119,7 +207,7 @@ class ProtectionObjective:
 
     @property
     def suppresses(self) -> bool:
-        return self.wrong_key_weight > 0 or self.plain_weight > 0
+        return self.wrong_key_weight > 0 or self.plain_weight > 0 or self.near_key_weight > 0 or self.hard_key_weight > 0
 
     def describe(self) -> str:
         """A short name for tables, e.g. ``ce+wrong0.5(uniform)``."""
@@ -128,6 +216,11 @@ class ProtectionObjective:
             name += f"+wrong{self.wrong_key_weight:g}"
         if self.plain_weight:
             name += f"+plain{self.plain_weight:g}"
+        if self.near_key_weight:
+            low, high = self.near_key_distance
+            name += f"+near{self.near_key_weight:g}[{low:g}-{high:g}]"
+        if self.hard_key_weight:
+            name += f"+hard{self.hard_key_weight:g}[{self.hard_key_pool}/{self.hard_key_candidates}/{self.hard_key_every}]"
         if self.suppresses:
             several = self.wrong_key_weight and self.wrong_keys_per_step > 1
             per_step = f", {self.wrong_keys_per_step} keys/step" if several else ""
@@ -145,6 +238,39 @@ class ProtectionObjective:
         chance = -math.log(log_p.shape[-1])
         true = log_p.gather(1, labels[:, None]).squeeze(1)
         return F.relu(true - chance).mean()
+
+    def _wrong_logits(self, base: nn.Module, keyed: KeyedInput, key: SecretKey, images01: torch.Tensor) -> torch.Tensor:
+        wrong = KeyedInput(key, mean=keyed.mean, std=keyed.std, check_range=False)
+        return logits_of(base(wrong(images01)))
+
+    def _mine_hard_keys(self, model: ProtectedModel, images01: torch.Tensor, labels: torch.Tensor) -> None:
+        """Refresh the pool of hard wrong keys: score the pool and
+        ``hard_key_candidates`` fresh random keys on this batch (mean
+        probability of the true class, no gradient) and keep the
+        ``hard_key_pool`` highest."""
+        base, keyed = model.unwrap(), model.keyed
+        candidates = [entry[0] for entry in self._pool]
+        candidates += [random_wrong_key(model.key) for _ in range(self.hard_key_candidates)]
+        scored = []
+        with torch.no_grad():
+            for key in candidates:
+                probs = F.softmax(self._wrong_logits(base, keyed, key, images01).float(), dim=-1)
+                scored.append([key, float(probs.gather(1, labels[:, None]).mean())])
+        scored.sort(key=lambda entry: -entry[1])
+        self._pool = scored[: self.hard_key_pool]
+
+    def _hard_key_loss(self, model: ProtectedModel, images01: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The suppression term on the hardest wrong key found so far."""
+        if self._pool_owner != model.key.fingerprint:
+            self._pool, self._pool_owner, self._steps = [], model.key.fingerprint, 0
+        if self._steps % self.hard_key_every == 0:
+            self._mine_hard_keys(model, images01, labels)
+        self._steps += 1
+        entry = max(self._pool, key=lambda e: e[1])
+        logits = self._wrong_logits(model.unwrap(), model.keyed, entry[0], images01)
+        with torch.no_grad():
+            entry[1] = float(F.softmax(logits.float(), dim=-1).gather(1, labels[:, None]).mean())
+        return self.suppression(logits, labels)
 
     def __call__(
         self,
@@ -189,9 +315,23 @@ class ProtectionObjective:
                 wrong_loss = torch.stack(terms).mean()
                 loss = loss + self.wrong_key_weight * wrong_loss
                 parts["wrong"] = float(wrong_loss.detach())
+            mean = torch.tensor(keyed.mean, device=images01.device, dtype=images01.dtype).view(1, -1, 1, 1)
+            std = torch.tensor(keyed.std, device=images01.device, dtype=images01.dtype).view(1, -1, 1, 1)
+            if self.near_key_weight:
+                key = model.key
+                with torch.no_grad():
+                    plan = compile_plan(key, images01.shape[1], images01.shape[2], images01.shape[3])
+                    low, high = self.near_key_distance
+                    distance = low + (high - low) * float(torch.rand(()))
+                    near = near_key_images(plan.apply(images01, check_range=False), key.block_size, distance)
+                near_loss = self.suppression(logits_of(base((near - mean) / std)), labels)
+                loss = loss + self.near_key_weight * near_loss
+                parts["near"] = float(near_loss.detach())
+            if self.hard_key_weight:
+                hard_loss = self._hard_key_loss(model, images01, labels)
+                loss = loss + self.hard_key_weight * hard_loss
+                parts["hard"] = float(hard_loss.detach())
             if self.plain_weight:
-                mean = torch.tensor(keyed.mean, device=images01.device, dtype=images01.dtype).view(1, -1, 1, 1)
-                std = torch.tensor(keyed.std, device=images01.device, dtype=images01.dtype).view(1, -1, 1, 1)
                 plain_loss = self.suppression(logits_of(base((images01 - mean) / std)), labels)
                 loss = loss + self.plain_weight * plain_loss
                 parts["plain"] = float(plain_loss.detach())

@@ -9,7 +9,7 @@ import torch
 
 from kp_plugin import SecretKey, wrap_model
 from kp_plugin.errors import ConfigurationError
-from kp_plugin.objectives import ProtectionObjective, random_wrong_key
+from kp_plugin.objectives import ProtectionObjective, near_key_images, random_wrong_key
 from kp_plugin.train import plain_model
 
 
@@ -80,3 +80,81 @@ def test_random_wrong_keys_follow_torch_seed_and_keep_the_settings():
 def test_unknown_form_is_a_configuration_error():
     with pytest.raises(ConfigurationError, match="uniform"):
         ProtectionObjective(form="push")
+
+
+def _blocks(x: torch.Tensor, m: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, blocks, L) block vectors in (row, column, channel) order."""
+    b, c, h, w = x.shape
+    return x.reshape(b, c, h // m, m, w // m, m).permute(0, 2, 4, 3, 5, 1).reshape(b, -1, m * m * c)
+
+
+def test_near_key_images_apply_one_block_transform_to_every_block():
+    torch.manual_seed(1)
+    block = torch.rand(1, 3, 4, 4)
+    x = block.repeat(2, 1, 3, 2)  # six identical blocks per image
+    y = near_key_images(x, 4, 0.5, generator=torch.Generator().manual_seed(0))
+    vectors = _blocks(y, 4)
+    assert torch.equal(vectors, vectors[:1, :1].expand_as(vectors))
+    # Every output value is an input value of the same block, flipped or not.
+    source = _blocks(block, 4)[0, 0]
+    folded = torch.minimum(vectors[0, 0], 1 - vectors[0, 0]).sort().values
+    assert torch.allclose(folded, torch.minimum(source, 1 - source).sort().values)
+
+
+@pytest.mark.parametrize("distance", [0.25, 0.5, 1.0])
+def test_near_key_distance_sets_how_much_of_the_block_moves_and_flips(distance):
+    # Distinct values below 0.5: a flipped value is above 0.5, and folding it
+    # back names the position it came from.
+    x = (torch.randperm(48).float() + 1).div(100).view(1, 4, 4, 3).permute(0, 3, 1, 2).contiguous()
+    moved, flipped = [], []
+    for seed in range(40):
+        y = _blocks(near_key_images(x, 4, distance, generator=torch.Generator().manual_seed(seed)), 4)[0, 0]
+        flipped.append((y > 0.5).float().mean().item())
+        moved.append((torch.minimum(y, 1 - y) - _blocks(x, 4)[0, 0]).abs().gt(1e-6).float().mean().item())
+    assert max(moved) <= distance + 1e-6
+    assert sum(moved) / len(moved) > distance / 2
+    assert sum(flipped) / len(flipped) == pytest.approx(distance / 2, abs=0.05)
+
+
+def test_near_key_distance_outside_zero_one_is_a_configuration_error():
+    with pytest.raises(ConfigurationError, match="distance"):
+        near_key_images(torch.rand(1, 3, 4, 4), 4, 0.0)
+    with pytest.raises(ConfigurationError, match="near_key_distance"):
+        ProtectionObjective(near_key_weight=1.0, near_key_distance=(0.5, 0.2))
+
+
+def test_near_and_hard_key_terms_add_to_the_loss_and_reach_the_weights(protected):
+    images, labels = torch.rand(6, 3, 16, 16), torch.randint(0, 4, (6,))
+    protected.train()
+    objective = ProtectionObjective(near_key_weight=0.5, hard_key_weight=0.25, hard_key_candidates=3, hard_key_pool=2)
+    loss, parts = objective(protected, images, labels, protected(images))
+    assert set(parts) == {"ce", "near", "hard"}
+    assert loss.item() == pytest.approx(parts["ce"] + 0.5 * parts["near"] + 0.25 * parts["hard"], rel=1e-5)
+    loss.backward()
+    assert protected.model.conv_stem.weight.grad.abs().sum() > 0
+    assert "near1" in ProtectionObjective(near_key_weight=1).describe()
+    assert "hard1" in ProtectionObjective(hard_key_weight=1).describe()
+
+
+def test_hard_key_pool_keeps_the_keys_that_work_best_and_resets_for_another_key(protected):
+    images, labels = torch.rand(8, 3, 16, 16), torch.randint(0, 4, (8,))
+    objective = ProtectionObjective(hard_key_weight=1.0, hard_key_candidates=5, hard_key_pool=2, hard_key_every=3)
+    mined = []
+    original = objective._mine_hard_keys
+
+    def spy(model, x, y):
+        original(model, x, y)
+        mined.append([entry[1] for entry in objective._pool])
+
+    objective._mine_hard_keys = spy
+    with torch.no_grad():
+        for _ in range(4):
+            objective(protected, images, labels, protected(images))
+    assert len(mined) == 2  # steps 0 and 3
+    assert all(len(scores) == 2 and scores[0] >= scores[1] for scores in mined)
+    assert all(entry[0] != protected.key and entry[0].scheme == protected.key.scheme for entry in objective._pool)
+    assert "_pool" not in objective.to_dict()
+    other = wrap_model(protected.unwrap(), SecretKey.generate(block_size=4, scheme="shuffle+np"))
+    with torch.no_grad():
+        objective(other, images, labels, other(images))
+    assert all(entry[0].scheme == other.key.scheme for entry in objective._pool)
