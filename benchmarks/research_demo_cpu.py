@@ -79,6 +79,7 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--wrong-keys-per-step", type=int, default=1)
     parser.add_argument("--plain-weight", type=float, default=0.0)
+    parser.add_argument("--wrong-key-groups", type=int, default=1)
     parser.add_argument("--near-weight", type=float, default=0.0)
     parser.add_argument("--hard-weight", type=float, default=0.0)
     parser.add_argument("--hard-every", type=int, default=10)
@@ -97,6 +98,7 @@ def main(argv=None) -> int:
     config = TrainConfig(epochs=args.epochs, seed=args.seed,
                          objective=ProtectionObjective(wrong_key_weight=args.wrong_weight, plain_weight=args.plain_weight,
                                                    wrong_keys_per_step=args.wrong_keys_per_step,
+                                                   wrong_key_groups=args.wrong_key_groups,
                                                    near_key_weight=args.near_weight, hard_key_weight=args.hard_weight,
                                                    hard_key_every=args.hard_every,
                                                    hard_key_candidates=args.hard_candidates))

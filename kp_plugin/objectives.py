@@ -151,6 +151,9 @@ class ProtectionObjective:
         wrong_keys_per_step: how many random wrong keys per step (their
             terms are averaged).
         label_smoothing: of the cross-entropy with the key.
+        wrong_key_groups: the wrong-key pass splits the batch into this many
+            groups, each under its own random key (same cost as one key;
+            the term then averages over many keys each step).
         near_key_weight: weight of the term on images under a *near* key
             (:func:`near_key_images`): the true key's images with a random
             fraction of the block re-shuffled and flipped.
@@ -175,6 +178,7 @@ class ProtectionObjective:
     form: str = "uniform"
     wrong_keys_per_step: int = 1
     label_smoothing: float = 0.0
+    wrong_key_groups: int = 1
     near_key_weight: float = 0.0
     near_key_distance: tuple = (0.25, 0.75)
     hard_key_weight: float = 0.0
@@ -204,6 +208,8 @@ class ProtectionObjective:
             raise ConfigurationError("suppression weights must be >= 0")
         if self.wrong_keys_per_step < 1:
             raise ConfigurationError("wrong_keys_per_step must be at least 1")
+        if self.wrong_key_groups < 1:
+            raise ConfigurationError("wrong_key_groups must be at least 1")
 
     @property
     def suppresses(self) -> bool:
@@ -222,8 +228,9 @@ class ProtectionObjective:
         if self.hard_key_weight:
             name += f"+hard{self.hard_key_weight:g}[{self.hard_key_pool}/{self.hard_key_candidates}/{self.hard_key_every}]"
         if self.suppresses:
-            several = self.wrong_key_weight and self.wrong_keys_per_step > 1
-            per_step = f", {self.wrong_keys_per_step} keys/step" if several else ""
+            keys = self.wrong_keys_per_step * self.wrong_key_groups
+            several = self.wrong_key_weight and keys > 1
+            per_step = f", {keys} keys/step" if several else ""
             name += f"({self.form}{per_step})"
         return name
 
@@ -307,11 +314,15 @@ class ProtectionObjective:
         with _inference_normalization(base):
             if self.wrong_key_weight:
                 terms = []
+                groups = min(self.wrong_key_groups, images01.shape[0])
                 for _ in range(self.wrong_keys_per_step):
-                    wrong = KeyedInput(
-                        random_wrong_key(model.key), mean=keyed.mean, std=keyed.std, check_range=False
-                    )
-                    terms.append(self.suppression(logits_of(base(wrong(images01))), labels))
+                    # One pass over the batch, each group of images under its
+                    # own random key: more keys per step at the same cost.
+                    wrong = torch.cat([
+                        KeyedInput(random_wrong_key(model.key), mean=keyed.mean, std=keyed.std, check_range=False)(part)
+                        for part in images01.tensor_split(groups)
+                    ])
+                    terms.append(self.suppression(logits_of(base(wrong)), labels))
                 wrong_loss = torch.stack(terms).mean()
                 loss = loss + self.wrong_key_weight * wrong_loss
                 parts["wrong"] = float(wrong_loss.detach())

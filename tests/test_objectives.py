@@ -158,3 +158,23 @@ def test_hard_key_pool_keeps_the_keys_that_work_best_and_resets_for_another_key(
     with torch.no_grad():
         objective(other, images, labels, other(images))
     assert all(entry[0].scheme == other.key.scheme for entry in objective._pool)
+
+
+def test_wrong_key_groups_put_each_group_of_the_batch_under_its_own_key(protected):
+    from kp_plugin import KeyedInput
+
+    images, labels = torch.rand(6, 3, 16, 16), torch.randint(0, 4, (6,))
+    protected.eval()
+    objective = ProtectionObjective(wrong_key_weight=1.0, wrong_key_groups=3)
+    with torch.no_grad():
+        logits = protected(images)
+        torch.manual_seed(5)
+        _, parts = objective(protected, images, labels, logits)
+        torch.manual_seed(5)
+        keys = [random_wrong_key(protected.key) for _ in range(3)]
+        keyed = protected.keyed
+        wrong = torch.cat([KeyedInput(k, mean=keyed.mean, std=keyed.std)(images[2 * i:2 * i + 2]) for i, k in enumerate(keys)])
+        expected = objective.suppression(protected.unwrap()(wrong), labels)
+    assert len({k.fingerprint for k in keys}) == 3
+    assert parts["wrong"] == pytest.approx(expected.item(), rel=1e-5)
+    assert "3 keys/step" in objective.describe()
