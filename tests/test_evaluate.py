@@ -148,7 +148,7 @@ def test_report_json_has_the_agreed_keys_and_reads_back(tmp_path, tiny_model, ra
     assert INTERFACE_KEYS | {"unprotected_accuracy"} <= set(data)
     assert data["num_wrong_keys"] == 3 and data["dataset"] == "random" and data["chance"] == 0.2
     assert data["wrong_key_accuracy_max"] == max(data["wrong_key_accuracies"])
-    assert data["fingerprint"] == tiny_model.key.fingerprint and data["scheme"] == "shuffle+np"
+    assert data["fingerprint"] == tiny_model.key.fingerprint and data["scheme"] == tiny_model.key.scheme_name
     assert ProtectionReport.load(tmp_path / "report").to_dict() == data
 
 

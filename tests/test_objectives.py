@@ -178,3 +178,21 @@ def test_wrong_key_groups_put_each_group_of_the_batch_under_its_own_key(protecte
     assert len({k.fingerprint for k in keys}) == 3
     assert parts["wrong"] == pytest.approx(expected.item(), rel=1e-5)
     assert "3 keys/step" in objective.describe()
+
+
+def test_suppression_fraction_shows_the_wrong_key_only_part_of_the_batch(protected):
+    from kp_plugin import KeyedInput
+
+    images, labels = torch.rand(8, 3, 16, 16), torch.randint(0, 4, (8,))
+    protected.eval()
+    objective = ProtectionObjective(wrong_key_weight=1.0, suppression_fraction=0.25)
+    with torch.no_grad():
+        logits = protected(images)
+        torch.manual_seed(11)
+        _, parts = objective(protected, images, labels, logits)
+        torch.manual_seed(11)
+        wrong = KeyedInput(random_wrong_key(protected.key), mean=protected.keyed.mean, std=protected.keyed.std)
+        expected = objective.suppression(protected.unwrap()(wrong(images[:2])), labels[:2])
+    assert parts["wrong"] == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(ConfigurationError, match="suppression_fraction"):
+        ProtectionObjective(suppression_fraction=0.0)
