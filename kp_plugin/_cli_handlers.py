@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -37,22 +38,48 @@ REPORT_DIR = "report"
 PRIVATE_DIR = "private"
 
 
+def _busy_cores(window: float = 0.5) -> Optional[float]:
+    """Cores kept busy by other processes right now: the non-idle share of
+    CPU time over a short window (Linux ``/proc/stat``; this process sleeps
+    meanwhile). ``None`` where that cannot be read."""
+    def sample() -> tuple:
+        with open("/proc/stat") as stat:
+            fields = [float(v) for v in stat.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+        return sum(fields[:8]), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(window)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
+
+
 def auto_threads() -> int:
     """CPU threads for torch: the cores not already busy (at least 1).
 
     On a shared machine, OpenMP threads that compete with other processes
     for the same cores spin against each other; measured here, a Lite0
     training step at 64x64 took 0.7-1.0 s on one thread and 6-10 s on two
-    while other jobs kept both cores busy.
+    while other jobs kept both cores busy. Busy cores are measured over half
+    a second, not read from the load average: the 1-minute load average
+    still counts work that just ended (the demo's own install pushed it
+    above 1 and cost the demo a core).
     """
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        return cores
+    busy = _busy_cores()
+    if busy is None:
+        try:
+            busy = os.getloadavg()[0]
+        except OSError:
+            return cores
     return max(1, min(cores, round(cores - busy)))
 
 

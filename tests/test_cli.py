@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import time
 
 import numpy as np
 import pytest
@@ -154,3 +155,21 @@ def test_resume_continues_an_interrupted_run_to_more_epochs(protected, tmp_path)
     record = json.loads((out / "training.json").read_text())
     assert [h["epoch"] for h in record["history"]] == [1, 2]
     assert json.loads((out / "protection.json").read_text())["extra"]["epochs"] == 2
+
+
+def test_auto_threads_counts_only_the_cores_other_processes_keep_busy_now():
+    import subprocess
+    import sys
+
+    from kp_plugin._cli_handlers import _busy_cores, auto_threads
+
+    cores = len(os.sched_getaffinity(0))
+    assert 1 <= auto_threads() <= cores
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        busy = _busy_cores()
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert busy is not None and busy > 0.7  # a spinning process shows up as about one busy core
