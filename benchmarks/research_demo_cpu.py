@@ -58,24 +58,24 @@ def write_tail_report(paths: list) -> None:
     (section ``recipes-tail``): the worst wrong key of each group of 100."""
     from benchmarks._report import machine_description, write_section
 
-    lines = ["| scheme | objective | epochs | seed | with key | unprotected | wrong keys mean "
+    lines = ["| scheme | M | objective | epochs | seed | with key | unprotected | wrong keys mean "
              "| worst of each 100 (5 groups) | plain | s/epoch |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for path in paths:
         r = json.loads(Path(path).read_text())
         worst = ", ".join(_pct(v) for v in r["worst_of_each_100"])
         lines.append(
-            f"| {r['scheme']} | {r['objective']} | {r['epochs']} | {r.get('seed', '–')} | {_pct(r['key_accuracy'])} "
+            f"| {r['scheme']} | {r['block_size']} | {r['objective']} | {r['epochs']} | {r.get('seed', '–')} | {_pct(r['key_accuracy'])} "
             f"| {_pct(r.get('unprotected_accuracy'))} | {_pct(r['wrong_key_accuracy_mean'])} | {worst} "
             f"| {_pct(r['plain_accuracy'])} | {r['protected_seconds'] / r['epochs']:.0f} |"
         )
     write_section(
         "recipes-tail",
         "## The tail of wrong keys at the demo setting (500 wrong keys per model)\n\n"
-        "Digits 32x32, block size 4, EfficientNet-Lite0 from ImageNet, each run its own random key, evaluated under "
+        "Digits 32x32, EfficientNet-Lite0 from ImageNet, each run its own random key, evaluated under "
         "500 reproducible wrong keys (seed 0; the first 100 are the ones `kp evaluate` uses); the table gives the "
         "worst wrong key of each group of 100, so one model shows how far the demo's 'worst of 100' swings. "
-        "Command: `benchmarks/research_demo_cpu.py --size 32 --block-size 4 --threads 1 --wrong-keys 500 "
+        "Command: `benchmarks/research_demo_cpu.py --size 32 --block-size M --threads 1 --wrong-keys 500 "
         "--scheme S --epochs E --wrong-weight W --plain-weight P [--suppression-fraction F] --seed N` "
         "(two runs side by side at one thread each, so s/epoch is an upper bound). Machine: "
         f"{re.sub(r' [(][0-9]+ threads[)]', '', machine_description())}.\n\n" + "\n".join(lines),
