@@ -58,23 +58,26 @@ def write_tail_report(paths: list) -> None:
     (section ``recipes-tail``): the worst wrong key of each group of 100."""
     from benchmarks._report import machine_description, write_section
 
-    lines = ["| scheme | M | objective | epochs | seed | with key | unprotected | wrong keys mean "
-             "| worst of each 100 (5 groups) | plain | s/epoch |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| data | scheme | M | objective | epochs | seed | with key | unprotected | wrong keys mean "
+             "| worst of each 100 | plain | s/epoch |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for path in paths:
         r = json.loads(Path(path).read_text())
         worst = ", ".join(_pct(v) for v in r["worst_of_each_100"])
         lines.append(
-            f"| {r['scheme']} | {r['block_size']} | {r['objective']} | {r['epochs']} | {r.get('seed', '–')} | {_pct(r['key_accuracy'])} "
+            f"| {r['dataset']} {r['size']}x{r['size']} | {r['scheme']} | {r['block_size']} | {r['objective']} "
+            f"| {r['epochs']} | {r.get('seed', '–')} | {_pct(r['key_accuracy'])} "
             f"| {_pct(r.get('unprotected_accuracy'))} | {_pct(r['wrong_key_accuracy_mean'])} | {worst} "
             f"| {_pct(r['plain_accuracy'])} | {r['protected_seconds'] / r['epochs']:.0f} |"
         )
     write_section(
         "recipes-tail",
         "## The tail of wrong keys at the demo setting (500 wrong keys per model)\n\n"
-        "Digits 32x32, EfficientNet-Lite0 from ImageNet, each run its own random key, evaluated under "
+        "EfficientNet-Lite0 from ImageNet, each run its own random key; digits evaluated under "
         "500 reproducible wrong keys (seed 0; the first 100 are the ones `kp evaluate` uses); the table gives the "
         "worst wrong key of each group of 100, so one model shows how far the demo's 'worst of 100' swings. "
+        "The photos rows (the default recipe on the second dataset, chance 12.5%) used 200 wrong keys (seed 0, "
+        "2 threads, beside a CI run) or 100 (seeds 1-2, one thread each, side by side). "
         "Command: `benchmarks/research_demo_cpu.py --size 32 --block-size M --threads 1 --wrong-keys 500 "
         "--scheme S --epochs E --wrong-weight W --plain-weight P [--suppression-fraction F] --seed N` "
         "(two runs side by side at one thread each, so s/epoch is an upper bound). Machine: "

@@ -203,7 +203,9 @@ class ProtectionObjective:
         self.near_key_distance = tuple(float(d) for d in self.near_key_distance)
         low, high = self.near_key_distance
         if not 0 < low <= high <= 1:
-            raise ConfigurationError(f"near_key_distance must be (low, high) with 0 < low <= high <= 1, got {self.near_key_distance}")
+            raise ConfigurationError(
+                f"near_key_distance must be (low, high) with 0 < low <= high <= 1, got {self.near_key_distance}"
+            )
         if self.near_key_weight < 0:
             raise ConfigurationError("suppression weights must be >= 0")
         if self.form not in FORMS:
@@ -219,7 +221,8 @@ class ProtectionObjective:
 
     @property
     def suppresses(self) -> bool:
-        return self.wrong_key_weight > 0 or self.plain_weight > 0 or self.near_key_weight > 0 or self.hard_key_weight > 0
+        weights = (self.wrong_key_weight, self.plain_weight, self.near_key_weight, self.hard_key_weight)
+        return any(weight > 0 for weight in weights)
 
     def describe(self) -> str:
         """A short name for tables, e.g. ``ce+wrong0.5(uniform)``."""
@@ -232,7 +235,8 @@ class ProtectionObjective:
             low, high = self.near_key_distance
             name += f"+near{self.near_key_weight:g}[{low:g}-{high:g}]"
         if self.hard_key_weight:
-            name += f"+hard{self.hard_key_weight:g}[{self.hard_key_pool}/{self.hard_key_candidates}/{self.hard_key_every}]"
+            pool = f"{self.hard_key_pool}/{self.hard_key_candidates}/{self.hard_key_every}"
+            name += f"+hard{self.hard_key_weight:g}[{pool}]"
         if self.suppresses and self.suppression_fraction < 1:
             name += f"[{self.suppression_fraction:g} of batch]"
         if self.suppresses:

@@ -173,7 +173,9 @@ def test_wrong_key_groups_put_each_group_of_the_batch_under_its_own_key(protecte
         torch.manual_seed(5)
         keys = [random_wrong_key(protected.key) for _ in range(3)]
         keyed = protected.keyed
-        wrong = torch.cat([KeyedInput(k, mean=keyed.mean, std=keyed.std)(images[2 * i:2 * i + 2]) for i, k in enumerate(keys)])
+        wrong = torch.cat([
+            KeyedInput(k, mean=keyed.mean, std=keyed.std)(images[2 * i:2 * i + 2]) for i, k in enumerate(keys)
+        ])
         expected = objective.suppression(protected.unwrap()(wrong), labels)
     assert len({k.fingerprint for k in keys}) == 3
     assert parts["wrong"] == pytest.approx(expected.item(), rel=1e-5)
