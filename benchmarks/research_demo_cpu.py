@@ -64,8 +64,9 @@ def write_tail_report(paths: list) -> None:
     for path in paths:
         r = json.loads(Path(path).read_text())
         worst = ", ".join(_pct(v) for v in r["worst_of_each_100"])
+        lr_note = "" if r.get("lr") in (None, 2e-3) else f", lr {r['lr']:g}"
         lines.append(
-            f"| {r['dataset']} {r['size']}x{r['size']} | {r['scheme']} | {r['block_size']} | {r['objective']} "
+            f"| {r['dataset']} {r['size']}x{r['size']} | {r['scheme']} | {r['block_size']} | {r['objective']}{lr_note} "
             f"| {r['epochs']} | {r.get('seed', '–')} | {_pct(r['key_accuracy'])} "
             f"| {_pct(r.get('unprotected_accuracy'))} | {_pct(r['wrong_key_accuracy_mean'])} | {worst} "
             f"| {_pct(r['plain_accuracy'])} | {r['protected_seconds'] / r['epochs']:.0f} |"
@@ -114,6 +115,7 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--wrong-keys-per-step", type=int, default=1)
     parser.add_argument("--plain-weight", type=float, default=0.0)
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: TrainConfig's)")
     parser.add_argument("--wrong-key-groups", type=int, default=1)
     parser.add_argument("--suppression-fraction", type=float, default=1.0)
     parser.add_argument("--near-weight", type=float, default=0.0)
@@ -131,7 +133,7 @@ def main(argv=None) -> int:
     train = load_dataset(args.dataset, split="train", image_size=args.size)
     test = load_dataset(args.dataset, split="test", image_size=args.size)
     key = SecretKey.generate(block_size=args.block_size, scheme=args.scheme)
-    config = TrainConfig(epochs=args.epochs, seed=args.seed,
+    config = TrainConfig(epochs=args.epochs, seed=args.seed, **({} if args.lr is None else {"lr": args.lr}),
                          objective=ProtectionObjective(wrong_key_weight=args.wrong_weight, plain_weight=args.plain_weight,
                                                    wrong_keys_per_step=args.wrong_keys_per_step,
                                                    wrong_key_groups=args.wrong_key_groups,
@@ -142,7 +144,7 @@ def main(argv=None) -> int:
     result = {"dataset": args.dataset, "size": args.size, "block_size": args.block_size, "scheme": key.scheme_name,
               "objective": config.resolved_objective.describe(), "epochs": args.epochs,
               "wrong_keys_per_step": args.wrong_keys_per_step,
-              "threads": args.threads, "device": "cpu", "seed": args.seed}
+              "threads": args.threads, "device": "cpu", "seed": args.seed, "lr": config.lr}
 
     torch.manual_seed(args.seed)
     protected = wrap_model(load_efficientnet_lite0(len(train.classes)), key)
