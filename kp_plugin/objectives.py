@@ -31,7 +31,7 @@ from torch import nn
 from .errors import ConfigurationError
 from .keys import SecretKey
 from .module import KeyedInput, ProtectedModel
-from .transforms import compile_plan
+from .transforms import blocks_to_image, compile_plan, image_to_blocks
 
 __all__ = [
     "ProtectionObjective",
@@ -104,20 +104,21 @@ def near_key_images(
     """
     if not 0 < distance <= 1:
         raise ConfigurationError(f"near-key distance must be in (0, 1], got {distance}")
-    b, c, h, w = keyed01.shape
-    m = block_size
-    length = m * m * c
+    _, c, h, w = keyed01.shape
+    length = block_size * block_size * c
     moved = max(2, round(distance * length))
     chosen = torch.randperm(length, generator=generator)[:moved]
     order = torch.arange(length)
     order[chosen] = chosen[torch.randperm(moved, generator=generator)]
     flips = torch.rand(length, generator=generator) < distance / 2
-    # Block vectors in DESIGN.md's (row, column, channel) order.
-    blocks = keyed01.reshape(b, c, h // m, m, w // m, m).permute(0, 2, 4, 3, 5, 1).reshape(b, h // m, w // m, length)
-    blocks = blocks[..., order.to(keyed01.device)]
-    flips = flips.to(keyed01.device)
-    blocks = torch.where(flips, 1 - blocks, blocks)
-    return blocks.reshape(b, h // m, w // m, m, m, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
+    blocks = image_to_blocks(keyed01, block_size)[..., order.to(keyed01.device)]
+    blocks = torch.where(flips.to(keyed01.device), 1 - blocks, blocks)
+    return blocks_to_image(blocks, block_size, c, h, w)
+
+
+def _true_class_probability(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean probability of the true class: how well a wrong key works."""
+    return float(F.softmax(logits.detach().float(), dim=-1).gather(1, labels[:, None]).mean())
 
 
 @contextlib.contextmanager
@@ -273,8 +274,7 @@ class ProtectionObjective:
         scored = []
         with torch.no_grad():
             for key in candidates:
-                probs = F.softmax(self._wrong_logits(base, keyed, key, images01).float(), dim=-1)
-                scored.append([key, float(probs.gather(1, labels[:, None]).mean())])
+                scored.append([key, _true_class_probability(self._wrong_logits(base, keyed, key, images01), labels)])
         scored.sort(key=lambda entry: -entry[1])
         self._pool = scored[: self.hard_key_pool]
 
@@ -287,8 +287,7 @@ class ProtectionObjective:
         self._steps += 1
         entry = max(self._pool, key=lambda e: e[1])
         logits = self._wrong_logits(model.unwrap(), model.keyed, entry[0], images01)
-        with torch.no_grad():
-            entry[1] = float(F.softmax(logits.float(), dim=-1).gather(1, labels[:, None]).mean())
+        entry[1] = _true_class_probability(logits, labels)
         return self.suppression(logits, labels)
 
     def __call__(
@@ -341,8 +340,9 @@ class ProtectionObjective:
                 wrong_loss = torch.stack(terms).mean()
                 loss = loss + self.wrong_key_weight * wrong_loss
                 parts["wrong"] = float(wrong_loss.detach())
-            mean = torch.tensor(keyed.mean, device=images01.device, dtype=images01.dtype).view(1, -1, 1, 1)
-            std = torch.tensor(keyed.std, device=images01.device, dtype=images01.dtype).view(1, -1, 1, 1)
+            if self.near_key_weight or self.plain_weight:
+                mean = torch.tensor(keyed.mean, device=images01.device, dtype=images01.dtype).view(1, -1, 1, 1)
+                std = torch.tensor(keyed.std, device=images01.device, dtype=images01.dtype).view(1, -1, 1, 1)
             if self.near_key_weight:
                 key = model.key
                 with torch.no_grad():

@@ -40,6 +40,8 @@ __all__ = [
     "invert_transform",
     "check_image_size",
     "check_float_range",
+    "image_to_blocks",
+    "blocks_to_image",
     "nearest_valid_size",
     "quantize",
     "lookup_table",
@@ -70,6 +72,23 @@ def check_image_size(height: int, width: int, block_size: int) -> None:
             f"image is {height}x{width} (HxW) but block_size is {block_size}; "
             f"resize to a multiple of {block_size} (e.g. {h}x{w})"
         )
+
+
+def image_to_blocks(images: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``(B, C, H, W)`` -> ``(B, N, L)``: blocks in row-major order, each
+    flattened in DESIGN.md's (row, column, channel) order."""
+    b, c, h, w = images.shape
+    check_image_size(h, w, block_size)
+    m = block_size
+    x = images.reshape(b, c, h // m, m, w // m, m).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(b, (h // m) * (w // m), m * m * c)
+
+
+def blocks_to_image(blocks: torch.Tensor, block_size: int, channels: int, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`image_to_blocks`."""
+    b, m = blocks.shape[0], block_size
+    x = blocks.reshape(b, height // m, width // m, m, m, channels).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(b, channels, height, width)
 
 
 def _value_tables(key: SecretKey, length: int) -> Optional[torch.Tensor]:

@@ -10,6 +10,7 @@ import torch
 from kp_plugin import SecretKey, wrap_model
 from kp_plugin.errors import ConfigurationError
 from kp_plugin.objectives import ProtectionObjective, near_key_images, random_wrong_key
+from kp_plugin.transforms import image_to_blocks
 from kp_plugin.train import plain_model
 
 
@@ -82,21 +83,15 @@ def test_unknown_form_is_a_configuration_error():
         ProtectionObjective(form="push")
 
 
-def _blocks(x: torch.Tensor, m: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, blocks, L) block vectors in (row, column, channel) order."""
-    b, c, h, w = x.shape
-    return x.reshape(b, c, h // m, m, w // m, m).permute(0, 2, 4, 3, 5, 1).reshape(b, -1, m * m * c)
-
-
 def test_near_key_images_apply_one_block_transform_to_every_block():
     torch.manual_seed(1)
     block = torch.rand(1, 3, 4, 4)
     x = block.repeat(2, 1, 3, 2)  # six identical blocks per image
     y = near_key_images(x, 4, 0.5, generator=torch.Generator().manual_seed(0))
-    vectors = _blocks(y, 4)
+    vectors = image_to_blocks(y, 4)
     assert torch.equal(vectors, vectors[:1, :1].expand_as(vectors))
     # Every output value is an input value of the same block, flipped or not.
-    source = _blocks(block, 4)[0, 0]
+    source = image_to_blocks(block, 4)[0, 0]
     folded = torch.minimum(vectors[0, 0], 1 - vectors[0, 0]).sort().values
     assert torch.allclose(folded, torch.minimum(source, 1 - source).sort().values)
 
@@ -108,9 +103,9 @@ def test_near_key_distance_sets_how_much_of_the_block_moves_and_flips(distance):
     x = (torch.randperm(48).float() + 1).div(100).view(1, 4, 4, 3).permute(0, 3, 1, 2).contiguous()
     moved, flipped = [], []
     for seed in range(40):
-        y = _blocks(near_key_images(x, 4, distance, generator=torch.Generator().manual_seed(seed)), 4)[0, 0]
+        y = image_to_blocks(near_key_images(x, 4, distance, generator=torch.Generator().manual_seed(seed)), 4)[0, 0]
         flipped.append((y > 0.5).float().mean().item())
-        moved.append((torch.minimum(y, 1 - y) - _blocks(x, 4)[0, 0]).abs().gt(1e-6).float().mean().item())
+        moved.append((torch.minimum(y, 1 - y) - image_to_blocks(x, 4)[0, 0]).abs().gt(1e-6).float().mean().item())
     assert max(moved) <= distance + 1e-6
     assert sum(moved) / len(moved) > distance / 2
     assert sum(flipped) / len(flipped) == pytest.approx(distance / 2, abs=0.05)
@@ -160,41 +155,44 @@ def test_hard_key_pool_keeps_the_keys_that_work_best_and_resets_for_another_key(
     assert all(entry[0].scheme == other.key.scheme for entry in objective._pool)
 
 
-def test_wrong_key_groups_put_each_group_of_the_batch_under_its_own_key(protected):
-    from kp_plugin import KeyedInput
-
-    images, labels = torch.rand(6, 3, 16, 16), torch.randint(0, 4, (6,))
+def _wrong_term_and_its_keys(objective, protected, images, labels, num_keys, seed):
+    """The objective's ``wrong`` part on ``images``, and the random wrong keys
+    it drew (replayed from the same torch seed)."""
     protected.eval()
-    objective = ProtectionObjective(wrong_key_weight=1.0, wrong_key_groups=3)
     with torch.no_grad():
         logits = protected(images)
-        torch.manual_seed(5)
+        torch.manual_seed(seed)
         _, parts = objective(protected, images, labels, logits)
-        torch.manual_seed(5)
-        keys = [random_wrong_key(protected.key) for _ in range(3)]
-        keyed = protected.keyed
-        wrong = torch.cat([
-            KeyedInput(k, mean=keyed.mean, std=keyed.std)(images[2 * i:2 * i + 2]) for i, k in enumerate(keys)
-        ])
-        expected = objective.suppression(protected.unwrap()(wrong), labels)
+    torch.manual_seed(seed)
+    return parts["wrong"], [random_wrong_key(protected.key) for _ in range(num_keys)]
+
+
+def _suppression_under(objective, protected, keyed_parts, labels):
+    """The suppression loss of the base model on ``[(key, images), ...]``, concatenated."""
+    from kp_plugin import KeyedInput
+
+    mean, std = protected.keyed.mean, protected.keyed.std
+    with torch.no_grad():
+        wrong = torch.cat([KeyedInput(k, mean=mean, std=std)(x) for k, x in keyed_parts])
+        return objective.suppression(protected.unwrap()(wrong), labels).item()
+
+
+def test_wrong_key_groups_put_each_group_of_the_batch_under_its_own_key(protected):
+    images, labels = torch.rand(6, 3, 16, 16), torch.randint(0, 4, (6,))
+    objective = ProtectionObjective(wrong_key_weight=1.0, wrong_key_groups=3)
+    wrong, keys = _wrong_term_and_its_keys(objective, protected, images, labels, 3, seed=5)
+    groups = [(k, images[2 * i:2 * i + 2]) for i, k in enumerate(keys)]
+    expected = _suppression_under(objective, protected, groups, labels)
     assert len({k.fingerprint for k in keys}) == 3
-    assert parts["wrong"] == pytest.approx(expected.item(), rel=1e-5)
+    assert wrong == pytest.approx(expected, rel=1e-5)
     assert "3 keys/step" in objective.describe()
 
 
 def test_suppression_fraction_shows_the_wrong_key_only_part_of_the_batch(protected):
-    from kp_plugin import KeyedInput
-
     images, labels = torch.rand(8, 3, 16, 16), torch.randint(0, 4, (8,))
-    protected.eval()
     objective = ProtectionObjective(wrong_key_weight=1.0, suppression_fraction=0.25)
-    with torch.no_grad():
-        logits = protected(images)
-        torch.manual_seed(11)
-        _, parts = objective(protected, images, labels, logits)
-        torch.manual_seed(11)
-        wrong = KeyedInput(random_wrong_key(protected.key), mean=protected.keyed.mean, std=protected.keyed.std)
-        expected = objective.suppression(protected.unwrap()(wrong(images[:2])), labels[:2])
-    assert parts["wrong"] == pytest.approx(expected.item(), rel=1e-5)
+    wrong, keys = _wrong_term_and_its_keys(objective, protected, images, labels, 1, seed=11)
+    expected = _suppression_under(objective, protected, [(keys[0], images[:2])], labels[:2])
+    assert wrong == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ConfigurationError, match="suppression_fraction"):
         ProtectionObjective(suppression_fraction=0.0)

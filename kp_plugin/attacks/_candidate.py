@@ -30,7 +30,7 @@ from torch import nn
 from ..errors import KPError
 from ..keys import SecretKey
 from ..module import ProtectedModel
-from ..transforms import check_image_size, compile_plan
+from ..transforms import blocks_to_image, check_image_size, compile_plan, image_to_blocks
 
 __all__ = [
     "AttackError",
@@ -45,23 +45,6 @@ __all__ = [
 class AttackError(KPError, ValueError):
     """An attack cannot run on this model, scheme or data as asked (the
     message says which setting to change)."""
-
-
-def image_to_blocks(images: torch.Tensor, block_size: int) -> torch.Tensor:
-    """``(B, C, H, W)`` -> ``(B, N, L)``: blocks in row-major order, each
-    flattened in (row, column, channel) order."""
-    b, c, h, w = images.shape
-    check_image_size(h, w, block_size)
-    m = block_size
-    x = images.reshape(b, c, h // m, m, w // m, m).permute(0, 2, 4, 3, 5, 1)
-    return x.reshape(b, (h // m) * (w // m), m * m * c)
-
-
-def blocks_to_image(blocks: torch.Tensor, block_size: int, channels: int, height: int, width: int) -> torch.Tensor:
-    """Inverse of :func:`image_to_blocks`."""
-    b, m = blocks.shape[0], block_size
-    x = blocks.reshape(b, height // m, width // m, m, m, channels).permute(0, 5, 1, 3, 2, 4)
-    return x.reshape(b, channels, height, width)
 
 
 def seeded_key(like: SecretKey, seed: int, index: int) -> SecretKey:
