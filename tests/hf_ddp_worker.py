@@ -58,13 +58,20 @@ def main(key_file: str, out_dir: str) -> None:
         "classifier_sum": float(trainer.model.classifier.weight.detach().sum()),
     }
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(report))
-    # Tear the gloo group down before the interpreter exits: left to process
-    # teardown, its background threads can be destroyed while still joinable
-    # ("terminate called without an active exception", SIGABRT on one rank).
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    # Says, in the test's failure output, whether a crash came before or after
+    # the rank's work was done.
+    print(f"rank {rank}: report written, process group destroyed", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    # CI twice saw one rank abort with "terminate called without an active
+    # exception" (SIGABRT) in fresh-clone runs, not reproduced here in 25
+    # direct runs; the destroy above did not stop it. Leave without the
+    # interpreter's teardown, where native threads can be destroyed while
+    # still joinable. Everything the test reads is written and closed above.
+    sys.stdout.flush()
+    os._exit(0)
