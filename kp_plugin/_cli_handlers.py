@@ -201,14 +201,15 @@ def protect(args: argparse.Namespace) -> int:
 
 
 def open_checkpoint(args: argparse.Namespace, device: torch.device) -> tuple:
-    """Load ``args.checkpoint`` (a ``kp protect`` directory) with the key file
-    ``args.key`` and resolve the dataset and image size it was trained on
+    """Load ``args.checkpoint`` (a ``kp protect`` directory, or any
+    ``save_protected`` directory of a timm or transformers model) with the key
+    file ``args.key`` and resolve the dataset and image size it was trained on
     (``--data`` / ``--image-size`` override them).
 
     Returns ``(model, key, protection_config, data, image_size)``.
     Raises :class:`KeyMismatchError` when the key is not the checkpoint's.
     """
-    from .timm import load_protected_timm
+    from .autoload import load_protected_auto
 
     key = SecretKey.load(args.key)
     checkpoint = Path(args.checkpoint)
@@ -221,7 +222,7 @@ def open_checkpoint(args: argparse.Namespace, device: torch.device) -> tuple:
             f"checkpoint expects {protection.fingerprint}, {'+'.join(protection.scheme)}, "
             f"block size {protection.block_size}); pass the owner's key file"
         ) from None
-    model = load_protected_timm(checkpoint, key).to(device)
+    model = load_protected_auto(checkpoint, key).to(device)
     data = args.data or protection.extra.get("dataset")
     if not data:
         raise ConfigurationError(f"{checkpoint} does not record its dataset; pass --data")

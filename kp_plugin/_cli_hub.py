@@ -110,12 +110,13 @@ def _push(args: argparse.Namespace) -> int:
 
 def _pull(args: argparse.Namespace) -> int:
     from .checkpoint import ProtectionConfig
-    from .hub import _load_rebuilt, download_protected
+    from .autoload import load_protected_auto
+    from .hub import download_protected
 
     key = _key(args.key, required=True)
     folder = download_protected(args.repo_id, key=key, revision=args.revision, cache_dir=args.cache_dir,
                                 endpoint=args.endpoint)
-    _load_rebuilt(folder, key, source=args.repo_id)  # the weights fit the architecture
+    load_protected_auto(folder, key, source=args.repo_id)  # the weights fit the architecture
     protection = ProtectionConfig.load(folder)
     where = folder
     if args.output:

@@ -157,7 +157,7 @@ def _register_evaluate(subparsers) -> None:
         example="kp evaluate out/ --key owner.key --data digits --wrong-keys 100",
         handler=_evaluate,
     )
-    parser.add_argument("checkpoint", help="directory written by kp protect")
+    parser.add_argument("checkpoint", help="directory written by kp protect or save_protected (timm or transformers)")
     parser.add_argument("--key", required=True, help="the owner's key file")
     _add_data_option(parser, required=False)
     parser.add_argument("--split", default="test", choices=("test", "train"))

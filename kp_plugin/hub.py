@@ -26,7 +26,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -47,8 +46,9 @@ from ._hub_errors import (
     _offline,
     transport_errors,
 )
+from .autoload import load_protected_auto, native_library
 from ._hub_scan import CARD_FILE, _files_to_upload, _folder_files, _refuse_key_material
-from .checkpoint import CONFIG_FILE, PROTECTION_FILE, WEIGHTS_FILE, ProtectionConfig, load_protected, save_protected
+from .checkpoint import CONFIG_FILE, PROTECTION_FILE, WEIGHTS_FILE, ProtectionConfig, save_protected
 from .errors import CheckpointError, ConfigurationError, KeyMismatchError
 from .keys import SecretKey
 from .module import ProtectedModel
@@ -66,18 +66,6 @@ __all__ = [
 ]
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
-
-
-def _native_library(directory: Path) -> Optional[str]:
-    try:
-        native = json.loads((directory / CONFIG_FILE).read_text("utf-8"))
-    except (OSError, ValueError):
-        return None
-    if isinstance(native, dict) and native.get("model_type"):
-        return "transformers"
-    if isinstance(native, dict) and isinstance(native.get("pretrained_cfg"), dict):
-        return "timm"
-    return None
 
 
 def _base_model_of(model: ProtectedModel) -> Optional[str]:
@@ -207,7 +195,7 @@ def push_protected(
         if WEIGHTS_FILE not in files and not any(n.endswith(".safetensors") for n in files):
             raise CheckpointError(f"{directory} has no {WEIGHTS_FILE}; save the model with save_protected first")
         card = build_model_card(
-            protection, repo_id=repo_id, native_library=_native_library(directory), base_model=base_model,
+            protection, repo_id=repo_id, native_library=native_library(directory), base_model=base_model,
             report=read_report(report if report is not None else directory),
         )
         card.save(staging / CARD_FILE)
@@ -287,7 +275,7 @@ def download_protected(
                 except RemoteEntryNotFoundError:
                     raise NotProtectedRepoError(
                         f"{repo_id!r} has no {filename}"
-                        + (f": it is not a kp-plugin protected model (publish one with push_protected)"
+                        + (": it is not a kp-plugin protected model (publish one with push_protected)"
                            if filename == PROTECTION_FILE else "; the protected model is incomplete")
                     ) from None
         except (LocalEntryNotFoundError, *transport_errors()) as exc:
@@ -322,20 +310,6 @@ def _cached(repo_id: str, revision: Optional[str], cache_dir) -> bool:
 
     path = try_to_load_from_cache(repo_id, PROTECTION_FILE, cache_dir=cache_dir, revision=revision)
     return isinstance(path, str)
-
-
-def _build_transformers_model(directory: Path):
-    """A fresh transformers model of the checkpoint's class: ``config.json``'s
-    ``architectures``, else ``protection.json``'s ``architecture``, else the
-    image-classification auto class."""
-    import transformers
-
-    config = transformers.AutoConfig.from_pretrained(str(directory))
-    names = list(getattr(config, "architectures", None) or []) + [ProtectionConfig.load(directory).architecture]
-    cls = next((getattr(transformers, n) for n in names if isinstance(n, str) and hasattr(transformers, n)), None)
-    if cls is None:
-        return transformers.AutoModelForImageClassification.from_config(config)
-    return cls(config)
 
 
 def pull_protected(
@@ -384,26 +358,5 @@ def pull_protected(
         repo_id, key=None if allow_wrong_key else key, revision=revision, token=token, cache_dir=cache_dir,
         endpoint=endpoint,
     )
-    return _load_rebuilt(directory, key, model=model, allow_wrong_key=allow_wrong_key, device=device,
-                         source=repo_id)
-
-
-def _load_rebuilt(directory: Path, key: SecretKey, *, model=None, allow_wrong_key: bool = False,
-                  device: Union[str, torch.device] = "cpu", source: str = "") -> ProtectedModel:
-    """Load a downloaded checkpoint, rebuilding the architecture from its
-    native ``config.json`` unless ``model`` is given."""
-    repo_id = source or str(directory)
-    if model is None:
-        library = _native_library(directory)
-        if library == "timm":
-            from .timm import load_protected_timm
-
-            return load_protected_timm(directory, key, allow_wrong_key=allow_wrong_key, device=device)
-        if library == "transformers":
-            model = _build_transformers_model(directory)
-        else:
-            raise CheckpointError(
-                f"{repo_id!r} has no timm or transformers config.json to rebuild the architecture from; "
-                "pass model= (a fresh instance of the architecture)"
-            )
-    return load_protected(directory, model, key, allow_wrong_key=allow_wrong_key, device=device)
+    return load_protected_auto(directory, key, model=model, allow_wrong_key=allow_wrong_key, device=device,
+                               source=repo_id)

@@ -28,7 +28,7 @@ def register(subparsers) -> None:
         epilog="example:\n" + textwrap.indent(EXAMPLE, "  "),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("checkpoint", help="directory written by kp protect (a timm model)")
+    parser.add_argument("checkpoint", help="directory written by kp protect or save_protected (timm or transformers)")
     parser.add_argument("--key", required=True,
                         help="the owner's key file (used to score the attacks, never by them)")
     parser.add_argument("--data", default=None,
@@ -39,7 +39,8 @@ def register(subparsers) -> None:
                         help="how hard to try: smoke (seconds), quick, standard, paper (20,000 random keys)")
     parser.add_argument("--base", default="auto",
                         help="the public pre-trained base for fine-tuning and weight matching: 'auto' (the "
-                             "checkpoint's architecture, pre-trained), a timm model name, or 'none' to skip")
+                             "checkpoint's architecture, pre-trained), a timm model name, a transformers model id or "
+                             "directory (for a transformers checkpoint), or 'none' to skip")
     parser.add_argument("--base-weights", default="pretrained", choices=("pretrained", "random"),
                         help="'random' builds the base without pre-trained weights (a lower bound; offline tests)")
     parser.add_argument("--seed", type=int, default=0)
@@ -61,14 +62,47 @@ def _attack_list(text: str) -> str:
     return text
 
 
+def _public_base(args: argparse.Namespace, checkpoint: Path, protection, *, num_classes: int):
+    """A function returning a fresh copy of the attacker's public base (for
+    the fine-tuning attack and weight matching), as ``--base`` and
+    ``--base-weights`` ask."""
+    from ..autoload import build_transformers_model, native_library
+    from ..errors import ConfigurationError
+
+    pretrained = args.base_weights == "pretrained"
+    if native_library(checkpoint) == "transformers":
+        if args.base == "auto" and pretrained:
+            raise ConfigurationError(
+                f"{checkpoint} is a transformers model, whose checkpoint does not name the public model it was "
+                "fine-tuned from; pass --base ID_OR_DIR (that pre-trained model), --base-weights random, "
+                "or --base none"
+            )
+        if args.base == "auto":
+            return lambda: build_transformers_model(checkpoint)
+
+        def from_pretrained():
+            import transformers
+
+            return transformers.AutoModelForImageClassification.from_pretrained(
+                args.base, num_labels=num_classes, ignore_mismatched_sizes=True)
+
+        return from_pretrained
+
+    from ..timm import create_base_model
+
+    name = protection.architecture if args.base == "auto" else args.base
+    if not name:
+        raise ConfigurationError(f"{checkpoint} does not record its architecture; pass --base NAME or --base none")
+    return lambda: create_base_model(name, pretrained=pretrained, num_classes=num_classes)
+
+
 def attack(args: argparse.Namespace) -> int:
     """The ``kp attack`` handler."""
 
     from ..checkpoint import find_key_material
     from ..data import load_dataset
     from .._cli_handlers import _runtime, open_checkpoint
-    from ..errors import ConfigurationError, KeyLeakError
-    from ..timm import create_base_model
+    from ..errors import KeyLeakError
     from .report import write_attack_report
     from .suite import parse_attacks, run_attacks
 
@@ -81,14 +115,7 @@ def attack(args: argparse.Namespace) -> int:
 
     public_base = None
     if args.base != "none":
-        name = protection.architecture if args.base == "auto" else args.base
-        if not name:
-            raise ConfigurationError(f"{checkpoint} does not record its architecture; pass --base NAME or --base none")
-        classes = len(test_set.classes)
-        pretrained = args.base_weights == "pretrained"
-
-        def public_base():
-            return create_base_model(name, pretrained=pretrained, num_classes=classes)
+        public_base = _public_base(args, checkpoint, protection, num_classes=len(test_set.classes))
 
     report = run_attacks(
         model, test_set, train_set=train_set, public_base=public_base, attacks=attacks, budget=args.budget,
