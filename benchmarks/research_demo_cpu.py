@@ -126,6 +126,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--no-augment", action="store_true", help="train without the translation/scale augmentation")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
@@ -133,7 +134,8 @@ def main(argv=None) -> int:
     train = load_dataset(args.dataset, split="train", image_size=args.size)
     test = load_dataset(args.dataset, split="test", image_size=args.size)
     key = SecretKey.generate(block_size=args.block_size, scheme=args.scheme)
-    config = TrainConfig(epochs=args.epochs, seed=args.seed, **({} if args.lr is None else {"lr": args.lr}),
+    config = TrainConfig(epochs=args.epochs, seed=args.seed, augment=not args.no_augment,
+                         **({} if args.lr is None else {"lr": args.lr}),
                          objective=ProtectionObjective(wrong_key_weight=args.wrong_weight, plain_weight=args.plain_weight,
                                                    wrong_keys_per_step=args.wrong_keys_per_step,
                                                    wrong_key_groups=args.wrong_key_groups,
@@ -144,7 +146,8 @@ def main(argv=None) -> int:
     result = {"dataset": args.dataset, "size": args.size, "block_size": args.block_size, "scheme": key.scheme_name,
               "objective": config.resolved_objective.describe(), "epochs": args.epochs,
               "wrong_keys_per_step": args.wrong_keys_per_step,
-              "threads": args.threads, "device": "cpu", "seed": args.seed, "lr": config.lr}
+              "threads": args.threads, "device": "cpu", "seed": args.seed, "lr": config.lr,
+              "augment": config.augment}
 
     torch.manual_seed(args.seed)
     protected = wrap_model(load_efficientnet_lite0(len(train.classes)), key)
