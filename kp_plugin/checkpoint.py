@@ -252,6 +252,9 @@ def _native_config(base: nn.Module) -> Optional[dict]:
     if getattr(base, "global_pool", None) is not None and isinstance(getattr(base, "global_pool"), str):
         out["global_pool"] = base.global_pool
     out["pretrained_cfg"]["num_classes"] = out["num_classes"]
+    model_args = getattr(base, "kp_model_args", None)  # set by kp_plugin.timm for its creation kwargs
+    if isinstance(model_args, dict) and model_args:
+        out["model_args"] = dict(model_args)
     return out
 
 

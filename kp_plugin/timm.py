@@ -102,7 +102,7 @@ def _create_base(name: str, *, pretrained: bool, weights: str, num_classes: Opti
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     try:
-        return timm.create_model(name, pretrained=pretrained, checkpoint_path=checkpoint_path or "", **kwargs)
+        base = timm.create_model(name, pretrained=pretrained, checkpoint_path=checkpoint_path or "", **kwargs)
     except OSError as exc:  # huggingface_hub's offline / not-found errors are OSErrors
         if not pretrained:
             raise
@@ -112,6 +112,25 @@ def _create_base(name: str, *, pretrained: bool, weights: str, num_classes: Opti
             f"model with offline weights ({offline}), a local checkpoint_path, or pretrained=False "
             "(kp protect --no-pretrained)"
         ) from None
+    # timm does not keep the arguments a model was created with; save_protected
+    # writes them to config.json as timm's "model_args" so the architecture
+    # can be rebuilt (load_protected_timm, timm.create_model("hf-hub:...")).
+    base.kp_model_args = _json_model_args(timm_kwargs)
+    return base
+
+
+def _json_model_args(timm_kwargs: dict) -> dict:
+    """The JSON-serializable creation arguments (a layer class, say, cannot
+    be recorded; :func:`load_protected_timm` then needs ``strict=False`` or a
+    model built by hand and :func:`kp_plugin.load_protected`)."""
+    args = {}
+    for name, value in timm_kwargs.items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            continue
+        args[name] = list(value) if isinstance(value, tuple) else value
+    return args
 
 
 def create_base_model(
@@ -313,7 +332,8 @@ def load_protected_timm(
             "for a transformers model use kp_plugin.load_protected with the model class"
         )
     num_classes = native.get("num_classes", protection.num_classes)
-    kwargs: dict = {}
+    kwargs: dict = dict(native["model_args"]) if isinstance(native.get("model_args"), dict) else {}
+    kwargs.pop("num_classes", None)
     if isinstance(native.get("global_pool"), str):
         kwargs["global_pool"] = native["global_pool"]
     try:

@@ -71,6 +71,20 @@ def test_protected_timm_checkpoint_loads_back_with_same_outputs_and_no_key(tmp_p
     assert find_key_material(tmp_path, key) == []
 
 
+def test_timm_creation_arguments_are_recorded_and_rebuild_the_architecture(tmp_path, key):
+    # A ViT made with non-default arguments: without them the weights would
+    # not fit vit_tiny_patch16_224's defaults.
+    args = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, drop_rate=0.1)
+    model = create_protected_model("vit_tiny_patch16_224", key, num_classes=3, **args).eval()
+    save_protected(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_args"] == args
+    loaded = load_protected_timm(tmp_path, key).eval()
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), model(x))
+    assert loaded.unwrap().patch_embed.proj.kernel_size == (8, 8)
+
+
 def test_loading_a_timm_checkpoint_with_another_key_is_refused(tmp_path, key):
     save_protected(create_protected_model(TINY, key, num_classes=3, input_size=32), tmp_path)
     with pytest.raises(KeyMismatchError):
