@@ -31,6 +31,7 @@ from torch import nn
 from .errors import ConfigurationError
 from .keys import SecretKey
 from .module import KeyedInput, ProtectedModel
+from .objectives import logits_of
 from .protection_report import (  # noqa: F401  (re-exported: the report is part of this API)
     EXAMPLES_FILE,
     HISTOGRAM_FILE,
@@ -113,10 +114,6 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="batch", disable=not enabled, leave=False)
 
 
-def _logits(output) -> torch.Tensor:
-    return output.logits if hasattr(output, "logits") else output
-
-
 def _keyed_for(model: ProtectedModel, key: SecretKey, size: tuple, device: torch.device) -> KeyedInput:
     keyed = KeyedInput(key, mean=model.keyed.mean, std=model.keyed.std, input_size=size,
                        check_range=model.keyed.check_range)
@@ -189,11 +186,11 @@ def _score(
                 images, labels = images.to(device), labels.to(device)
                 total += labels.numel()
                 if with_key:
-                    out = _logits(base(_model_input(model.keyed(images), dtype)))
+                    out = logits_of(base(_model_input(model.keyed(images), dtype)))
                     key_correct += int((out.argmax(-1) == labels).sum())
                     bar.update(1)
                 if plain:
-                    out = _logits(base(_model_input(_plain_input(model, images), dtype)))
+                    out = logits_of(base(_model_input(_plain_input(model, images), dtype)))
                     plain_correct += int((out.argmax(-1) == labels).sum())
                     bar.update(1)
                 size = tuple(images.shape[1:])
@@ -201,7 +198,7 @@ def _score(
                     if (i, size) not in keyed:
                         keyed = {k: v for k, v in keyed.items() if k[0] != i}
                         keyed[(i, size)] = _keyed_for(model, key, size, device)
-                    out = _logits(base(_model_input(keyed[(i, size)](images), dtype)))
+                    out = logits_of(base(_model_input(keyed[(i, size)](images), dtype)))
                     wrong_correct[i] += int((out.argmax(-1) == labels).sum())
                     bar.update(1)
     finally:

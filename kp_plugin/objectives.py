@@ -54,14 +54,16 @@ FORMS = ("uniform", "true_class")
 
 
 def logits_of(output: Any) -> torch.Tensor:
-    """The logits of a model's output: a tensor, or an object / dict with
-    ``logits`` (transformers)."""
+    """The logits of a model's output: a tensor, an object / dict with
+    ``logits`` (transformers), or a tuple whose first item is the logits."""
     if isinstance(output, torch.Tensor):
         return output
     logits = getattr(output, "logits", None)
     if logits is None and isinstance(output, dict):
         logits = output.get("logits")
-    if logits is None:
+    if logits is None and isinstance(output, (tuple, list)) and output:
+        logits = output[0]
+    if not isinstance(logits, torch.Tensor):
         raise ConfigurationError(f"cannot find logits in a model output of type {type(output).__name__}")
     return logits
 

@@ -30,6 +30,7 @@ from torch import nn
 from ..errors import KPError
 from ..keys import SecretKey
 from ..module import ProtectedModel
+from ..objectives import logits_of
 from ..transforms import blocks_to_image, check_image_size, compile_plan, image_to_blocks
 
 __all__ = [
@@ -181,16 +182,3 @@ class CandidateModel(nn.Module):
         plain images, no transform)."""
         keyed = images if candidate is None else candidate.apply(images)
         return logits_of(self.model(self.normalize(keyed)))
-
-
-def logits_of(output) -> torch.Tensor:
-    """The logits tensor of a timm model (a tensor) or a transformers model
-    (an output object with ``.logits``)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if logits is None and isinstance(output, (tuple, list)) and output:
-        logits = output[0]
-    if not isinstance(logits, torch.Tensor):
-        raise AttackError(f"cannot find logits in the model output ({type(output).__name__})")
-    return logits
