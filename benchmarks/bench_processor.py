@@ -50,7 +50,7 @@ def main(argv=None) -> int:
 
     images = _images(args.images, args.side)
     rows = []
-    for scheme in ("shuffle", "shuffle+np", "shuffle+np+ffx"):
+    for scheme in ("shuffle", "shuffle+np", "shuffle+np+scramble", "shuffle+np+ffx"):
         base = ViTImageProcessor()
         keyed = KeyedImageProcessor(ViTImageProcessor(), SecretKey.generate(block_size=16, scheme=scheme))
         for fn in (base, keyed):  # warm-up (plan compilation, allocator)

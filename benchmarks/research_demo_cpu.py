@@ -65,6 +65,7 @@ def write_tail_report(paths: list) -> None:
         r = json.loads(Path(path).read_text())
         worst = ", ".join(_pct(v) for v in r["worst_of_each_100"])
         lr_note = "" if r.get("lr") in (None, 2e-3) else f", lr {r['lr']:g}"
+        lr_note += ", no augmentation" if r.get("augment") is False else ""
         lines.append(
             f"| {r['dataset']} {r['size']}x{r['size']} | {r['scheme']} | {r['block_size']} | {r['objective']}{lr_note} "
             f"| {r['epochs']} | {r.get('seed', '–')} | {_pct(r['key_accuracy'])} "
