@@ -63,7 +63,7 @@ def write_tail_report(paths: list) -> None:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for path in paths:
         r = json.loads(Path(path).read_text())
-        worst = ", ".join(_pct(v) for v in r["worst_of_each_100"])
+        worst = ", ".join(_pct(v) for v in r.get("worst_of_each_100") or [r["wrong_key_accuracy_max"]])
         lr_note = "" if r.get("lr") in (None, 2e-3) else f", lr {r['lr']:g}"
         lr_note += ", no augmentation" if r.get("augment") is False else ""
         lines.append(
