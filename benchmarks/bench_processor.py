@@ -83,8 +83,9 @@ def main(argv=None) -> int:
     ]
     lines += [f"| {n} | {s} | {b:.1f} | {k:.1f} | {r:.3f} | {lo:.2f}-{hi:.2f} |" for n, s, b, k, r, lo, hi in rows]
     lines += ["", "Target: keyed / base >= 0.95. The ratio is the median over pairs of neighbouring runs (base, then "
-              "keyed); the range is the spread of those per-pair ratios (a shared virtual machine: timings drift). The keyed cost over the base is one gather plus a multiply-add "
-              "(a 256-entry lookup per position for ffx) replacing the base's normalize; the resize dominates both."]
+              "keyed); the range is the spread of those per-pair ratios (a shared virtual machine: timings drift). "
+              "The keyed cost over the base is one gather plus a multiply-add (a 256-entry lookup per position for "
+              "ffx) replacing the base's normalize; the resize dominates both."]
     if not args.no_write:
         write_section("processor", "\n".join(lines))
     return 0
