@@ -80,6 +80,9 @@ def write_tail_report(paths: list) -> None:
         "worst wrong key of each group of 100, so one model shows how far the demo's 'worst of 100' swings. "
         "The photos rows (the default recipe on the second dataset, chance 12.5%) used 200 wrong keys (seed 0, "
         "2 threads, beside a CI run) or 100 (seeds 1-2, one thread each, side by side). "
+        "The block-size-2 rows (M = 2, 100 wrong keys each, one thread, two or three side by side) repeat seeds of "
+        "the M = 4 rows; those that ran with `--skip-baseline` have their unprotected fine-tune in the same "
+        "seed's M = 4 row (it does not depend on the key). "
         "Command: `benchmarks/research_demo_cpu.py --size 32 --block-size M --threads 1 --wrong-keys 500 "
         "--scheme S --epochs E --wrong-weight W --plain-weight P [--suppression-fraction F] --seed N` "
         "(two runs side by side at one thread each, so s/epoch is an upper bound). Machine: "
@@ -105,12 +108,12 @@ def main(argv=None) -> int:
     from kp_plugin.keys import DEFAULT_SCHEME
     from kp_plugin.objectives import ProtectionObjective
     from kp_plugin.pretrained import load_efficientnet_lite0
-    from kp_plugin.train import TrainConfig, evaluate_accuracy, fit, plain_model
+    from kp_plugin.train import DEMO_BLOCK_SIZE, TrainConfig, evaluate_accuracy, fit, plain_model
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--block-size", type=int, default=4)
+    parser.add_argument("--block-size", type=int, default=DEMO_BLOCK_SIZE)
     parser.add_argument("--scheme", default="+".join(DEFAULT_SCHEME))
     parser.add_argument("--wrong-weight", type=float, default=1.0)
     parser.add_argument("--epochs", type=int, default=8)
