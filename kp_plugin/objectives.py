@@ -374,12 +374,10 @@ CROSS_ENTROPY_ONLY = ProtectionObjective()
 #: distribution under a fresh random wrong key at every step, shown half of
 #: each batch (1.5 passes per step instead of 2). With the default scheme
 #: (block scrambling on) plain images land near chance (8-13% on digits)
-#: without a plain-image term, so it is off. At the earlier demo setting (digits
+#: without a plain-image term, so it is off. At the demo setting (digits
 #: 32x32, M=4, 16 epochs) two runs gave 96.9 / 95.8% with the key, 10.2 /
 #: 10.0% mean and at most 17.0 / 13.4% for the worst wrong key of each group
-#: of 100 (500 wrong keys); at M=2 (the demo's block size since) two runs
-#: gave 97.2 / 97.5% with the key, 10.0 / 9.8% mean, worst 17.3 / 10.0%
-#: (100 wrong keys). For a scheme without ``scramble`` add
+#: of 100 (500 wrong keys). For a scheme without ``scramble`` add
 #: ``plain_weight=1``: on shuffle+np one run without it reached 30% on plain
 #: digits.
 DEFAULT_OBJECTIVE = ProtectionObjective(wrong_key_weight=2.0, suppression_fraction=0.5)
