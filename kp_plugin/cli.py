@@ -136,7 +136,8 @@ def _register_protect(subparsers) -> None:
     parser.add_argument("--key", required=True, help="the owner's key file (kp keygen)")
     parser.add_argument("-o", "--output", required=True, help="directory for the protected checkpoint")
     parser.add_argument("--baseline", action="store_true",
-                        help="also fine-tune an unprotected copy with the same recipe (the cost of protection)")
+                        help="also fine-tune an unprotected copy with the same recipe (the cost of protection); "
+                             "with --distill it is the teacher and costs nothing more")
     parser.add_argument("--epochs", type=int, default=DEMO_EPOCHS, help=f"default {DEMO_EPOCHS}")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW)")
@@ -144,6 +145,11 @@ def _register_protect(subparsers) -> None:
     parser.add_argument("--wrong-key-weight", type=float, default=None,
                         help="weight of the wrong-key suppression term (default: the library's measured default; "
                              "0 = cross-entropy only, the paper's recipe)")
+    parser.add_argument("--distill", type=float, default=0.0, metavar="WEIGHT",
+                        help="distil from an unprotected fine-tune trained first with the same recipe (measured "
+                             "at 1.0: more accuracy with the key, but stolen weights help a fine-tuning attacker "
+                             "more; docs/recipe.md). Default 0 (off). The teacher's weights stay in "
+                             "OUTPUT/training/, which is never uploaded")
     parser.add_argument("--no-pretrained", action="store_true", help="start from random weights")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in the same directory")
     _add_runtime_options(parser)

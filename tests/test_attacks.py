@@ -140,6 +140,25 @@ def test_finetune_attack_compares_stolen_weights_with_the_public_base(protected,
     assert all(r.advantage < 0 for r in result.rows)
 
 
+def test_finetune_attack_repeats_draw_other_subsets_and_report_their_mean(protected, test_set):
+    from kp_plugin.train import TrainConfig
+
+    config = TrainConfig(epochs=1, batch_size=64, lr=1e-3, augment=False, amp=False)
+    once = finetune_attack(protected, digits("train"), test_set, public_base=public_patchnet(), fractions=(0.05,),
+                           config=config, min_steps=2, progress=False)
+    thrice = finetune_attack(protected, digits("train"), test_set, public_base=public_patchnet(), fractions=(0.05,),
+                             config=config, min_steps=2, repeats=3, progress=False)
+    row = thrice.rows[0]
+    assert thrice.repeats == 3 and len(row.protected_runs) == len(row.base_runs) == 3
+    assert row.protected_runs[0] == pytest.approx(once.rows[0].protected_accuracy)  # draw 0 is the seed's draw
+    assert row.protected_accuracy == pytest.approx(sum(row.protected_runs) / 3)
+    assert row.advantage == pytest.approx(sum(row.advantages) / 3)
+    assert len(set(row.base_runs)) > 1 or len(set(row.protected_runs)) > 1  # other subsets, other results
+    with pytest.raises(AttackError, match="repeats"):
+        finetune_attack(protected, digits("train"), test_set, public_base=public_patchnet(), repeats=0,
+                        progress=False)
+
+
 def test_random_search_stops_at_its_time_budget_and_says_how_many_keys_ran(protected, test_set):
     result = random_key_search(protected, test_set, num_keys=10_000, search_images=16, keys_per_batch=4,
                                max_seconds=0.0, progress=False)

@@ -146,15 +146,51 @@ def test_show_writes_the_protected_view_and_invert_recovers_the_image(tmp_path):
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "b.png")), pixels)
 
 
-def test_resume_continues_an_interrupted_run_to_more_epochs(protected, tmp_path):
+def test_resume_continues_an_interrupted_run_to_more_epochs(protected, tmp_path, capsys):
     key_path, _ = protected
     out = tmp_path / "run"
-    assert main(["protect", *TINY, "--key", str(key_path), "-o", str(out)]) == 0
+    assert main(["protect", *TINY, "--key", str(key_path), "-o", str(out), "--distill", "1"]) == 0
+    teacher = out / "training" / "teacher.safetensors"
+    written = teacher.stat().st_mtime_ns
     argv = [a if a != "1" else "2" for a in TINY]
-    assert main(["protect", *argv, "--key", str(key_path), "-o", str(out), "--resume"]) == 0
+    assert main(["protect", *[a for a in argv if a != "--quiet"], "--key", str(key_path), "-o", str(out),
+                 "--resume", "--distill", "1"]) == 0
     record = json.loads((out / "training.json").read_text())
     assert [h["epoch"] for h in record["history"]] == [1, 2]
     assert json.loads((out / "protection.json").read_text())["extra"]["epochs"] == 2
+    assert teacher.stat().st_mtime_ns == written  # the teacher is reused, not trained again
+    assert "reusing the unprotected teacher" in capsys.readouterr().err
+
+
+def test_protect_distils_from_an_unprotected_teacher_kept_private(protected, tmp_path):
+    """--distill trains the unprotected model first and distils from it; its
+    weights stay in training/, which push_protected never uploads."""
+    from kp_plugin._hub_scan import _files_to_upload
+
+    key_path, _ = protected
+    out = tmp_path / "distilled"
+    assert main(["protect", *TINY, "--key", str(key_path), "-o", str(out), "--distill", "1"]) == 0
+    record = json.loads((out / "training.json").read_text())
+    assert record["config"]["objective"]["distill_weight"] == 1.0
+    assert "distill" in record["history"][-1] and 0 <= record["unprotected_accuracy"] <= 1
+    assert (out / "training" / "teacher.safetensors").is_file()
+    assert not any(name.startswith("training/") for name in _files_to_upload(out))
+    assert find_key_material(out, SecretKey.load(key_path)) == []
+
+
+def test_protect_does_not_distil_by_default(protected):
+    key_path, out = protected
+    record = json.loads((out / "training.json").read_text())
+    assert record["config"]["objective"]["distill_weight"] == 0.0
+    assert "distill" not in record["history"][-1]
+    assert not (out / "training" / "teacher.safetensors").exists()
+
+
+def test_negative_distillation_weight_is_refused_before_training(protected, tmp_path, capsys):
+    key_path, _ = protected
+    assert main(["protect", *TINY, "--key", str(key_path), "-o", str(tmp_path / "neg"), "--distill", "-1"]) != 0
+    assert "--distill" in capsys.readouterr().err
+    assert not (tmp_path / "neg").exists()
 
 
 def test_auto_threads_counts_only_the_cores_other_processes_keep_busy_now():

@@ -242,3 +242,37 @@ def test_objective_loss_is_scaled_for_gradient_accumulation(key, data, tmp_path)
     logged = next(entry for entry in trainer.state.log_history if "objective_ce" in entry)
     expected = logged["objective_ce"] + 0.5 * logged["objective_wrong"]
     assert logged["loss"] == pytest.approx(expected, rel=1e-3)
+
+
+def test_distillation_runs_the_teacher_on_the_plain_images_of_the_keyed_batch(key, data, tmp_path):
+    """Processor style: the teacher sees the batch's own images without the
+    key, normalized as the processor normalizes; the part is logged."""
+    from kp_plugin import KeyedInput
+
+    train = data[0].select(range(64))
+    processor = KeyedImageProcessor(vit_processor(), key)
+    student, teacher = tiny_vit(), tiny_vit(seed=5)
+    seen = {}
+
+    def record(name):
+        def hook(module, args, kwargs):
+            if name not in seen:  # the first call: the keyed batch (student), the plain one (teacher)
+                seen[name] = (args[0] if args else kwargs["pixel_values"]).detach().clone()
+        return hook
+
+    student.register_forward_pre_hook(record("student"), with_kwargs=True)
+    teacher.register_forward_pre_hook(record("teacher"), with_kwargs=True)
+    objective = ProtectionObjective(wrong_key_weight=0.5, distill_weight=1.0)
+    with pytest.raises(ConfigurationError, match="teacher"):
+        KeyedTrainer(model=student, args=_args(tmp_path, max_steps=1), train_dataset=train,
+                     data_collator=KeyedImageCollator(processor), objective=objective)
+    trainer = KeyedTrainer(model=student, args=_args(tmp_path, max_steps=1, logging_steps=1), train_dataset=train,
+                           data_collator=KeyedImageCollator(processor), objective=objective, teacher=teacher)
+    trainer.train()
+    assert any("objective_distill" in entry for entry in trainer.state.log_history)
+    mean = torch.tensor(processor.image_mean).view(1, -1, 1, 1)
+    std = torch.tensor(processor.image_std).view(1, -1, 1, 1)
+    plain01 = seen["teacher"] * std + mean
+    keyed = KeyedInput(key, mean=processor.image_mean, std=processor.image_std, check_range=False)
+    torch.testing.assert_close(keyed(plain01), seen["student"], rtol=1e-4, atol=1e-4)
+    assert not teacher.training

@@ -196,3 +196,37 @@ def test_suppression_fraction_shows_the_wrong_key_only_part_of_the_batch(protect
     assert wrong == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ConfigurationError, match="suppression_fraction"):
         ProtectionObjective(suppression_fraction=0.0)
+
+
+def test_distillation_is_zero_at_the_teacher_and_grows_away_from_it():
+    objective = ProtectionObjective(distill_weight=1.0, distill_temperature=2.0)
+    teacher = torch.tensor([[2.0, 0.5, -1.0, 0.0], [0.0, 3.0, 0.0, -2.0]])
+    assert objective.distillation(teacher.clone(), teacher).item() == pytest.approx(0.0, abs=1e-6)
+    near = objective.distillation(teacher + torch.tensor([0.3, 0, 0, 0]), teacher).item()
+    far = objective.distillation(-teacher, teacher).item()
+    assert 0 < near < far
+    # T^2 scaling: with logits and teacher both scaled by T the loss equals T^2 x the T=1 loss
+    t1 = ProtectionObjective(distill_weight=1.0, distill_temperature=1.0).distillation(-teacher, teacher).item()
+    t3 = ProtectionObjective(distill_weight=1.0, distill_temperature=3.0).distillation(-3 * teacher, 3 * teacher).item()
+    assert t3 == pytest.approx(9 * t1, rel=1e-5)
+
+
+def test_distillation_term_adds_to_the_loss_and_needs_teacher_logits(protected):
+    images, labels = torch.rand(6, 3, 16, 16), torch.randint(0, 4, (6,))
+    protected.train()
+    logits = protected(images)
+    objective = ProtectionObjective(wrong_key_weight=0.5, distill_weight=0.7)
+    with pytest.raises(ConfigurationError, match="teacher"):
+        objective(protected, images, labels, logits)
+    teacher_logits = torch.randn(6, 4)
+    loss, parts = objective(protected, images, labels, logits, teacher_logits)
+    assert set(parts) == {"ce", "wrong", "distill"}
+    assert parts["distill"] > 0
+    assert loss.item() == pytest.approx(parts["ce"] + 0.5 * parts["wrong"] + 0.7 * parts["distill"], rel=1e-5)
+    assert objective.describe() == "ce+wrong0.5+distill0.7(T=2)(uniform)"
+
+
+@pytest.mark.parametrize("kwargs", [{"distill_weight": -1.0}, {"distill_weight": 1.0, "distill_temperature": 0.0}])
+def test_bad_distillation_settings_are_configuration_errors(kwargs):
+    with pytest.raises(ConfigurationError, match="distill"):
+        ProtectionObjective(**kwargs)

@@ -8,7 +8,7 @@ import torch
 from kp_plugin import SecretKey, wrap_model
 from kp_plugin.checkpoint import PROTECTION_FILE, WEIGHTS_FILE, find_key_material
 from kp_plugin.data import TensorImageDataset
-from kp_plugin.errors import CheckpointError, KeyMismatchError
+from kp_plugin.errors import CheckpointError, ConfigurationError, KeyMismatchError
 from kp_plugin.objectives import ProtectionObjective
 from kp_plugin.train import (
     TRAINING_STATE_FILE,
@@ -118,3 +118,61 @@ def test_baseline_trains_as_a_plain_model_on_unit_range_images():
     data = _separable_dataset()
     fit(baseline, data, config=TrainConfig(epochs=6, batch_size=8, lr=1e-2, objective=ProtectionObjective()), progress=False)
     assert evaluate_accuracy(baseline, data) >= 0.9
+
+
+def test_distillation_pulls_the_protected_model_towards_the_teacher(key):
+    """fit runs the teacher on the plain images of each step; the distilled
+    student ends closer to the teacher's outputs than one trained without
+    the term, everything else equal."""
+    data = _separable_dataset(n=48)
+    torch.manual_seed(1)
+    teacher = plain_model(timm.create_model("test_efficientnet", num_classes=2), mean=(0.5,) * 3, std=(0.5,) * 3)
+    fit(teacher, data, config=TrainConfig(epochs=4, batch_size=16, lr=5e-3, augment=False), device="cpu",
+        progress=False)
+    teacher.eval()
+    with torch.no_grad():
+        target = torch.softmax(teacher(data.images), dim=-1)
+
+    def student(distill_weight):
+        model = _model(key, seed=2)
+        objective = ProtectionObjective(distill_weight=distill_weight, distill_temperature=1.0)
+        config = TrainConfig(epochs=3, batch_size=16, lr=5e-3, augment=False, objective=objective)
+        result = fit(model, data, config=config, device="cpu", progress=False,
+                     teacher=teacher if distill_weight else None)
+        with torch.no_grad():
+            gap = (torch.softmax(model(data.images), dim=-1) - target).abs().sum(dim=-1).mean().item()
+        return result, gap
+
+    distilled, gap_distilled = student(20.0)
+    _, gap_plain = student(0.0)
+    assert "distill" in distilled.history[-1]
+    assert gap_distilled < gap_plain
+    assert not teacher.training  # left in eval mode
+
+
+def test_distillation_without_a_teacher_is_a_configuration_error(key):
+    config = TrainConfig(epochs=1, batch_size=16, objective=ProtectionObjective(distill_weight=1.0))
+    with pytest.raises(ConfigurationError, match="teacher"):
+        fit(_model(key), _separable_dataset(), config=config, device="cpu", progress=False)
+
+
+def test_fit_trains_channels_last_by_default_and_the_checkpoint_is_layout_free(tmp_path, key):
+    from kp_plugin import load_protected, save_protected
+
+    data = _separable_dataset()
+    model = _model(key)
+    fit(model, data, config=TrainConfig(epochs=1, batch_size=16), device="cpu", progress=False)
+    stem = first_conv(model)
+    assert stem.weight.is_contiguous(memory_format=torch.channels_last) and not stem.weight.is_contiguous()
+    save_protected(model, tmp_path)
+    fresh = timm.create_model("test_efficientnet", num_classes=2)
+    loaded = load_protected(tmp_path, fresh, key)
+    assert first_conv(loaded).weight.is_contiguous()
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(data.images), model(data.images), rtol=1e-4, atol=1e-4)
+
+    plain_layout = _model(key)
+    fit(plain_layout, data, config=TrainConfig(epochs=1, batch_size=16, channels_last=False), device="cpu",
+        progress=False)
+    assert first_conv(plain_layout).weight.is_contiguous()

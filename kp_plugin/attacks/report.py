@@ -119,9 +119,13 @@ def report_markdown(report: AttackReport, *, figures: Optional[dict] = None) -> 
         out += ["## Fine-tuning attack", "",
                 f"Stolen weights on plain images before fine-tuning: {_pct(f.plain_accuracy)}; "
                 f"the owner's model with the key: {_pct(f.key_accuracy)}.", "",
-                _table(["attacker data", "images", "steps", "stolen weights", "public base", "gain"],
+                f"Each fraction: {f.repeats} draw(s) of the attacker's subset and training seed; accuracies are "
+                "means, the last column gives each draw's gain.", "",
+                _table(["attacker data", "images", "steps", "stolen weights", "public base", "gain",
+                        "gain per draw"],
                        [[f"{row.fraction:.0%}", row.images, row.steps, _pct(row.protected_accuracy),
-                         _pct(row.base_accuracy), f"{100 * row.advantage:+.1f} pts"] for row in f.rows]), ""]
+                         _pct(row.base_accuracy), f"{100 * row.advantage:+.1f} pts",
+                         ", ".join(f"{100 * a:+.1f}" for a in row.advantages)] for row in f.rows]), ""]
         if "finetune" in figures:
             out += [f"![fine-tuning attack]({figures['finetune']})", ""]
     if "recovery" in figures:

@@ -61,11 +61,13 @@ class Budget:
     estimation_data: float = 0.10
     #: stop the random search after this many seconds (None: never)
     random_search_seconds: float | None = None
+    #: draws (data subset + training seed) per fraction of the fine-tuning attack
+    finetune_repeats: int = 3
 
 
 BUDGETS = {
     # Seconds, for tests and a first look.
-    "smoke": Budget(4, 32, 32, 32, 1, (0.0, 0.5, 1.0), 10, (0.10,), 1, 1),
+    "smoke": Budget(4, 32, 32, 32, 1, (0.0, 0.5, 1.0), 10, (0.10,), 1, 1, finetune_repeats=1),
     "quick": Budget(20, 1000, 64, 500, 1, DEFAULT_FRACTIONS, 100, DEFAULT_DATA_FRACTIONS, 2, 20),
     "standard": Budget(100, 5000, 64, 2000, 3, DEFAULT_FRACTIONS, 300, DEFAULT_DATA_FRACTIONS, 4, 30),
     # The authors' random search: 20,000 keys.
@@ -118,7 +120,8 @@ class AttackReport:
         if "finetune" in r:
             f = r["finetune"]
             near = min(f.rows, key=lambda row: abs(row.fraction - 0.10))
-            out.append(Target(f"fine-tuning with {near.fraction:.0%} of the data: gain over the public base",
+            draws = f", mean of {f.repeats} draws" if f.repeats > 1 else ""
+            out.append(Target(f"fine-tuning with {near.fraction:.0%} of the data: gain over the public base{draws}",
                               100 * near.advantage, 2.0))
         if "weight_matching" in r:
             out.append(Target("weight matching: key positions recovered",
@@ -245,7 +248,8 @@ def run_attacks(
             config = dataclasses.replace(finetune_config or TrainConfig(), epochs=budget.finetune_epochs)
             result = finetune_attack(model, train_set, test_set, public_base=base_model,
                                      fractions=budget.finetune_fractions, config=config,
-                                     min_steps=budget.finetune_min_steps, **common)
+                                     min_steps=budget.finetune_min_steps, repeats=budget.finetune_repeats,
+                                     **common)
         report.results[name] = result
         report.seconds[name] = time.perf_counter() - start
     return report

@@ -52,6 +52,11 @@ class KeyedTrainer(Trainer):
         objective: a :class:`kp_plugin.objectives.ProtectionObjective`
             (e.g. ``kp_plugin.objectives.DEFAULT_OBJECTIVE``); ``None``:
             the model's own loss (cross-entropy).
+        teacher: for an objective with ``distill_weight`` (the ``kp
+            protect`` recipe): the unprotected model of the same task (e.g.
+            fine-tuned first with a plain ``Trainer``). It is called in eval
+            mode without gradients on the same images, plain and normalized
+            with the processor's mean and std, as ``teacher(pixel_values=...)``.
 
     Example:
         >>> trainer = KeyedTrainer(model=wrap_hf_model(model, key, image_processor=processor),
@@ -62,11 +67,25 @@ class KeyedTrainer(Trainer):
         >>> trainer.train()                                                     # doctest: +SKIP
     """
 
-    def __init__(self, *args: Any, objective: Optional[ProtectionObjective] = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        objective: Optional[ProtectionObjective] = None,
+        teacher: Optional[torch.nn.Module] = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         if objective is not None and not isinstance(objective, ProtectionObjective):
             raise TypeError(f"objective must be a ProtectionObjective, got {type(objective).__name__}")
+        if objective is not None and objective.distill_weight and teacher is None:
+            raise ConfigurationError(
+                "the objective distills (distill_weight > 0) but no teacher was given: pass teacher= "
+                "(the unprotected model of the same task), or use an objective with distill_weight=0"
+            )
         self.objective = objective
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
         if objective is not None:
             # The objective returns a per-batch mean (not a sum over
             # num_items_in_batch): let Trainer divide by the accumulation steps.
@@ -107,11 +126,21 @@ class KeyedTrainer(Trainer):
         pixels = inputs["pixel_values"]
         view, images01 = self._objective_view(model, pixels)
         outputs = model(pixel_values=pixels)
-        loss, parts = self.objective(view, images01, labels, logits_of(outputs))
+        teacher_logits = self._teacher_logits(view, images01) if self.objective.distill_weight else None
+        loss, parts = self.objective(view, images01, labels, logits_of(outputs), teacher_logits)
         for name, value in parts.items():
             self._objective_parts[name] = self._objective_parts.get(name, 0.0) + float(value)
         self._objective_steps += 1
         return (loss, outputs) if return_outputs else loss
+
+    def _teacher_logits(self, view: ProtectedModel, images01: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits on the plain images, normalized as the keyed
+        path normalizes (the processor's mean and std)."""
+        mean = torch.tensor(view.keyed.mean, device=images01.device, dtype=images01.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(view.keyed.std, device=images01.device, dtype=images01.dtype).view(1, -1, 1, 1)
+        teacher = self.teacher.to(images01.device)
+        with torch.no_grad():
+            return logits_of(teacher(pixel_values=(images01 - mean) / std))
 
     def _objective_view(self, model, pixels: torch.Tensor) -> tuple:
         """The ProtectedModel the objective works on, and the [0, 1] images."""
