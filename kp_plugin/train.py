@@ -100,8 +100,9 @@ class TrainConfig:
             public ones); the unprotected baseline keeps its stem.
         channels_last: train in the channels-last memory format (as timm's
             ``--channels-last``). The same computation, laid out so that
-            oneDNN's CPU convolutions run fast: 2.2-3.2x faster steps for
-            EfficientNet-Lite0 at 32x32 on the dev CPU (docs/benchmarks.md).
+            oneDNN's CPU convolutions run fast: 2.3x (one thread) and 3.5x
+            (two) faster protected steps for EfficientNet-Lite0 at 32x32 on
+            the dev CPU, 1.7x and 2.0x at 64x64 (docs/benchmarks.md).
             The model is left in that format; saved weights are the same.
 
     Example:
