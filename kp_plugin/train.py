@@ -103,7 +103,7 @@ class TrainConfig:
             oneDNN's CPU convolutions run fast: 2.3x (one thread) and 3.5x
             (two) faster protected steps for EfficientNet-Lite0 at 32x32 on
             the dev CPU, 1.7x and 2.0x at 64x64 (docs/benchmarks.md).
-            The model is left in that format; saved weights are the same.
+            Only during training: the model comes back contiguous.
 
     Example:
         >>> TrainConfig(epochs=2, batch_size=32).schedule
@@ -536,6 +536,12 @@ def fit(
     finally:
         if bar is not None:
             bar.close()
+        if config.channels_last:
+            # Hand the models back in the usual layout: a state_dict of
+            # contiguous tensors, as safetensors' save_file and .view() expect.
+            model.to(memory_format=torch.contiguous_format)
+            if teacher is not None:
+                teacher.to(memory_format=torch.contiguous_format)
     model.eval()
     result.seconds = time.perf_counter() - started
     return result
