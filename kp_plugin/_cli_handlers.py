@@ -120,8 +120,8 @@ def _objective(weight: Optional[float], distill: float):
 TEACHER_FILE = "teacher.safetensors"
 
 
-def _unprotected_fine_tune(args, model_name: str, num_classes: int, keyed, train_set, test_set, config, device,
-                           record: dict, teacher_path: Optional[Path] = None):
+def _unprotected_fine_tune(args, num_classes: int, keyed, train_set, test_set, config, device, record: dict,
+                           teacher_path: Optional[Path] = None):
     """The unprotected model with the same recipe (cross-entropy only): the
     baseline, and the teacher when distilling. With ``teacher_path`` its
     weights are kept there (a private directory) so ``--resume`` reuses them."""
@@ -131,7 +131,7 @@ def _unprotected_fine_tune(args, model_name: str, num_classes: int, keyed, train
     from .train import evaluate_accuracy, fit, plain_model
 
     torch.manual_seed(args.seed)
-    base = create_base_model(model_name, pretrained=not args.no_pretrained, num_classes=num_classes)
+    base = create_base_model(args.model, pretrained=not args.no_pretrained, num_classes=num_classes)
     model = plain_model(base, keyed.mean, keyed.std)
     if teacher_path is not None and teacher_path.is_file() and "unprotected_accuracy" in record:
         _say(args, f"reusing the unprotected teacher in {teacher_path}")
@@ -202,8 +202,8 @@ def protect(args: argparse.Namespace) -> int:
                                    num_classes=num_classes, input_size=size)
     teacher = None
     if args.distill:
-        teacher = _unprotected_fine_tune(args, args.model, num_classes, model.keyed, train_set, test_set, config,
-                                         device, record, teacher_path=resume_dir / TEACHER_FILE)
+        teacher = _unprotected_fine_tune(args, num_classes, model.keyed, train_set, test_set, config, device, record,
+                                         teacher_path=resume_dir / TEACHER_FILE)
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / TRAINING_FILE, record)
     _say(args, f"fine-tuning {args.model} on {args.data} ({len(train_set)} images, {size}x{size}) "
@@ -219,8 +219,7 @@ def protect(args: argparse.Namespace) -> int:
     _write_json(out / TRAINING_FILE, record)
 
     if args.baseline and "unprotected_accuracy" not in record:
-        _unprotected_fine_tune(args, args.model, num_classes, model.keyed, train_set, test_set, config, device,
-                               record)
+        _unprotected_fine_tune(args, num_classes, model.keyed, train_set, test_set, config, device, record)
         _write_json(out / TRAINING_FILE, record)
 
     metadata = {

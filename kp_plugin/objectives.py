@@ -177,8 +177,8 @@ class ProtectionObjective:
             same images, plain (Hinton et al.: KL divergence of the softened
             distributions, times ``distill_temperature ** 2``). The teacher
             is an unprotected fine-tune of the same task (``kp protect
-            --baseline`` trains one); :func:`kp_plugin.train.fit` takes it as
-            ``teacher=`` and passes its logits as ``teacher_logits``.
+            --distill`` trains one first); :func:`kp_plugin.train.fit` takes
+            it as ``teacher=`` and passes its logits as ``teacher_logits``.
         distill_temperature: softening temperature of that term.
 
     Example:
@@ -278,6 +278,16 @@ class ProtectionObjective:
         true = log_p.gather(1, labels[:, None]).squeeze(1)
         return F.relu(true - chance).mean()
 
+    def check_teacher(self, teacher: Any) -> None:
+        """Raise :class:`ConfigurationError` when the objective distills but
+        ``teacher`` (a model, or its logits) is missing: before training
+        starts, and on every call."""
+        if self.distill_weight and teacher is None:
+            raise ConfigurationError(
+                "the objective distills (distill_weight > 0) but no teacher was given: pass teacher= (an "
+                "unprotected fine-tune of the same task, trained first), or set distill_weight=0"
+            )
+
     def distillation(self, logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         """``T^2 * KL(softmax(teacher / T) || softmax(logits / T))``, batch mean."""
         t = self.distill_temperature
@@ -343,11 +353,7 @@ class ProtectionObjective:
         parts = {"ce": float(ce.detach())}
         loss = ce
         if self.distill_weight:
-            if teacher_logits is None:
-                raise ConfigurationError(
-                    "distill_weight is on but no teacher was given: pass teacher= to fit (an unprotected "
-                    "fine-tune of the same task), or set distill_weight=0"
-                )
+            self.check_teacher(teacher_logits)
             distill = self.distillation(logits, logits_of(teacher_logits))
             loss = loss + self.distill_weight * distill
             parts["distill"] = float(distill.detach())
@@ -412,9 +418,9 @@ CROSS_ENTROPY_ONLY = ProtectionObjective()
 #: without a plain-image term, so it is off. At the demo setting (digits
 #: 32x32, M=4, 16 epochs) two runs gave 96.9 / 95.8% with the key, 10.2 /
 #: 10.0% mean and at most 17.0 / 13.4% for the worst wrong key of each group
-#: of 100 (500 wrong keys); at 32 epochs 98.3 / 97.2% and with distillation
-#: from the unprotected fine-tune (``kp protect``'s default; it needs a
-#: teacher, so it is not part of this object) 98.9 / 98.1%. For a scheme
-#: without ``scramble`` add ``plain_weight=1``: on shuffle+np one run without it reached 30% on plain
-#: digits.
+#: of 100 (500 wrong keys); at 32 epochs 98.3 / 97.2%, and with distillation
+#: from the unprotected fine-tune (opt-in, ``kp protect --distill``; it needs
+#: a teacher, so it is not part of this object) 98.9 / 98.1%. For a scheme
+#: without ``scramble`` add ``plain_weight=1``: on shuffle+np one run
+#: without it reached 30% on plain digits.
 DEFAULT_OBJECTIVE = ProtectionObjective(wrong_key_weight=2.0, suppression_fraction=0.5)

@@ -438,11 +438,7 @@ def fit(
         raise ConfigurationError("the training set is empty")
     if resume and checkpoint_dir is None:
         raise ConfigurationError("resume=True needs checkpoint_dir")
-    if objective.distill_weight and teacher is None:
-        raise ConfigurationError(
-            "the objective distills (distill_weight > 0) but no teacher was given: pass teacher= "
-            "(an unprotected fine-tune of the same task, e.g. the --baseline model)"
-        )
+    objective.check_teacher(teacher)
     if teacher is not None and not objective.distill_weight:
         teacher = None  # nothing reads it
 

@@ -9,9 +9,9 @@ same images with the same recipe. Protection holds when the stolen weights
 buy no more than a couple of points over the public base: then the
 protected model is worth no more than what was public anyway.
 
-A few dozen optimizer steps on a few hundred images are noisy: on the demo
-model one draw of the 10% subset and seed gave anything from -20 to +14
-points of gain (docs/security.md). ``repeats`` draws that many subsets and
+A few dozen optimizer steps on a few hundred images are noisy: on four
+digits demo models one draw of the 10% subset and seed gave anything from
+-24.5 to +14.2 points of gain (docs/security.md). ``repeats`` draws that many subsets and
 seeds and reports the means, with each draw kept.
 """
 

@@ -35,6 +35,7 @@ from ..checkpoint import load_protected, save_protected
 from ..errors import ConfigurationError
 from ..module import KeyedInput, ProtectedModel
 from ..objectives import ProtectionObjective, logits_of
+from ..train import Normalize
 from ._datapath import base_module, batchers_in
 from .callback import KeyProtectionCallback
 from .processor import KeyedImageProcessor
@@ -77,15 +78,13 @@ class KeyedTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if objective is not None and not isinstance(objective, ProtectionObjective):
             raise TypeError(f"objective must be a ProtectionObjective, got {type(objective).__name__}")
-        if objective is not None and objective.distill_weight and teacher is None:
-            raise ConfigurationError(
-                "the objective distills (distill_weight > 0) but no teacher was given: pass teacher= "
-                "(the unprotected model of the same task), or use an objective with distill_weight=0"
-            )
+        if objective is not None:
+            objective.check_teacher(teacher)
         self.objective = objective
         self.teacher = teacher
         if teacher is not None:
             teacher.eval().requires_grad_(False)
+        self._teacher_input: Optional[Normalize] = None
         if objective is not None:
             # The objective returns a per-batch mean (not a sum over
             # num_items_in_batch): let Trainer divide by the accumulation steps.
@@ -136,11 +135,11 @@ class KeyedTrainer(Trainer):
     def _teacher_logits(self, view: ProtectedModel, images01: torch.Tensor) -> torch.Tensor:
         """The teacher's logits on the plain images, normalized as the keyed
         path normalizes (the processor's mean and std)."""
-        mean = torch.tensor(view.keyed.mean, device=images01.device, dtype=images01.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(view.keyed.std, device=images01.device, dtype=images01.dtype).view(1, -1, 1, 1)
-        teacher = self.teacher.to(images01.device)
+        if self._teacher_input is None:  # the first step: normalization fixed, teacher moved once
+            self._teacher_input = Normalize(view.keyed.mean, view.keyed.std).to(images01.device)
+            self.teacher.to(images01.device)
         with torch.no_grad():
-            return logits_of(teacher(pixel_values=(images01 - mean) / std))
+            return logits_of(self.teacher(pixel_values=self._teacher_input(images01)))
 
     def _objective_view(self, model, pixels: torch.Tensor) -> tuple:
         """The ProtectedModel the objective works on, and the [0, 1] images."""
