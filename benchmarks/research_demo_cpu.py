@@ -93,6 +93,12 @@ def write_tail_report(paths: list) -> None:
     )
 
 
+def _curves(run) -> dict:
+    """Per-epoch training accuracy (augmented batches) and test accuracy."""
+    return {"train_accuracy": [round(h["accuracy"], 4) for h in run.history],
+            "test_accuracy": [round(h["eval_accuracy"], 4) for h in run.history]}
+
+
 def _train_baseline(args, train, test, config, result):
     """The unprotected fine-tune with the same recipe (cross-entropy only)."""
     import torch
@@ -102,8 +108,10 @@ def _train_baseline(args, train, test, config, result):
 
     torch.manual_seed(args.seed)
     baseline = plain_model(load_efficientnet_lite0(len(train.classes)))
-    run = fit(baseline, train, config=config, device="cpu", progress=False)
+    run = fit(baseline, train, config=config, device="cpu", progress=False, eval_set=test if args.curves else None)
     result["baseline_seconds"] = run.seconds
+    if args.curves:
+        result["baseline_curves"] = _curves(run)
     result["unprotected_accuracy"] = evaluate_accuracy(baseline, test)
     print(json.dumps(result), flush=True)
     return baseline
@@ -153,6 +161,10 @@ def main(argv=None) -> int:
     parser.add_argument("--distill-weight", type=float, default=0.0,
                         help="distil from the unprotected fine-tune (trained first, same recipe)")
     parser.add_argument("--distill-temperature", type=float, default=2.0)
+    parser.add_argument("--stem-lr-scale", type=float, default=1.0,
+                        help="learning-rate multiplier of the first convolution (TrainConfig.stem_lr_scale)")
+    parser.add_argument("--curves", action="store_true",
+                        help="record training and test accuracy after every epoch (both fine-tunes)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
@@ -161,6 +173,7 @@ def main(argv=None) -> int:
     test = load_dataset(args.dataset, split="test", image_size=args.size)
     key = SecretKey.generate(block_size=args.block_size, scheme=args.scheme)
     config = TrainConfig(epochs=args.epochs, seed=args.seed, augment=not args.no_augment,
+                         stem_lr_scale=args.stem_lr_scale,
                          **({} if args.lr is None else {"lr": args.lr}),
                          objective=ProtectionObjective(wrong_key_weight=args.wrong_weight, plain_weight=args.plain_weight,
                                                    wrong_keys_per_step=args.wrong_keys_per_step,
@@ -175,7 +188,7 @@ def main(argv=None) -> int:
               "objective": config.resolved_objective.describe(), "epochs": args.epochs,
               "wrong_keys_per_step": args.wrong_keys_per_step,
               "threads": args.threads, "device": "cpu", "seed": args.seed, "lr": config.lr,
-              "augment": config.augment}
+              "augment": config.augment, "stem_lr_scale": config.stem_lr_scale}
 
     baseline = None
     if args.distill_weight:
@@ -184,8 +197,11 @@ def main(argv=None) -> int:
         baseline = _train_baseline(args, train, test, config, result)
     torch.manual_seed(args.seed)
     protected = wrap_model(load_efficientnet_lite0(len(train.classes)), key)
-    run = fit(protected, train, config=config, device="cpu", progress=False, teacher=baseline)
+    run = fit(protected, train, config=config, device="cpu", progress=False, teacher=baseline,
+              eval_set=test if args.curves else None)
     result["protected_seconds"] = run.seconds
+    if args.curves:
+        result["protected_curves"] = _curves(run)
     result["protected_epoch_seconds"] = [round(h["seconds"], 1) for h in run.history]
     print(json.dumps(result), flush=True)
     started = time.perf_counter()
