@@ -188,6 +188,7 @@ def test_small_margin_warns_and_can_stop_training(key, data, tmp_path):
     assert trainer.state.global_step == 1
 
 
+@pytest.mark.filterwarnings("ignore::kp_plugin.hf.ProtectionMarginWarning")  # one step: no margin yet
 def test_unbound_callback_on_a_plain_trainer_writes_the_eval_entry(key, data, tmp_path):
     train, test = data[0].select(range(32)), data[1].select(range(64))
     processor = KeyedImageProcessor(vit_processor(), key)
