@@ -1,7 +1,8 @@
 """Research experiment, kept as it ran (docs/recipe.md, "Batch norm and the photos gap"): distil the *public*
 pre-trained model's pooled features (on the plain images) into the protected model's pooled features (with the
 key), on top of the default objective. The public model is what an attacker has anyway, so the term adds no
-task knowledge to the weights beyond the labels.
+task knowledge to the weights beyond the labels. Seeds 0-2 ran without the head-transplant block at the end (added
+before the two seed-3 runs, --feature-weight 1 and 0).
 
     python benchmarks/research_results/photos_gap/feature_distillation.py --seed N --out photos_feature_e32_sN.json
 """
