@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 from kp_plugin import SecretKey
@@ -21,6 +22,7 @@ def _recipe():
     return module
 
 
+@pytest.mark.filterwarnings("ignore::kp_plugin.hf.ProtectionMarginWarning")  # a few steps: no margin yet
 def test_recipe_runs_and_publishes_nothing_secret(tmp_path):
     torch.set_num_threads(1)
     key_file = tmp_path / "owner.key"
