@@ -46,3 +46,18 @@ def write_section(name: str, markdown: str, doc: Path = DOC) -> None:
         text = text.rstrip() + "\n\n" + block + "\n"
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)
+
+
+def median_ms(fn, repeats: int = 15) -> float:
+    """Median wall time of ``fn()`` in milliseconds over ``repeats`` calls,
+    after one warm-up call."""
+    import statistics
+    import time
+
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)

@@ -12,25 +12,14 @@ per call; docs/transformers.md ("Throughput") cites a run of it.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import median_ms as _median_ms  # noqa: E402
 from bench_processor import _images  # noqa: E402
-
-
-def _median_ms(fn, repeats: int = 15) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 def main(argv=None) -> int:

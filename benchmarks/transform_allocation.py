@@ -15,27 +15,20 @@ milliseconds; results in docs/benchmarks.md ("Where the transform's time goes").
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks._report import median_ms as _median  # noqa: E402
 from kp_plugin import SecretKey  # noqa: E402
 from kp_plugin.module import KeyedInput  # noqa: E402
 
 
-def median_ms(fn, n: int = 15) -> float:
-    fn()
-    fn()
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return round(times[len(times) // 2] * 1e3, 2)
+def _ms(fn, n: int = 15) -> float:
+    fn()  # _median warms up once more
+    return round(_median(fn, repeats=n), 2)
 
 
 def main() -> int:
@@ -50,14 +43,14 @@ def main() -> int:
         index = keyed.source_index.expand(flat.shape[0], -1)
         out = torch.empty_like(flat)
         row = {
-            "clone": median_ms(lambda: x.clone()),
-            "gather (fresh output)": median_ms(lambda: torch.gather(flat, 1, index)),
-            "gather (preallocated output)": median_ms(lambda: torch.gather(flat, 1, index, out=out)),
-            "index_select": median_ms(lambda: flat.index_select(1, keyed.source_index)),
-            "advanced indexing": median_ms(lambda: flat[:, keyed.source_index]),
-            "take_along_dim": median_ms(lambda: torch.take_along_dim(flat, index, 1)),
-            "KeyedInput": median_ms(lambda: keyed(x)),
-            "KeyedInput, check_range=False": median_ms(lambda: unchecked(x)),
+            "clone": _ms(lambda: x.clone()),
+            "gather (fresh output)": _ms(lambda: torch.gather(flat, 1, index)),
+            "gather (preallocated output)": _ms(lambda: torch.gather(flat, 1, index, out=out)),
+            "index_select": _ms(lambda: flat.index_select(1, keyed.source_index)),
+            "advanced indexing": _ms(lambda: flat[:, keyed.source_index]),
+            "take_along_dim": _ms(lambda: torch.take_along_dim(flat, index, 1)),
+            "KeyedInput": _ms(lambda: keyed(x)),
+            "KeyedInput, check_range=False": _ms(lambda: unchecked(x)),
         }
         print(shape, f"M={block}", row, flush=True)
     from kp_plugin.pretrained import load_efficientnet_lite0
@@ -66,8 +59,8 @@ def main() -> int:
     x = torch.rand(64, 3, 224, 224)
     keyed = KeyedInput(SecretKey.generate(block_size=16), mean=(0.5,) * 3, std=(0.5,) * 3)
     with torch.no_grad():
-        print("EfficientNet-Lite0 forward, (64, 3, 224, 224):", median_ms(lambda: model(x), n=5),
-              "ms; KeyedInput on it:", median_ms(lambda: keyed(x)), "ms")
+        print("EfficientNet-Lite0 forward, (64, 3, 224, 224):", _ms(lambda: model(x), n=5),
+              "ms; KeyedInput on it:", _ms(lambda: keyed(x)), "ms")
     return 0
 
 
