@@ -125,8 +125,9 @@ def _unprotected_fine_tune(args, num_classes: int, keyed, train_set, test_set, c
     """The unprotected model with the same recipe (cross-entropy only): the
     baseline, and the teacher when distilling. With ``teacher_path`` its
     weights are kept there (a private directory) so ``--resume`` reuses them."""
-    from safetensors.torch import load_model, save_model
+    from safetensors.torch import load_model
 
+    from .checkpoint import save_weights_atomic
     from .timm import create_base_model
     from .train import evaluate_accuracy, fit, plain_model
 
@@ -145,9 +146,7 @@ def _unprotected_fine_tune(args, num_classes: int, keyed, train_set, test_set, c
     record["baseline_seconds"] = result.seconds
     if teacher_path is not None:
         teacher_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = teacher_path.with_name(f".{teacher_path.name}.tmp")
-        save_model(base, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, teacher_path)
+        save_weights_atomic(base, teacher_path, metadata={"format": "pt"})
     return model
 
 

@@ -237,6 +237,21 @@ def _atomic_write(path: Path, data: bytes) -> None:
             tmp.unlink()
 
 
+def save_weights_atomic(module: nn.Module, path: Path, metadata: dict) -> None:
+    """``safetensors.torch.save_model`` to a temporary file beside ``path``,
+    then renamed over it: a reader never sees half a file, and a failed write
+    leaves the previous one in place."""
+    from safetensors.torch import save_model
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_model(module, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def _native_config(base: nn.Module) -> Optional[dict]:
     """timm's hub ``config.json`` for timm models (duck-typed, no timm import)."""
     cfg = getattr(base, "pretrained_cfg", None)
@@ -317,8 +332,6 @@ def save_protected(
     Example:
         >>> save_protected(model, "out/")                    # doctest: +SKIP
     """
-    from safetensors.torch import save_model
-
     if not isinstance(model, ProtectedModel):
         raise ConfigurationError(
             f"save_protected expects a ProtectedModel (from wrap_model), got {type(model).__name__}"
@@ -328,23 +341,16 @@ def save_protected(
     base = model.unwrap()
     config = ProtectionConfig.from_model(model, **(metadata or {}))
 
-    weights = directory / WEIGHTS_FILE
-    tmp = directory / f".{WEIGHTS_FILE}.tmp"
-    try:
-        save_model(
-            base,
-            str(tmp),
-            metadata={
-                "format": "pt",
-                "kp_format": PROTECTION_FORMAT,
-                "kp_format_version": str(PROTECTION_FORMAT_VERSION),
-                "kp_fingerprint": model.key.fingerprint,
-            },
-        )
-        os.replace(tmp, weights)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    save_weights_atomic(
+        base,
+        directory / WEIGHTS_FILE,
+        metadata={
+            "format": "pt",
+            "kp_format": PROTECTION_FORMAT,
+            "kp_format_version": str(PROTECTION_FORMAT_VERSION),
+            "kp_fingerprint": model.key.fingerprint,
+        },
+    )
 
     hf_config = getattr(base, "config", None)
     if hf_config is not None and hasattr(hf_config, "to_json_string") and hasattr(hf_config, "save_pretrained"):
