@@ -133,6 +133,99 @@ def test_keyed_input_rejects_mean_of_the_wrong_length(any_key):
 
 
 # ----------------------------------------------------------------------------
+# Output buffers: reused only when nobody can see it
+# ----------------------------------------------------------------------------
+
+LARGE = (8, 3, 128, 128)  # 1.5 MiB of float32: over REUSE_MIN_BYTES
+
+
+def _large_keyed() -> KeyedInput:
+    key = SecretKey(bytes(range(7, 39)), block_size=16, scheme="shuffle+np+scramble")
+    return KeyedInput(key, mean=MEAN, std=STD)
+
+
+@pytest.mark.parametrize("uint8", [False, True])
+def test_outputs_the_caller_holds_are_never_overwritten(uint8):
+    keyed = _large_keyed()
+    inputs = [torch.rand(LARGE, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    if uint8:
+        inputs = [(x * 255).round().to(torch.uint8) for x in inputs]
+    expected = [_normalize(apply_transform(x, keyed.key).float() / (255 if uint8 else 1)) for x in inputs]
+    held = [keyed(x) for x in inputs]  # every earlier output alive during each call
+    for out, want in zip(held, expected):
+        torch.testing.assert_close(out, want)
+    assert len({out.data_ptr() for out in held}) == len(held)
+
+
+def test_a_dropped_output_buffer_is_reused():
+    keyed = _large_keyed()
+    x = torch.rand(LARGE)
+    first = keyed(x).data_ptr()  # dropped at once, as inside model(x)
+    assert keyed(x).data_ptr() == first
+    y = None
+    pointers = []
+    for _ in range(4):  # y = keyed(x): the old y is alive during the call
+        y = keyed(x)
+        pointers.append(y.data_ptr())
+    assert len(set(pointers)) == 2
+    torch.testing.assert_close(y, _normalize(apply_transform(x, keyed.key)))
+
+
+def test_output_held_by_numpy_or_autograd_is_not_reused():
+    keyed = _large_keyed()
+    x = torch.rand(LARGE)
+    array = keyed(x).numpy()  # the tensor object is gone; the array still shares its memory
+    copy = array.copy()
+    conv = torch.nn.Conv2d(3, 2, 3)
+    loss = conv(keyed(x)).sum()  # conv saved its input for backward
+    for _ in range(3):
+        keyed(torch.rand(LARGE))
+    assert (array == copy).all()
+    loss.backward()  # the saved input is intact: backward matches a fresh computation
+    reference = torch.nn.Conv2d(3, 2, 3)
+    reference.load_state_dict(conv.state_dict())
+    reference(_normalize(apply_transform(x, keyed.key))).sum().backward()
+    torch.testing.assert_close(conv.weight.grad, reference.weight.grad)
+
+
+def test_inference_mode_and_normal_calls_alternate():
+    keyed = _large_keyed()
+    x = torch.rand(LARGE)
+    for _ in range(2):
+        with torch.inference_mode():
+            assert keyed(x).is_inference()
+        out = keyed(x)  # an inference-mode buffer would be read-only here
+        assert not out.is_inference()
+        torch.testing.assert_close(out, _normalize(apply_transform(x, keyed.key)))
+
+
+def test_threads_sharing_one_keyed_input_get_their_own_outputs():
+    from concurrent.futures import ThreadPoolExecutor
+
+    keyed = _large_keyed()
+    inputs = [torch.rand(LARGE, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    expected = [_normalize(apply_transform(x, keyed.key)) for x in inputs]
+
+    def work(i: int) -> bool:
+        for _ in range(20):
+            out = keyed(inputs[i])
+            if not torch.allclose(out, expected[i], atol=1e-5, rtol=1e-5):
+                return False
+        return True
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(work, range(4)))
+
+
+def test_copies_do_not_carry_the_output_buffers():
+    import copy
+
+    keyed = _large_keyed()
+    keyed(torch.rand(LARGE))
+    assert keyed._spare and copy.deepcopy(keyed)._spare == []
+
+
+# ----------------------------------------------------------------------------
 # Nothing derived from the key is in the state
 # ----------------------------------------------------------------------------
 
