@@ -163,6 +163,8 @@ def main(argv=None) -> int:
     parser.add_argument("--distill-temperature", type=float, default=2.0)
     parser.add_argument("--stem-lr-scale", type=float, default=1.0,
                         help="learning-rate multiplier of the first convolution (TrainConfig.stem_lr_scale)")
+    parser.add_argument("--ema-decay", type=float, default=None,
+                        help="average the weights over training (TrainConfig.ema_decay), both fine-tunes")
     parser.add_argument("--curves", action="store_true",
                         help="record training and test accuracy after every epoch (both fine-tunes)")
     parser.add_argument("--out", default=None)
@@ -173,7 +175,7 @@ def main(argv=None) -> int:
     test = load_dataset(args.dataset, split="test", image_size=args.size)
     key = SecretKey.generate(block_size=args.block_size, scheme=args.scheme)
     config = TrainConfig(epochs=args.epochs, seed=args.seed, augment=not args.no_augment,
-                         stem_lr_scale=args.stem_lr_scale,
+                         stem_lr_scale=args.stem_lr_scale, ema_decay=args.ema_decay,
                          **({} if args.lr is None else {"lr": args.lr}),
                          objective=ProtectionObjective(wrong_key_weight=args.wrong_weight, plain_weight=args.plain_weight,
                                                    wrong_keys_per_step=args.wrong_keys_per_step,
@@ -188,7 +190,8 @@ def main(argv=None) -> int:
               "objective": config.resolved_objective.describe(), "epochs": args.epochs,
               "wrong_keys_per_step": args.wrong_keys_per_step,
               "threads": args.threads, "device": "cpu", "seed": args.seed, "lr": config.lr,
-              "augment": config.augment, "stem_lr_scale": config.stem_lr_scale}
+              "augment": config.augment, "stem_lr_scale": config.stem_lr_scale,
+              "ema_decay": config.ema_decay}
 
     baseline = None
     if args.distill_weight:

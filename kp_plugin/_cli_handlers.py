@@ -177,7 +177,8 @@ def protect(args: argparse.Namespace) -> int:
     _check_size_for_key(size, key)
     num_classes = len(train_set.classes)
 
-    overrides = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
+    overrides = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr), ("ema_decay", args.ema_decay))
+                 if v is not None}
     config = TrainConfig(epochs=args.epochs, seed=args.seed, objective=_objective(args.wrong_key_weight, args.distill),
                          **overrides)
     record = {}

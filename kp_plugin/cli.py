@@ -150,6 +150,9 @@ def _register_protect(subparsers) -> None:
                              "at 1.0: more accuracy with the key, but stolen weights help a fine-tuning attacker "
                              "more; docs/recipe.md). Default 0 (off). The teacher's weights stay in "
                              "OUTPUT/training/, which is never uploaded")
+    parser.add_argument("--ema-decay", type=float, default=None, metavar="DECAY",
+                        help="keep an exponential moving average of the weights (as timm's --model-ema, e.g. 0.99) "
+                             "and save it; the baseline uses it too")
     parser.add_argument("--no-pretrained", action="store_true", help="start from random weights")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in the same directory")
     _add_runtime_options(parser)

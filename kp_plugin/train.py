@@ -104,6 +104,11 @@ class TrainConfig:
             (two) faster protected steps for EfficientNet-Lite0 at 32x32 on
             the dev CPU, 1.7x and 2.0x at 64x64 (docs/benchmarks.md).
             Only during training: the model comes back contiguous.
+        ema_decay: keep an exponential moving average of the weights and
+            batch-norm statistics (as timm's ``--model-ema``), with the
+            usual warm-up ``min(decay, (1 + t) / (10 + t))`` at step ``t``;
+            per-epoch evaluation uses the average, and the model comes back
+            holding it. ``None``: the last step's weights.
 
     Example:
         >>> TrainConfig(epochs=2, batch_size=32).schedule
@@ -122,6 +127,7 @@ class TrainConfig:
     stem_lr_scale: float = 1.0
     reinit_stem: bool = False
     channels_last: bool = True
+    ema_decay: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -130,6 +136,8 @@ class TrainConfig:
             raise ConfigurationError("epochs and batch_size must be at least 1")
         if self.lr <= 0:
             raise ConfigurationError(f"lr must be positive, got {self.lr}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigurationError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
 
     @property
     def resolved_objective(self) -> ProtectionObjective:
@@ -323,6 +331,47 @@ def _reinit_stem(model: nn.Module, generator: torch.Generator) -> None:
             stem.bias.zero_()
 
 
+class _WeightAverage:
+    """Exponential moving average of a model's floating-point state (weights
+    and batch-norm running statistics), updated in place after each step."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.updates = 0
+        live = model.state_dict(keep_vars=True)
+        self.names = [name for name, t in live.items() if t.is_floating_point()]
+        self.live = [live[name] for name in self.names]
+        self.shadow = [t.detach().clone() for t in self.live]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        weight = 1.0 - min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
+        for average, current in zip(self.shadow, self.live):
+            average.lerp_(current.detach(), weight)
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates, "values": dict(zip(self.names, self.shadow))}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        values = state["values"]
+        if sorted(values) != sorted(self.names):
+            raise CheckpointError("the checkpoint's weight average is for another model; resume without ema_decay "
+                                  "or start a new run")
+        for name, average in zip(self.names, self.shadow):
+            average.copy_(values[name])
+        self.updates = int(state["updates"])
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        """Exchange the live values and the average (twice restores them)."""
+        for average, current in zip(self.shadow, self.live):
+            held = current.detach().clone()
+            current.detach().copy_(average)
+            average.copy_(held)
+
+
 def _save_checkpoint(model: nn.Module, directory: Path, state: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     if isinstance(model, ProtectedModel):
@@ -473,6 +522,11 @@ def fit(
         result.history = list(state.get("history", []))
     else:
         torch.manual_seed(config.seed)
+    average = None
+    if config.ema_decay is not None:
+        average = _WeightAverage(model, config.ema_decay)  # after resume: it starts from the loaded weights
+        if resume and state.get("weight_average") is not None:
+            average.load_state_dict(state["weight_average"])
 
     bar = None
     if progress:
@@ -501,6 +555,8 @@ def fit(
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
+                if average is not None:
+                    average.update()
                 n = labels.numel()
                 seen += n
                 correct += int((logits.detach().argmax(dim=-1) == labels).sum())
@@ -513,7 +569,11 @@ def fit(
             record = {"epoch": epoch + 1, "accuracy": correct / seen, "lr": optimizer.param_groups[0]["lr"]}
             record.update({name: total / seen for name, total in sums.items()})
             if eval_set is not None:
+                if average is not None:
+                    average.swap()
                 record["eval_accuracy"] = evaluate_accuracy(model, eval_set, device=device)
+                if average is not None:
+                    average.swap()
             record["seconds"] = time.perf_counter() - epoch_start
             result.history.append(record)
             if checkpoint is not None:
@@ -527,11 +587,14 @@ def fit(
                         "torch_rng": torch.get_rng_state(),
                         "history": result.history,
                         "config": config.to_dict(),
+                        "weight_average": None if average is None else average.state_dict(),
                     },
                 )
     finally:
         if bar is not None:
             bar.close()
+        if average is not None:
+            average.swap()  # hand back the average
         if config.channels_last:
             # Hand the models back in the usual layout: a state_dict of
             # contiguous tensors, as safetensors' save_file and .view() expect.

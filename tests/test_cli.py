@@ -209,3 +209,24 @@ def test_auto_threads_counts_only_the_cores_other_processes_keep_busy_now():
         spinner.kill()
         spinner.wait()
     assert busy is not None and busy > 0.7  # a spinning process shows up as about one busy core
+
+
+def test_protect_with_ema_saves_the_weight_average(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from kp_plugin._cli_handlers import RESUME_DIR
+    from kp_plugin.train import TRAINING_STATE_FILE
+
+    key_path, out = tmp_path / "owner.key", tmp_path / "out"
+    assert main(["keygen", "--block-size", "8", "-o", str(key_path)]) == 0
+    assert main(["protect", *TINY, "--key", str(key_path), "-o", str(out), "--ema-decay", "0.9"]) == 0
+    assert json.loads((out / "training.json").read_text())["config"]["ema_decay"] == 0.9
+    state = torch.load(out / RESUME_DIR / TRAINING_STATE_FILE, weights_only=False)
+    average = {name.split(".", 1)[1]: value for name, value in state["weight_average"]["values"].items()}
+    saved = load_file(out / "model.safetensors")
+    compared = [name for name in saved if name in average]
+    assert len(compared) == len(average) > 0
+    for name in compared:
+        torch.testing.assert_close(saved[name], average[name].contiguous(), rtol=0, atol=0)
+    assert find_key_material(out, SecretKey.load(key_path)) == []

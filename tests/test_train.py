@@ -184,3 +184,62 @@ def test_fit_trains_channels_last_by_default_and_hands_the_model_back_contiguous
     plain_layout = _model(key)
     seen = layouts_seen(plain_layout, TrainConfig(epochs=1, batch_size=16, channels_last=False))
     assert seen and not any(seen)
+
+
+def test_weight_average_is_the_warmed_up_exponential_average():
+    from kp_plugin.train import _WeightAverage
+
+    module = torch.nn.Sequential(torch.nn.Linear(1, 1, bias=False), torch.nn.BatchNorm1d(1))
+    with torch.no_grad():
+        module[0].weight.fill_(0.0)
+    average = _WeightAverage(module, decay=0.9)
+    expected = 0.0
+    for step, value in enumerate([1.0, 2.0, 3.0, 4.0], start=1):
+        with torch.no_grad():
+            module[0].weight.fill_(value)
+            module[1].running_mean.fill_(value)
+        module[1].num_batches_tracked += 1
+        average.update()
+        decay = min(0.9, (1 + step) / (10 + step))
+        expected = decay * expected + (1 - decay) * value
+    average.swap()
+    assert module[0].weight.item() == pytest.approx(expected)
+    assert module[1].running_mean.item() == pytest.approx(expected)  # batch-norm statistics are averaged too
+    assert module[1].num_batches_tracked.item() == 4  # counters are not
+    average.swap()
+    assert module[0].weight.item() == 4.0
+
+
+def test_ema_hands_back_the_average_and_resume_continues_it(tmp_path, key, monkeypatch):
+    import kp_plugin.train as train
+
+    data = _separable_dataset()
+    config = TrainConfig(epochs=2, batch_size=8, ema_decay=0.9, objective=ProtectionObjective())
+    whole = _model(key)
+    fit(whole, data, config=config, checkpoint_dir=tmp_path / "whole", progress=False)
+    saved = torch.load(tmp_path / "whole" / TRAINING_STATE_FILE, weights_only=False)["weight_average"]
+    assert saved["updates"] == 2 * 4
+    for name, value in whole.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, saved["values"][name], rtol=0, atol=0)
+
+    save = train._save_checkpoint
+
+    def crash_after_saving(*args, **kwargs):
+        save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_save_checkpoint", crash_after_saving)
+    with pytest.raises(KeyboardInterrupt):
+        fit(_model(key), data, config=config, checkpoint_dir=tmp_path / "parts", progress=False)
+    monkeypatch.undo()
+    resumed = _model(key, seed=1)
+    fit(resumed, data, config=config, checkpoint_dir=tmp_path / "parts", resume=True, progress=False)
+    for name, value in whole.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, msg=name)
+
+
+def test_ema_decay_must_be_between_zero_and_one():
+    for decay in (0.0, 1.0, 1.5):
+        with pytest.raises(ConfigurationError, match="ema_decay"):
+            TrainConfig(ema_decay=decay)
