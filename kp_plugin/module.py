@@ -232,8 +232,14 @@ class KeyedInput(nn.Module):
         flat = x.flatten(1)
         scale, bias = self._buffers.get("value_scale"), self._buffers.get("value_bias")
         if self._quantizes:
-            gathered = torch.gather(flat, 1, self.source_index.expand(flat.shape[0], -1))
-            out = lookup_table(gathered, self.lookup_offsets, self.value_lookup, owned=True)
+            table = self.value_lookup
+            if torch.compiler.is_compiling():
+                gathered = torch.gather(flat, 1, self.source_index.expand(flat.shape[0], -1))
+                out = lookup_table(gathered, self.lookup_offsets, table, owned=True)
+            else:
+                out = self._output_buffer(flat.shape, table.dtype, flat.device)
+                for part, dest, index in self._pieces(flat, out):
+                    lookup_table(torch.gather(part, 1, index), self.lookup_offsets, table, owned=True, out=dest)
         else:
             if flat.dtype == torch.uint8:
                 scale = scale / 255  # 0..255 -> [0, 1], folded into the multiply-add
@@ -246,14 +252,19 @@ class KeyedInput(nn.Module):
         out = out.view(x.shape)  # always a view: the buffer itself stays private
         return out[0] if single else out
 
+    def _pieces(self, flat: torch.Tensor, out: torch.Tensor):
+        """``(input rows, output rows, gather index)`` of a few images at a
+        time (CHUNK_BYTES of output each)."""
+        rows = max(1, CHUNK_BYTES // max(1, out.shape[1] * out.element_size()))
+        for start in range(0, flat.shape[0], rows):
+            part = flat[start:start + rows]
+            yield part, out[start:start + rows], self.source_index.expand(part.shape[0], -1)
+
     def _gather_scale_shift(self, flat: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
                             out: torch.Tensor) -> None:
         """``out = bias + scale * flat[:, source_index]``, a few images at a
         time so the multiply-add reads the gather's output from cache."""
-        rows = max(1, CHUNK_BYTES // max(1, out.shape[1] * out.element_size()))
-        for start in range(0, flat.shape[0], rows):
-            part, dest = flat[start:start + rows], out[start:start + rows]
-            index = self.source_index.expand(part.shape[0], -1)
+        for part, dest, index in self._pieces(flat, out):
             if part.dtype == torch.uint8:
                 # Gather the bytes (a quarter of the traffic), then convert,
                 # scale and shift them in one pass into the float output.

@@ -266,7 +266,8 @@ class TransformPlan:
 LOOKUP_CHUNK = 1 << 22
 
 
-def lookup_table(values: torch.Tensor, offsets: torch.Tensor, table: torch.Tensor, *, owned: bool = False) -> torch.Tensor:
+def lookup_table(values: torch.Tensor, offsets: torch.Tensor, table: torch.Tensor, *, owned: bool = False,
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``table[offsets[i] + q[i]]`` for every element of ``values`` ``(B, N)``,
     where ``q`` is ``values`` itself (uint8) or ``round(v * 255)`` clamped to
     0..255 (float).
@@ -275,13 +276,16 @@ def lookup_table(values: torch.Tensor, offsets: torch.Tensor, table: torch.Tenso
     The index is kept in int32 and built a chunk of rows at a time (in place
     when ``owned``: ``values`` is a temporary the caller gives up), so the
     lookup costs a few streaming passes and one ``index_select`` per chunk
-    rather than int64 fancy indexing over the whole batch.
+    rather than int64 fancy indexing over the whole batch. ``out``: a
+    contiguous ``(B, N)`` tensor of ``table``'s dtype to write into.
     """
     if table.numel() >= 1 << 24:  # float32 can no longer hold the index exactly
         q = values.long() if values.dtype == torch.uint8 else quantize(values)
-        return table[q + offsets.long()]
+        result = table[q + offsets.long()]
+        return result if out is None else out.copy_(result)
     rows, width = values.shape
-    out = torch.empty((rows, width), dtype=table.dtype, device=values.device)
+    if out is None:
+        out = torch.empty((rows, width), dtype=table.dtype, device=values.device)
     step = max(1, LOOKUP_CHUNK // max(width, 1))
     for start in range(0, rows, step):
         part = values[start:start + step]

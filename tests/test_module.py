@@ -139,14 +139,15 @@ def test_keyed_input_rejects_mean_of_the_wrong_length(any_key):
 LARGE = (8, 3, 128, 128)  # 1.5 MiB of float32: over REUSE_MIN_BYTES
 
 
-def _large_keyed() -> KeyedInput:
-    key = SecretKey(bytes(range(7, 39)), block_size=16, scheme="shuffle+np+scramble")
+def _large_keyed(scheme: str = "shuffle+np+scramble") -> KeyedInput:
+    key = SecretKey(bytes(range(7, 39)), block_size=16, scheme=scheme)
     return KeyedInput(key, mean=MEAN, std=STD)
 
 
+@pytest.mark.parametrize("scheme", ["shuffle+np+scramble", "shuffle+np+shift+ffx"])
 @pytest.mark.parametrize("uint8", [False, True])
-def test_outputs_the_caller_holds_are_never_overwritten(uint8):
-    keyed = _large_keyed()
+def test_outputs_the_caller_holds_are_never_overwritten(uint8, scheme):
+    keyed = _large_keyed(scheme)
     inputs = [torch.rand(LARGE, generator=torch.Generator().manual_seed(i)) for i in range(5)]
     if uint8:
         inputs = [(x * 255).round().to(torch.uint8) for x in inputs]
@@ -157,8 +158,9 @@ def test_outputs_the_caller_holds_are_never_overwritten(uint8):
     assert len({out.data_ptr() for out in held}) == len(held)
 
 
-def test_a_dropped_output_buffer_is_reused():
-    keyed = _large_keyed()
+@pytest.mark.parametrize("scheme", ["shuffle+np+scramble", "shuffle+np+shift+ffx"])
+def test_a_dropped_output_buffer_is_reused(scheme):
+    keyed = _large_keyed(scheme)
     x = torch.rand(LARGE)
     first = keyed(x).data_ptr()  # dropped at once, as inside model(x)
     assert keyed(x).data_ptr() == first
