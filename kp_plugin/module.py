@@ -10,7 +10,8 @@ refuses to be pickled.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import threading
+from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
@@ -23,11 +24,13 @@ __all__ = ["KeyedInput", "ProtectedModel", "wrap_model", "unwrap", "resolve_norm
 
 
 #: Outputs at least this large (bytes, CPU) are written into a buffer the
-#: module keeps from its previous call, when nothing else still holds that
-#: buffer. A fresh allocation of this size comes as new pages from the OS and
-#: costs a page fault per 4 KB on first touch: 10 ms of KeyedInput's 23 ms at
+#: module keeps from a previous call, when nothing else still holds that
+#: buffer. A large fresh allocation can come as new pages from the OS and
+#: cost a page fault per 4 KB on first touch: 10 ms of KeyedInput's 23 ms at
 #: (64, 3, 224, 224) on the dev CPU (docs/benchmarks.md "transform-allocation").
-REUSE_MIN_BYTES = 1 << 20
+#: Below a few MB the allocator's own reuse is as fast (3 MB at 32x32: 0.42
+#: vs 0.44 ms with the pool's bookkeeping).
+REUSE_MIN_BYTES = 4 << 20
 
 #: Output bytes per piece of the gather and multiply-add: large batches go a
 #: few images at a time, so the multiply-add finds the gathered values still
@@ -47,6 +50,16 @@ def _use_count(tensor: torch.Tensor) -> int:
     return int(_storage_use_count(storage._cdata))
 
 
+class _Plan(NamedTuple):
+    """The compiled buffers one forward call uses, read together."""
+
+    source_index: torch.Tensor
+    value_scale: Optional[torch.Tensor]
+    value_bias: Optional[torch.Tensor]
+    lookup_offsets: Optional[torch.Tensor]
+    value_lookup: Optional[torch.Tensor]
+
+
 def _as_triple(values: Sequence[float], channels: int, name: str) -> tuple:
     values = tuple(float(v) for v in (values if isinstance(values, (list, tuple)) else [values]))
     if len(values) == 1:
@@ -58,6 +71,29 @@ def _as_triple(values: Sequence[float], channels: int, name: str) -> tuple:
     return values
 
 
+def _pieces(flat: torch.Tensor, out: torch.Tensor, source_index: torch.Tensor):
+    """``(input rows, output rows, gather index)`` of a few images at a time
+    (CHUNK_BYTES of output each)."""
+    rows = max(1, CHUNK_BYTES // max(1, out.shape[1] * out.element_size()))
+    for start in range(0, flat.shape[0], rows):
+        part = flat[start:start + rows]
+        yield part, out[start:start + rows], source_index.expand(part.shape[0], -1)
+
+
+def _gather_scale_shift(flat: torch.Tensor, source_index: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                        out: torch.Tensor) -> None:
+    """``out = bias + scale * flat[:, source_index]``, a few images at a time
+    so the multiply-add reads the gather's output from cache."""
+    for part, dest, index in _pieces(flat, out, source_index):
+        if part.dtype == torch.uint8:
+            # Gather the bytes (a quarter of the traffic), then convert,
+            # scale and shift them in one pass into the float output.
+            torch.addcmul(bias, torch.gather(part, 1, index), scale, out=dest)
+        else:
+            torch.gather(part, 1, index, out=dest)
+            torch.addcmul(bias, dest, scale, out=dest)
+
+
 class KeyedInput(nn.Module):
     """Keyed block-wise transform followed by mean/std normalization.
 
@@ -66,7 +102,7 @@ class KeyedInput(nn.Module):
     and the normalization are fused: one gather, then one multiply-add (or
     one table lookup when the scheme has 8-bit steps).
 
-    On CPU, an output of 1 MiB or more is written into the buffer of one of
+    On CPU, an output of 4 MiB or more is written into the buffer of one of
     the module's last two outputs when nothing references that output any
     more (checked by its storage's use count, which counts views, NumPy
     arrays and tensors saved for backward), saving the page faults of a
@@ -107,6 +143,9 @@ class KeyedInput(nn.Module):
         # The last large output buffers, each with its use count when only
         # this module held it (see _output_buffer).
         self._spare: list = []
+        # Compiling for a new size swaps several buffers; threads sharing the
+        # module read them together under this lock (see _plan_for).
+        self._lock = threading.Lock()
         self.input_size: Optional[tuple] = None
         if input_size is not None:
             input_size = tuple(int(s) for s in input_size)
@@ -157,7 +196,6 @@ class KeyedInput(nn.Module):
         for name, tensor in tensors.items():
             self.register_buffer(name, tensor.to(device), persistent=False)
         self._size = tuple(size)
-        self._quantizes = plan.value_table is not None
 
     def _buffer_dtype(self, x: torch.Tensor) -> torch.dtype:
         for name in ("value_lookup", "value_scale"):
@@ -202,7 +240,27 @@ class KeyedInput(nn.Module):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         state = dict(state)
         state["_spare"] = []  # a cache, not state: copies start without it
+        state.pop("_lock", None)  # locks do not copy; each copy gets its own
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._lock = threading.Lock()
+
+    def _plan_for(self, x: torch.Tensor) -> _Plan:
+        """The buffers for ``x``'s size and device, compiled first if needed,
+        as one consistent snapshot even while another thread recompiles."""
+        if torch.compiler.is_compiling():
+            return self._plan_unlocked(x)
+        with self._lock:
+            return self._plan_unlocked(x)
+
+    def _plan_unlocked(self, x: torch.Tensor) -> _Plan:
+        size = tuple(x.shape[1:])
+        if size != self._size or self._buffers["source_index"].device != x.device:
+            check_image_size(size[1], size[2], self.key.block_size)
+            self._compile(size, x.device, self._buffer_dtype(x))
+        return _Plan(*(self._buffers.get(name) for name in _Plan._fields))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
@@ -223,58 +281,33 @@ class KeyedInput(nn.Module):
                 f"images have {size[0]} channels but the key is for {self.key.channels} "
                 "(channels-first layout (B, C, H, W) is expected)"
             )
-        if size != self._size or self._buffers["source_index"].device != x.device:
-            check_image_size(size[1], size[2], self.key.block_size)
-            self._compile(size, x.device, self._buffer_dtype(x))
+        plan = self._plan_for(x)
         if self.check_range and x.is_floating_point() and not torch.compiler.is_compiling():
             check_float_range(x)
 
         flat = x.flatten(1)
-        scale, bias = self._buffers.get("value_scale"), self._buffers.get("value_bias")
-        if self._quantizes:
-            table = self.value_lookup
+        scale, bias, table = plan.value_scale, plan.value_bias, plan.value_lookup
+        if table is not None:
             if torch.compiler.is_compiling():
-                gathered = torch.gather(flat, 1, self.source_index.expand(flat.shape[0], -1))
-                out = lookup_table(gathered, self.lookup_offsets, table, owned=True)
+                gathered = torch.gather(flat, 1, plan.source_index.expand(flat.shape[0], -1))
+                out = lookup_table(gathered, plan.lookup_offsets, table, owned=True)
             else:
                 out = self._output_buffer(flat.shape, table.dtype, flat.device)
-                for part, dest, index in self._pieces(flat, out):
-                    lookup_table(torch.gather(part, 1, index), self.lookup_offsets, table, owned=True, out=dest)
+                for part, dest, index in _pieces(flat, out, plan.source_index):
+                    lookup_table(torch.gather(part, 1, index), plan.lookup_offsets, table, owned=True, out=dest)
         else:
             if flat.dtype == torch.uint8:
                 scale = scale / 255  # 0..255 -> [0, 1], folded into the multiply-add
             if flat.requires_grad or torch.compiler.is_compiling() or (
                     flat.is_floating_point() and flat.dtype != bias.dtype):
-                out = torch.addcmul(bias, torch.gather(flat, 1, self.source_index.expand(flat.shape[0], -1)), scale)
+                out = torch.addcmul(bias, torch.gather(flat, 1, plan.source_index.expand(flat.shape[0], -1)), scale)
             else:
                 out = self._output_buffer(flat.shape, bias.dtype, flat.device)
-                self._gather_scale_shift(flat, scale, bias, out)
+                _gather_scale_shift(flat, plan.source_index, scale, bias, out)
         out = out.view(x.shape)  # always a view: the buffer itself stays private
         return out[0] if single else out
 
-    def _pieces(self, flat: torch.Tensor, out: torch.Tensor):
-        """``(input rows, output rows, gather index)`` of a few images at a
-        time (CHUNK_BYTES of output each)."""
-        rows = max(1, CHUNK_BYTES // max(1, out.shape[1] * out.element_size()))
-        for start in range(0, flat.shape[0], rows):
-            part = flat[start:start + rows]
-            yield part, out[start:start + rows], self.source_index.expand(part.shape[0], -1)
-
-    def _gather_scale_shift(self, flat: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
-                            out: torch.Tensor) -> None:
-        """``out = bias + scale * flat[:, source_index]``, a few images at a
-        time so the multiply-add reads the gather's output from cache."""
-        for part, dest, index in self._pieces(flat, out):
-            if part.dtype == torch.uint8:
-                # Gather the bytes (a quarter of the traffic), then convert,
-                # scale and shift them in one pass into the float output.
-                torch.addcmul(bias, torch.gather(part, 1, index), scale, out=dest)
-            else:
-                torch.gather(part, 1, index, out=dest)
-                torch.addcmul(bias, dest, scale, out=dest)
-
-    def extra_repr(self) -> str:
-        return (
+    def extra_repr(self) -> str:        return (
             f"fingerprint={self.key.fingerprint}, block_size={self.key.block_size}, "
             f"scheme={self.key.scheme_name}, mean={self.mean}, std={self.std}"
         )
