@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         f"({slowdown * 100:+.1f}%).",
         "",
         "`KeyedInput` rows call it as a model does (the output is dropped after use), so from the second call "
-        "on it writes into its previous output's buffer; `clone` and `normalize` allocate fresh outputs, whose "
+        "on it writes into its previous output's buffer where that is 4 MiB or more (the 224x224 batch; "
+        "`kp_plugin.module.REUSE_MIN_BYTES`); `clone` and `normalize` allocate fresh outputs, whose "
         "first touch costs page faults at 224x224. The row 'outputs kept by the caller' is KeyedInput with every "
         "call's output still referenced (a fresh allocation each time), and 'copy into a preallocated tensor' is "
         "the copy floor without page faults. The targets are read from the plain KeyedInput row.",
