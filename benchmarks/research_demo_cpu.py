@@ -163,6 +163,8 @@ def main(argv=None) -> int:
     parser.add_argument("--distill-temperature", type=float, default=2.0)
     parser.add_argument("--stem-lr-scale", type=float, default=1.0,
                         help="learning-rate multiplier of the first convolution (TrainConfig.stem_lr_scale)")
+    parser.add_argument("--label-smoothing", type=float, default=0.0,
+                        help="label smoothing of the cross-entropy (both fine-tunes)")
     parser.add_argument("--ema-decay", type=float, default=None,
                         help="average the weights over training (TrainConfig.ema_decay), both fine-tunes")
     parser.add_argument("--curves", action="store_true",
@@ -185,7 +187,8 @@ def main(argv=None) -> int:
                                                    hard_key_every=args.hard_every,
                                                    hard_key_candidates=args.hard_candidates,
                                                    distill_weight=args.distill_weight,
-                                                   distill_temperature=args.distill_temperature))
+                                                   distill_temperature=args.distill_temperature,
+                                                   label_smoothing=args.label_smoothing))
     result = {"dataset": args.dataset, "size": args.size, "block_size": args.block_size, "scheme": key.scheme_name,
               "objective": config.resolved_objective.describe(), "epochs": args.epochs,
               "wrong_keys_per_step": args.wrong_keys_per_step,

@@ -244,7 +244,7 @@ class ProtectionObjective:
 
     def describe(self) -> str:
         """A short name for tables, e.g. ``ce+wrong0.5(uniform)``."""
-        name = "ce"
+        name = "ce" if not self.label_smoothing else f"ce(smooth {self.label_smoothing:g})"
         if self.wrong_key_weight:
             name += f"+wrong{self.wrong_key_weight:g}"
         if self.plain_weight:
