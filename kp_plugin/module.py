@@ -243,6 +243,10 @@ class KeyedInput(nn.Module):
         state.pop("_lock", None)  # locks do not copy; each copy gets its own
         return state
 
+    def _apply(self, fn, recurse: bool = True):
+        self._spare = []  # .to() / .half() / .cuda(): outputs of the old device or dtype are not kept
+        return super()._apply(fn, recurse)
+
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._lock = threading.Lock()

@@ -220,12 +220,14 @@ def test_threads_sharing_one_keyed_input_get_their_own_outputs():
         assert all(pool.map(work, range(4)))
 
 
-def test_copies_do_not_carry_the_output_buffers():
+def test_copies_and_moves_do_not_carry_the_output_buffers():
     import copy
 
     keyed = _large_keyed()
     keyed(torch.rand(LARGE))
     assert keyed._spare and copy.deepcopy(keyed)._spare == []
+    assert keyed.double()._spare == []  # a buffer of the old dtype would only hold memory
+    assert keyed(torch.rand(LARGE, dtype=torch.float64)).dtype == torch.float64
 
 
 # ----------------------------------------------------------------------------
