@@ -73,9 +73,12 @@ def test_full_demo_meets_the_targets_within_ten_minutes(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "demo" / "demo.json").read_text())
     print(done.stdout[-1500:])
+    # Each run draws its own key: say what this one measured when a target is missed.
+    measured = {name: report[name] for name in ("unprotected_accuracy", "key_accuracy", "wrong_key_accuracy_mean",
+                                                "wrong_key_accuracy_max", "plain_accuracy")}
     assert report["num_wrong_keys"] == 100
-    assert report["key_accuracy"] >= report["unprotected_accuracy"] - 0.02
-    assert report["wrong_key_accuracy_mean"] <= 0.20
-    assert report["wrong_key_accuracy_max"] <= 0.30
-    assert report["plain_accuracy"] <= 0.20
+    assert report["key_accuracy"] >= report["unprotected_accuracy"] - 0.02, measured
+    assert report["wrong_key_accuracy_mean"] <= 0.20, measured
+    assert report["wrong_key_accuracy_max"] <= 0.30, measured
+    assert report["plain_accuracy"] <= 0.20, measured
     assert seconds <= 600, f"demo took {seconds:.0f}s"
