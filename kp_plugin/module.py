@@ -120,6 +120,10 @@ class KeyedInput(nn.Module):
             the batch once and, on CUDA, synchronizes; it is skipped while
             ``torch.compile`` traces.
 
+    A new image size compiles the plan in Python; ``torch.compile`` breaks
+    the graph there, so with ``fullgraph=True`` give ``input_size`` (or call
+    the module once) before compiling.
+
     Example:
         >>> keyed = KeyedInput(SecretKey.generate(block_size=4), mean=0.5, std=0.5)
         >>> z = keyed(torch.rand(2, 3, 32, 32))
@@ -163,6 +167,9 @@ class KeyedInput(nn.Module):
 
     # The buffers hold the compiled plan for one image size. They are
     # non-persistent: never in state_dict, but moved by .to() / .half().
+    @torch.compiler.disable(
+        reason="KeyedInput compiles its plan for a new image size in Python (key derivation); for "
+               "torch.compile(fullgraph=True) pass input_size=(C, H, W) or call the module once before compiling")
     def _compile(self, size: tuple, device: torch.device, dtype: torch.dtype) -> None:
         plan: TransformPlan = compile_plan(self.key, *size)
         mean = torch.tensor(self.mean, dtype=torch.float64)

@@ -408,6 +408,18 @@ def test_torch_compile_traces_the_keyed_input(tiny_cnn, any_key):
     torch.testing.assert_close(compiled(images), model(images))
 
 
+def test_fullgraph_compile_of_an_uncompiled_size_says_how_to_fix_it(any_key):
+    keyed = KeyedInput(any_key, mean=MEAN, std=STD)
+    images = torch.rand(2, 3, 8, 8)
+    with pytest.raises(Exception, match="input_size"):
+        torch.compile(keyed, backend="aot_eager", fullgraph=True)(images)
+    torch._dynamo.reset()
+    graph_breaking = torch.compile(keyed, backend="aot_eager")  # without fullgraph it compiles the plan eagerly
+    torch.testing.assert_close(graph_breaking(images), keyed(images))
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(keyed, backend="aot_eager", fullgraph=True)(images), keyed(images))
+
+
 @pytest.mark.slow
 def test_torch_compile_with_inductor(tiny_cnn, any_key):
     model = wrap_model(tiny_cnn, any_key, mean=MEAN, std=STD, input_size=(3, 8, 8)).eval()
