@@ -52,6 +52,15 @@ def _use_count(tensor: torch.Tensor) -> int:
     return int(_storage_use_count(storage._cdata))
 
 
+def _eager_only(reason: str):
+    """``torch.compiler.disable`` with a reason dynamo shows (torch versions
+    without the ``reason`` argument get the plain decorator)."""
+    try:
+        return torch.compiler.disable(reason=reason)
+    except TypeError:
+        return torch.compiler.disable
+
+
 class _Plan(NamedTuple):
     """The compiled buffers one forward call uses, read together."""
 
@@ -167,9 +176,9 @@ class KeyedInput(nn.Module):
 
     # The buffers hold the compiled plan for one image size. They are
     # non-persistent: never in state_dict, but moved by .to() / .half().
-    @torch.compiler.disable(
-        reason="KeyedInput compiles its plan for a new image size in Python (key derivation); for "
-               "torch.compile(fullgraph=True) pass input_size=(C, H, W) or call the module once before compiling")
+    @_eager_only(
+        "KeyedInput compiles its plan for a new image size in Python (key derivation); for "
+        "torch.compile(fullgraph=True) pass input_size=(C, H, W) or call the module once before compiling")
     def _compile(self, size: tuple, device: torch.device, dtype: torch.dtype) -> None:
         plan: TransformPlan = compile_plan(self.key, *size)
         mean = torch.tensor(self.mean, dtype=torch.float64)

@@ -483,3 +483,13 @@ def test_ddp_two_processes_stay_in_sync():
     results = manager.dict()
     mp.spawn(_ddp_worker, args=(_free_port(), results), nprocs=2)
     assert torch.equal(results[0], results[1])
+
+
+def test_eager_only_falls_back_where_torch_compiler_disable_takes_no_reason(monkeypatch):
+    from kp_plugin.module import _eager_only
+
+    def old_disable(fn=None, recursive=True):  # torch 2.2's signature
+        return fn
+
+    monkeypatch.setattr(torch.compiler, "disable", old_disable)
+    assert _eager_only("why") is old_disable
