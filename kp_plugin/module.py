@@ -255,8 +255,7 @@ class KeyedInput(nn.Module):
         return claimed
 
     def __getstate__(self) -> dict:
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
-        state = dict(state)
+        state = super().__getstate__()  # nn.Module's: a copy of __dict__
         state["_spare"] = []  # a cache, not state: copies start without it
         state.pop("_lock", None)  # locks do not copy; each copy gets its own
         return state
@@ -329,7 +328,8 @@ class KeyedInput(nn.Module):
         out = out.view(x.shape)  # always a view: the buffer itself stays private
         return out[0] if single else out
 
-    def extra_repr(self) -> str:        return (
+    def extra_repr(self) -> str:
+        return (
             f"fingerprint={self.key.fingerprint}, block_size={self.key.block_size}, "
             f"scheme={self.key.scheme_name}, mean={self.mean}, std={self.std}"
         )
