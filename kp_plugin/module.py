@@ -28,16 +28,18 @@ __all__ = ["KeyedInput", "ProtectedModel", "wrap_model", "unwrap", "resolve_norm
 #: buffer. A large fresh allocation can come as new pages from the OS and
 #: cost a page fault per 4 KB on first touch: 10 ms of KeyedInput's 23 ms at
 #: (64, 3, 224, 224) on the dev CPU (docs/benchmarks.md "transform-allocation").
-#: Below a few MB the allocator's own reuse is as fast (3 MB at 32x32: 0.42
-#: vs 0.44 ms with the pool's bookkeeping).
+#: Below a few MB the allocator's own reuse is as fast: at (256, 3, 32, 32),
+#: 3 MB, a pool from 1 MiB took 0.51-0.72 ms against 0.55-0.70 without
+#: (benchmarks/transform_variants.py, four runs).
 REUSE_MIN_BYTES = 4 << 20
 
 #: Output bytes per piece of the gather and multiply-add: large batches go a
 #: few images at a time, so the multiply-add finds the gathered values still
 #: in cache and the temporaries (uint8 gathers, lookup indices) stay small.
-#: Scratch runs on the dev CPU, (64, 3, 224, 224): float input 16.3 vs 17.0
-#: ms whole (41 interleaved rounds; 9.7 vs 11.3 in a quieter run), uint8
-#: input 11.0 vs 24.8 ms (the whole-batch uint8 gather was a fresh 9.6 MB).
+#: benchmarks/transform_variants.py on the dev CPU, (64, 3, 224, 224): uint8
+#: input 9.0-10.7 ms in pieces against 20.4-23.4 whole in three runs with a
+#: mixed-dtype multiply-add, 9.7 against 10.4 in one run with the copy_ below;
+#: float input no steady difference (15.7-18.5 against 13.4-18.2, four runs).
 CHUNK_BYTES = 4 << 20
 SPARE_OUTPUTS = 2
 
@@ -97,12 +99,13 @@ def _gather_scale_shift(flat: torch.Tensor, source_index: torch.Tensor, scale: t
     so the multiply-add reads the gather's output from cache."""
     for part, dest, index in _pieces(flat, out, source_index):
         if part.dtype == torch.uint8:
-            # Gather the bytes (a quarter of the traffic), then convert,
-            # scale and shift them in one pass into the float output.
-            torch.addcmul(bias, torch.gather(part, 1, index), scale, out=dest)
+            # Gather the bytes (a quarter of the traffic) and convert them in
+            # the copy: a same-dtype multiply-add after it beat one
+            # mixed-dtype multiply-add (benchmarks/transform_variants.py).
+            dest.copy_(torch.gather(part, 1, index))
         else:
             torch.gather(part, 1, index, out=dest)
-            torch.addcmul(bias, dest, scale, out=dest)
+        torch.addcmul(bias, dest, scale, out=dest)
 
 
 class KeyedInput(nn.Module):
