@@ -99,6 +99,11 @@ def _curves(run) -> dict:
             "test_accuracy": [round(h["eval_accuracy"], 4) for h in run.history]}
 
 
+def _regularization(args) -> dict:
+    """timm's dropout before the classifier and stochastic depth, both fine-tunes."""
+    return {"drop_rate": args.drop_rate, "drop_path_rate": args.drop_path_rate}
+
+
 def _train_baseline(args, train, test, config, result):
     """The unprotected fine-tune with the same recipe (cross-entropy only)."""
     import torch
@@ -107,7 +112,7 @@ def _train_baseline(args, train, test, config, result):
     from kp_plugin.train import evaluate_accuracy, fit, plain_model
 
     torch.manual_seed(args.seed)
-    baseline = plain_model(load_efficientnet_lite0(len(train.classes)))
+    baseline = plain_model(load_efficientnet_lite0(len(train.classes), **_regularization(args)))
     run = fit(baseline, train, config=config, device="cpu", progress=False, eval_set=test if args.curves else None)
     result["baseline_seconds"] = run.seconds
     if args.curves:
@@ -167,6 +172,10 @@ def main(argv=None) -> int:
                         help="label smoothing of the cross-entropy (both fine-tunes)")
     parser.add_argument("--ema-decay", type=float, default=None,
                         help="average the weights over training (TrainConfig.ema_decay), both fine-tunes")
+    parser.add_argument("--drop-rate", type=float, default=0.0,
+                        help="dropout before the classifier (timm's drop_rate), both fine-tunes")
+    parser.add_argument("--drop-path-rate", type=float, default=0.0,
+                        help="stochastic depth (timm's drop_path_rate), both fine-tunes")
     parser.add_argument("--curves", action="store_true",
                         help="record training and test accuracy after every epoch (both fine-tunes)")
     parser.add_argument("--out", default=None)
@@ -194,7 +203,7 @@ def main(argv=None) -> int:
               "wrong_keys_per_step": args.wrong_keys_per_step,
               "threads": args.threads, "device": "cpu", "seed": args.seed, "lr": config.lr,
               "augment": config.augment, "stem_lr_scale": config.stem_lr_scale,
-              "ema_decay": config.ema_decay}
+              "ema_decay": config.ema_decay, **_regularization(args)}
 
     baseline = None
     if args.distill_weight:
@@ -202,7 +211,7 @@ def main(argv=None) -> int:
             parser.error("--distill-weight needs the baseline (the teacher); drop --skip-baseline")
         baseline = _train_baseline(args, train, test, config, result)
     torch.manual_seed(args.seed)
-    protected = wrap_model(load_efficientnet_lite0(len(train.classes)), key)
+    protected = wrap_model(load_efficientnet_lite0(len(train.classes), **_regularization(args)), key)
     run = fit(protected, train, config=config, device="cpu", progress=False, teacher=baseline,
               eval_set=test if args.curves else None)
     result["protected_seconds"] = run.seconds

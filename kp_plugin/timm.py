@@ -87,14 +87,10 @@ def _create_base(name: str, *, pretrained: bool, weights: str, num_classes: Opti
             "Use weights='timm' (downloads from the Hub)"
         )
     if use_package:
-        if timm_kwargs:
-            raise ConfigurationError(
-                f"extra timm arguments {sorted(timm_kwargs)} cannot be used with the offline "
-                f"{name} weights; pass weights='timm' to build through timm.create_model"
-            )
         from .pretrained import load_efficientnet_lite0
 
-        base = load_efficientnet_lite0(num_classes=num_classes).train()  # like timm.create_model
+        base = load_efficientnet_lite0(num_classes=num_classes, **timm_kwargs).train()  # like timm.create_model
+        base.kp_model_args = _json_model_args(timm_kwargs)
         if checkpoint_path:
             timm.models.load_checkpoint(base, checkpoint_path)
         return base

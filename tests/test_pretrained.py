@@ -67,3 +67,12 @@ def test_foreign_weight_names_are_rejected():
         rename_lukemelas_state_dict({"fc.weight": torch.zeros(1)})
     with pytest.raises(CheckpointError, match="16 blocks"):
         rename_lukemelas_state_dict({"_blocks.16._bn0.weight": torch.zeros(1)})
+
+
+def test_timm_arguments_that_keep_the_shapes_pass_through(imagenet_model):
+    model = load_efficientnet_lite0(num_classes=10, drop_rate=0.3, drop_path_rate=0.1)
+    assert model.drop_rate == 0.3
+    assert torch.equal(model.blocks[6][0].conv_pwl.weight, imagenet_model.blocks[6][0].conv_pwl.weight)
+    assert model.blocks[1][0].drop_path.drop_prob == pytest.approx(0.1 * 1 / 16)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_efficientnet_lite0(in_chans=1)

@@ -108,3 +108,11 @@ def test_pretrained_lite0_comes_from_the_offline_package(key):
     assert torch.equal(ours["blocks.6.0.conv_pwl.weight"], reference.state_dict()["blocks.6.0.conv_pwl.weight"])
     assert model.unwrap().num_classes == 10
     assert model.keyed.mean == (0.5, 0.5, 0.5) and model.keyed.input_size == (3, 224, 224)
+
+
+def test_pretrained_lite0_takes_timm_arguments_and_records_them(key, tmp_path):
+    model = create_protected_model("tf_efficientnet_lite0", key, pretrained=True, num_classes=4, drop_rate=0.25)
+    assert model.unwrap().drop_rate == 0.25
+    save_protected(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_args"] == {"drop_rate": 0.25}
+    assert load_protected_timm(tmp_path, key).unwrap().drop_rate == 0.25
