@@ -120,6 +120,12 @@ def _objective(weight: Optional[float], distill: float):
 TEACHER_FILE = "teacher.safetensors"
 
 
+def _model_args(args) -> dict:
+    """timm creation arguments from ``--drop`` / ``--drop-path`` (given ones only)."""
+    pairs = (("drop_rate", args.drop), ("drop_path_rate", args.drop_path))
+    return {name: value for name, value in pairs if value is not None}
+
+
 def _unprotected_fine_tune(args, num_classes: int, keyed, train_set, test_set, config, device, record: dict,
                            teacher_path: Optional[Path] = None):
     """The unprotected model with the same recipe (cross-entropy only): the
@@ -132,7 +138,8 @@ def _unprotected_fine_tune(args, num_classes: int, keyed, train_set, test_set, c
     from .train import evaluate_accuracy, fit, plain_model
 
     torch.manual_seed(args.seed)
-    base = create_base_model(args.model, pretrained=not args.no_pretrained, num_classes=num_classes)
+    base = create_base_model(args.model, pretrained=not args.no_pretrained, num_classes=num_classes,
+                             **_model_args(args))
     model = plain_model(base, keyed.mean, keyed.std)
     if teacher_path is not None and teacher_path.is_file() and "unprotected_accuracy" in record:
         _say(args, f"reusing the unprotected teacher in {teacher_path}")
@@ -195,11 +202,12 @@ def protect(args: argparse.Namespace) -> int:
         "block_size": key.block_size,
         "fingerprint": key.fingerprint,
         "config": config.to_dict(),
+        "model_args": _model_args(args),
     })
 
     torch.manual_seed(args.seed)
     model = create_protected_model(args.model, key, pretrained=not args.no_pretrained,
-                                   num_classes=num_classes, input_size=size)
+                                   num_classes=num_classes, input_size=size, **_model_args(args))
     teacher = None
     if args.distill:
         teacher = _unprotected_fine_tune(args, num_classes, model.keyed, train_set, test_set, config, device, record,

@@ -62,6 +62,17 @@ def _subcommand(subparsers, name: str, *, help: str, example: str, handler: Call
     return parser
 
 
+def _rate(text: str) -> float:
+    """An argparse type: a probability in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
+    return value
+
+
 def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
     parser.add_argument("--threads", type=int, default=None,
@@ -153,6 +164,10 @@ def _register_protect(subparsers) -> None:
     parser.add_argument("--ema-decay", type=float, default=None, metavar="DECAY",
                         help="keep an exponential moving average of the weights (as timm's --model-ema, e.g. 0.99) "
                              "and save it; the baseline uses it too")
+    parser.add_argument("--drop", type=_rate, default=None, metavar="RATE",
+                        help="dropout before the classifier (timm's --drop / drop_rate); the baseline uses it too")
+    parser.add_argument("--drop-path", type=_rate, default=None, metavar="RATE",
+                        help="stochastic depth (timm's --drop-path / drop_path_rate); the baseline uses it too")
     parser.add_argument("--no-pretrained", action="store_true", help="start from random weights")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in the same directory")
     _add_runtime_options(parser)

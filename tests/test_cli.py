@@ -211,6 +211,28 @@ def test_auto_threads_counts_only_the_cores_other_processes_keep_busy_now():
     assert busy is not None and busy > 0.7  # a spinning process shows up as about one busy core
 
 
+def test_protect_passes_dropout_to_both_fine_tunes_and_the_saved_config(tmp_path, monkeypatch):
+    import kp_plugin.timm as kp_timm
+
+    made = []
+    create = kp_timm._create_base
+
+    def recording(*args, **kwargs):
+        made.append(dict(kwargs["timm_kwargs"]))
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(kp_timm, "_create_base", recording)
+    key_path, out = tmp_path / "owner.key", tmp_path / "out"
+    assert main(["keygen", "--block-size", "8", "-o", str(key_path)]) == 0
+    assert main(["protect", *TINY, "--key", str(key_path), "-o", str(out), "--baseline",
+                 "--drop", "0.2", "--drop-path", "0.1"]) == 0
+    args = {"drop_rate": 0.2, "drop_path_rate": 0.1}
+    assert made == [args, args]  # the protected model, then the baseline
+    assert json.loads((out / "training.json").read_text())["model_args"] == args
+    assert json.loads((out / "config.json").read_text())["model_args"] == args
+    assert main(["protect", *TINY, "--key", str(key_path), "-o", str(tmp_path / "bad"), "--drop", "1.5"]) == 2
+
+
 def test_protect_with_ema_saves_the_weight_average(tmp_path):
     import torch
     from safetensors.torch import load_file
