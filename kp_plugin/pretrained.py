@@ -170,13 +170,13 @@ def load_efficientnet_lite0(
     """
     import timm
 
+    if "pretrained" in timm_kwargs:
+        raise ConfigurationError("load_efficientnet_lite0 always loads the pre-trained weights; drop 'pretrained'")
     path = Path(weights_path) if weights_path is not None else efficientnet_lite0_weights_path()
     try:
         state_dict = torch.load(str(path), map_location="cpu", weights_only=True)
     except (OSError, RuntimeError) as exc:
         raise CheckpointError(f"cannot read EfficientNet-Lite0 weights from {path}: {exc}") from None
-    if "num_classes" in timm_kwargs or "pretrained" in timm_kwargs:
-        raise ConfigurationError("pass num_classes as its own argument; the weights are always pre-trained")
     model = timm.create_model(ARCHITECTURE, pretrained=False, num_classes=1000, **timm_kwargs)
     try:
         model.load_state_dict(rename_lukemelas_state_dict(state_dict), strict=True)

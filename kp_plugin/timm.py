@@ -90,24 +90,23 @@ def _create_base(name: str, *, pretrained: bool, weights: str, num_classes: Opti
         from .pretrained import load_efficientnet_lite0
 
         base = load_efficientnet_lite0(num_classes=num_classes, **timm_kwargs).train()  # like timm.create_model
-        base.kp_model_args = _json_model_args(timm_kwargs)
         if checkpoint_path:
             timm.models.load_checkpoint(base, checkpoint_path)
-        return base
-    kwargs = dict(timm_kwargs)
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
-    try:
-        base = timm.create_model(name, pretrained=pretrained, checkpoint_path=checkpoint_path or "", **kwargs)
-    except OSError as exc:  # huggingface_hub's offline / not-found errors are OSErrors
-        if not pretrained:
-            raise
-        offline = ", ".join(OFFLINE_PRETRAINED)
-        raise PretrainedWeightsError(
-            f"cannot fetch pre-trained weights for {name!r} ({type(exc).__name__}); without Hub access use a "
-            f"model with offline weights ({offline}), a local checkpoint_path, or pretrained=False "
-            "(kp protect --no-pretrained)"
-        ) from None
+    else:
+        kwargs = dict(timm_kwargs)
+        if num_classes is not None:
+            kwargs["num_classes"] = num_classes
+        try:
+            base = timm.create_model(name, pretrained=pretrained, checkpoint_path=checkpoint_path or "", **kwargs)
+        except OSError as exc:  # huggingface_hub's offline / not-found errors are OSErrors
+            if not pretrained:
+                raise
+            offline = ", ".join(OFFLINE_PRETRAINED)
+            raise PretrainedWeightsError(
+                f"cannot fetch pre-trained weights for {name!r} ({type(exc).__name__}); without Hub access use a "
+                f"model with offline weights ({offline}), a local checkpoint_path, or pretrained=False "
+                "(kp protect --no-pretrained)"
+            ) from None
     # timm does not keep the arguments a model was created with; save_protected
     # writes them to config.json as timm's "model_args" so the architecture
     # can be rebuilt (load_protected_timm, timm.create_model("hf-hub:...")).
