@@ -248,14 +248,13 @@ def protect(args: argparse.Namespace) -> int:
     return 0
 
 
-def open_checkpoint(args: argparse.Namespace, device: torch.device) -> tuple:
-    """Load ``args.checkpoint`` (a ``kp protect`` directory, or any
-    ``save_protected`` directory of a timm or transformers model) with the key
-    file ``args.key`` and resolve the dataset and image size it was trained on
-    (``--data`` / ``--image-size`` override them).
+def open_protected(args: argparse.Namespace, device: torch.device) -> tuple:
+    """Load ``args.checkpoint`` (any ``save_protected`` directory of a timm or
+    transformers model) with the key file ``args.key``.
 
-    Returns ``(model, key, protection_config, data, image_size)``.
-    Raises :class:`KeyMismatchError` when the key is not the checkpoint's.
+    Returns ``(model, key, protection_config)``. Raises
+    :class:`KeyMismatchError`, naming both fingerprints, when the key is not
+    the checkpoint's.
     """
     from .autoload import load_protected_auto
 
@@ -270,7 +269,20 @@ def open_checkpoint(args: argparse.Namespace, device: torch.device) -> tuple:
             f"checkpoint expects {protection.fingerprint}, {'+'.join(protection.scheme)}, "
             f"block size {protection.block_size}); pass the owner's key file"
         ) from None
-    model = load_protected_auto(checkpoint, key).to(device)
+    return load_protected_auto(checkpoint, key).to(device), key, protection
+
+
+def open_checkpoint(args: argparse.Namespace, device: torch.device) -> tuple:
+    """Load ``args.checkpoint`` (a ``kp protect`` directory, or any
+    ``save_protected`` directory of a timm or transformers model) with the key
+    file ``args.key`` and resolve the dataset and image size it was trained on
+    (``--data`` / ``--image-size`` override them).
+
+    Returns ``(model, key, protection_config, data, image_size)``.
+    Raises :class:`KeyMismatchError` when the key is not the checkpoint's.
+    """
+    model, key, protection = open_protected(args, device)
+    checkpoint = Path(args.checkpoint)
     data = args.data or protection.extra.get("dataset")
     if not data:
         raise ConfigurationError(f"{checkpoint} does not record its dataset; pass --data")
@@ -304,6 +316,24 @@ def evaluate(args: argparse.Namespace) -> int:
     _check_no_key_material(out, key, args.key)
     print(format_summary(report))
     print(f"report written to {out}; example images (owner only, do not publish) in {checkpoint / PRIVATE_DIR}")
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    """``kp export``: the base model of a protected checkpoint as ONNX or a
+    torch.export program, with protection.json, for deployment (no key)."""
+    from .export import INPUT_NAME, OUTPUT_NAME, export_protected
+
+    model, key, protection = open_protected(args, torch.device("cpu"))
+    output = Path(args.output)
+    path = export_protected(model, output, format=args.format, batch_size=args.batch_size,
+                            opset_version=args.opset, metadata=protection.extra)
+    _check_no_key_material(output, key, args.key)
+    size = "x".join(str(s) for s in model.keyed.input_size or ())
+    print(f"wrote {path} and {output / PROTECTION_FILE} (no key): input '{INPUT_NAME}' = images {size} after the "
+          f"keyed transform and normalization, output '{OUTPUT_NAME}'")
+    print(f"to run it: keyed = kp_plugin.export.load_keyed_input({str(output)!r}, SecretKey.load(...)); "
+          f"feed keyed(images01)")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The ``kp`` command: keygen, protect, evaluate, show (and, where their
+"""The ``kp`` command: keygen, protect, evaluate, show, export (and, where their
 modules are installed, push / pull / attack).
 
 Every subcommand is ``handler(args) -> int``; handlers raise typed errors and
@@ -206,6 +206,31 @@ def _register_show(subparsers) -> None:
     parser.add_argument("--invert", action="store_true", help="undo the transform instead (decrypt)")
 
 
+def _register_export(subparsers) -> None:
+    from .export import EXPORT_FORMATS
+
+    parser = _subcommand(
+        subparsers, "export",
+        help="export the base model of a protected checkpoint (ONNX or torch.export) for deployment, with "
+             "protection.json and no key; the keyed transform runs in front of it",
+        example="""
+            kp export out/ --key owner.key -o deploy/ --format onnx
+            # then: keyed = kp_plugin.export.load_keyed_input("deploy/", key)
+            #       session = onnxruntime.InferenceSession("deploy/model.onnx")
+            #       session.run(None, {"pixel_values": keyed(x).numpy()})
+        """,
+        handler=_export,
+    )
+    parser.add_argument("checkpoint", help="directory written by kp protect or save_protected (timm or transformers)")
+    parser.add_argument("--key", required=True, help="the owner's key file (checks that the checkpoint is yours)")
+    parser.add_argument("-o", "--output", required=True, help="directory for the exported model and protection.json")
+    parser.add_argument("--format", default="onnx", choices=tuple(EXPORT_FORMATS),
+                        help="onnx (needs onnx + onnxscript) or pt2 (torch.export); default onnx")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="a fixed batch size (default: any batch size)")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset version (default: the exporter's)")
+
+
 class _UsageError(Exception):
     """Bad arguments found after parsing; exits with code 2."""
 
@@ -230,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     _register_protect(subparsers)
     _register_evaluate(subparsers)
     _register_show(subparsers)
+    _register_export(subparsers)
     for name in EXTENSION_MODULES:
         try:
             module = importlib.import_module(name)
@@ -284,6 +310,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     from ._cli_handlers import evaluate
 
     return evaluate(args)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ._cli_handlers import export
+
+    return export(args)
 
 
 def _show(args: argparse.Namespace) -> int:

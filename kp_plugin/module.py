@@ -16,7 +16,7 @@ from typing import Any, NamedTuple, Optional, Sequence
 import torch
 from torch import nn
 
-from .errors import BlockSizeError, ConfigurationError, InputDtypeError
+from .errors import BlockSizeError, ConfigurationError, InputDtypeError, KeyLeakError
 from .keys import SecretKey
 from .transforms import TransformPlan, check_float_range, check_image_size, compile_plan, lookup_table
 
@@ -52,6 +52,22 @@ def _use_count(tensor: torch.Tensor) -> int:
     it to know when an output is dead."""
     storage = tensor.untyped_storage()
     return int(_storage_use_count(storage._cdata))
+
+
+try:  # the plan is real data even when a fake-tensor trace runs forward
+    from torch._subclasses.fake_tensor import unset_fake_temporarily as _real_tensors
+except ImportError:  # pragma: no cover - older torch
+    from contextlib import nullcontext as _real_tensors
+
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+#: Why a ProtectedModel refuses torch.export / ONNX export / TorchScript tracing.
+EXPORT_REFUSAL = (
+    "exporting or tracing a model with its KeyedInput would write the key-derived permutation into the exported "
+    "graph (a file that must never hold key material). Export the base model instead: "
+    "kp_plugin.export.export_protected(model, directory) writes it (ONNX or torch.export) with protection.json and "
+    "no key, and kp_plugin.export.load_keyed_input(directory, key) gives the keyed transform to run in front of it"
+)
 
 
 def _eager_only(reason: str):
@@ -183,6 +199,12 @@ class KeyedInput(nn.Module):
         "KeyedInput compiles its plan for a new image size in Python (key derivation); for "
         "torch.compile(fullgraph=True) pass input_size=(C, H, W) or call the module once before compiling")
     def _compile(self, size: tuple, device: torch.device, dtype: torch.dtype) -> None:
+        # Under a fake-tensor trace the buffers would be fake too, and stay
+        # registered after it: every later eager call would read garbage.
+        with _real_tensors():
+            self._compile_real(size, device, dtype)
+
+    def _compile_real(self, size: tuple, device: torch.device, dtype: torch.dtype) -> None:
         plan: TransformPlan = compile_plan(self.key, *size)
         mean = torch.tensor(self.mean, dtype=torch.float64)
         std = torch.tensor(self.std, dtype=torch.float64)
@@ -287,6 +309,8 @@ class KeyedInput(nn.Module):
         return _Plan(*(self._buffers.get(name) for name in _Plan._fields))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _is_exporting() or torch.jit.is_tracing():
+            raise KeyLeakError(EXPORT_REFUSAL)
         if not isinstance(x, torch.Tensor):
             raise InputDtypeError(f"expected a torch.Tensor of images, got {type(x).__name__}")
         if x.dtype != torch.uint8 and not x.is_floating_point():

@@ -104,6 +104,45 @@ def test_evaluate_with_another_key_exits_with_the_key_mismatch_code(protected, t
     assert "not the key" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
+def test_export_writes_the_base_model_for_deployment_without_the_key(protected, tmp_path, capsys, fmt):
+    import torch
+
+    from kp_plugin.autoload import load_protected_auto
+    from kp_plugin.export import load_exported, load_keyed_input
+
+    if fmt == "onnx":
+        pytest.importorskip("onnxscript")
+    key_path, out = protected
+    key, deploy = SecretKey.load(key_path), tmp_path / "deploy"
+    assert main(["export", str(out), "--key", str(key_path), "-o", str(deploy), "--format", fmt]) == 0
+    assert "no key" in capsys.readouterr().out
+    assert sorted(p.name for p in deploy.iterdir()) == sorted([f"model.{fmt}", "protection.json"])
+    assert find_key_material(deploy, key) == []
+    protection = json.loads((deploy / "protection.json").read_text())
+    assert protection["extra"]["dataset"] == "digits" and protection["input_size"] == [3, 16, 16]
+
+    x = torch.rand(3, 3, 16, 16)
+    with torch.no_grad():
+        expected = load_protected_auto(out, key).eval()(x)
+        if fmt == "pt2":
+            got = load_exported(deploy, key)(x)
+        else:
+            import onnxruntime
+
+            session = onnxruntime.InferenceSession(str(deploy / "model.onnx"))
+            got = torch.from_numpy(session.run(None, {"pixel_values": load_keyed_input(deploy, key)(x).numpy()})[0])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_export_with_another_key_exits_with_the_key_mismatch_code(protected, tmp_path, capsys):
+    _, out = protected
+    other = tmp_path / "other.key"
+    SecretKey.generate(block_size=8).save(other)
+    assert main(["export", str(out), "--key", str(other), "-o", str(tmp_path / "deploy")]) == 3
+    assert "not the key" in capsys.readouterr().err and not (tmp_path / "deploy").exists()
+
+
 def test_a_missing_key_file_exits_with_the_key_file_code(protected, tmp_path):
     _, out = protected
     assert main(["evaluate", str(out), "--key", str(tmp_path / "nope.key"), "--quiet"]) == 4

@@ -1,0 +1,238 @@
+"""Export a protected model for deployment: the base model alone, as ONNX or
+a ``torch.export`` program, beside ``protection.json``; never the key.
+
+Exporting the whole :class:`~kp_plugin.ProtectedModel` would bake the
+key-derived permutation into the exported graph as a constant, so
+``KeyedInput`` refuses to be exported or traced (:class:`KeyLeakError`).
+What is exported instead takes the keyed, normalized images (``pixel_values``,
+float32 ``(B, C, H, W)``) and returns the logits; the licensed user runs the
+keyed transform in front of it, from their key file:
+
+    >>> from kp_plugin.export import export_protected, load_keyed_input
+    >>> export_protected(model, "deploy/", format="onnx")              # doctest: +SKIP
+    >>> keyed = load_keyed_input("deploy/", SecretKey.load("owner.key"))  # doctest: +SKIP
+    >>> session = onnxruntime.InferenceSession("deploy/model.onnx")      # doctest: +SKIP
+    >>> logits = session.run(None, {"pixel_values": keyed(images01).numpy()})[0]  # doctest: +SKIP
+
+A ``pt2`` export loads back as a :class:`~kp_plugin.ProtectedModel` with
+:func:`load_exported`. ONNX export needs ``onnx`` and ``onnxscript``
+(``pip install "kp-plugin[onnx]"``); running it, ``onnxruntime``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from .checkpoint import ProtectionConfig, find_key_material
+from .errors import CheckpointError, ConfigurationError, KeyLeakError
+from .keys import SecretKey
+from .module import KeyedInput, ProtectedModel, wrap_model
+
+__all__ = ["export_protected", "load_exported", "load_keyed_input", "EXPORT_FORMATS", "INPUT_NAME", "OUTPUT_NAME"]
+
+#: Formats and the file each writes.
+EXPORT_FORMATS = {"onnx": "model.onnx", "pt2": "model.pt2"}
+INPUT_NAME = "pixel_values"
+OUTPUT_NAME = "logits"
+
+
+class _Logits(nn.Module):
+    """The base model with one tensor in (``pixel_values``) and one out
+    (the logits, also from a transformers output object or a tuple)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values)
+        if isinstance(out, torch.Tensor):
+            return out
+        logits = getattr(out, "logits", None)
+        if logits is None and isinstance(out, (tuple, list)) and out:
+            logits = out[0]
+        if not isinstance(logits, torch.Tensor):
+            raise ConfigurationError(
+                f"the base model returned {type(out).__name__}, not logits; export a model that returns a tensor "
+                "(or an output object with .logits)"
+            )
+        return logits
+
+
+def _parameter(model: nn.Module) -> Optional[torch.Tensor]:
+    return next((p for p in model.parameters() if p.is_floating_point()), None)
+
+
+@contextlib.contextmanager
+def _inference_mode_of(model: nn.Module):
+    """``model.eval()`` for the export (dropout off, batch-norm running
+    statistics), then back to whatever it was."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def _export_onnx(wrapper: nn.Module, example: torch.Tensor, path: Path, dynamic_shapes: Any,
+                 opset_version: Optional[int]) -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise ConfigurationError(
+            'ONNX export needs onnx and onnxscript: pip install "kp-plugin[onnx]" (or pip install onnx onnxscript); '
+            "format='pt2' needs nothing more than torch"
+        ) from None
+    kwargs: dict = {"opset_version": opset_version} if opset_version is not None else {}
+    # The exporter reports its progress on stdout; a library call keeps quiet.
+    with contextlib.redirect_stdout(io.StringIO()):
+        torch.onnx.export(
+            wrapper, (example,), str(path), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_shapes=dynamic_shapes, external_data=False, verbose=False, **kwargs,
+        )
+
+
+def export_protected(
+    model: ProtectedModel,
+    directory: Union[str, os.PathLike],
+    *,
+    format: str = "onnx",
+    batch_size: Optional[int] = None,
+    opset_version: Optional[int] = None,
+    metadata: Optional[dict] = None,
+) -> Path:
+    """Export ``model``'s base model (not its keyed input) for deployment.
+
+    Writes ``model.onnx`` (or ``model.pt2``), whose input ``pixel_values`` is
+    the output of the keyed transform and normalization, and
+    ``protection.json`` (scheme, block size, the key's fingerprint, mean/std,
+    input size; never the key). Every written file is scanned for key
+    material before this returns.
+
+    Args:
+        model: a :class:`ProtectedModel` that knows its input size (built with
+            ``input_size=``, loaded from a checkpoint, or called once).
+        directory: created if needed; files of the same names are replaced
+            (``protection.json`` describes the last export written there).
+        format: ``"onnx"`` or ``"pt2"`` (``torch.export.save``).
+        batch_size: a fixed batch size; default ``None``, any batch size.
+        opset_version: ONNX opset (default: the exporter's).
+        metadata: extra public values for ``protection.json``'s ``extra``.
+
+    Returns:
+        The path of the exported model file.
+
+    Raises:
+        ConfigurationError: not a ProtectedModel, unknown format, unknown
+            input size, or the ONNX exporter is not installed.
+        KeyLeakError: a written file contains key material (it is removed).
+    """
+    if not isinstance(model, ProtectedModel):
+        raise ConfigurationError(
+            f"export_protected expects a ProtectedModel (from wrap_model or load_protected), got {type(model).__name__}"
+        )
+    if format not in EXPORT_FORMATS:
+        raise ConfigurationError(f"unknown export format {format!r}; choose from {', '.join(EXPORT_FORMATS)}")
+    if batch_size is not None and batch_size < 1:
+        raise ConfigurationError(f"batch_size must be at least 1, got {batch_size}")
+    extra = dict(metadata or {})
+    extra.update(exported_format=format, exported_file=EXPORT_FORMATS[format], input_name=INPUT_NAME,
+                 output_name=OUTPUT_NAME)
+    config = ProtectionConfig.from_model(model, **extra)
+    if not config.input_size:
+        raise ConfigurationError(
+            "the model does not know its input size: wrap it with input_size=(C, H, W), or call it once on "
+            "images of the size it will serve, before exporting"
+        )
+    base = model.unwrap()
+    parameter = _parameter(base)
+    dtype = parameter.dtype if parameter is not None else torch.float32
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    # Batch 2 as the example: torch.export specializes sizes 0 and 1.
+    example = torch.zeros((batch_size or 2, *config.input_size), dtype=dtype, device=device)
+    dynamic_shapes = None if batch_size is not None else ({0: torch.export.Dim("batch")},)
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / EXPORT_FORMATS[format]
+    wrapper = _Logits(base)
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".export-") as scratch:
+        staged = Path(scratch) / target.name
+        with _inference_mode_of(wrapper), torch.no_grad():
+            if format == "onnx":
+                _export_onnx(wrapper, example, staged, dynamic_shapes, opset_version)
+            else:
+                program = torch.export.export(wrapper, (example,), dynamic_shapes=dynamic_shapes)
+                torch.export.save(program, str(staged))
+        config.save(scratch)
+        leaks = find_key_material(scratch, model.key)
+        if leaks:  # the staged files go with the scratch directory
+            raise KeyLeakError(f"the export contained key material ({', '.join(p.name for p in leaks)}); "
+                               "nothing was written")
+        for produced in sorted(Path(scratch).iterdir()):
+            os.replace(produced, directory / produced.name)
+    return target
+
+
+def _checked_config(directory: Path, key: SecretKey, allow_wrong_key: bool) -> ProtectionConfig:
+    config = ProtectionConfig.load(directory)
+    if not allow_wrong_key:
+        config.check_key(key)
+    return config
+
+
+def load_keyed_input(directory: Union[str, os.PathLike], key: SecretKey, *,
+                     allow_wrong_key: bool = False) -> KeyedInput:
+    """The keyed transform + normalization to run in front of an exported
+    model: a :class:`KeyedInput` with the export's mean, std and input size,
+    after checking that ``key`` is the one it was protected with.
+
+    Raises:
+        KeyMismatchError: ``key`` is not the export's key.
+        CheckpointError: ``protection.json`` is missing or corrupt.
+    """
+    config = _checked_config(Path(directory), key, allow_wrong_key)
+    input_size = tuple(config.input_size) if config.input_size else None
+    if input_size is not None and (input_size[1] % key.block_size or input_size[2] % key.block_size):
+        input_size = None  # only with allow_wrong_key: a key of another block size
+    return KeyedInput(key, mean=config.mean, std=config.std, input_size=input_size)
+
+
+def load_exported(directory: Union[str, os.PathLike], key: SecretKey, *,
+                  allow_wrong_key: bool = False) -> ProtectedModel:
+    """Load a ``format="pt2"`` export as a :class:`ProtectedModel` (images in
+    [0, 1] in, logits out) with ``key``.
+
+    Raises:
+        KeyMismatchError: ``key`` is not the export's key.
+        CheckpointError: ``model.pt2`` or ``protection.json`` is missing or
+            corrupt (an ONNX export runs with onnxruntime and
+            :func:`load_keyed_input`).
+    """
+    directory = Path(directory)
+    config = _checked_config(directory, key, allow_wrong_key)
+    path = directory / EXPORT_FORMATS["pt2"]
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path} is missing (this directory holds a {config.extra.get('exported_format')!r} export); run an "
+            "ONNX export with onnxruntime, feeding it load_keyed_input(directory, key)(images)"
+        )
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:  # torch raises several types for a damaged archive
+        raise CheckpointError(
+            f"{path} is corrupt or not a torch.export program ({type(exc).__name__}: {exc})"
+        ) from None
+    keyed = load_keyed_input(directory, key, allow_wrong_key=allow_wrong_key)
+    return wrap_model(program.module(), key, mean=config.mean, std=config.std, input_size=keyed.input_size)

@@ -1,0 +1,149 @@
+"""Deployment export: the base model as ONNX / torch.export beside
+protection.json, never the key; the wrapped model refuses to be exported."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from kp_plugin import KeyedInput, KeyLeakError, KeyMismatchError, SecretKey, wrap_model
+from kp_plugin.checkpoint import CheckpointError, ProtectionConfig, find_key_material
+from kp_plugin.errors import ConfigurationError
+from kp_plugin.export import export_protected, load_exported, load_keyed_input
+from kp_plugin.transforms import apply_transform
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SIZE = (3, 16, 16)
+
+
+def _caused_by(exc: BaseException, error_type: type) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, error_type):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _keyed_reference(x: torch.Tensor, key: SecretKey, keyed: KeyedInput) -> torch.Tensor:
+    mean = torch.tensor(keyed.mean)[:, None, None]
+    std = torch.tensor(keyed.std)[:, None, None]
+    return (apply_transform(x, key) - mean) / std
+
+
+@pytest.fixture
+def protected(tiny_timm_model, shuffle_np_key):
+    return wrap_model(tiny_timm_model, shuffle_np_key, input_size=SIZE)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:Exporting a model while it is in training mode")
+@pytest.mark.parametrize("how", ["torch.export", "onnx", "jit.trace"])
+def test_the_wrapped_model_refuses_to_be_exported_and_still_works(how, tiny_timm_model, shuffle_np_key, tmp_path):
+    # No input_size: the plan is first compiled inside the trace, where a
+    # fake-tensor plan used to stay registered and make eager calls garbage.
+    model = wrap_model(tiny_timm_model, shuffle_np_key)
+    x = torch.rand(2, *SIZE)
+    with pytest.raises(Exception) as caught:
+        if how == "torch.export":
+            torch.export.export(model, (x,))
+        elif how == "onnx":
+            pytest.importorskip("onnxscript")
+            torch.onnx.export(model, (x,), str(tmp_path / "m.onnx"), dynamo=True)
+        else:
+            torch.jit.trace(model, (x,))
+    assert _caused_by(caught.value, KeyLeakError), caught.value
+    assert "export_protected" in str(caught.value)
+    assert list(tmp_path.iterdir()) == []
+    torch.testing.assert_close(model.keyed(x), _keyed_reference(x, shuffle_np_key, model.keyed))
+
+
+def test_a_fake_tensor_trace_leaves_the_plan_real(shuffle_np_key):
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    keyed = KeyedInput(shuffle_np_key, mean=0.5, std=0.5, check_range=False)
+    x = torch.rand(3, *SIZE)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        out = keyed(mode.from_tensor(x))
+    assert out.shape == x.shape
+    assert not any(isinstance(b, FakeTensor) for b in keyed.buffers())
+    for _ in range(3):
+        torch.testing.assert_close(keyed(x), _keyed_reference(x, shuffle_np_key, keyed))
+
+
+def test_pt2_export_loads_back_with_the_key_and_holds_no_key(protected, shuffle_np_key, tmp_path):
+    protected.train()
+    path = export_protected(protected, tmp_path / "deploy", format="pt2", metadata={"dataset": "digits"})
+    assert path == tmp_path / "deploy" / "model.pt2"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.pt2", "protection.json"]
+    assert find_key_material(path.parent, shuffle_np_key) == []
+    assert protected.training and protected.unwrap().training  # the export ran in eval mode, then put it back
+    config = ProtectionConfig.load(path.parent)
+    assert config.fingerprint == shuffle_np_key.fingerprint and config.input_size == list(SIZE)
+    assert config.extra["dataset"] == "digits" and config.extra["exported_format"] == "pt2"
+
+    protected.eval()
+    loaded = load_exported(path.parent, shuffle_np_key)
+    for batch in (1, 5):  # any batch size
+        x = torch.rand(batch, *SIZE)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), protected(x))
+    with pytest.raises(KeyMismatchError):
+        load_exported(path.parent, SecretKey.generate_like(shuffle_np_key))
+    wrong = load_exported(path.parent, SecretKey.generate_like(shuffle_np_key), allow_wrong_key=True)
+    x = torch.rand(4, *SIZE)
+    assert not torch.allclose(wrong(x), loaded(x))
+
+
+def test_onnx_export_runs_in_onnxruntime_behind_the_keyed_input(protected, shuffle_np_key, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    path = export_protected(protected, tmp_path, format="onnx")
+    assert find_key_material(tmp_path, shuffle_np_key) == []
+    session = ort.InferenceSession(str(path))
+    assert [i.name for i in session.get_inputs()] == ["pixel_values"]
+    keyed = load_keyed_input(tmp_path, shuffle_np_key)
+    protected.eval()
+    x = torch.rand(3, *SIZE)
+    logits = session.run(None, {"pixel_values": keyed(x).numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(logits), protected(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(KeyMismatchError):
+        load_keyed_input(tmp_path, SecretKey.generate_like(shuffle_np_key))
+    with pytest.raises(CheckpointError, match="onnxruntime"):
+        load_exported(tmp_path, shuffle_np_key)
+
+
+def test_export_of_a_transformers_model_returns_its_logits(tmp_path):
+    pytest.importorskip("transformers")
+    from hf_fixtures import BLOCK_SIZE, IMAGE_SIZE, tiny_vit
+
+    key = SecretKey.generate(block_size=BLOCK_SIZE)
+    model = wrap_model(tiny_vit(num_labels=4), key, mean=0.5, std=0.5, input_size=(3, IMAGE_SIZE, IMAGE_SIZE)).eval()
+    export_protected(model, tmp_path, format="pt2")
+    assert find_key_material(tmp_path, key) == []
+    x = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(load_exported(tmp_path, key)(x), model(x).logits)
+
+
+def test_export_errors_say_what_to_do(tiny_timm_model, tiny_cnn, shuffle_np_key, tmp_path):
+    with pytest.raises(ConfigurationError, match="ProtectedModel"):
+        export_protected(tiny_timm_model, tmp_path)
+    unsized = wrap_model(tiny_cnn, shuffle_np_key, mean=0.5, std=0.5)  # no pretrained_cfg to give a size
+    with pytest.raises(ConfigurationError, match="input_size"):
+        export_protected(unsized, tmp_path, format="pt2")
+    with pytest.raises(ConfigurationError, match="onnx, pt2"):
+        export_protected(wrap_model(tiny_timm_model, shuffle_np_key, input_size=SIZE), tmp_path, format="tflite")
+    with pytest.raises(CheckpointError):
+        load_exported(tmp_path, shuffle_np_key)  # nothing there
+
+
+def test_a_damaged_pt2_file_is_a_checkpoint_error(protected, shuffle_np_key, tmp_path):
+    path = export_protected(protected, tmp_path, format="pt2")
+    path.write_bytes(path.read_bytes()[: os.path.getsize(path) // 2])
+    with pytest.raises(CheckpointError, match="model.pt2"):
+        load_exported(tmp_path, shuffle_np_key)
