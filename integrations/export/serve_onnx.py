@@ -1,0 +1,94 @@
+"""Deploy a key-protected model as ONNX; the key stays with whoever serves it.
+
+Public kp-plugin API only:
+
+1. load a protected checkpoint (``kp protect`` / ``save_protected`` output)
+   with the owner's key (the fingerprint is checked),
+2. ``export_protected``: the base model alone as ``model.onnx`` (input
+   ``pixel_values`` = keyed, normalized images; output ``logits``) beside
+   ``protection.json``; no key, every file scanned for it,
+3. serve it with onnxruntime behind ``load_keyed_input(deploy, key)``, and
+   show what the same ONNX file does with a wrong key and on plain images.
+
+Run:
+    kp keygen --block-size 4 -o owner.key
+    kp protect --data digits --key owner.key -o out/
+    python integrations/export/serve_onnx.py --checkpoint out/ --key owner.key --deploy deploy/
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from kp_plugin import SecretKey
+from kp_plugin.autoload import load_protected_auto
+from kp_plugin.checkpoint import ProtectionConfig
+from kp_plugin.data import load_dataset
+from kp_plugin.export import export_protected, load_keyed_input
+
+
+def _accuracy(session, images: torch.Tensor, labels: torch.Tensor, prepare, batch_size: int = 256) -> float:
+    correct = 0
+    for start in range(0, len(images), batch_size):
+        pixel_values = prepare(images[start:start + batch_size]).numpy()
+        logits = session.run(None, {"pixel_values": pixel_values})[0]
+        correct += int((torch.from_numpy(logits).argmax(1) == labels[start:start + batch_size]).sum())
+    return 100.0 * correct / len(images)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a protected checkpoint folder (kp protect -o ...)")
+    parser.add_argument("--key", required=True, help="the owner's key file")
+    parser.add_argument("--deploy", required=True, help="folder for model.onnx + protection.json")
+    parser.add_argument("--data", default=None, help="test data (default: the checkpoint's dataset)")
+    parser.add_argument("--limit", type=int, default=None, help="use the first N test images only")
+    args = parser.parse_args(argv)
+
+    try:
+        import onnxruntime
+    except ImportError:
+        print('this recipe needs onnxruntime: pip install "kp-plugin[onnx]"', file=sys.stderr)
+        return 1
+
+    key = SecretKey.load(args.key)
+    model = load_protected_auto(args.checkpoint, key)  # KeyMismatchError for another key
+    extra = ProtectionConfig.load(args.checkpoint).extra
+    path = export_protected(model, args.deploy, format="onnx", metadata=extra)
+    print(f"exported {path} (no key; input: keyed images, output: logits)")
+
+    # The serving side: the ONNX file, protection.json and the key file.
+    session = onnxruntime.InferenceSession(str(path))
+    keyed = load_keyed_input(args.deploy, key)
+    wrong = load_keyed_input(args.deploy, SecretKey.generate_like(key), allow_wrong_key=True)
+    config = ProtectionConfig.load(args.deploy)
+    mean = torch.tensor(config.mean)[:, None, None]
+    std = torch.tensor(config.std)[:, None, None]
+
+    data = args.data or extra.get("dataset")
+    if not data:
+        print("the checkpoint does not record its dataset; pass --data", file=sys.stderr)
+        return 1
+    test = load_dataset(data, split="test", image_size=config.input_size[1])
+    images, labels = test.images[: args.limit], test.labels[: args.limit]
+    rows = [
+        ("ONNX, with the key", _accuracy(session, images, labels, keyed)),
+        ("ONNX, a random wrong key", _accuracy(session, images, labels, wrong)),
+        ("ONNX, plain images (no key)", _accuracy(session, images, labels, lambda x: (x - mean) / std)),
+    ]
+    with torch.no_grad():
+        model.eval()
+        pytorch = 100.0 * float((model(images).argmax(1) == labels).float().mean()) if len(images) else 0.0
+    rows.append(("PyTorch checkpoint, with the key", pytorch))
+    print(f"{data} test split, {len(images)} images:")
+    for name, accuracy in rows:
+        print(f"  {name:34s} {accuracy:5.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
