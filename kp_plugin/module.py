@@ -199,9 +199,11 @@ class KeyedInput(nn.Module):
         "KeyedInput compiles its plan for a new image size in Python (key derivation); for "
         "torch.compile(fullgraph=True) pass input_size=(C, H, W) or call the module once before compiling")
     def _compile(self, size: tuple, device: torch.device, dtype: torch.dtype) -> None:
-        # Under a fake-tensor trace the buffers would be fake too, and stay
-        # registered after it: every later eager call would read garbage.
-        with _real_tensors():
+        # The plan is real data on the CPU first, whatever the context: under a
+        # fake-tensor trace it would be fake, and stay registered after it
+        # (every later eager call would read garbage); under a meta default
+        # device it would hold no data at all.
+        with _real_tensors(), torch.device("cpu"):
             self._compile_real(size, device, dtype)
 
     def _compile_real(self, size: tuple, device: torch.device, dtype: torch.dtype) -> None:
@@ -287,7 +289,15 @@ class KeyedInput(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         self._spare = []  # .to() / .half() / .cuda(): outputs of the old device or dtype are not kept
-        return super()._apply(fn, recurse)
+        result = super()._apply(fn, recurse)
+        index = self._buffers.get("source_index")
+        if self._size is not None and index is not None and index.device.type != "meta":
+            # to_empty() (meta-device initialization, FSDP) leaves the buffers
+            # uninitialized: rebuild the plan where they now are, in their dtype.
+            values = self._buffers.get("value_lookup", self._buffers.get("value_scale"))
+            with self._lock:
+                self._compile(self._size, index.device, values.dtype if values is not None else torch.float32)
+        return result
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)

@@ -272,6 +272,31 @@ def test_buffers_follow_to(tiny_cnn, any_key):
     assert model(images).dtype == torch.float64
 
 
+def test_to_empty_rebuilds_the_plan(any_key):
+    # to_empty() (meta-device initialization, FSDP) leaves every buffer
+    # uninitialized; the plan is key data, so it is rebuilt, not left garbage.
+    keyed = KeyedInput(any_key, mean=MEAN, std=STD, input_size=(3, 8, 8))
+    images = torch.rand(2, 3, 8, 8)
+    expected = _normalize(apply_transform(images, any_key))
+    keyed.to_empty(device="cpu")
+    torch.testing.assert_close(keyed(images), expected)
+
+
+def test_a_protected_model_built_on_the_meta_device_works_after_to_empty(tiny_cnn, any_key):
+    import copy
+
+    with torch.device("meta"):  # as accelerate's init_empty_weights / FSDP meta init
+        model = wrap_model(copy.deepcopy(tiny_cnn).to("meta"), any_key, mean=MEAN, std=STD, input_size=(3, 8, 8))
+    assert all(p.is_meta for p in model.parameters())
+    model.to_empty(device="cpu")
+    model.unwrap().load_state_dict(tiny_cnn.state_dict())
+    model.eval()
+    tiny_cnn.eval()
+    images = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), tiny_cnn(_normalize(apply_transform(images, any_key))))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_buffers_follow_to_cuda(tiny_cnn, any_key):
     model = wrap_model(tiny_cnn, any_key, mean=MEAN, std=STD, input_size=(3, 8, 8)).cuda()
