@@ -67,6 +67,23 @@ class _Logits(nn.Module):
         return logits
 
 
+class _ExportedProgram(nn.Module):
+    """A loaded ``pt2`` program as a module: it was exported in eval mode and
+    keeps that behaviour, so ``train()`` / ``eval()`` (which the program's own
+    module refuses) only set the flag."""
+
+    def __init__(self, program_module: nn.Module) -> None:
+        super().__init__()
+        self.program = program_module
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.program(pixel_values)
+
+    def train(self, mode: bool = True) -> "_ExportedProgram":
+        self.training = mode
+        return self
+
+
 def _parameter(model: nn.Module) -> Optional[torch.Tensor]:
     return next((p for p in model.parameters() if p.is_floating_point()), None)
 
@@ -170,11 +187,23 @@ def export_protected(
     with tempfile.TemporaryDirectory(dir=directory, prefix=".export-") as scratch:
         staged = Path(scratch) / target.name
         with _inference_mode_of(wrapper), torch.no_grad():
-            if format == "onnx":
-                _export_onnx(wrapper, example, staged, dynamic_shapes, opset_version)
-            else:
-                program = torch.export.export(wrapper, (example,), dynamic_shapes=dynamic_shapes)
-                torch.export.save(program, str(staged))
+            try:
+                if format == "onnx":
+                    _export_onnx(wrapper, example, staged, dynamic_shapes, opset_version)
+                else:
+                    program = torch.export.export(wrapper, (example,), dynamic_shapes=dynamic_shapes)
+                    torch.export.save(program, str(staged))
+            except (KeyLeakError, ConfigurationError):
+                raise
+            except Exception as exc:
+                if dynamic_shapes is None:
+                    raise
+                # Some architectures fix the batch size in their graph.
+                raise ConfigurationError(
+                    f"exporting {type(base).__name__} for any batch size failed ({type(exc).__name__}: "
+                    f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); pass batch_size=N (kp export "
+                    "--batch-size N) for a fixed batch size"
+                ) from exc
         config.save(scratch)
         leaks = find_key_material(scratch, model.key)
         if leaks:  # the staged files go with the scratch directory
@@ -212,7 +241,9 @@ def load_keyed_input(directory: Union[str, os.PathLike], key: SecretKey, *,
 def load_exported(directory: Union[str, os.PathLike], key: SecretKey, *,
                   allow_wrong_key: bool = False) -> ProtectedModel:
     """Load a ``format="pt2"`` export as a :class:`ProtectedModel` (images in
-    [0, 1] in, logits out) with ``key``.
+    [0, 1] in, logits out) with ``key``. The program computes as it was
+    exported, in eval mode (dropout off, batch-norm running statistics);
+    ``train()`` / ``eval()`` change nothing in it.
 
     Raises:
         KeyMismatchError: ``key`` is not the export's key.
@@ -235,4 +266,6 @@ def load_exported(directory: Union[str, os.PathLike], key: SecretKey, *,
             f"{path} is corrupt or not a torch.export program ({type(exc).__name__}: {exc})"
         ) from None
     keyed = load_keyed_input(directory, key, allow_wrong_key=allow_wrong_key)
-    return wrap_model(program.module(), key, mean=config.mean, std=config.std, input_size=keyed.input_size)
+    model = wrap_model(_ExportedProgram(program.module()), key, mean=config.mean, std=config.std,
+                       input_size=keyed.input_size)
+    return model.eval()

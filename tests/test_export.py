@@ -87,6 +87,8 @@ def test_pt2_export_loads_back_with_the_key_and_holds_no_key(protected, shuffle_
 
     protected.eval()
     loaded = load_exported(path.parent, shuffle_np_key)
+    loaded.train()  # the exported program keeps its eval-mode computation
+    loaded.eval()
     for batch in (1, 5):  # any batch size
         x = torch.rand(batch, *SIZE)
         with torch.no_grad():
@@ -140,6 +142,27 @@ def test_export_errors_say_what_to_do(tiny_timm_model, tiny_cnn, shuffle_np_key,
         export_protected(wrap_model(tiny_timm_model, shuffle_np_key, input_size=SIZE), tmp_path, format="tflite")
     with pytest.raises(CheckpointError):
         load_exported(tmp_path, shuffle_np_key)  # nothing there
+
+
+class _FixedBatch(torch.nn.Module):
+    """A model whose graph hard-codes a batch of 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3 * 16 * 16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.reshape(2, -1))
+
+
+def test_a_graph_with_a_fixed_batch_size_is_told_to_pass_one(shuffle_np_key, tmp_path):
+    model = wrap_model(_FixedBatch(), shuffle_np_key, mean=0.5, std=0.5, input_size=SIZE)
+    with pytest.raises(ConfigurationError, match="batch_size=N"):
+        export_protected(model, tmp_path, format="pt2")
+    export_protected(model, tmp_path, format="pt2", batch_size=2)
+    x = torch.rand(2, *SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(load_exported(tmp_path, shuffle_np_key)(x), model(x))
 
 
 def test_a_damaged_pt2_file_is_a_checkpoint_error(protected, shuffle_np_key, tmp_path):
