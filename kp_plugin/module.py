@@ -289,9 +289,11 @@ class KeyedInput(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         self._spare = []  # .to() / .half() / .cuda(): outputs of the old device or dtype are not kept
+        before = self._buffers.get("source_index")
         result = super()._apply(fn, recurse)
         index = self._buffers.get("source_index")
-        if self._size is not None and index is not None and index.device.type != "meta":
+        if (self._size is not None and index is not None and index is not before
+                and index.device.type != "meta"):
             # to_empty() (meta-device initialization, FSDP) leaves the buffers
             # uninitialized: rebuild the plan where they now are, in their dtype.
             values = self._buffers.get("value_lookup", self._buffers.get("value_scale"))
