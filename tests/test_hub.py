@@ -137,6 +137,21 @@ def test_folder_push_uploads_checkpoint_and_report_but_not_training_state(test_h
     assert "90.0%" in card
 
 
+def test_an_onnx_export_inside_the_checkpoint_is_published_with_include(test_hub, model, tmp_path,
+                                                                        isolate_hub_client):
+    pytest.importorskip("onnxscript")
+    from kp_plugin.export import export_protected
+
+    sized = wrap_model(model.unwrap(), KEY, input_size=(3, 32, 32))
+    folder = save_protected(sized, tmp_path / "out")
+    export_protected(sized, folder / "onnx", format="onnx")
+    push_protected(folder, "org/with-onnx", key=KEY, include=["onnx/*"], token=test_hub.token,
+                   endpoint=test_hub.url)
+    files = set(test_hub.head_files("org/with-onnx"))
+    assert {"model.safetensors", "protection.json", "onnx/model.onnx", "onnx/protection.json"} <= files
+    assert find_key_material(test_hub.root, KEY) == []
+
+
 def test_folder_push_with_another_key_is_refused(test_hub, model, tmp_path, isolate_hub_client):
     folder = save_protected(model, tmp_path / "out")
     with pytest.raises(KeyMismatchError):
