@@ -199,11 +199,13 @@ class KeyedInput(nn.Module):
         "KeyedInput compiles its plan for a new image size in Python (key derivation); for "
         "torch.compile(fullgraph=True) pass input_size=(C, H, W) or call the module once before compiling")
     def _compile(self, size: tuple, device: torch.device, dtype: torch.dtype) -> None:
-        # The plan is real data on the CPU first, whatever the context: under a
-        # fake-tensor trace it would be fake, and stay registered after it
-        # (every later eager call would read garbage); under a meta default
-        # device it would hold no data at all.
-        with _real_tensors(), torch.device("cpu"):
+        # The plan is real, ordinary data on the CPU first, whatever the
+        # context: under a fake-tensor trace it would be fake, and stay
+        # registered after it (every later eager call would read garbage);
+        # under a meta default device it would hold no data; made in
+        # inference mode it could never be saved for backward, so a later
+        # call whose images need gradients would fail.
+        with _real_tensors(), torch.device("cpu"), torch.inference_mode(False):
             self._compile_real(size, device, dtype)
 
     def _compile_real(self, size: tuple, device: torch.device, dtype: torch.dtype) -> None:

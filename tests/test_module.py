@@ -272,6 +272,17 @@ def test_buffers_follow_to(tiny_cnn, any_key):
     assert model(images).dtype == torch.float64
 
 
+def test_a_plan_first_made_in_inference_mode_still_passes_gradients(shuffle_np_key):
+    keyed = KeyedInput(shuffle_np_key, mean=MEAN, std=STD)  # an affine scheme: differentiable
+    images = torch.rand(2, 3, 8, 8)
+    with torch.inference_mode():  # e.g. an evaluation before training in the same process
+        keyed(images)
+    assert not keyed.source_index.is_inference()
+    images.requires_grad_()
+    keyed(images).sum().backward()
+    assert images.grad is not None
+
+
 def test_to_empty_rebuilds_the_plan(any_key):
     # to_empty() (meta-device initialization, FSDP) leaves every buffer
     # uninitialized; the plan is key data, so it is rebuilt, not left garbage.
