@@ -60,14 +60,26 @@ except ImportError:  # pragma: no cover - older torch
     from contextlib import nullcontext as _real_tensors
 
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+try:
+    from torch.fx._symbolic_trace import is_fx_tracing as _is_fx_tracing
+except ImportError:  # pragma: no cover - older torch
+    def _is_fx_tracing() -> bool:
+        return False
 
-#: Why a ProtectedModel refuses torch.export / ONNX export / TorchScript tracing.
+#: Why a ProtectedModel refuses torch.export / ONNX export / TorchScript and FX tracing.
 EXPORT_REFUSAL = (
     "exporting or tracing a model with its KeyedInput would write the key-derived permutation into the exported "
     "graph (a file that must never hold key material). Export the base model instead: "
     "kp_plugin.export.export_protected(model, directory) writes it (ONNX or torch.export) with protection.json and "
     "no key, and kp_plugin.export.load_keyed_input(directory, key) gives the keyed transform to run in front of it"
 )
+
+
+def _refuse_export() -> None:
+    """Raise :class:`KeyLeakError` inside torch.export / ONNX export /
+    TorchScript or FX tracing: the graph would hold the key's permutation."""
+    if _is_exporting() or torch.jit.is_tracing() or _is_fx_tracing():
+        raise KeyLeakError(EXPORT_REFUSAL)
 
 
 def _eager_only(reason: str):
@@ -323,8 +335,7 @@ class KeyedInput(nn.Module):
         return _Plan(*(self._buffers.get(name) for name in _Plan._fields))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _is_exporting() or torch.jit.is_tracing():
-            raise KeyLeakError(EXPORT_REFUSAL)
+        _refuse_export()
         if not isinstance(x, torch.Tensor):
             raise InputDtypeError(f"expected a torch.Tensor of images, got {type(x).__name__}")
         if x.dtype != torch.uint8 and not x.is_floating_point():
@@ -435,6 +446,7 @@ class ProtectedModel(nn.Module):
         # dataset columns that forward's signature names (pixel_values,
         # labels) and finds label names in it; a (*args, **kwargs) forward
         # would make it drop both.
+        _refuse_export()
         if pixel_values is None:
             raise TypeError("ProtectedModel expects images as the first argument or as pixel_values=")
         if labels is not None:
