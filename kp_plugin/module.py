@@ -60,11 +60,14 @@ except ImportError:  # pragma: no cover - older torch
     from contextlib import nullcontext as _real_tensors
 
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
-try:
-    from torch.fx._symbolic_trace import is_fx_tracing as _is_fx_tracing
+try:  # symbolic tracing only (is_fx_tracing also answers for torch.export, with a warning each call)
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing as _is_fx_tracing
 except ImportError:  # pragma: no cover - older torch
-    def _is_fx_tracing() -> bool:
-        return False
+    try:
+        from torch.fx._symbolic_trace import is_fx_tracing as _is_fx_tracing
+    except ImportError:
+        def _is_fx_tracing() -> bool:
+            return False
 
 #: Why a ProtectedModel refuses torch.export / ONNX export / TorchScript and FX tracing.
 EXPORT_REFUSAL = (

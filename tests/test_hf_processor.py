@@ -141,3 +141,14 @@ def test_pil_backend_processor_is_wrapped_too(key, images):
     pixels = keyed(images, return_tensors="pt")["pixel_values"]
     plain = base(images, return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(keyed.recover_images01(pixels) * 2 - 1, plain, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA"])
+def test_grayscale_or_rgba_images_are_told_to_convert(key, mode):
+    # The base processor alone fails here with a broadcasting RuntimeError.
+    image = Image.fromarray(np.random.RandomState(0).randint(0, 256, (20, 20, 3), dtype=np.uint8)).convert(mode)
+    processor = KeyedImageProcessor(vit_processor(), key)
+    with pytest.raises(BlockSizeError, match=r"convert\('RGB'\)|do_convert_rgb"):
+        processor(image, return_tensors="pt")
+    converted = processor(image.convert("RGB"), return_tensors="pt")["pixel_values"]
+    assert converted.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)

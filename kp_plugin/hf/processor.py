@@ -241,6 +241,14 @@ class KeyedImageProcessor(BaseImageProcessor):
                 "the images came out of the base processor with different sizes; configure it to resize "
                 "(or center-crop) to one size that is a multiple of the key's block size"
             )
+        if x.dim() == 4 and x.shape[1] != self.key.channels:
+            hint = ("convert them to RGB first (PIL: image.convert('RGB')), or build the base processor with "
+                    "do_convert_rgb=True" if self.key.channels == 3 else
+                    f"convert them to {self.key.channels} channels first")
+            raise BlockSizeError(
+                f"the base processor gave {x.shape[1]}-channel images (grayscale or RGBA input?) but the key is "
+                f"for {self.key.channels} channels; {hint}"
+            )
         if x.dtype == torch.uint8:
             if getattr(base, "do_rescale", True) and abs(base.rescale_factor - 1 / 255) > 1e-12:
                 return x.float() * base.rescale_factor
