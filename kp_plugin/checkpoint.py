@@ -30,7 +30,7 @@ from torch import nn
 from . import __version__
 from .errors import CheckpointError, ConfigurationError, KeyLeakError, KeyMismatchError
 from .keys import KEY_FILE_FORMAT, SecretKey, parse_scheme
-from .module import ProtectedModel, wrap_model
+from .module import ProtectedModel, protected_model_of, wrap_model
 
 __all__ = [
     "ProtectionConfig",
@@ -76,11 +76,12 @@ class ProtectionConfig:
     @classmethod
     def from_model(cls, model: ProtectedModel, **extra: Any) -> "ProtectionConfig":
         """The config describing a :class:`ProtectedModel`."""
-        if not isinstance(model, ProtectedModel):
+        protected = protected_model_of(model)
+        if protected is None:
             raise ConfigurationError(
                 f"expected a ProtectedModel (from wrap_model), got {type(model).__name__}"
             )
-        key, keyed, base = model.key, model.keyed, model.unwrap()
+        key, keyed, base = protected.key, protected.keyed, protected.unwrap()
         input_size = keyed.input_size or keyed._size
         return cls(
             scheme=list(key.scheme),
@@ -332,10 +333,12 @@ def save_protected(
     Example:
         >>> save_protected(model, "out/")                    # doctest: +SKIP
     """
-    if not isinstance(model, ProtectedModel):
+    protected = protected_model_of(model)  # also through torch.compile / DDP
+    if protected is None:
         raise ConfigurationError(
             f"save_protected expects a ProtectedModel (from wrap_model), got {type(model).__name__}"
         )
+    model = protected
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     base = model.unwrap()

@@ -34,7 +34,7 @@ from torch import nn
 from .checkpoint import ProtectionConfig, find_key_material
 from .errors import CheckpointError, ConfigurationError, KeyLeakError
 from .keys import SecretKey
-from .module import KeyedInput, ProtectedModel, wrap_model
+from .module import KeyedInput, ProtectedModel, protected_model_of, wrap_model
 
 __all__ = ["export_protected", "load_exported", "load_keyed_input", "EXPORT_FORMATS", "INPUT_NAME", "OUTPUT_NAME"]
 
@@ -155,10 +155,12 @@ def export_protected(
             input size, or the ONNX exporter is not installed.
         KeyLeakError: a written file contains key material (it is removed).
     """
-    if not isinstance(model, ProtectedModel):
+    protected = protected_model_of(model)  # also through torch.compile / DDP
+    if protected is None:
         raise ConfigurationError(
             f"export_protected expects a ProtectedModel (from wrap_model or load_protected), got {type(model).__name__}"
         )
+    model = protected
     if format not in EXPORT_FORMATS:
         raise ConfigurationError(f"unknown export format {format!r}; choose from {', '.join(EXPORT_FORMATS)}")
     if batch_size is not None and batch_size < 1:

@@ -51,7 +51,7 @@ from ._hub_scan import CARD_FILE, _files_to_upload, _folder_files, _refuse_key_m
 from .checkpoint import CONFIG_FILE, PROTECTION_FILE, WEIGHTS_FILE, ProtectionConfig, save_protected
 from .errors import CheckpointError, ConfigurationError, KeyMismatchError
 from .keys import SecretKey
-from .module import ProtectedModel
+from .module import ProtectedModel, protected_model_of
 
 __all__ = [
     "push_protected",
@@ -168,7 +168,8 @@ def push_protected(
     endpoint = _endpoint(endpoint)
     with tempfile.TemporaryDirectory(prefix="kp-push-") as staging_dir:
         staging = Path(staging_dir)
-        if isinstance(model_or_directory, ProtectedModel):
+        if protected_model_of(model_or_directory) is not None:  # also through torch.compile / DDP
+            model_or_directory = protected_model_of(model_or_directory)
             if key is not None and key.fingerprint != model_or_directory.key.fingerprint:
                 raise KeyMismatchError(
                     f"key= has fingerprint {key.fingerprint} but the model is protected with "

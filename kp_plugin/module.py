@@ -20,7 +20,7 @@ from .errors import BlockSizeError, ConfigurationError, InputDtypeError, KeyLeak
 from .keys import SecretKey
 from .transforms import TransformPlan, check_float_range, check_image_size, compile_plan, lookup_table
 
-__all__ = ["KeyedInput", "ProtectedModel", "wrap_model", "unwrap", "resolve_normalization"]
+__all__ = ["KeyedInput", "ProtectedModel", "wrap_model", "unwrap", "protected_model_of", "resolve_normalization"]
 
 
 #: Outputs at least this large (bytes, CPU) are written into a buffer the
@@ -537,6 +537,25 @@ def wrap_model(
     return ProtectedModel(model, keyed)
 
 
+def protected_model_of(model: Any) -> Optional[ProtectedModel]:
+    """The :class:`ProtectedModel` inside ``model``: itself, or the module
+    that ``torch.compile`` (``_orig_mod``) or ``DistributedDataParallel`` /
+    ``DataParallel`` (``.module``) wrap, at any depth; ``None`` if there is
+    none."""
+    for _ in range(8):
+        if isinstance(model, ProtectedModel):
+            return model
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(model, nn.Module) and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return None
+    return None
+
+
 def unwrap(model: nn.Module) -> nn.Module:
-    """The base model of a :class:`ProtectedModel` (other modules unchanged)."""
-    return model.unwrap() if isinstance(model, ProtectedModel) else model
+    """The base model of a :class:`ProtectedModel`, also one wrapped by
+    ``torch.compile`` or DDP (other modules unchanged)."""
+    protected = protected_model_of(model)
+    return protected.unwrap() if protected is not None else model

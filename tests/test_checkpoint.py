@@ -280,3 +280,28 @@ def test_allow_wrong_key_with_another_block_size_still_loads(saved, key):
     other = SecretKey.generate(block_size=3, scheme=key.scheme)
     loaded = load_protected(directory, _fresh_cnn(), other, allow_wrong_key=True)
     assert loaded(torch.rand(1, 3, 9, 9)).shape == (1, 5)
+
+
+def test_a_compiled_or_data_parallel_model_saves_as_its_protected_model(tmp_path):
+    timm = pytest.importorskip("timm")
+    from kp_plugin.module import protected_model_of, unwrap
+
+    key = SecretKey.generate(block_size=4)
+    model = wrap_model(timm.create_model("test_resnet", num_classes=3), key, input_size=(3, 16, 16)).eval()
+    compiled = torch.compile(model)  # what a training script often holds; never called here
+    parallel = torch.nn.DataParallel(model)
+    for wrapper in (compiled, parallel):
+        assert protected_model_of(wrapper) is model and unwrap(wrapper) is model.unwrap()
+    assert protected_model_of(torch.nn.Linear(2, 2)) is None
+
+    save_protected(compiled, tmp_path / "a")
+    save_protected(model, tmp_path / "b")
+    from safetensors.torch import load_file
+
+    assert (tmp_path / "a" / "protection.json").read_bytes() == (tmp_path / "b" / "protection.json").read_bytes()
+    saved_a, saved_b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert saved_a.keys() == saved_b.keys() and all(torch.equal(saved_a[k], saved_b[k]) for k in saved_a)
+    loaded = load_protected(tmp_path / "a", timm.create_model("test_resnet", num_classes=3), key).eval()
+    images = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), model(images))

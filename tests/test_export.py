@@ -172,3 +172,11 @@ def test_a_damaged_pt2_file_is_a_checkpoint_error(protected, shuffle_np_key, tmp
     path.write_bytes(path.read_bytes()[: os.path.getsize(path) // 2])
     with pytest.raises(CheckpointError, match="model.pt2"):
         load_exported(tmp_path, shuffle_np_key)
+
+
+def test_a_compiled_model_exports_as_its_protected_model(protected, shuffle_np_key, tmp_path):
+    export_protected(torch.compile(protected), tmp_path, format="pt2")  # the compiled module is never run
+    x = torch.rand(2, *SIZE)
+    protected.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(load_exported(tmp_path, shuffle_np_key)(x), protected(x))

@@ -152,6 +152,12 @@ def test_an_onnx_export_inside_the_checkpoint_is_published_with_include(test_hub
     assert find_key_material(test_hub.root, KEY) == []
 
 
+def test_a_compiled_model_is_pushed_as_its_protected_model(test_hub, model, isolate_hub_client):
+    push_protected(torch.compile(model), "org/compiled", token=test_hub.token, endpoint=test_hub.url)
+    assert {"model.safetensors", "protection.json", "README.md"} <= set(test_hub.head_files("org/compiled"))
+    assert find_key_material(test_hub.root, KEY) == []
+
+
 def test_folder_push_with_another_key_is_refused(test_hub, model, tmp_path, isolate_hub_client):
     folder = save_protected(model, tmp_path / "out")
     with pytest.raises(KeyMismatchError):
