@@ -182,6 +182,15 @@ class ProtectionConfig:
         check_key_matches(key, fingerprint=self.fingerprint, block_size=self.block_size,
                           scheme=self.scheme, channels=self.channels)
 
+    def input_size_for(self, key: SecretKey) -> Optional[tuple]:
+        """The recorded ``(C, H, W)`` to compile ``key``'s plan for, or
+        ``None`` when there is none or it does not fit ``key``'s block size
+        (only with ``allow_wrong_key``: a key of another block size)."""
+        input_size = tuple(self.input_size) if self.input_size else None
+        if input_size is not None and (input_size[1] % key.block_size or input_size[2] % key.block_size):
+            return None
+        return input_size
+
 
 def check_key_matches(key: SecretKey, *, fingerprint: str, block_size: int, scheme, channels: int) -> None:
     """Raise :class:`KeyMismatchError` when ``key`` differs from the expected
@@ -434,7 +443,4 @@ def load_protected(
             "create the model with the same architecture and num_classes as when it was saved"
         ) from None
     base.to(device)
-    input_size = tuple(config.input_size) if config.input_size else None
-    if input_size is not None and (input_size[1] % key.block_size or input_size[2] % key.block_size):
-        input_size = None  # only with allow_wrong_key: a key of another block size
-    return wrap_model(base, key, mean=config.mean, std=config.std, input_size=input_size)
+    return wrap_model(base, key, mean=config.mean, std=config.std, input_size=config.input_size_for(key))

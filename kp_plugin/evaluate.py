@@ -162,9 +162,10 @@ def _score(
 ) -> tuple:
     """Correct counts under ``model``'s key, each of ``keys``, and plain
     images, in one pass over ``dataset``."""
-    if protected_model_of(model) is None:
+    protected = protected_model_of(model)  # also through torch.compile / DDP
+    if protected is None:
         raise ConfigurationError(f"expected a ProtectedModel (from wrap_model), got {type(model).__name__}")
-    model = protected_model_of(model)  # also through torch.compile / DDP
+    model = protected
     device = _device_of(model, device)
     if _device_of(model, None) != device:
         model.to(device)

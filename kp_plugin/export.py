@@ -234,10 +234,7 @@ def load_keyed_input(directory: Union[str, os.PathLike], key: SecretKey, *,
         CheckpointError: ``protection.json`` is missing or corrupt.
     """
     config = _checked_config(Path(directory), key, allow_wrong_key)
-    input_size = tuple(config.input_size) if config.input_size else None
-    if input_size is not None and (input_size[1] % key.block_size or input_size[2] % key.block_size):
-        input_size = None  # only with allow_wrong_key: a key of another block size
-    return KeyedInput(key, mean=config.mean, std=config.std, input_size=input_size)
+    return KeyedInput(key, mean=config.mean, std=config.std, input_size=config.input_size_for(key))
 
 
 def load_exported(directory: Union[str, os.PathLike], key: SecretKey, *,
@@ -267,7 +264,6 @@ def load_exported(directory: Union[str, os.PathLike], key: SecretKey, *,
         raise CheckpointError(
             f"{path} is corrupt or not a torch.export program ({type(exc).__name__}: {exc})"
         ) from None
-    keyed = load_keyed_input(directory, key, allow_wrong_key=allow_wrong_key)
     model = wrap_model(_ExportedProgram(program.module()), key, mean=config.mean, std=config.std,
-                       input_size=keyed.input_size)
+                       input_size=config.input_size_for(key))
     return model.eval()

@@ -168,8 +168,9 @@ def push_protected(
     endpoint = _endpoint(endpoint)
     with tempfile.TemporaryDirectory(prefix="kp-push-") as staging_dir:
         staging = Path(staging_dir)
-        if protected_model_of(model_or_directory) is not None:  # also through torch.compile / DDP
-            model_or_directory = protected_model_of(model_or_directory)
+        protected = protected_model_of(model_or_directory)  # also through torch.compile / DDP
+        if protected is not None:
+            model_or_directory = protected
             if key is not None and key.fingerprint != model_or_directory.key.fingerprint:
                 raise KeyMismatchError(
                     f"key= has fingerprint {key.fingerprint} but the model is protected with "
