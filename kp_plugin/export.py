@@ -35,6 +35,7 @@ from .checkpoint import ProtectionConfig, find_key_material
 from .errors import CheckpointError, ConfigurationError, KeyLeakError
 from .keys import SecretKey
 from .module import KeyedInput, ProtectedModel, protected_model_of, wrap_model
+from .objectives import logits_of
 
 __all__ = ["export_protected", "load_exported", "load_keyed_input", "EXPORT_FORMATS", "INPUT_NAME", "OUTPUT_NAME"]
 
@@ -46,25 +47,14 @@ OUTPUT_NAME = "logits"
 
 class _Logits(nn.Module):
     """The base model with one tensor in (``pixel_values``) and one out
-    (the logits, also from a transformers output object or a tuple)."""
+    (the logits, also from a transformers output object, dict or tuple)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        out = self.model(pixel_values)
-        if isinstance(out, torch.Tensor):
-            return out
-        logits = getattr(out, "logits", None)
-        if logits is None and isinstance(out, (tuple, list)) and out:
-            logits = out[0]
-        if not isinstance(logits, torch.Tensor):
-            raise ConfigurationError(
-                f"the base model returned {type(out).__name__}, not logits; export a model that returns a tensor "
-                "(or an output object with .logits)"
-            )
-        return logits
+        return logits_of(self.model(pixel_values))
 
 
 class _ExportedProgram(nn.Module):
