@@ -18,7 +18,14 @@ from torch import nn
 
 from .errors import BlockSizeError, ConfigurationError, InputDtypeError, KeyLeakError
 from .keys import SecretKey
-from .transforms import TransformPlan, check_float_range, check_image_size, compile_plan, lookup_table
+from .transforms import (
+    TransformPlan,
+    _functorch_active,
+    check_float_range,
+    check_image_size,
+    compile_plan,
+    lookup_table,
+)
 
 __all__ = ["KeyedInput", "ProtectedModel", "wrap_model", "unwrap", "protected_model_of", "resolve_normalization"]
 
@@ -161,7 +168,8 @@ class KeyedInput(nn.Module):
         check_range: reject float input clearly outside [0, 1] (typically
             already normalized) with :class:`InputRangeError`. The check reads
             the batch once and, on CUDA, synchronizes; it is skipped while
-            ``torch.compile`` traces.
+            ``torch.compile`` traces and inside ``torch.func`` transforms
+            (``vmap``, ``grad``), which cannot read values on the host.
 
     A new image size compiles the plan in Python; ``torch.compile`` breaks
     the graph there, so with ``fullgraph=True`` give ``input_size`` (or call
@@ -358,13 +366,14 @@ class KeyedInput(nn.Module):
                 "(channels-first layout (B, C, H, W) is expected)"
             )
         plan = self._plan_for(x)
-        if self.check_range and x.is_floating_point() and not torch.compiler.is_compiling():
+        functional = torch.compiler.is_compiling() or _functorch_active()
+        if self.check_range and x.is_floating_point() and not functional:
             check_float_range(x)
 
         flat = x.flatten(1)
         scale, bias, table = plan.value_scale, plan.value_bias, plan.value_lookup
         if table is not None:
-            if torch.compiler.is_compiling():
+            if functional:
                 gathered = torch.gather(flat, 1, plan.source_index.expand(flat.shape[0], -1))
                 out = lookup_table(gathered, plan.lookup_offsets, table, owned=True)
             else:
@@ -374,8 +383,7 @@ class KeyedInput(nn.Module):
         else:
             if flat.dtype == torch.uint8:
                 scale = scale / 255  # 0..255 -> [0, 1], folded into the multiply-add
-            if flat.requires_grad or torch.compiler.is_compiling() or (
-                    flat.is_floating_point() and flat.dtype != bias.dtype):
+            if functional or flat.requires_grad or (flat.is_floating_point() and flat.dtype != bias.dtype):
                 out = torch.addcmul(bias, torch.gather(flat, 1, plan.source_index.expand(flat.shape[0], -1)), scale)
             else:
                 out = self._output_buffer(flat.shape, bias.dtype, flat.device)

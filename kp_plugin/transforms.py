@@ -224,7 +224,7 @@ class TransformPlan:
         if (h, w) != (self.height, self.width):
             check_image_size(h, w, self.block_size)
             raise BlockSizeError(f"this plan is for {self.height}x{self.width} images, got {h}x{w}")
-        if check_range and x.is_floating_point() and x.numel():
+        if check_range and x.is_floating_point() and x.numel() and not _functorch_active():
             check_float_range(x)
         return (x.unsqueeze(0) if single else x), single
 
@@ -265,6 +265,11 @@ class TransformPlan:
 #: 128 images of 224x224, against 1.1x at 32).
 LOOKUP_CHUNK = 1 << 22
 
+#: True inside torch.func transforms (vmap, grad, jacrev, ...): values there
+#: cannot be read on the host (no range check) and results cannot be written
+#: into preallocated tensors (the transform takes its functional path).
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
 
 def lookup_table(values: torch.Tensor, offsets: torch.Tensor, table: torch.Tensor, *, owned: bool = False,
                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -279,7 +284,9 @@ def lookup_table(values: torch.Tensor, offsets: torch.Tensor, table: torch.Tenso
     rather than int64 fancy indexing over the whole batch. ``out``: a
     contiguous ``(B, N)`` tensor of ``table``'s dtype to write into.
     """
-    if table.numel() >= 1 << 24:  # float32 can no longer hold the index exactly
+    if table.numel() >= 1 << 24 or _functorch_active():
+        # float32 can no longer hold the index exactly; or inside torch.func,
+        # where out= and in-place writes into fresh tensors do not batch.
         q = values.long() if values.dtype == torch.uint8 else quantize(values)
         result = table[q + offsets.long()]
         return result if out is None else out.copy_(result)

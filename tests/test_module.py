@@ -104,6 +104,39 @@ def test_keyed_input_passes_gradients_to_images():
     assert images.grad.sum().item() == pytest.approx(4 * (48 - 2 * flips) / 0.5)
 
 
+@pytest.mark.parametrize("uint8", [False, True])
+def test_keyed_input_runs_under_vmap(any_key, uint8):
+    # torch.func.vmap: no host read of the values (the range check) and no
+    # writes into a preallocated output inside the transform.
+    images = torch.rand(6, 3, 8, 12)
+    if uint8:
+        images = (images * 255).round().to(torch.uint8)
+    keyed = KeyedInput(any_key, mean=MEAN, std=STD)
+    torch.testing.assert_close(torch.func.vmap(keyed)(images), keyed(images))
+
+
+def test_per_sample_gradients_with_torch_func(tiny_cnn, any_key):
+    # The torch.func recipe for per-sample gradients (DP-SGD, influence):
+    # vmap(grad(loss)) over functional_call of the protected model.
+    from torch.func import functional_call, grad, vmap
+
+    model = wrap_model(tiny_cnn.eval(), any_key, mean=MEAN, std=STD)
+    images, labels = torch.rand(5, 3, 8, 8), torch.tensor([0, 1, 2, 3, 4])
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    buffers = {name: b.detach() for name, b in model.named_buffers()}
+
+    def loss(params, buffers, image, label):
+        logits = functional_call(model, (params, buffers), (image.unsqueeze(0),))
+        return torch.nn.functional.cross_entropy(logits, label.unsqueeze(0))
+
+    per_sample = vmap(grad(loss), in_dims=(None, None, 0, 0))(params, buffers, images, labels)
+    for i in range(len(images)):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(images[i:i + 1]), labels[i:i + 1]).backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(per_sample[name][i], p.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_keyed_input_rejects_normalized_images(any_key):
     keyed = KeyedInput(any_key, mean=MEAN, std=STD)
     with pytest.raises(InputRangeError):

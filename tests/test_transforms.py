@@ -191,6 +191,19 @@ def test_apply_is_differentiable_for_the_affine_scheme(shuffle_np_key):
     assert images.grad.sum().item() == pytest.approx(4 * (48 - 2 * flips))
 
 
+@pytest.mark.parametrize("scheme", ["shuffle+np", "shuffle+np+shift+ffx+scramble"])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_apply_and_invert_under_vmap_match_eager(scheme, dtype):
+    key = SecretKey(bytes(range(32)), block_size=4, scheme=scheme)
+    images = torch.rand(5, 3, 8, 12)
+    if dtype == torch.uint8:
+        images = (images * 255).round().to(torch.uint8)
+    applied = torch.func.vmap(lambda image: apply_transform(image, key))(images)
+    torch.testing.assert_close(applied, apply_transform(images, key), rtol=0, atol=0)
+    inverted = torch.func.vmap(lambda image: invert_transform(image, key))(applied)
+    torch.testing.assert_close(inverted, invert_transform(applied, key), rtol=0, atol=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("scheme", ["shuffle+np", "shuffle+np+shift+ffx+scramble"])
 def test_cuda_matches_cpu(golden_key, scheme):
