@@ -21,6 +21,7 @@ import json
 import os
 import secrets
 import tempfile
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence, Union
 
@@ -223,7 +224,8 @@ class SecretKey:
     The key material never appears in ``repr``/``str``, in error messages, or
     in anything the library writes other than a key file. A key cannot be
     pickled (so ``torch.save`` of a whole model cannot leak it): save it with
-    :meth:`save`.
+    :meth:`save`. Only multiprocessing's own pickler carries it, through a
+    pipe, to a process it starts (DataLoader workers, ``mp.spawn``).
 
     Example:
         >>> key = SecretKey.generate(block_size=4)
@@ -601,3 +603,19 @@ def _fsync_directory(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _key_in_child_process(material: bytes, block_size: int, scheme: tuple, channels: int, created: str) -> SecretKey:
+    return SecretKey(material, block_size=block_size, scheme=scheme, channels=channels, created=created)
+
+
+def _send_to_child_process(key: SecretKey):
+    return _key_in_child_process, (key._material, key.block_size, key.scheme, key.channels, key.created)
+
+
+# multiprocessing's own pickler (the pipe to a process started by spawn or
+# forkserver, and multiprocessing / torch.multiprocessing queues) may carry a
+# key, so DataLoader workers and mp.spawn work where fork is not the default
+# (macOS, Windows). pickle.dumps, torch.save, copyreg-based picklers (dill,
+# cloudpickle) still refuse: they write files.
+ForkingPickler.register(SecretKey, _send_to_child_process)

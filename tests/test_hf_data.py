@@ -60,6 +60,19 @@ def test_transform_fingerprint_is_stable_and_pickles_hold_no_key(key):
         pickle.loads(data)
 
 
+def test_dataloader_workers_started_by_spawn_get_the_collator(key):
+    processor = KeyedImageProcessor(vit_processor(), key)
+    raw = digits_dataset("test", size=4)
+    examples = [raw[i] for i in range(4)]
+    collator = KeyedImageCollator(processor)
+    expected = collator(examples)
+    loader = torch.utils.data.DataLoader(examples, batch_size=4, collate_fn=collator, num_workers=1,
+                                         multiprocessing_context="spawn")
+    (got,) = list(loader)
+    torch.testing.assert_close(got["pixel_values"], expected["pixel_values"], rtol=0, atol=0)
+    assert torch.equal(got["labels"], expected["labels"])
+
+
 def test_missing_image_column_names_the_trap(key):
     collator = KeyedImageCollator(KeyedImageProcessor(vit_processor(), key))
     with pytest.raises(Exception, match="remove_unused_columns"):

@@ -214,6 +214,25 @@ def test_torch_save_of_a_key_is_refused(golden_key, tmp_path):
         torch.save({"key": golden_key}, tmp_path / "x.pt")
 
 
+@pytest.mark.parametrize("module", ["dill", "cloudpickle"])
+def test_third_party_picklers_refuse_too(golden_key, module):
+    pickler = pytest.importorskip(module)
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickler.dumps({"key": golden_key})
+
+
+def test_multiprocessing_carries_a_key_to_a_child_process(golden_key):
+    # Only multiprocessing's own pickler (the pipe to a spawned or forkserver
+    # process, its queues): what DataLoader workers and mp.spawn use.
+    from multiprocessing.reduction import ForkingPickler
+
+    received = pickle.loads(ForkingPickler.dumps(golden_key))
+    assert received == golden_key
+    assert (received.scheme, received.created) == (golden_key.scheme, golden_key.created)
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(received)
+
+
 def test_copies_are_the_same_object(golden_key):
     assert copy.copy(golden_key) is golden_key
     assert copy.deepcopy({"k": golden_key})["k"] is golden_key

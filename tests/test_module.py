@@ -223,6 +223,30 @@ def test_output_held_by_numpy_or_autograd_is_not_reused():
     torch.testing.assert_close(conv.weight.grad, reference.weight.grad)
 
 
+class _KeyedCollate:
+    """A collate_fn holding a KeyedInput (a spawned worker unpickles it)."""
+
+    def __init__(self, keyed: KeyedInput) -> None:
+        self.keyed = keyed
+
+    def __call__(self, batch):
+        return self.keyed(torch.stack([images for (images,) in batch]))
+
+
+def test_dataloader_workers_started_by_spawn_get_the_keyed_input():
+    # Spawn (the macOS / Windows default) pickles the collate_fn, key and all,
+    # through multiprocessing's pipe; the same batches come back.
+    keyed = KeyedInput(SecretKey(bytes(range(7, 39)), block_size=4), mean=MEAN, std=STD)
+    dataset = torch.utils.data.TensorDataset(torch.rand(8, 3, 8, 8))
+    expected = [keyed(images) for (images,) in torch.utils.data.DataLoader(dataset, batch_size=4)]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=_KeyedCollate(keyed), num_workers=1,
+                                         multiprocessing_context="spawn")
+    got = list(loader)
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_inference_mode_and_normal_calls_alternate():
     keyed = _large_keyed()
     x = torch.rand(LARGE)

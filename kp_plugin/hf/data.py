@@ -22,6 +22,7 @@ missing column is a clear error here, not a silent drop.
 
 from __future__ import annotations
 
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -41,6 +42,13 @@ _TRAP_HINT = (
 
 
 class _ImageBatcher:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A process started by multiprocessing (spawn / forkserver DataLoader
+        # workers) gets the helper whole, key included, as SecretKey allows
+        # for that pickler only; every other pickle gets __reduce__ below.
+        ForkingPickler.register(cls, _send_to_child_process)
+
     def __init__(
         self,
         image_processor: KeyedImageProcessor,
@@ -101,10 +109,20 @@ class _ImageBatcher:
 
 def _refuse_unpickling(name: str, *public_settings: Any) -> None:
     raise KeyRequiredError(
-        f"a {name} was sent to another process without its key (keys are never pickled). Build it in each "
-        "process from the key file (SecretKey.load), e.g. with DataLoader workers started by fork (the Linux "
-        "default) or inside a worker_init_fn"
+        f"a {name} was unpickled without its key (a pickle keeps its public settings only; keys are never "
+        "pickled). Processes started by multiprocessing, such as DataLoader workers, receive it whole; "
+        "elsewhere build it in each process from the key file (SecretKey.load)"
     )
+
+
+def _rebuild_in_child_process(cls: type, state: dict) -> "_ImageBatcher":
+    helper = cls.__new__(cls)
+    helper.__dict__.update(state)
+    return helper
+
+
+def _send_to_child_process(helper: "_ImageBatcher"):
+    return _rebuild_in_child_process, (type(helper), dict(helper.__dict__))
 
 
 class KeyedImageCollator(_ImageBatcher):
