@@ -317,7 +317,10 @@ def quantize(values: torch.Tensor) -> torch.Tensor:
     """
     if values.dtype in (torch.float16, torch.bfloat16):
         values = values.float()
-    return values.mul(255).round_().clamp_(0, 255).long()
+    scaled = values.mul(255).round_()
+    if _functorch_active():  # vmap has no batching rule for clamp_ (a slow fallback, and a warning)
+        return scaled.clamp(0, 255).long()
+    return scaled.clamp_(0, 255).long()
 
 
 def check_float_range(x: torch.Tensor, tolerance: float = RANGE_TOLERANCE) -> None:
