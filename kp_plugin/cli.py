@@ -115,7 +115,7 @@ def _keygen(args: argparse.Namespace) -> int:
         scheme = parse_scheme(args.scheme)
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
-    if os.path.exists(args.output) and not args.force:
+    if os.path.exists(args.output) and not args.force and not os.path.isdir(args.output):
         raise KeyFileError(
             f"{args.output} already exists; refusing to overwrite a key file (the models it protects would "
             "be lost). Choose another path, or pass --force to replace it"

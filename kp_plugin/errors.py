@@ -15,6 +15,7 @@ __all__ = [
     "KPError",
     "KeyFileError",
     "KeyFileExistsError",
+    "KeyFileWriteError",
     "KeyMismatchError",
     "CheckpointError",
     "InputRangeError",
@@ -31,12 +32,19 @@ class KPError(Exception):
 
 class KeyFileError(KPError, ValueError):
     """A key file (or ``KP_KEY`` value) is missing, corrupt, tampered with, or
-    of an unknown format version; or saving it would overwrite another key."""
+    of an unknown format version; or saving it would overwrite another key or
+    cannot write there (:class:`KeyFileWriteError`)."""
 
 
 class KeyFileExistsError(KeyFileError, FileExistsError):
     """Saving a key would replace an existing file (pass ``overwrite=True``
     to replace it on purpose)."""
+
+
+class KeyFileWriteError(KeyFileError, OSError):
+    """A key file cannot be written where asked (unwritable or impossible
+    folder, full disk, read-only file system); the previous file at that
+    path, if any, is intact."""
 
 
 class KeyMismatchError(KPError):

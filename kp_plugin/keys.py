@@ -25,7 +25,7 @@ from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence, Union
 
-from .errors import KeyFileError, KeyFileExistsError
+from .errors import KeyFileError, KeyFileExistsError, KeyFileWriteError
 
 __all__ = [
     "SecretKey",
@@ -513,13 +513,36 @@ class SecretKey:
 
         Returns:
             The path written.
+
+        Raises:
+            KeyFileExistsError: ``path`` exists and ``overwrite`` is false.
+            KeyFileError: ``path`` is a directory.
+            KeyFileWriteError: the file cannot be written there (an
+                ``OSError`` too; the previous file, if any, stays intact).
         """
         path = Path(path)
+        if path.is_dir():
+            raise KeyFileError(f"{path} is a directory; give the key file's own path, e.g. {path / 'owner.key'}")
         if path.exists() and not overwrite:
             raise KeyFileExistsError(
                 f"{path} already exists; refusing to overwrite a key file (the model it protects "
                 "would be lost). Choose another path or pass overwrite=True"
             )
+        try:
+            return self._write(path, overwrite)
+        except KeyFileError:
+            raise
+        except OSError as exc:  # unwritable or impossible folder, full disk, read-only file system
+            reason = exc.strerror or str(exc)
+            existing = next((parent for parent in path.parents if parent.exists()), None)
+            if existing is not None and not existing.is_dir():
+                reason = f"{existing} is a file, not a folder"
+            raise KeyFileWriteError(
+                f"cannot write key file {path}: {reason}; nothing was written there (a key file already at "
+                "that path is intact). Choose a writable location"
+            ) from None
+
+    def _write(self, path: Path, overwrite: bool) -> Path:
         directory = path.parent if str(path.parent) else Path(".")
         directory.mkdir(parents=True, exist_ok=True)
         data = self.to_json().encode()

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kp_plugin import KeyFileError, SecretKey, parse_scheme
+from kp_plugin import KeyFileError, KeyFileWriteError, SecretKey, parse_scheme
 from kp_plugin.keys import DEFAULT_SCHEME, PAPER_SCHEME
 
 from conftest import ALL_STEPS, GOLDEN_MATERIAL
@@ -281,6 +281,23 @@ def test_save_refuses_to_overwrite(golden_key, tmp_path):
         other.save(path)
     assert isinstance(refused.value, FileExistsError)  # also catchable as the built-in
     assert SecretKey.load(path) == golden_key
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_saving_onto_a_directory_names_it(golden_key, tmp_path, overwrite):
+    with pytest.raises(KeyFileError, match="is a directory.*owner.key"):
+        golden_key.save(tmp_path, overwrite=overwrite)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unwritable_location_is_a_key_file_error_without_material(golden_key, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where a folder should be")
+    with pytest.raises(KeyFileWriteError, match="not-a-folder is a file, not a folder") as raised:
+        golden_key.save(blocker / "owner.key")
+    assert isinstance(raised.value, OSError)
+    assert GOLDEN_MATERIAL.hex() not in str(raised.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not-a-folder"]
 
 
 def test_save_overwrites_when_asked(golden_key, tmp_path):
