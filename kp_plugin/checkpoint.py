@@ -383,6 +383,26 @@ def save_protected(
     return directory
 
 
+def _materialize_meta(base: nn.Module, saved: set, weights: Path, device: Union[str, torch.device]) -> None:
+    """Give a model built on the meta device (no memory until loaded)
+    storage on ``device`` for the weights to be copied into, after checking
+    that the file fills every tensor (the rest would hold garbage)."""
+    tensors = dict(base.named_parameters(remove_duplicate=False))
+    tensors.update(base.named_buffers(remove_duplicate=False))
+    meta = [name for name, tensor in tensors.items() if tensor.is_meta]
+    if not meta:
+        return
+    filled = {id(tensors[name]) for name in saved if name in tensors}
+    unfilled = [name for name in meta if name not in saved and id(tensors[name]) not in filled]
+    if unfilled:
+        raise CheckpointError(
+            f"the model was built on the meta device and {len(unfilled)} of its tensors are not in {weights} "
+            f"({', '.join(unfilled[:3])}{', ...' if len(unfilled) > 3 else ''}), so they would hold no values; "
+            "build the model on a real device (e.g. without `with torch.device('meta')`)"
+        )
+    base.to_empty(device=device)
+
+
 def load_protected(
     directory: Union[str, os.PathLike],
     model: nn.Module,
@@ -398,6 +418,9 @@ def load_protected(
         directory: written by :func:`save_protected`.
         model: the base architecture (fresh, e.g. ``timm.create_model(name,
             num_classes=10)``), or a :class:`ProtectedModel` whose base is used.
+            It may be built on the meta device (``with torch.device("meta")``):
+            it then gets storage on ``device`` and the checkpoint's values,
+            provided the checkpoint holds every tensor of it.
         key: the owner's key.
         allow_wrong_key: load even if ``key`` is not the checkpoint's key
             (for wrong-key evaluation and attacks).
@@ -427,11 +450,13 @@ def load_protected(
     try:
         with safe_open(str(weights), framework="pt") as fh:
             meta = fh.metadata() or {}
+            saved = set(fh.keys())
         if meta.get("kp_fingerprint") not in (None, config.fingerprint):
             raise CheckpointError(
                 f"{weights} was saved for key {meta.get('kp_fingerprint')} but {PROTECTION_FILE} "
                 f"names {config.fingerprint}; the files come from different checkpoints"
             )
+        _materialize_meta(base, saved, weights, device)
         load_model(base, str(weights), strict=strict, device=str(device))
     except SafetensorError as exc:
         raise CheckpointError(f"{weights} is corrupt or not a safetensors file ({exc})") from None

@@ -126,6 +126,37 @@ def test_load_into_a_protected_model_uses_its_base(saved, key):
     assert torch.equal(loaded(images), model(images))
 
 
+def test_a_model_built_on_the_meta_device_loads(saved, key, recwarn):
+    # Meta-device construction (no memory until the weights arrive) is how
+    # large models are built; the weights used to be dropped with a warning.
+    model, directory = saved
+    with torch.device("meta"):
+        base = _fresh_cnn()
+    loaded = load_protected(directory, base, key).eval()
+    images = torch.rand(4, 3, 8, 8)
+    assert torch.equal(loaded(images), model(images))
+    assert not [w for w in recwarn if "meta" in str(w.message)]
+
+
+class _WithDerivedBuffer(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = _fresh_cnn()
+        self.register_buffer("offsets", torch.arange(5.0), persistent=False)  # never in a checkpoint
+
+    def forward(self, x):
+        return self.body(x) + self.offsets
+
+
+def test_a_meta_model_with_tensors_the_checkpoint_lacks_is_refused(tmp_path, key):
+    model = wrap_model(_WithDerivedBuffer(), key, mean=MEAN, std=STD)
+    directory = save_protected(model, tmp_path / "ckpt")
+    with torch.device("meta"):
+        base = _WithDerivedBuffer()
+    with pytest.raises(CheckpointError, match="meta device.*offsets.*real device"):
+        load_protected(directory, base, key)
+
+
 def test_load_with_another_architecture_is_a_checkpoint_error(saved, key):
     _, directory = saved
     with pytest.raises(CheckpointError, match="same architecture"):
