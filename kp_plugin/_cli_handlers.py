@@ -339,24 +339,23 @@ def export(args: argparse.Namespace) -> int:
 
 def show(args: argparse.Namespace) -> int:
     """``kp show``: an image as the protected model sees it (or decrypted)."""
-    import numpy as np
     from PIL import Image, UnidentifiedImageError
 
+    from .data import DatasetError, image_01
     from .transforms import apply_transform, invert_transform
 
     key = SecretKey.load(args.key)
+    if key.channels not in (1, 3):
+        raise ConfigurationError(f"kp show handles 1- or 3-channel keys; this key is for {key.channels} channels")
     try:
         with Image.open(args.image) as img:
-            img = img.convert("L" if key.channels == 1 else "RGB")
-            array = np.asarray(img, dtype=np.uint8)
+            x = image_01(img, key.channels)
     except FileNotFoundError:
         raise ConfigurationError(f"{args.image} does not exist") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise ConfigurationError(f"cannot read {args.image} as an image: {exc}") from None
-    x = torch.from_numpy(array.copy())
-    x = (x[None] if x.dim() == 2 else x.permute(2, 0, 1)).float().div_(255)
-    if key.channels not in (1, 3):
-        raise ConfigurationError(f"kp show handles 1- or 3-channel keys; this key is for {key.channels} channels")
+    except DatasetError as exc:
+        raise ConfigurationError(f"{args.image}: {exc}") from None
     h, w = x.shape[1:]
     if args.image_size is not None:
         check_image_size(args.image_size, args.image_size, key.block_size)

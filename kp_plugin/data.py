@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -45,6 +45,7 @@ __all__ = [
     "load_dataset",
     "save_npz",
     "iterate_batches",
+    "image_01",
     "DEFAULT_IMAGE_SIZE",
     "EMBEDDED_DATASETS",
     "PHOTO_SOURCES",
@@ -205,11 +206,43 @@ class ImageFolderDataset(ImageDataset):
         path, label = self.samples[index]
         try:
             with Image.open(path) as img:
-                array = np.asarray(img.convert("RGB"), dtype=np.uint8)
+                image = image_01(img)
         except OSError as exc:
             raise DatasetError(f"cannot read image {path}: {exc}") from None
-        image = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
+        except DatasetError as exc:
+            raise DatasetError(f"{path}: {exc}") from None
         return _resize(image[None], self.image_size)[0], label
+
+
+#: PIL modes of 16-bit grayscale (16-bit PNG, TIFF); convert("RGB") clips
+#: them at 255, which turns most of an image white.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def image_01(image: Any, channels: int = 3) -> torch.Tensor:
+    """A PIL image as float ``(channels, H, W)`` in [0, 1], whatever its
+    mode: 8-bit (L, P, RGB, RGBA, CMYK, ...) through PIL's conversion, 16-bit
+    grayscale divided by 65535, 32-bit integer by 65535 when its values pass
+    255 (else by 255), 32-bit float taken as [0, 1] (or 0..255)."""
+    if channels not in (1, 3):
+        raise DatasetError(f"images can be read as 1 or 3 channels, not {channels}")
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = float(values.max()) if values.size else 0.0
+        if image.mode == "F":
+            if float(values.min(initial=0.0)) < 0 or top > 255:
+                raise DatasetError(
+                    f"a 32-bit float image with values from {values.min():g} to {top:g}; kp-plugin reads float "
+                    "images as [0, 1] (or 0..255): rescale it first"
+                )
+            scale = 1.0 if top <= 1 else 255.0
+        else:
+            scale = 65535.0 if (image.mode in _SIXTEEN_BIT_MODES or top > 255) else 255.0
+        gray = torch.from_numpy(values / scale).float().clamp_(0, 1)[None]
+        return gray.repeat(channels, 1, 1) if channels > 1 else gray
+    array = np.asarray(image.convert("RGB" if channels == 3 else "L"), dtype=np.uint8)
+    tensor = torch.from_numpy(array.copy()).float().div_(255)
+    return tensor.permute(2, 0, 1) if tensor.dim() == 3 else tensor[None]
 
 
 def _resize(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ from kp_plugin.data import (
     DatasetError,
     ImageFolderDataset,
     PHOTO_SOURCES,
+    image_01,
     iterate_batches,
     load_dataset,
     save_npz,
@@ -74,6 +75,44 @@ def test_image_folder_reads_class_subfolders(tmp_path):
     assert image.shape == (3, 16, 16) and label == 1 and 0 <= float(image.min()) <= float(image.max()) <= 1
     batches = list(iterate_batches(dataset, batch_size=3))
     assert [b[0].shape[0] for b in batches] == [3, 1]
+
+
+def _ramp(bits: int) -> np.ndarray:
+    top = (1 << bits) - 1
+    return np.linspace(0, top, 24 * 32).reshape(24, 32).astype(np.uint16 if bits == 16 else np.uint8)
+
+
+@pytest.mark.parametrize("name, make", [
+    ("16-bit PNG", lambda Image: Image.fromarray(_ramp(16))),
+    ("32-bit integer", lambda Image: Image.fromarray(_ramp(16).astype(np.int32))),
+    ("32-bit integer holding 8-bit values", lambda Image: Image.fromarray(_ramp(8).astype(np.int32))),
+    ("float TIFF in [0, 1]", lambda Image: Image.fromarray((_ramp(8) / 255).astype(np.float32))),
+])
+def test_high_bit_depth_images_read_like_their_8_bit_version(tmp_path, name, make):
+    # PIL's convert("RGB") clips 16-bit values at 255 (a white image) and
+    # reads float [0, 1] as 0 or 1: each mode is scaled to [0, 1] instead.
+    from PIL import Image
+
+    (tmp_path / "a").mkdir()
+    make(Image).save(tmp_path / "a" / ("x.png" if name == "16-bit PNG" else "x.tiff"))
+    Image.fromarray(_ramp(8)).save(tmp_path / "eight.png")
+    with Image.open(tmp_path / "eight.png") as img:
+        expected = image_01(img)
+    image, _ = ImageFolderDataset(tmp_path, image_size=32)[0]
+    resized = torch.nn.functional.interpolate(expected[None], size=(32, 32), mode="bicubic", antialias=True)[0]
+    assert image.shape == (3, 32, 32)
+    torch.testing.assert_close(image, resized.clamp(0, 1), atol=2 / 255, rtol=0)
+
+
+def test_image_01_keeps_8_bit_modes_and_rejects_unreadable_floats():
+    from PIL import Image
+
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    torch.testing.assert_close(image_01(Image.fromarray(rgb)), torch.from_numpy(rgb).permute(2, 0, 1).float() / 255)
+    assert image_01(Image.fromarray(rgb).convert("RGBA")).shape == (3, 6, 8)
+    assert image_01(Image.fromarray(rgb), channels=1).shape == (1, 6, 8)
+    with pytest.raises(DatasetError, match="rescale it first"):
+        image_01(Image.fromarray(np.full((4, 4), 1000.0, dtype=np.float32)))
 
 
 def test_npz_round_trip_keeps_images_to_8_bits(tmp_path, digits_test):
