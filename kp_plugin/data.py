@@ -167,18 +167,23 @@ class ImageFolderDataset(ImageDataset):
     resized (bicubic) to ``image_size x image_size``.
 
     If ``root`` has ``train/`` and ``test/`` sub-folders, ``split`` picks one;
-    otherwise the whole folder is used (split "all").
+    otherwise the whole folder is used (split "all"). The classes are the
+    class folders of every split together, so a label means the same class
+    in each split even where one split lacks a class.
     """
 
     def __init__(self, root: Union[str, os.PathLike], *, image_size: int, split: Optional[str] = None) -> None:
         root = Path(root)
+        class_roots = [root]
         if split is not None and (root / split).is_dir():
+            class_roots = [root / s for s in _SPLITS if (root / s).is_dir()]
             root = root / split
         elif split is not None and any((root / s).is_dir() for s in _SPLITS):
             raise DatasetError(f"{root} has split folders but no {split!r} folder")
         if not root.is_dir():
             raise DatasetError(f"{root} is not a directory; pass 'digits', 'photos' or an ImageFolder directory")
-        self.classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        self.classes = sorted({p.name for folder in class_roots for p in folder.iterdir()
+                               if p.is_dir() and not p.name.startswith(".")})
         if not self.classes:
             raise DatasetError(
                 f"{root} has no class sub-folders; an ImageFolder directory holds one folder per class "

@@ -96,6 +96,19 @@ def test_evaluate_writes_the_report_with_the_baseline(protected, capsys):
     assert find_key_material(out, SecretKey.load(key_path)) == []
 
 
+def test_evaluate_on_data_with_other_classes_is_refused(protected, tmp_path, capsys):
+    key_path, out = protected
+    assert json.loads((out / "protection.json").read_text())["extra"]["classes"] == [str(d) for d in range(10)]
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog"):
+        (tmp_path / "pets" / name).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "pets" / name / "0.png")
+    code = main(["evaluate", str(out), "--key", str(key_path), "--data", str(tmp_path / "pets"), "--wrong-keys", "2",
+                 "--quiet", "-o", str(tmp_path / "report")])
+    assert code == 1
+    assert "[cat, dog]" in capsys.readouterr().err and not (tmp_path / "report").exists()
+
+
 def test_evaluate_with_another_key_exits_with_the_key_mismatch_code(protected, tmp_path, capsys):
     _, out = protected
     other = tmp_path / "other.key"

@@ -77,6 +77,20 @@ def test_image_folder_reads_class_subfolders(tmp_path):
     assert [b[0].shape[0] for b in batches] == [3, 1]
 
 
+def test_split_folders_share_one_class_list(tmp_path):
+    # A class missing from one split must not shift the labels of the others.
+    from PIL import Image
+
+    for split, classes in (("train", ("ant", "bee", "cat")), ("test", ("bee", "cat", "dog"))):
+        for cls in classes:
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / split / cls / "0.png")
+    train = load_dataset(str(tmp_path), split="train", image_size=8)
+    test = load_dataset(str(tmp_path), split="test", image_size=8)
+    assert train.classes == test.classes == ["ant", "bee", "cat", "dog"]
+    assert train.labels.tolist() == [0, 1, 2] and test.labels.tolist() == [1, 2, 3]
+
+
 def _ramp(bits: int) -> np.ndarray:
     top = (1 << bits) - 1
     return np.linspace(0, top, 24 * 32).reshape(24, 32).astype(np.uint16 if bits == 16 else np.uint8)
