@@ -296,6 +296,17 @@ def _class_list(classes) -> str:
     return "[" + ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "") + "]"
 
 
+def check_classes(protection, dataset, where: str) -> None:
+    """Refuse data whose classes are not the ones the model was trained on
+    (recorded by ``kp protect``): the labels would not line up."""
+    trained_on = protection.extra.get("classes")
+    if trained_on is not None and list(dataset.classes) != list(trained_on):
+        raise ConfigurationError(
+            f"{where} has the classes {_class_list(dataset.classes)} but the model was trained on "
+            f"{_class_list(trained_on)}; its labels would not line up. Use data with the same class folders"
+        )
+
+
 def evaluate(args: argparse.Namespace) -> int:
     """``kp evaluate``: the protection report of a ``kp protect`` directory."""
     from .data import load_dataset
@@ -309,12 +320,7 @@ def evaluate(args: argparse.Namespace) -> int:
     # The layout oneDNN's convolutions run fastest in (as in training).
     model = model.to(memory_format=torch.channels_last)
     dataset = load_dataset(data, split=args.split, image_size=size)
-    trained_on = protection.extra.get("classes")
-    if trained_on is not None and list(dataset.classes) != list(trained_on):
-        raise ConfigurationError(
-            f"{data} ({args.split}) has the classes {_class_list(dataset.classes)} but the model was trained on "
-            f"{_class_list(trained_on)}; its labels would not line up. Evaluate on data with the same class folders"
-        )
+    check_classes(protection, dataset, f"{data} ({args.split})")
     # Smaller CPU batches keep activations in the allocator's cache (measured:
     # a third of the system time of batch 256 for Lite0 at 64x64).
     batch_size = args.batch_size or (64 if device.type == "cpu" else 256)
