@@ -398,6 +398,14 @@ class KeyedInput(nn.Module):
         )
 
 
+def _for_channels(values: Optional[Sequence[float]], channels: Optional[int]) -> Optional[tuple]:
+    if values is None or not isinstance(channels, int) or channels < 1 or len(values) == channels:
+        return None if values is None else tuple(values)
+    if channels == 1:
+        return (sum(values) / len(values),)
+    return tuple(values[i % len(values)] for i in range(channels))
+
+
 def resolve_normalization(
     model: nn.Module,
     mean: Optional[Sequence[float]] = None,
@@ -409,10 +417,16 @@ def resolve_normalization(
     ``image_std`` / ``image_size`` / ``num_channels``."""
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, dict):
-        mean = mean if mean is not None else cfg.get("mean")
-        std = std if std is not None else cfg.get("std")
+        # timm keeps the pretrained (RGB) config when a model is created with
+        # another in_chans; adapt it as timm adapts the first convolution's
+        # weights: averaged for one channel, repeated cyclically for more.
+        channels = getattr(model, "in_chans", None)
+        mean = mean if mean is not None else _for_channels(cfg.get("mean"), channels)
+        std = std if std is not None else _for_channels(cfg.get("std"), channels)
         if input_size is None and cfg.get("input_size") is not None:
             input_size = tuple(cfg["input_size"])
+            if isinstance(channels, int) and channels != input_size[0]:
+                input_size = (channels, *input_size[1:])
     hf_config = getattr(model, "config", None)
     if hf_config is not None and not isinstance(hf_config, dict):
         mean = mean if mean is not None else getattr(hf_config, "image_mean", None)

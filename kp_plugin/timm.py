@@ -206,6 +206,8 @@ def create_protected_model(
     cfg = getattr(base, "pretrained_cfg", None) or {}
     if size is None and cfg.get("input_size") is not None:
         size = tuple(cfg["input_size"])
+        if isinstance(getattr(base, "in_chans", None), int):  # created with in_chans=1, 4, ...
+            size = (base.in_chans, *size[1:])
         if size[1] % key.block_size or size[2] % key.block_size:
             h = nearest_valid_size(size[1], key.block_size)
             w = nearest_valid_size(size[2], key.block_size)

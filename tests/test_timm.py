@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from kp_plugin import BlockSizeError, CheckpointError, KeyMismatchError, SecretKey, save_protected
+from kp_plugin import BlockSizeError, CheckpointError, KeyMismatchError, SecretKey, save_protected, wrap_model
 from kp_plugin.checkpoint import find_key_material
 from kp_plugin.timm import create_protected_model, create_transform, load_protected_timm, resolve_data_config
 
@@ -30,6 +30,23 @@ def test_mean_std_and_input_size_come_from_pretrained_cfg(key):
     assert model.keyed.std == pytest.approx(cfg["std"])
     assert model.keyed.input_size == (3, 160, 160)
     assert model.unwrap().num_classes == 4
+
+
+@pytest.mark.parametrize("channels, mean_of", [(1, lambda rgb: [sum(rgb) / 3]), (4, lambda rgb: [*rgb, rgb[0]])])
+def test_in_chans_other_than_three_adapts_size_and_normalization(tmp_path, channels, mean_of):
+    # timm keeps the RGB pretrained_cfg for in_chans=1 / 4; the keyed input
+    # follows the model (timm averages / repeats the first conv's weights).
+    key = SecretKey.generate(block_size=8, channels=channels)
+    model = create_protected_model(TINY, key, num_classes=3, in_chans=channels).eval()
+    rgb = model.unwrap().pretrained_cfg["mean"]
+    assert model.keyed.input_size == (channels, 160, 160)
+    assert model.keyed.mean == pytest.approx(mean_of(rgb))
+    images = torch.rand(2, channels, 32, 32)
+    save_protected(model, tmp_path)
+    torch.testing.assert_close(load_protected_timm(tmp_path, key).eval()(images), model(images))
+    timm = pytest.importorskip("timm")
+    wrapped = wrap_model(timm.create_model(TINY, in_chans=channels, num_classes=3), key)
+    assert wrapped.keyed.input_size == (channels, 160, 160) and wrapped.keyed.mean == pytest.approx(mean_of(rgb))
 
 
 def test_explicit_input_size_is_recorded_for_the_data_pipeline(key):
