@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import pickle
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -402,7 +403,13 @@ def _load_checkpoint(model: nn.Module, directory: Path, device: torch.device) ->
         load_model(base, str(directory / WEIGHTS_FILE), strict=True, device=str(device))
     except (OSError, RuntimeError) as exc:
         raise CheckpointError(f"cannot resume from {directory}: {str(exc).splitlines()[0]}") from None
-    return torch.load(state_path, map_location=device, weights_only=False)
+    try:  # tensors, numbers, strings and containers only: loading runs no code from the file
+        return torch.load(state_path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        raise CheckpointError(
+            f"cannot resume: {state_path} is corrupt or not a kp-plugin training state "
+            f"({str(exc).splitlines()[0]}); start a new run"
+        ) from None
 
 
 @torch.no_grad()

@@ -68,7 +68,7 @@ def test_checkpoints_hold_no_key_and_resume_continues(tmp_path, key):
     resumed = _model(key, seed=1)
     result = fit(resumed, data, config=config, checkpoint_dir=tmp_path, resume=True, progress=False)
     assert [r["epoch"] for r in result.history] == [1, 2]
-    assert torch.load(tmp_path / TRAINING_STATE_FILE, weights_only=False)["epoch"] == 2
+    assert torch.load(tmp_path / TRAINING_STATE_FILE, weights_only=True)["epoch"] == 2
     assert find_key_material(tmp_path, key) == []
 
 
@@ -78,6 +78,29 @@ def test_resume_with_another_key_is_refused(tmp_path, key):
     with pytest.raises(KeyMismatchError):
         fit(_model(SecretKey.generate_like(key)), data, config=TrainConfig(epochs=2, batch_size=16),
             checkpoint_dir=tmp_path, resume=True, progress=False)
+
+
+_RAN = []
+
+
+def _record_that_it_ran():
+    _RAN.append(True)
+    return {}
+
+
+class _CodeInPickle:
+    def __reduce__(self):
+        return _record_that_it_ran, ()
+
+
+def test_resume_runs_no_code_from_a_tampered_training_state(tmp_path, key):
+    data = _separable_dataset(16)
+    fit(_model(key), data, config=TrainConfig(epochs=1, batch_size=16), checkpoint_dir=tmp_path, progress=False)
+    torch.save({"epoch": 1, "optimizer": _CodeInPickle()}, tmp_path / TRAINING_STATE_FILE)
+    with pytest.raises(CheckpointError, match="training state"):
+        fit(_model(key), data, config=TrainConfig(epochs=2, batch_size=16), checkpoint_dir=tmp_path,
+            resume=True, progress=False)
+    assert _RAN == []
 
 
 def test_resume_without_checkpoint_is_a_checkpoint_error(tmp_path, key):
