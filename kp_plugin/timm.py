@@ -114,12 +114,20 @@ def _create_base(name: str, *, pretrained: bool, weights: str, num_classes: Opti
     return base
 
 
+#: timm.create_model arguments about where weights come from, not about the
+#: architecture: never recorded in config.json, refused when read from one.
+_WEIGHT_ARGUMENTS = frozenset({"pretrained", "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay",
+                               "cache_dir"})
+
+
 def _json_model_args(timm_kwargs: dict) -> dict:
     """The JSON-serializable creation arguments (a layer class, say, cannot
     be recorded; :func:`load_protected_timm` then needs ``strict=False`` or a
     model built by hand and :func:`kp_plugin.load_protected`)."""
     args = {}
     for name, value in timm_kwargs.items():
+        if name in _WEIGHT_ARGUMENTS:
+            continue
         try:
             json.dumps(value)
         except (TypeError, ValueError):
@@ -331,6 +339,16 @@ def load_protected_timm(
     num_classes = native.get("num_classes", protection.num_classes)
     kwargs: dict = dict(native["model_args"]) if isinstance(native.get("model_args"), dict) else {}
     kwargs.pop("num_classes", None)
+    # config.json may come from the Hub: creation arguments that make timm
+    # read or fetch weights (a file torch.load would unpickle, a download)
+    # are not architecture, and kp-plugin never records them.
+    fetching = sorted(set(kwargs) & _WEIGHT_ARGUMENTS)
+    if fetching:
+        raise CheckpointError(
+            f"{directory / CONFIG_FILE} asks timm to load weights from elsewhere (model_args {', '.join(fetching)}); "
+            "a kp-plugin checkpoint never does, so it is refused. Build the model yourself and use "
+            "kp_plugin.load_protected if you trust it"
+        )
     if isinstance(native.get("global_pool"), str):
         kwargs["global_pool"] = native["global_pool"]
     try:

@@ -115,6 +115,29 @@ def test_a_checkpoint_without_timm_config_is_a_checkpoint_error(tmp_path, key):
         load_protected_timm(tmp_path, key)
 
 
+@pytest.mark.parametrize("argument", ["checkpoint_path", "pretrained", "pretrained_cfg_overlay"])
+def test_a_config_asking_timm_to_load_weights_from_elsewhere_is_refused(tmp_path, key, argument):
+    # config.json comes from the Hub on a pull: checkpoint_path would have
+    # timm torch.load (unpickle) a file the repository chose.
+    payload = tmp_path / "payload.pt"
+    torch.save({}, payload)
+    save_protected(create_protected_model(TINY, key, num_classes=3, input_size=32), tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    config["model_args"] = {argument: {"checkpoint_path": str(payload), "pretrained": True,
+                                       "pretrained_cfg_overlay": {"file": str(payload)}}[argument]}
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=f"elsewhere.*{argument}"):
+        load_protected_timm(tmp_path / "ckpt", key)
+
+
+def test_weight_source_arguments_are_not_recorded(tmp_path, key):
+    model = create_protected_model(TINY, key, num_classes=3, input_size=32, drop_rate=0.1,
+                                   pretrained_cfg_overlay={"crop_pct": 1.0})
+    save_protected(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_args"] == {"drop_rate": 0.1}
+    load_protected_timm(tmp_path, key)
+
+
 def test_pretrained_lite0_comes_from_the_offline_package(key):
     from kp_plugin.pretrained import load_efficientnet_lite0
 
