@@ -59,7 +59,9 @@ def build_transformers_model(directory: Union[str, os.PathLike]) -> torch.nn.Mod
     except (OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{directory / CONFIG_FILE} is not a readable transformers config ({exc})") from None
     names = list(getattr(config, "architectures", None) or []) + [ProtectionConfig.load(directory).architecture]
-    cls = next((getattr(transformers, n) for n in names if isinstance(n, str) and hasattr(transformers, n)), None)
+    # Only a model class: the names come from files a Hub repository chose.
+    candidates = (getattr(transformers, n, None) for n in names if isinstance(n, str) and not n.startswith("_"))
+    cls = next((c for c in candidates if isinstance(c, type) and issubclass(c, transformers.PreTrainedModel)), None)
     if cls is None:
         return transformers.AutoModelForImageClassification.from_config(config)
     return cls(config)

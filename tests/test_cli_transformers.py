@@ -45,6 +45,23 @@ def test_load_protected_auto_rebuilds_the_transformers_class(hf_checkpoint):
         load_protected_auto(root / "model", SecretKey.generate_like(key))
 
 
+def test_only_a_model_class_named_by_config_json_is_built(hf_checkpoint, tmp_path, monkeypatch):
+    # The architectures list comes from a file a Hub repository chose: a name
+    # that is not a model class (here transformers.pipeline) is never called.
+    import shutil
+
+    import transformers
+
+    root, key, accuracy = hf_checkpoint
+    shutil.copytree(root / "model", tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    config["architectures"] = ["pipeline", "ViTForImageClassification"]
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(transformers, "pipeline", lambda *a, **k: pytest.fail("a non-model name was called"))
+    model = load_protected_auto(tmp_path / "model", key)
+    assert type(model.unwrap()).__name__ == "ViTForImageClassification"
+
+
 def test_load_protected_auto_names_the_fix_without_a_native_config(hf_checkpoint, tmp_path):
     root, key, _ = hf_checkpoint
     for path in (root / "model").iterdir():
