@@ -28,11 +28,13 @@ from typing import Optional
 import torch
 
 from .checkpoint import PROTECTION_FILE, ProtectionConfig, find_key_material, save_protected
-from .errors import CheckpointError, ConfigurationError, KeyLeakError, KeyMismatchError
+from .cli import KEY_ENV
+from .errors import CheckpointError, ConfigurationError, KeyFileError, KeyLeakError, KeyMismatchError
 from .keys import SecretKey
 from .transforms import check_image_size, nearest_valid_size
 
 TRAINING_FILE = "training.json"
+
 RESUME_DIR = "training"
 REPORT_DIR = "report"
 PRIVATE_DIR = "private"
@@ -165,7 +167,7 @@ def protect(args: argparse.Namespace) -> int:
     from .train import TRAINING_STATE_FILE, TrainConfig, evaluate_accuracy, fit
 
     device = _runtime(args)
-    key = SecretKey.load(args.key)
+    key = cli_key(args.key)
     out = Path(args.output)
     resume_dir = out / RESUME_DIR
     if args.resume and not (resume_dir / TRAINING_STATE_FILE).is_file():
@@ -251,7 +253,7 @@ def protect(args: argparse.Namespace) -> int:
 
 def open_protected(args: argparse.Namespace, device: torch.device) -> tuple:
     """Load ``args.checkpoint`` (any ``save_protected`` directory of a timm or
-    transformers model) with the key file ``args.key``.
+    transformers model) with the key file ``args.key`` (or :data:`KEY_ENV`).
 
     Returns ``(model, key, protection_config)``. Raises
     :class:`KeyMismatchError`, naming both fingerprints, when the key is not
@@ -259,15 +261,15 @@ def open_protected(args: argparse.Namespace, device: torch.device) -> tuple:
     """
     from .autoload import load_protected_auto
 
-    key = SecretKey.load(args.key)
+    key = cli_key(args.key)
     checkpoint = Path(args.checkpoint)
     protection = ProtectionConfig.load(checkpoint)
     try:
         protection.check_key(key)
     except KeyMismatchError:
         raise KeyMismatchError(
-            f"{args.key} is not the key {checkpoint} was protected with (key fingerprint {key.fingerprint}, "
-            f"checkpoint expects {protection.fingerprint}, {'+'.join(protection.scheme)}, "
+            f"{_key_source(args.key)} is not the key {checkpoint} was protected with (key fingerprint "
+            f"{key.fingerprint}, checkpoint expects {protection.fingerprint}, {'+'.join(protection.scheme)}, "
             f"block size {protection.block_size}); pass the owner's key file"
         ) from None
     return load_protected_auto(checkpoint, key).to(device), key, protection
@@ -362,7 +364,7 @@ def show(args: argparse.Namespace) -> int:
     from .data import DatasetError, image_01
     from .transforms import apply_transform, invert_transform
 
-    key = SecretKey.load(args.key)
+    key = cli_key(args.key)
     if key.channels not in (1, 3):
         raise ConfigurationError(f"kp show handles 1- or 3-channel keys; this key is for {key.channels} channels")
     try:
@@ -394,12 +396,28 @@ def show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_no_key_material(directory: Path, key: SecretKey, key_file: str) -> None:
+def cli_key(path: Optional[str], *, required: bool = True) -> Optional[SecretKey]:
+    """The key of a ``kp`` command: the file ``--key`` names, else the
+    :data:`KEY_ENV` environment variable (a key file's content)."""
+    if path:
+        return SecretKey.load(path)
+    if os.environ.get(KEY_ENV):
+        return SecretKey.from_env(KEY_ENV)
+    if required:
+        raise KeyFileError(f"no key given: pass --key owner.key or set {KEY_ENV} to the key file's content")
+    return None
+
+
+def _key_source(path: Optional[str]) -> str:
+    return path or f"the key in {KEY_ENV}"
+
+
+def _check_no_key_material(directory: Path, key: SecretKey, key_file: Optional[str]) -> None:
     """Nothing written under ``directory`` may hold the key; the owner's own
     key file lying there is only worth a warning."""
-    own = Path(key_file).resolve()
-    leaks = [p for p in find_key_material(directory, key) if p.resolve() != own]
-    if own.is_relative_to(directory.resolve()):
+    own = Path(key_file).resolve() if key_file else None
+    leaks = [p for p in find_key_material(directory, key) if own is None or p.resolve() != own]
+    if own is not None and own.is_relative_to(directory.resolve()):
         print(f"warning: the key file {key_file} lies inside {directory}; move it out before sharing the "
               "directory", file=sys.stderr)
     if leaks:

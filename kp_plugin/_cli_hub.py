@@ -8,14 +8,13 @@ argument: those show up in ``ps``); the key from ``--key FILE`` or the
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import textwrap
 from pathlib import Path
 
-__all__ = ["register"]
+from ._cli_handlers import KEY_ENV, cli_key
 
-KEY_ENV = "KP_KEY"
+__all__ = ["register"]
 
 
 def _subcommand(subparsers, name: str, *, help: str, example: str, handler) -> argparse.ArgumentParser:
@@ -79,23 +78,10 @@ def register(subparsers) -> None:
     _common(pull)
 
 
-def _key(path, *, required: bool):
-    from .errors import KeyFileError
-    from .keys import SecretKey
-
-    if path:
-        return SecretKey.load(path)
-    if os.environ.get(KEY_ENV):
-        return SecretKey.from_env(KEY_ENV)
-    if required:
-        raise KeyFileError(f"no key given: pass --key owner.key or set {KEY_ENV} to the key file's contents")
-    return None
-
-
 def _push(args: argparse.Namespace) -> int:
     from .hub import push_protected
 
-    key = _key(args.key, required=False)
+    key = cli_key(args.key, required=False)
     info = push_protected(
         args.checkpoint, args.repo_id, private=not args.public, revision=args.revision,
         commit_message=args.message, key=key, report=args.report, base_model=args.base_model,
@@ -113,7 +99,7 @@ def _pull(args: argparse.Namespace) -> int:
     from .autoload import load_protected_auto
     from .hub import download_protected
 
-    key = _key(args.key, required=True)
+    key = cli_key(args.key)
     folder = download_protected(args.repo_id, key=key, revision=args.revision, cache_dir=args.cache_dir,
                                 endpoint=args.endpoint)
     load_protected_auto(folder, key, source=args.repo_id)  # the weights fit the architecture

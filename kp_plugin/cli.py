@@ -28,6 +28,9 @@ from typing import Callable, Optional, Sequence
 
 from .errors import CheckpointError, KeyFileError, KeyMismatchError, KPError
 
+#: Environment variable read for the key when --key is not given (a key file's content).
+KEY_ENV = "KP_KEY"
+
 __all__ = ["main", "build_parser", "EXIT_CODES", "EXTENSION_MODULES"]
 
 EXIT_OK = 0
@@ -144,7 +147,8 @@ def _register_protect(subparsers) -> None:
     )
     parser.add_argument("--model", default="tf_efficientnet_lite0", help="timm model name (default tf_efficientnet_lite0)")
     _add_data_option(parser, required=True)
-    parser.add_argument("--key", required=True, help="the owner's key file (kp keygen)")
+    parser.add_argument("--key", default=None, help=f"the owner's key file (kp keygen; default: the {KEY_ENV} "
+                                                     "environment variable, a key file's content)")
     parser.add_argument("-o", "--output", required=True, help="directory for the protected checkpoint")
     parser.add_argument("--baseline", action="store_true",
                         help="also fine-tune an unprotected copy with the same recipe (the cost of protection); "
@@ -182,7 +186,7 @@ def _register_evaluate(subparsers) -> None:
         handler=_evaluate,
     )
     parser.add_argument("checkpoint", help="directory written by kp protect or save_protected (timm or transformers)")
-    parser.add_argument("--key", required=True, help="the owner's key file")
+    parser.add_argument("--key", default=None, help=f"the owner's key file (default: {KEY_ENV})")
     _add_data_option(parser, required=False)
     parser.add_argument("--split", default="test", choices=("test", "train"))
     parser.add_argument("--wrong-keys", type=int, default=100, help="random wrong keys to try (default 100)")
@@ -198,7 +202,7 @@ def _register_show(subparsers) -> None:
         example="kp show --key owner.key cat.jpg -o protected.png", handler=_show,
     )
     parser.add_argument("image", help="an image file (PNG, JPEG, ...)")
-    parser.add_argument("--key", required=True, help="the key file")
+    parser.add_argument("--key", default=None, help=f"the key file (default: {KEY_ENV})")
     parser.add_argument("-o", "--output", required=True, help="PNG file to write")
     parser.add_argument("--image-size", type=int, default=None,
                         help="resize to this side first (default: keep the size, rounded to a multiple "
@@ -222,7 +226,8 @@ def _register_export(subparsers) -> None:
         handler=_export,
     )
     parser.add_argument("checkpoint", help="directory written by kp protect or save_protected (timm or transformers)")
-    parser.add_argument("--key", required=True, help="the owner's key file (checks that the checkpoint is yours)")
+    parser.add_argument("--key", default=None,
+                        help=f"the owner's key file (checks that the checkpoint is yours; default: {KEY_ENV})")
     parser.add_argument("-o", "--output", required=True, help="directory for the exported model and protection.json")
     parser.add_argument("--format", default="onnx", choices=tuple(EXPORT_FORMATS),
                         help="onnx (needs onnx + onnxscript) or pt2 (torch.export); default onnx")

@@ -96,6 +96,28 @@ def test_evaluate_writes_the_report_with_the_baseline(protected, capsys):
     assert find_key_material(out, SecretKey.load(key_path)) == []
 
 
+def test_commands_take_the_key_from_kp_key_when_no_file_is_given(protected, tmp_path, monkeypatch, capsys):
+    # CI secrets arrive as environment variables: KP_KEY holds the key file's content.
+    key_path, out = protected
+    monkeypatch.delenv("KP_KEY", raising=False)
+    argv = ["evaluate", str(out), "--wrong-keys", "2", "--quiet", "-o", str(tmp_path / "report")]
+    assert main(argv) == 4
+    assert "KP_KEY" in capsys.readouterr().err
+    monkeypatch.setenv("KP_KEY", key_path.read_text())
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["num_wrong_keys"] == 2
+    assert main(["show", str(_write_image(tmp_path)), "-o", str(tmp_path / "shown.png")]) == 0
+    monkeypatch.setenv("KP_KEY", SecretKey.generate(block_size=8).to_json())
+    assert main(argv) == 3
+    assert "the key in KP_KEY is not the key" in capsys.readouterr().err
+
+
+def _write_image(tmp_path):
+    path = tmp_path / "image.png"
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(path)
+    return path
+
+
 def test_evaluate_on_data_with_other_classes_is_refused(protected, tmp_path, capsys):
     key_path, out = protected
     assert json.loads((out / "protection.json").read_text())["extra"]["classes"] == [str(d) for d in range(10)]

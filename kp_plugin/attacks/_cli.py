@@ -29,8 +29,8 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("checkpoint", help="directory written by kp protect or save_protected (timm or transformers)")
-    parser.add_argument("--key", required=True,
-                        help="the owner's key file (used to score the attacks, never by them)")
+    parser.add_argument("--key", default=None,
+                        help="the owner's key file (used to score the attacks, never by them; default: KP_KEY)")
     parser.add_argument("--data", default=None,
                         help="'digits', 'photos' or an ImageFolder directory (default: the checkpoint's dataset)")
     parser.add_argument("--image-size", type=int, default=None, help="image side (default: the checkpoint's)")
