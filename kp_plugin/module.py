@@ -10,6 +10,8 @@ refuses to be pickled.
 
 from __future__ import annotations
 
+import contextlib
+
 import threading
 from typing import Any, NamedTuple, Optional, Sequence
 
@@ -190,8 +192,6 @@ class KeyedInput(nn.Module):
         check_range: bool = True,
     ) -> None:
         super().__init__()
-        if not isinstance(key, SecretKey):
-            raise TypeError(f"key must be a kp_plugin.SecretKey, got {type(key).__name__}")
         self.key = key
         self.mean = _as_triple(mean, key.channels, "mean")
         self.std = _as_triple(std, key.channels, "std")
@@ -215,6 +215,30 @@ class KeyedInput(nn.Module):
             check_image_size(input_size[1], input_size[2], key.block_size)
             self.input_size = input_size
             self._compile(input_size, torch.device("cpu"), torch.float32)
+
+    @property
+    def key(self) -> SecretKey:
+        """The secret key. Assigning another key (same channel count) makes
+        the next call compile that key's plan; the old plan is never used
+        with it."""
+        return self._key
+
+    @key.setter
+    def key(self, key: SecretKey) -> None:
+        if not isinstance(key, SecretKey):
+            raise TypeError(f"key must be a kp_plugin.SecretKey, got {type(key).__name__}")
+        old = self.__dict__.get("_key")
+        if old is not None and key.channels != old.channels:
+            raise ConfigurationError(
+                f"the new key is for {key.channels} channels but this KeyedInput normalizes {old.channels}; "
+                "build a new KeyedInput (or wrap_model) for it"
+            )
+        if old is not None and self.input_size is not None:
+            check_image_size(self.input_size[1], self.input_size[2], key.block_size)
+        lock = self.__dict__.get("_lock")
+        with lock if lock is not None else contextlib.nullcontext():
+            self.__dict__["_key"] = key
+            self._size = None  # the plan is the old key's: the next call compiles the new one
 
     # The buffers hold the compiled plan for one image size. They are
     # non-persistent: never in state_dict, but moved by .to() / .half().

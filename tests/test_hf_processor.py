@@ -49,6 +49,19 @@ def test_recover_images01_undoes_the_key_and_normalization(key, images):
     torch.testing.assert_close(recovered, processor.images01(images), atol=1e-5, rtol=0)
 
 
+def test_assigning_another_key_changes_the_transform_and_the_saved_fingerprint(key, images, tmp_path):
+    processor = KeyedImageProcessor(vit_processor(), key)
+    processor(images, return_tensors="pt")
+    other = SecretKey.generate_like(key)
+    processor.key = other
+    expected = KeyedImageProcessor(vit_processor(), other)(images, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(processor(images, return_tensors="pt")["pixel_values"], expected, atol=0, rtol=0)
+    processor.save_pretrained(tmp_path)
+    assert other.fingerprint in (tmp_path / "preprocessor_config.json").read_text()
+    with pytest.raises(BlockSizeError):
+        processor.key = SecretKey.generate(block_size=IMAGE_SIZE + 1)
+
+
 def test_saved_config_has_base_settings_and_protection_but_no_key(key, tmp_path):
     KeyedImageProcessor(vit_processor(), key).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "preprocessor_config.json").read_text())

@@ -90,6 +90,25 @@ def test_keyed_input_takes_a_single_image(any_key):
     torch.testing.assert_close(keyed(images[1]), keyed(images)[1])
 
 
+def test_assigning_another_key_compiles_its_plan(any_key):
+    # The plan cached for this size belongs to the old key; a ProtectedModel
+    # whose key is swapped must never transform with it (save_protected would
+    # record the new key's fingerprint).
+    keyed = KeyedInput(any_key, mean=MEAN, std=STD, input_size=(3, 8, 8))
+    images = torch.rand(2, 3, 8, 8)
+    keyed(images)
+    other = SecretKey.generate_like(any_key)
+    keyed.key = other
+    torch.testing.assert_close(keyed(images), _normalize(apply_transform(images, other)))
+    with pytest.raises(ConfigurationError, match="channels"):
+        keyed.key = SecretKey.generate(block_size=4, channels=1)
+    with pytest.raises(BlockSizeError):
+        keyed.key = SecretKey.generate(block_size=3)
+    with pytest.raises(TypeError):
+        keyed.key = b"\x00" * 32
+    assert keyed.key is other
+
+
 def test_keyed_input_recompiles_for_a_new_size(any_key):
     keyed = KeyedInput(any_key, mean=MEAN, std=STD, input_size=(3, 8, 8))
     images = torch.rand(1, 3, 12, 4)

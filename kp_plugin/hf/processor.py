@@ -29,7 +29,7 @@ from ..checkpoint import check_key_matches, find_key_material
 from ..errors import BlockSizeError, CheckpointError, KeyLeakError, KeyMismatchError, KPError
 from ..keys import SecretKey, parse_scheme
 from ..module import KeyedInput
-from ..transforms import invert_transform, nearest_valid_size
+from ..transforms import check_image_size, invert_transform, nearest_valid_size
 
 __all__ = ["KeyedImageProcessor", "KeyRequiredError", "PROTECTION_FIELD"]
 
@@ -180,9 +180,23 @@ class KeyedImageProcessor(BaseImageProcessor):
             )
         mean, std = _normalization(image_processor)
         self.image_processor = image_processor
-        self.key = key
         self.check_range = check_range
         self._keyed = KeyedInput(key, mean=mean, std=std, check_range=check_range)
+
+    @property
+    def key(self) -> SecretKey:
+        """The secret key (the keyed transform's; assigning another one
+        changes both, after checking its block size fits the output size)."""
+        return self._keyed.key
+
+    @key.setter
+    def key(self, key: SecretKey) -> None:
+        if not isinstance(key, SecretKey):
+            raise TypeError(f"key must be a kp_plugin.SecretKey, got {type(key).__name__}")
+        size = processor_output_size(self.image_processor)
+        if size is not None:
+            check_image_size(size[0], size[1], key.block_size)
+        self._keyed.key = key
 
     # ------------------------------------------------------------ settings
     def __getattr__(self, name: str) -> Any:
