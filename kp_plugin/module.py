@@ -235,10 +235,34 @@ class KeyedInput(nn.Module):
             )
         if old is not None and self.input_size is not None:
             check_image_size(self.input_size[1], self.input_size[2], key.block_size)
+        self._replan("_key", key)
+
+    @property
+    def mean(self) -> tuple:
+        """Per-channel mean of the normalization (fused into the plan:
+        assigning it makes the next call compile again)."""
+        return self._mean
+
+    @mean.setter
+    def mean(self, mean: Sequence[float]) -> None:
+        self._replan("_mean", _as_triple(mean, self.key.channels, "mean"))
+
+    @property
+    def std(self) -> tuple:
+        """Per-channel std of the normalization (see :attr:`mean`)."""
+        return self._std
+
+    @std.setter
+    def std(self, std: Sequence[float]) -> None:
+        self._replan("_std", _as_triple(std, self.key.channels, "std"))
+
+    def _replan(self, name: str, value: Any) -> None:
+        """Set a setting the compiled plan depends on; the next call compiles
+        the plan again (the cached one was made with the old value)."""
         lock = self.__dict__.get("_lock")
         with lock if lock is not None else contextlib.nullcontext():
-            self.__dict__["_key"] = key
-            self._size = None  # the plan is the old key's: the next call compiles the new one
+            self.__dict__[name] = value
+            self._size = None
 
     # The buffers hold the compiled plan for one image size. They are
     # non-persistent: never in state_dict, but moved by .to() / .half().

@@ -109,6 +109,17 @@ def test_assigning_another_key_compiles_its_plan(any_key):
     assert keyed.key is other
 
 
+def test_assigning_mean_or_std_compiles_the_plan_again(any_key):
+    keyed = KeyedInput(any_key, mean=0.5, std=0.5, input_size=(3, 8, 8))
+    images = torch.rand(2, 3, 8, 8)
+    keyed(images)
+    keyed.mean, keyed.std = MEAN, STD
+    torch.testing.assert_close(keyed(images), _normalize(apply_transform(images, any_key)))
+    with pytest.raises(ConfigurationError, match="std must be positive"):
+        keyed.std = 0.0
+    assert keyed.std == STD
+
+
 def test_keyed_input_recompiles_for_a_new_size(any_key):
     keyed = KeyedInput(any_key, mean=MEAN, std=STD, input_size=(3, 8, 8))
     images = torch.rand(1, 3, 12, 4)
