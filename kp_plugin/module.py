@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 
 import threading
+from pathlib import Path
 from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
@@ -537,12 +538,32 @@ class ProtectedModel(nn.Module):
         """The base model, without the keyed input."""
         return self.model
 
-    def save_pretrained(self, save_directory, **kwargs) -> None:
-        """Same as :func:`kp_plugin.save_protected` (weights, native config
-        where there is one, ``protection.json``; never the key)."""
+    def save_pretrained(self, save_directory, *, metadata: Optional[dict] = None, is_main_process: bool = True,
+                        safe_serialization: bool = True, push_to_hub: bool = False, repo_id: Optional[str] = None,
+                        **hub_kwargs: Any) -> None:
+        """:func:`kp_plugin.save_protected` (weights, native config where
+        there is one, ``protection.json``; never the key), with the
+        transformers keywords that apply: ``is_main_process=False`` writes
+        nothing (other ranks), ``push_to_hub=True`` then publishes the folder
+        with :func:`kp_plugin.hub.push_protected` to ``repo_id`` (default: the
+        folder's name), passing ``private``, ``token``, ``commit_message``,
+        ``revision`` ... on. Weights are always one safetensors file."""
         from .checkpoint import save_protected
 
-        save_protected(self, save_directory, **kwargs)
+        if not safe_serialization:
+            raise ConfigurationError("protected checkpoints are always written as safetensors; leave "
+                                     "safe_serialization=True")
+        if (hub_kwargs or repo_id) and not push_to_hub:
+            raise TypeError(f"save_pretrained got {sorted([*hub_kwargs, *(['repo_id'] if repo_id else [])])}, which "
+                            "only apply with push_to_hub=True")
+        if not is_main_process:
+            return
+        directory = save_protected(self, save_directory, metadata=metadata)
+        if push_to_hub:
+            from .hub import push_protected
+
+            hub_kwargs.setdefault("key", self.key)  # the leak scan looks for the key's own bytes too
+            push_protected(directory, repo_id or Path(directory).name, **hub_kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hub_servers import CLOSED_ENDPOINT, isolate_hub_client, test_hub  # noqa: F401 - fixtures
-from kp_plugin import KeyLeakError, KeyMismatchError, SecretKey, save_protected, wrap_model
+from kp_plugin import ConfigurationError, KeyLeakError, KeyMismatchError, SecretKey, save_protected, wrap_model
 from kp_plugin.checkpoint import find_key_material
 from kp_plugin.hub import (
     HubUnreachableError,
@@ -194,6 +194,23 @@ def test_push_to_a_branch_and_pull_that_revision(test_hub, model, isolate_hub_cl
         assert torch.equal(pulled(images), model(images))
     with pytest.raises(NotProtectedRepoError):
         _pull(test_hub, "org/branched", KEY, isolate_hub_client)
+
+
+def test_save_pretrained_takes_the_transformers_keywords(test_hub, model, isolate_hub_client, tmp_path):
+    model.save_pretrained(tmp_path / "saved", push_to_hub=True, repo_id="org/saved-and-pushed",
+                          token=test_hub.token, endpoint=test_hub.url)
+    assert (tmp_path / "saved" / "protection.json").is_file()
+    pulled = _pull(test_hub, "org/saved-and-pushed", KEY, isolate_hub_client)
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(pulled(images), model(images))
+    model.save_pretrained(tmp_path / "other-rank", is_main_process=False)
+    assert not (tmp_path / "other-rank").exists()
+    with pytest.raises(ConfigurationError, match="safetensors"):
+        model.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    with pytest.raises(TypeError, match="push_to_hub"):
+        model.save_pretrained(tmp_path / "tokened", token="hf_x")
+    assert not (tmp_path / "pickled").exists() and not (tmp_path / "tokened").exists()
 
 
 def test_missing_repository_says_so(test_hub, isolate_hub_client):
