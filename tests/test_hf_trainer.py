@@ -202,6 +202,24 @@ def test_unbound_callback_on_a_plain_trainer_writes_the_eval_entry(key, data, tm
     assert "eval_loss" in trainer.state.log_history[-1]
 
 
+@pytest.mark.filterwarnings("ignore::kp_plugin.hf.ProtectionMarginWarning")  # one step: no margin yet
+def test_each_evaluation_set_and_prefix_gets_its_own_protection_metrics(key, data, tmp_path):
+    train, test = data[0].select(range(32)), data[1]
+    processor = KeyedImageProcessor(vit_processor(), key)
+    trainer = KeyedTrainer(model=tiny_vit(), args=_args(tmp_path, max_steps=1),
+                           train_dataset=train, data_collator=KeyedImageCollator(processor),
+                           eval_dataset={"early": test.select(range(32)), "late": test.select(range(32, 96))},
+                           callbacks=[KeyProtectionCallback(key, wrong_keys=2, min_margin=0.0)])
+    trainer.train()
+    metrics = trainer.evaluate()
+    for name in ("early", "late"):
+        assert {f"eval_{name}_{m[len('eval_'):]}" for m in PROTECTION_METRICS} <= set(metrics)
+    assert "eval_key_accuracy" not in metrics
+    test_metrics = trainer.evaluate(test.select(range(32)), metric_key_prefix="test")
+    assert "test_protection_margin" in test_metrics
+    assert any("test_key_accuracy" in entry for entry in trainer.state.log_history)
+
+
 @pytest.mark.slow
 def test_model_style_resume_and_best_model_load_the_protected_checkpoints(key, data, tmp_path):
     train, test = data[0].select(range(64)), data[1].select(range(64))

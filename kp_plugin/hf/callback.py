@@ -9,6 +9,10 @@ settings, :func:`kp_plugin.evaluate.wrong_keys`) and reports
 - ``eval_wrong_key_accuracy_mean`` / ``eval_wrong_key_accuracy_max``;
 - ``eval_protection_margin``: key accuracy minus the best wrong key's.
 
+With several evaluation datasets (``eval_dataset={"a": ..., "b": ...}``) or
+``trainer.evaluate(metric_key_prefix="test")`` the names take that
+evaluation's prefix (``eval_a_key_accuracy``, ``test_key_accuracy``).
+
 ``Trainer.evaluate`` logs its metrics *before* it calls ``on_evaluate``, so
 metrics added there would miss the loggers. The callback therefore adds
 them to the returned metrics (``metric_for_best_model`` can use them) and
@@ -48,6 +52,16 @@ PROTECTION_METRICS = (
     "eval_wrong_key_accuracy_max",
     "eval_protection_margin",
 )
+
+
+def _metric_prefix(metrics: Optional[dict]) -> str:
+    """The prefix of this evaluation's metrics: ``eval``, ``eval_<name>``
+    with several eval datasets, or ``evaluate(metric_key_prefix=...)``'s
+    (Trainer always reports ``<prefix>_runtime``)."""
+    for name in metrics or ():
+        if name.endswith("_runtime"):
+            return name[: -len("_runtime")]
+    return "eval"
 
 
 class ProtectionMarginWarning(UserWarning):
@@ -176,6 +190,9 @@ class KeyProtectionCallback(TrainerCallback):
         result = self.measure(model, eval_dataloader)
         if result is None:
             return
+        prefix = _metric_prefix(metrics)
+        if prefix != "eval":  # several eval datasets (eval_<name>_...) or evaluate(metric_key_prefix="test")
+            result = {f"{prefix}_{name[len('eval_'):]}": value for name, value in result.items()}
         if metrics is not None:
             metrics.update(result)
         self.history.append({"step": state.global_step, **result})
@@ -183,15 +200,16 @@ class KeyProtectionCallback(TrainerCallback):
             self._trainer.log(dict(result))
         else:
             entry = state.log_history[-1] if state.log_history else None
-            if entry is not None and entry.get("step") == state.global_step and any(k.startswith("eval_") for k in entry):
+            if entry is not None and entry.get("step") == state.global_step and any(
+                    k.startswith(f"{prefix}_") for k in entry):
                 entry.update(result)
             else:
                 state.log_history.append({**result, "epoch": state.epoch, "step": state.global_step})
-        margin = result["eval_protection_margin"]
+        margin = result[f"{prefix}_protection_margin"]
         if margin < self.min_margin:
             warnings.warn(
-                f"protection margin {margin:.3f} (key accuracy {result['eval_key_accuracy']:.3f}, best of "
-                f"{len(self.wrong_keys)} wrong keys {result['eval_wrong_key_accuracy_max']:.3f}) is below "
+                f"protection margin {margin:.3f} (key accuracy {result[f'{prefix}_key_accuracy']:.3f}, best of "
+                f"{len(self.wrong_keys)} wrong keys {result[f'{prefix}_wrong_key_accuracy_max']:.3f}) is below "
                 f"min_margin={self.min_margin} at step {state.global_step}. Train longer, or use the protection "
                 "objective (KeyedTrainer(objective=DEFAULT_OBJECTIVE)) and a scheme with value steps",
                 ProtectionMarginWarning,
