@@ -11,7 +11,6 @@ refuses to be pickled.
 from __future__ import annotations
 
 import contextlib
-
 import threading
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Sequence
