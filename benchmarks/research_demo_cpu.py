@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     from kp_plugin.keys import DEFAULT_SCHEME
     from kp_plugin.objectives import ProtectionObjective
     from kp_plugin.pretrained import load_efficientnet_lite0
-    from kp_plugin.train import DEMO_BLOCK_SIZE, TrainConfig, evaluate_accuracy, fit, plain_model
+    from kp_plugin.train import DEMO_BLOCK_SIZE, TrainConfig, fit
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dataset", default="digits")

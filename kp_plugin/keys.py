@@ -23,7 +23,7 @@ import secrets
 import tempfile
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence, Union
+from typing import Iterable, Iterator, Union
 
 from .errors import KeyFileError, KeyFileExistsError, KeyFileWriteError
 

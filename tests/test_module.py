@@ -4,7 +4,6 @@ real model, with nothing derived from the key in its state."""
 from __future__ import annotations
 
 import io
-import os
 import socket
 
 import pytest
@@ -16,7 +15,6 @@ from kp_plugin import (
     InputDtypeError,
     InputRangeError,
     KeyedInput,
-    ProtectedModel,
     SecretKey,
     unwrap,
     wrap_model,
