@@ -118,6 +118,21 @@ def _write_image(tmp_path):
     return path
 
 
+@pytest.mark.parametrize("with_splits", [False, True])
+def test_evaluating_on_a_folder_without_splits_warns_that_it_scores_training_images(protected, tmp_path, capsys,
+                                                                                     with_splits):
+    key_path, out = protected
+    rng = np.random.default_rng(0)
+    for digit in range(10):
+        folder = tmp_path / "digits" / ("test" if with_splits else "") / str(digit)
+        folder.mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / "0.png")
+    assert main(["evaluate", str(out), "--key", str(key_path), "--data", str(tmp_path / "digits"), "--wrong-keys", "2",
+                 "--quiet", "-o", str(tmp_path / "report")]) == 0
+    warned = "trained and evaluated on the same images" in capsys.readouterr().err
+    assert warned is not with_splits
+
+
 def test_evaluate_on_data_with_other_classes_is_refused(protected, tmp_path, capsys):
     key_path, out = protected
     assert json.loads((out / "protection.json").read_text())["extra"]["classes"] == [str(d) for d in range(10)]
