@@ -101,7 +101,7 @@ def attack(args: argparse.Namespace) -> int:
 
     from ..checkpoint import find_key_material
     from ..data import load_dataset
-    from .._cli_handlers import _runtime, check_classes, open_checkpoint
+    from .._cli_handlers import _runtime, _warn_if_unsplit, check_classes, open_checkpoint
     from ..errors import KeyLeakError
     from .report import write_attack_report
     from .suite import parse_attacks, run_attacks
@@ -112,6 +112,7 @@ def attack(args: argparse.Namespace) -> int:
     model, key, protection, data, size = open_checkpoint(args, device)
     test_set = load_dataset(data, split="test", image_size=size)
     check_classes(protection, test_set, f"{data} (test)")
+    _warn_if_unsplit(test_set, data)
     train_set = load_dataset(data, split="train", image_size=size) if {"finetune", "key_estimation"} & set(attacks) else None
 
     public_base = None
