@@ -74,7 +74,11 @@ def main(argv=None) -> int:
                                    input_size=args.image_size).to(device)
 
     # timm's pipeline, minus Normalize: it yields uint8 tensors; the model keys, then normalizes.
-    train_set = timm.data.ImageDataset(str(train_root), transform=create_transform(model, is_training=True))
+    # One class map for both splits: per-folder numbering would shift the
+    # validation labels wherever val/ lacks a class.
+    class_map = {name: index for index, name in enumerate(classes)}
+    train_set = timm.data.ImageDataset(str(train_root), class_map=class_map,
+                                       transform=create_transform(model, is_training=True))
     loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=False,
                                          num_workers=args.workers, persistent_workers=args.workers > 0)
 
@@ -113,7 +117,8 @@ def main(argv=None) -> int:
     save_protected(model, args.output, metadata={"dataset": str(root), "epochs": epoch + 1})
     print(f"saved the protected model to {args.output} (no key inside)")
     if val_root is not None:
-        val_set = timm.data.ImageDataset(str(val_root), transform=create_transform(model, is_training=False))
+        val_set = timm.data.ImageDataset(str(val_root), class_map=class_map,
+                                         transform=create_transform(model, is_training=False))
         report = evaluate_protection(model, val_set, num_wrong_keys=args.wrong_keys, dataset_name=str(val_root),
                                      batch_size=args.batch_size)
         write_report(report, Path(args.output) / "report")
