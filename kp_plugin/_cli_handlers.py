@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from .checkpoint import PROTECTION_FILE, ProtectionConfig, find_key_material, save_protected
-from .cli import KEY_ENV
+from .cli import KEY_ENV, _UsageError
 from .errors import CheckpointError, ConfigurationError, KeyFileError, KeyLeakError, KeyMismatchError
 from .keys import SecretKey
 from .transforms import check_image_size, nearest_valid_size
@@ -86,8 +86,15 @@ def auto_threads() -> int:
 
 
 def _runtime(args: argparse.Namespace) -> torch.device:
-    device = torch.device(args.device) if args.device else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(args.device) if args.device else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+    except RuntimeError:
+        raise _UsageError(f"--device {args.device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigurationError(f"--device {args.device} asks for a GPU but torch sees none here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigurationError(f"--device {args.device}: this machine has {torch.cuda.device_count()} GPU(s)")
     threads = getattr(args, "threads", None)
     if threads is None and device.type == "cpu":
         threads = auto_threads()

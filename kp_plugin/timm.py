@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from pathlib import Path
@@ -96,6 +97,12 @@ def _create_base(name: str, *, pretrained: bool, weights: str, num_classes: Opti
         kwargs = dict(timm_kwargs)
         if num_classes is not None:
             kwargs["num_classes"] = num_classes
+        if not name.startswith(("hf-hub:", "hf_hub:", "local-dir:")) and not timm.is_model(name):
+            close = difflib.get_close_matches(name, timm.list_models(), n=3)
+            raise ConfigurationError(
+                f"timm has no model {name!r}" + (f"; did you mean {', '.join(close)}?" if close else "")
+                + " (timm.list_models('*pattern*') lists them)"
+            )
         try:
             base = timm.create_model(name, pretrained=pretrained, checkpoint_path=checkpoint_path or "", **kwargs)
         except OSError as exc:  # huggingface_hub's offline / not-found errors are OSErrors

@@ -133,6 +133,26 @@ def test_evaluating_on_a_folder_without_splits_warns_that_it_scores_training_ima
     assert warned is not with_splits
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize("argv_tail, code, says", [
+    (["--device", "cuda"], 1, "torch sees none here"),
+    (["--device", "gpu"], 2, "not a torch device"),
+    (["--model", "resnet81"], 1, "did you mean resnet18"),
+])
+def test_a_bad_device_or_model_name_is_a_one_line_error(tmp_path, capsys, argv_tail, code, says):
+    key_path = tmp_path / "owner.key"
+    assert main(["keygen", "--block-size", "8", "-o", str(key_path)]) == 0
+    argv = ["protect", *TINY, "--key", str(key_path), "-o", str(tmp_path / "out")]
+    if argv_tail[0] == "--model":
+        argv[argv.index("--model") + 1] = argv_tail[1]
+    else:
+        argv += argv_tail
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_evaluate_on_data_with_other_classes_is_refused(protected, tmp_path, capsys):
     key_path, out = protected
     assert json.loads((out / "protection.json").read_text())["extra"]["classes"] == [str(d) for d in range(10)]
