@@ -162,6 +162,8 @@ class ProtectionConfig:
         path = Path(directory)
         if path.is_dir():
             path = path / PROTECTION_FILE
+        elif not path.exists() and path.name != PROTECTION_FILE:
+            raise CheckpointError(f"{path} does not exist; give the folder written by save_protected / kp protect")
         try:
             text = path.read_text("utf-8")
         except FileNotFoundError:

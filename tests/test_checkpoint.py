@@ -186,6 +186,11 @@ def test_corrupt_protection_json_names_the_file(saved, key, damage):
         load_protected(directory, _fresh_cnn(), key)
 
 
+def test_a_checkpoint_folder_that_does_not_exist_is_named(tmp_path, key):
+    with pytest.raises(CheckpointError, match="no-such-run does not exist"):
+        load_protected(tmp_path / "no-such-run", _fresh_cnn(), key)
+
+
 def test_missing_weights_name_the_file(saved, key):
     _, directory = saved
     (directory / "model.safetensors").unlink()
