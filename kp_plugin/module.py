@@ -5,7 +5,7 @@ in front of any image model.
 takes images in [0, 1] and computes ``model(normalize(T_key(x)))``. The
 key-derived tensors are non-persistent buffers, so ``state_dict()`` holds the
 base model's weights and nothing derived from the key; the key object itself
-refuses to be pickled.
+refuses to be pickled (except by multiprocessing, to a child process).
 """
 
 from __future__ import annotations
