@@ -152,7 +152,9 @@ class KeyedInput(nn.Module):
     """Keyed block-wise transform followed by mean/std normalization.
 
     Input: images ``(B, C, H, W)`` (or ``(C, H, W)``), float in [0, 1] or
-    uint8. Output: float, normalized, ready for the model. The transform
+    uint8. Output: normalized, ready for the model, in the images' float
+    dtype (uint8 images: float32, or the dtype ``.half()`` / ``.to(dtype)``
+    gave the module); the plan's constants stay float32. The transform
     and the normalization are fused: one gather, then one multiply-add (or
     one table lookup when the scheme has 8-bit steps).
 
@@ -200,6 +202,8 @@ class KeyedInput(nn.Module):
         # The last large output buffers, each with its use count when only
         # this module held it (see _output_buffer).
         self._spare: list = []
+        # Plan constants cast to the images' float dtype: {(name, dtype): (buffer, cast)}.
+        self._casts: dict = {}
         # Compiling for a new size swaps several buffers; threads sharing the
         # module read them together under this lock (see _plan_for).
         self._lock = threading.Lock()
@@ -316,10 +320,25 @@ class KeyedInput(nn.Module):
         self._size = tuple(size)
 
     def _buffer_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The plan's value dtype: float32, or what ``.half()`` / ``.to(dtype)``
+        made it; never the dtype of whichever call came first."""
         for name in ("value_lookup", "value_scale"):
             if name in self._buffers:
                 return self._buffers[name].dtype
-        return x.dtype if x.is_floating_point() else torch.float32
+        return torch.float32
+
+    def _in_dtype(self, name: str, tensor: torch.Tensor, dtype: torch.dtype, functional: bool) -> torch.Tensor:
+        """The plan constant ``name`` (``tensor``) in ``dtype``: cast once, and
+        again only when the plan's buffer changes (a new size, ``.to()``)."""
+        if tensor.dtype == dtype:
+            return tensor
+        if functional:
+            return tensor.to(dtype)
+        cached = self._casts.get((name, dtype))
+        if cached is None or cached[0] is not tensor:
+            cached = (tensor, tensor.to(dtype))
+            self._casts[(name, dtype)] = cached
+        return cached[1]
 
     def _output_buffer(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A contiguous ``shape`` / ``dtype`` tensor for the output: one of the
@@ -357,6 +376,7 @@ class KeyedInput(nn.Module):
     def __getstate__(self) -> dict:
         state = super().__getstate__()  # nn.Module's: a copy of __dict__
         state["_spare"] = []  # a cache, not state: copies start without it
+        state["_casts"] = {}
         state.pop("_lock", None)  # locks do not copy; each copy gets its own
         return state
 
@@ -420,6 +440,12 @@ class KeyedInput(nn.Module):
 
         flat = x.flatten(1)
         scale, bias, table = plan.value_scale, plan.value_bias, plan.value_lookup
+        if flat.is_floating_point():  # the output keeps the images' float dtype
+            if table is not None:
+                table = self._in_dtype("value_lookup", table, flat.dtype, functional)
+            else:
+                scale = self._in_dtype("value_scale", scale, flat.dtype, functional)
+                bias = self._in_dtype("value_bias", bias, flat.dtype, functional)
         if table is not None:
             if functional:
                 gathered = torch.gather(flat, 1, plan.source_index.expand(flat.shape[0], -1))
@@ -431,7 +457,7 @@ class KeyedInput(nn.Module):
         else:
             if flat.dtype == torch.uint8:
                 scale = scale / 255  # 0..255 -> [0, 1], folded into the multiply-add
-            if functional or flat.requires_grad or (flat.is_floating_point() and flat.dtype != bias.dtype):
+            if functional or flat.requires_grad:
                 out = torch.addcmul(bias, torch.gather(flat, 1, plan.source_index.expand(flat.shape[0], -1)), scale)
             else:
                 out = self._output_buffer(flat.shape, bias.dtype, flat.device)

@@ -118,6 +118,20 @@ def test_assigning_mean_or_std_compiles_the_plan_again(any_key):
     assert keyed.std == STD
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_output_keeps_the_float_dtype_whatever_came_first(any_key, dtype):
+    # The plan's constants stay float32: a first call in half precision no
+    # longer leaves them rounded for every later float32 call.
+    images = torch.rand(2, 3, 8, 8)
+    low_first = KeyedInput(any_key, mean=MEAN, std=STD)
+    full_first = KeyedInput(any_key, mean=MEAN, std=STD)
+    a_low, a_full = low_first(images.to(dtype)), low_first(images)
+    b_full, b_low = full_first(images), full_first(images.to(dtype))
+    assert a_low.dtype == b_low.dtype == dtype and a_full.dtype == b_full.dtype == torch.float32
+    assert torch.equal(a_full, b_full) and torch.equal(a_low, b_low)
+    torch.testing.assert_close(a_full, _normalize(apply_transform(images, any_key)))
+
+
 def test_keyed_input_recompiles_for_a_new_size(any_key):
     keyed = KeyedInput(any_key, mean=MEAN, std=STD, input_size=(3, 8, 8))
     images = torch.rand(1, 3, 12, 4)
