@@ -336,7 +336,8 @@ class KeyedInput(nn.Module):
             return tensor.to(dtype)
         cached = self._casts.get((name, dtype))
         if cached is None or cached[0] is not tensor:
-            cached = (tensor, tensor.to(dtype))
+            with torch.inference_mode(False):  # as the plan itself: a later call may need gradients
+                cached = (tensor, tensor.to(dtype))
             self._casts[(name, dtype)] = cached
         return cached[1]
 

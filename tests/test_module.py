@@ -130,6 +130,13 @@ def test_output_keeps_the_float_dtype_whatever_came_first(any_key, dtype):
     assert a_low.dtype == b_low.dtype == dtype and a_full.dtype == b_full.dtype == torch.float32
     assert torch.equal(a_full, b_full) and torch.equal(a_low, b_low)
     torch.testing.assert_close(a_full, _normalize(apply_transform(images, any_key)))
+    later = KeyedInput(any_key, mean=MEAN, std=STD)
+    with torch.inference_mode():  # a cast made there still serves a call that needs gradients
+        later(images.to(dtype))
+    if "ffx" not in any_key.scheme:  # the 8-bit lookup has no gradient to pass
+        wanting = images.to(dtype).requires_grad_()
+        later(wanting).float().sum().backward()
+        assert wanting.grad is not None
 
 
 def test_keyed_input_recompiles_for_a_new_size(any_key):
