@@ -34,7 +34,6 @@ from .keys import SecretKey
 from .transforms import check_image_size, nearest_valid_size
 
 TRAINING_FILE = "training.json"
-
 RESUME_DIR = "training"
 REPORT_DIR = "report"
 PRIVATE_DIR = "private"

@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from . import __version__
-from .errors import CheckpointError, ConfigurationError, KeyLeakError, KeyMismatchError
+from .errors import CheckpointError, KeyLeakError, KeyMismatchError
 from .keys import KEY_FILE_FORMAT, SecretKey, parse_scheme
-from .module import ProtectedModel, protected_model_of, wrap_model
+from .module import ProtectedModel, require_protected, wrap_model
 
 __all__ = [
     "ProtectionConfig",
@@ -76,11 +76,7 @@ class ProtectionConfig:
     @classmethod
     def from_model(cls, model: ProtectedModel, **extra: Any) -> "ProtectionConfig":
         """The config describing a :class:`ProtectedModel`."""
-        protected = protected_model_of(model)
-        if protected is None:
-            raise ConfigurationError(
-                f"expected a ProtectedModel (from wrap_model), got {type(model).__name__}"
-            )
+        protected = require_protected(model, "ProtectionConfig.from_model")
         key, keyed, base = protected.key, protected.keyed, protected.unwrap()
         input_size = keyed.input_size or keyed._size
         return cls(
@@ -344,12 +340,7 @@ def save_protected(
     Example:
         >>> save_protected(model, "out/")                    # doctest: +SKIP
     """
-    protected = protected_model_of(model)  # also through torch.compile / DDP
-    if protected is None:
-        raise ConfigurationError(
-            f"save_protected expects a ProtectedModel (from wrap_model), got {type(model).__name__}"
-        )
-    model = protected
+    model = require_protected(model, "save_protected")  # also through torch.compile / DDP
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     base = model.unwrap()
@@ -394,8 +385,8 @@ def _materialize_meta(base: nn.Module, saved: set, weights: Path, device: Union[
     meta = [name for name, tensor in tensors.items() if tensor.is_meta]
     if not meta:
         return
-    filled = {id(tensors[name]) for name in saved if name in tensors}
-    unfilled = [name for name in meta if name not in saved and id(tensors[name]) not in filled]
+    filled = {id(tensors[name]) for name in saved if name in tensors}  # a tied tensor is filled under any name
+    unfilled = [name for name in meta if id(tensors[name]) not in filled]
     if unfilled:
         raise CheckpointError(
             f"the model was built on the meta device and {len(unfilled)} of its tensors are not in {weights} "

@@ -30,7 +30,7 @@ from torch import nn
 
 from .errors import ConfigurationError
 from .keys import SecretKey
-from .module import KeyedInput, ProtectedModel, protected_model_of
+from .module import KeyedInput, ProtectedModel, require_protected
 from .objectives import logits_of
 from .protection_report import (  # noqa: F401  (re-exported: the report is part of this API)
     EXAMPLES_FILE,
@@ -162,10 +162,7 @@ def _score(
 ) -> tuple:
     """Correct counts under ``model``'s key, each of ``keys``, and plain
     images, in one pass over ``dataset``."""
-    protected = protected_model_of(model)  # also through torch.compile / DDP
-    if protected is None:
-        raise ConfigurationError(f"expected a ProtectedModel (from wrap_model), got {type(model).__name__}")
-    model = protected
+    model = require_protected(model, "the evaluation")  # also through torch.compile / DDP
     device = _device_of(model, device)
     if _device_of(model, None) != device:
         model.to(device)

@@ -34,7 +34,7 @@ from torch import nn
 from .checkpoint import ProtectionConfig, find_key_material
 from .errors import CheckpointError, ConfigurationError, KeyLeakError
 from .keys import SecretKey
-from .module import KeyedInput, ProtectedModel, protected_model_of, wrap_model
+from .module import KeyedInput, ProtectedModel, require_protected, wrap_model
 from .objectives import logits_of
 
 __all__ = ["export_protected", "load_exported", "load_keyed_input", "EXPORT_FORMATS", "INPUT_NAME", "OUTPUT_NAME"]
@@ -145,12 +145,7 @@ def export_protected(
             input size, or the ONNX exporter is not installed.
         KeyLeakError: a written file contains key material (it is removed).
     """
-    protected = protected_model_of(model)  # also through torch.compile / DDP
-    if protected is None:
-        raise ConfigurationError(
-            f"export_protected expects a ProtectedModel (from wrap_model or load_protected), got {type(model).__name__}"
-        )
-    model = protected
+    model = require_protected(model, "export_protected")  # also through torch.compile / DDP
     if format not in EXPORT_FORMATS:
         raise ConfigurationError(f"unknown export format {format!r}; choose from {', '.join(EXPORT_FORMATS)}")
     if batch_size is not None and batch_size < 1:

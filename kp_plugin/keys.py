@@ -444,10 +444,10 @@ class SecretKey:
         """Parse key file content; :class:`KeyFileError` says what is wrong."""
         if isinstance(text, bytes):
             try:
-                text = text.decode("utf-8-sig")  # a byte-order mark (Windows editors, PowerShell) is not content
+                text = text.decode("utf-8")
             except UnicodeDecodeError:
                 raise KeyFileError(f"{source} is not a kp-plugin key file (not UTF-8 text)") from None
-        text = text.removeprefix("\ufeff")
+        text = text.removeprefix("\ufeff")  # a byte-order mark (Windows editors, PowerShell) is not content
         if not text.strip():
             raise KeyFileError(f"{source} is empty; was the key file truncated? Restore it from your backup")
         try:

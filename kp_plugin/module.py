@@ -29,7 +29,8 @@ from .transforms import (
     lookup_table,
 )
 
-__all__ = ["KeyedInput", "ProtectedModel", "wrap_model", "unwrap", "protected_model_of", "resolve_normalization"]
+__all__ = ["KeyedInput", "ProtectedModel", "wrap_model", "unwrap", "protected_model_of", "require_protected",
+           "resolve_normalization"]
 
 
 #: Outputs at least this large (bytes, CPU) are written into a buffer the
@@ -579,9 +580,9 @@ class ProtectedModel(nn.Module):
         if not safe_serialization:
             raise ConfigurationError("protected checkpoints are always written as safetensors; leave "
                                      "safe_serialization=True")
-        if (hub_kwargs or repo_id) and not push_to_hub:
-            raise TypeError(f"save_pretrained got {sorted([*hub_kwargs, *(['repo_id'] if repo_id else [])])}, which "
-                            "only apply with push_to_hub=True")
+        hub_only = sorted(hub_kwargs) + (["repo_id"] if repo_id else [])
+        if hub_only and not push_to_hub:
+            raise TypeError(f"save_pretrained got {hub_only}, which only apply with push_to_hub=True")
         if not is_main_process:
             return
         directory = save_protected(self, save_directory, metadata=metadata)
@@ -669,6 +670,17 @@ def protected_model_of(model: Any) -> Optional[ProtectedModel]:
         else:
             return None
     return None
+
+
+def require_protected(model: Any, who: str) -> ProtectedModel:
+    """:func:`protected_model_of` ``model``, or a :class:`ConfigurationError`
+    saying that ``who`` needs one."""
+    protected = protected_model_of(model)
+    if protected is None:
+        raise ConfigurationError(
+            f"{who} expects a ProtectedModel (from wrap_model or load_protected), got {type(model).__name__}"
+        )
+    return protected
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -317,10 +317,9 @@ def quantize(values: torch.Tensor) -> torch.Tensor:
     """
     if values.dtype in (torch.float16, torch.bfloat16):
         values = values.float()
-    scaled = values.mul(255).round_()
-    if _functorch_active():  # vmap has no batching rule for clamp_ (a slow fallback, and a warning)
-        return scaled.clamp(0, 255).long()
-    return scaled.clamp_(0, 255).long()
+    # Out-of-place clamp: vmap has no batching rule for clamp_ (it would fall
+    # back to a slow loop, with a warning); only the rare paths call this.
+    return values.mul(255).round_().clamp(0, 255).long()
 
 
 def check_float_range(x: torch.Tensor, tolerance: float = RANGE_TOLERANCE) -> None:
