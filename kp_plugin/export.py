@@ -130,8 +130,11 @@ def export_protected(
     Args:
         model: a :class:`ProtectedModel` that knows its input size (built with
             ``input_size=``, loaded from a checkpoint, or called once).
-        directory: created if needed; files of the same names are replaced
-            (``protection.json`` describes the last export written there).
+        directory: created if needed; files of the same names are replaced.
+            Both formats of one model may share a folder; a folder holding
+            the other format's export of another model (another key,
+            architecture, classes, input size or normalization) is refused,
+            since its one ``protection.json`` describes the last export.
         format: ``"onnx"`` or ``"pt2"`` (``torch.export.save``).
         batch_size: a fixed batch size; default ``None``, any batch size.
         opset_version: ONNX opset (default: the exporter's).
@@ -142,7 +145,8 @@ def export_protected(
 
     Raises:
         ConfigurationError: not a ProtectedModel, unknown format, unknown
-            input size, or the ONNX exporter is not installed.
+            input size, the ONNX exporter is not installed, or ``directory``
+            holds another model's export.
         KeyLeakError: a written file contains key material (it is removed).
     """
     model = require_protected(model, "export_protected")  # also through torch.compile / DDP
@@ -168,6 +172,7 @@ def export_protected(
     dynamic_shapes = None if batch_size is not None else ({0: torch.export.Dim("batch")},)
 
     directory = Path(directory)
+    _check_other_export(directory, format, config)
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / EXPORT_FORMATS[format]
     wrapper = _Logits(base)
@@ -199,6 +204,34 @@ def export_protected(
         for produced in sorted(Path(scratch).iterdir()):
             os.replace(produced, directory / produced.name)
     return target
+
+
+#: What must agree for two exports to share one protection.json.
+_SAME_MODEL_FIELDS = ("scheme", "block_size", "channels", "fingerprint", "mean", "std", "input_size", "architecture",
+                      "num_classes")
+
+
+def _check_other_export(directory: Path, format: str, config: ProtectionConfig) -> None:
+    """Refuse to write beside the other format's export of another model:
+    the folder has one protection.json, and it would then describe the new
+    export only, so the old file would be served with another key's
+    transform (or another normalization) without any error."""
+    others = [directory / name for fmt, name in EXPORT_FORMATS.items() if fmt != format and (directory / name).exists()]
+    if not others:
+        return
+    try:
+        existing = ProtectionConfig.load(directory).to_dict()
+    except CheckpointError:
+        existing = {}
+    new = config.to_dict()
+    differs = [name for name in _SAME_MODEL_FIELDS if existing.get(name) != new[name]]
+    if differs:
+        raise ConfigurationError(
+            f"{directory} already holds {others[0].name}, the export of another model (its {', '.join(differs)} "
+            f"differ{'s' if len(differs) == 1 else ''} or its protection.json is missing), and the folder's one "
+            "protection.json would then describe only this export: export into a new folder, or remove "
+            f"{others[0].name} first"
+        )
 
 
 def _checked_config(directory: Path, key: SecretKey, allow_wrong_key: bool) -> ProtectionConfig:

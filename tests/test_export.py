@@ -180,3 +180,25 @@ def test_a_compiled_model_exports_as_its_protected_model(protected, shuffle_np_k
     protected.eval()
     with torch.no_grad():
         torch.testing.assert_close(load_exported(tmp_path, shuffle_np_key)(x), protected(x))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_both_formats_of_one_model_share_a_folder_but_another_models_export_is_refused(
+        protected, tiny_timm_model, shuffle_np_key, tmp_path):
+    pytest.importorskip("onnxscript")
+    deploy = tmp_path / "deploy"
+    export_protected(protected, deploy, format="onnx")
+    export_protected(protected, deploy, format="pt2")  # the same model: one protection.json fits both
+    assert {p.name for p in deploy.iterdir()} == {"model.onnx", "model.pt2", "protection.json"}
+
+    other = tmp_path / "other"
+    export_protected(protected, other, format="onnx")
+    before = {p.name: p.read_bytes() for p in other.iterdir()}
+    another_key = SecretKey.generate_like(shuffle_np_key)
+    with pytest.raises(ConfigurationError, match=r"already holds model\.onnx.*fingerprint.*new folder") as caught:
+        export_protected(wrap_model(tiny_timm_model, another_key, input_size=SIZE), other, format="pt2")
+    assert another_key._material.hex() not in str(caught.value)
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == before  # nothing written, nothing lost
+    # onnx over onnx replaces the model and its protection.json together
+    export_protected(wrap_model(tiny_timm_model, another_key, input_size=SIZE), other, format="onnx")
+    assert ProtectionConfig.load(other).fingerprint == another_key.fingerprint
