@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -29,7 +30,14 @@ import torch
 
 from .checkpoint import PROTECTION_FILE, ProtectionConfig, find_key_material, save_protected
 from .cli import KEY_ENV, _UsageError
-from .errors import CheckpointError, ConfigurationError, KeyFileError, KeyLeakError, KeyMismatchError
+from .errors import (
+    CheckpointError,
+    ConfigurationError,
+    KeyFileError,
+    KeyFilePermissionWarning,
+    KeyLeakError,
+    KeyMismatchError,
+)
 from .keys import SecretKey
 from .transforms import check_image_size, nearest_valid_size
 
@@ -417,7 +425,15 @@ def cli_key(path: Optional[str], *, required: bool = True) -> Optional[SecretKey
     """The key of a ``kp`` command: the file ``--key`` names, else the
     :data:`KEY_ENV` environment variable (a key file's content)."""
     if path:
-        return SecretKey.load(path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", KeyFilePermissionWarning)
+            key = SecretKey.load(path)
+        for warning in caught:
+            if issubclass(warning.category, KeyFilePermissionWarning):
+                print(f"warning: {warning.message}", file=sys.stderr)  # one plain line, as kp's errors are
+            else:
+                warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+        return key
     if os.environ.get(KEY_ENV):
         return SecretKey.from_env(KEY_ENV)
     if required:

@@ -23,6 +23,7 @@ __all__ = [
     "BlockSizeError",
     "ConfigurationError",
     "KeyLeakError",
+    "KeyFilePermissionWarning",
 ]
 
 
@@ -78,3 +79,9 @@ class ConfigurationError(KPError, ValueError):
 
 class KeyLeakError(KPError):
     """A file about to be written or uploaded contains key material."""
+
+
+class KeyFilePermissionWarning(UserWarning):
+    """A key file that other users of the machine can read (its group or
+    others have permissions); ``chmod 600`` it. A warning, not an error:
+    container secrets are often mounted readable by design."""

@@ -20,12 +20,14 @@ import hmac
 import json
 import os
 import secrets
+import stat
 import tempfile
+import warnings
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Iterable, Iterator, Union
 
-from .errors import KeyFileError, KeyFileExistsError, KeyFileWriteError
+from .errors import KeyFileError, KeyFileExistsError, KeyFilePermissionWarning, KeyFileWriteError
 
 __all__ = [
     "SecretKey",
@@ -588,6 +590,10 @@ class SecretKey:
         Raises:
             KeyFileError: the file is missing, corrupt, truncated, tampered
                 with, or of a newer format version.
+
+        Warns:
+            KeyFilePermissionWarning: on POSIX, the file is readable or
+                writable by its group or others (``chmod 600`` it).
         """
         path = Path(path)
         try:
@@ -596,7 +602,9 @@ class SecretKey:
             raise KeyFileError(f"key file {path} does not exist; create one with `kp keygen -o {path}`") from None
         except OSError as exc:
             raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from None
-        return cls.from_json(data, source=f"key file {path}")
+        key = cls.from_json(data, source=f"key file {path}")
+        _warn_if_shared(path)
+        return key
 
     @classmethod
     def from_env(cls, name: str = "KP_KEY") -> "SecretKey":
@@ -614,6 +622,24 @@ class SecretKey:
                 f'e.g. export {name}="$(cat {value})"'
             )
         return cls.from_json(value, source=f"environment variable {name}")
+
+
+def _warn_if_shared(path: Path) -> None:
+    """Warn when users other than the owner may read or replace a key file
+    (as ssh does for private keys, but without refusing)."""
+    if os.name != "posix":
+        return
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return
+    if mode & 0o077:
+        warnings.warn(
+            f"key file {path} is accessible to other users of this machine (mode {mode:04o}); anyone who can read "
+            f"it can use the protected model: restrict it with `chmod 600 {path}`",
+            KeyFilePermissionWarning,
+            stacklevel=3,
+        )
 
 
 def _fsync_directory(directory: Path) -> None:

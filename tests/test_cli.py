@@ -361,3 +361,15 @@ def test_protect_with_ema_saves_the_weight_average(tmp_path):
     for name in compared:
         torch.testing.assert_close(saved[name], average[name].contiguous(), rtol=0, atol=0)
     assert find_key_material(out, SecretKey.load(key_path)) == []
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_a_key_file_others_can_read_is_one_warning_line_and_the_command_runs(tmp_path, capsys):
+    key_path = tmp_path / "shared.key"
+    assert main(["keygen", "--block-size", "8", "-o", str(key_path)]) == 0
+    key_path.chmod(0o644)
+    capsys.readouterr()
+    assert main(["show", "--key", str(key_path), str(_write_image(tmp_path)), "-o", str(tmp_path / "s.png")]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: key file {key_path} is accessible to other users") and "chmod 600" in err
+    assert "KeyFilePermissionWarning" not in err and len(err.strip().splitlines()) == 1

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kp_plugin import KeyFileError, KeyFileWriteError, SecretKey, parse_scheme
+from kp_plugin import KeyFileError, KeyFilePermissionWarning, KeyFileWriteError, SecretKey, parse_scheme
 from kp_plugin.keys import DEFAULT_SCHEME, PAPER_SCHEME
 
 from conftest import ALL_STEPS, GOLDEN_MATERIAL
@@ -272,6 +272,22 @@ def test_key_file_is_owner_only_after_overwrite(golden_key, tmp_path):
     path.chmod(0o644)
     golden_key.save(path, overwrite=True)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_loading_a_key_file_others_can_read_warns_and_still_loads(golden_key, tmp_path, recwarn):
+    path = golden_key.save(tmp_path / "owner.key")
+    assert SecretKey.load(path) == golden_key
+    assert not [w for w in recwarn if issubclass(w.category, KeyFilePermissionWarning)]  # 0600: silent
+    for mode in (0o644, 0o640, 0o604, 0o400 | 0o020):
+        path.chmod(mode)
+        with pytest.warns(KeyFilePermissionWarning, match=f"mode {mode:04o}.*chmod 600") as caught:
+            assert SecretKey.load(path) == golden_key
+        assert GOLDEN_MATERIAL.hex() not in str(caught[0].message)
+        assert caught[0].filename == __file__  # points at the caller's line
+    path.chmod(0o400)  # read-only for the owner is fine
+    SecretKey.load(path)
+    assert not [w for w in recwarn if issubclass(w.category, KeyFilePermissionWarning)]
 
 
 def test_save_refuses_to_overwrite(golden_key, tmp_path):
