@@ -404,6 +404,7 @@ def test_missing_key_file_says_how_to_make_one(tmp_path):
 def test_a_byte_order_mark_or_windows_line_ends_do_not_damage_a_key(golden_key, tmp_path, monkeypatch):
     text = golden_key.to_json()
     (tmp_path / "bom.key").write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    (tmp_path / "bom.key").chmod(0o600)
     assert SecretKey.load(tmp_path / "bom.key") == golden_key
     monkeypatch.setenv("KP_KEY", "\ufeff" + text)
     assert SecretKey.from_env("KP_KEY") == golden_key
