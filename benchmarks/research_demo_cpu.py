@@ -178,6 +178,8 @@ def main(argv=None) -> int:
                         help="stochastic depth (timm's drop_path_rate), both fine-tunes")
     parser.add_argument("--curves", action="store_true",
                         help="record training and test accuracy after every epoch (both fine-tunes)")
+    parser.add_argument("--mixup", type=float, default=0.0, help="TrainConfig.mixup_alpha, both fine-tunes")
+    parser.add_argument("--cutmix", type=float, default=0.0, help="TrainConfig.cutmix_alpha, both fine-tunes")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
@@ -187,6 +189,7 @@ def main(argv=None) -> int:
     key = SecretKey.generate(block_size=args.block_size, scheme=args.scheme)
     config = TrainConfig(epochs=args.epochs, seed=args.seed, augment=not args.no_augment,
                          stem_lr_scale=args.stem_lr_scale, ema_decay=args.ema_decay,
+                         mixup_alpha=args.mixup, cutmix_alpha=args.cutmix,
                          **({} if args.lr is None else {"lr": args.lr}),
                          objective=ProtectionObjective(wrong_key_weight=args.wrong_weight, plain_weight=args.plain_weight,
                                                    wrong_keys_per_step=args.wrong_keys_per_step,
@@ -203,7 +206,8 @@ def main(argv=None) -> int:
               "wrong_keys_per_step": args.wrong_keys_per_step,
               "threads": args.threads, "device": "cpu", "seed": args.seed, "lr": config.lr,
               "augment": config.augment, "stem_lr_scale": config.stem_lr_scale,
-              "ema_decay": config.ema_decay, **_regularization(args)}
+              "ema_decay": config.ema_decay, "mixup_alpha": config.mixup_alpha,
+              "cutmix_alpha": config.cutmix_alpha, **_regularization(args)}
 
     baseline = None
     if args.distill_weight:

@@ -339,7 +339,9 @@ class ProtectionObjective:
             model: the :class:`ProtectedModel` being trained (a plain model
                 is allowed when no suppression term is on).
             images01: the batch in [0, 1], augmented, before the key.
-            labels: ``(B,)`` int64.
+            labels: ``(B,)`` int64, or soft labels ``(B, classes)`` (mixup,
+                CutMix) for the cross-entropy; the suppression terms that
+                read a label take each image's largest.
             logits: the model's output on ``images01`` with the correct key.
             teacher_logits: a teacher's output on the same images, plain
                 (needed when ``distill_weight`` is on).
@@ -365,6 +367,8 @@ class ProtectionObjective:
                 "train the unprotected baseline with ProtectionObjective() (cross-entropy only)"
             )
         base, keyed = model.unwrap(), model.keyed
+        if labels.is_floating_point():
+            labels = labels.argmax(dim=-1)
         if self.suppression_fraction < 1:
             keep = max(1, math.ceil(self.suppression_fraction * images01.shape[0]))
             images01, labels = images01[:keep], labels[:keep]

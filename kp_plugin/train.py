@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,6 +54,8 @@ __all__ = [
     "plain_model",
     "PlainModel",
     "augment_images",
+    "mix_images",
+    "mixed_targets",
     "first_conv",
     "SCHEDULES",
     "TRAINING_STATE_FILE",
@@ -110,6 +113,14 @@ class TrainConfig:
             usual warm-up ``min(decay, (1 + t) / (10 + t))`` at step ``t``;
             per-epoch evaluation uses the average, and the model comes back
             holding it. ``None``: the last step's weights.
+        mixup_alpha: mix each batch with a shuffled copy of itself, weight
+            ``lam ~ Beta(alpha, alpha)``, and the labels with it (as timm's
+            ``--mixup``); 0 turns it off. Applied to the [0, 1] images
+            before the key.
+        cutmix_alpha: paste a box of a shuffled copy into each batch, the
+            box's area fraction ``1 - lam`` with ``lam ~ Beta(alpha, alpha)``
+            (as timm's ``--cutmix``); 0 turns it off. With both on, each
+            batch uses one of the two at random.
 
     Example:
         >>> TrainConfig(epochs=2, batch_size=32).schedule
@@ -129,6 +140,8 @@ class TrainConfig:
     reinit_stem: bool = False
     channels_last: bool = True
     ema_decay: Optional[float] = None
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -139,6 +152,8 @@ class TrainConfig:
             raise ConfigurationError(f"lr must be positive, got {self.lr}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigurationError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
+            raise ConfigurationError("mixup_alpha and cutmix_alpha must be >= 0 (0 turns them off)")
 
     @property
     def resolved_objective(self) -> ProtectionObjective:
@@ -272,6 +287,58 @@ def augment_images(images: torch.Tensor, *, generator: Optional[torch.Generator]
     theta[:, :, 2] = shift
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images, grid.to(images.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def mix_images(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    mixup_alpha: float = 0.0,
+    cutmix_alpha: float = 0.0,
+    generator: Optional[torch.Generator] = None,
+) -> tuple:
+    """Mixup / CutMix of a batch of [0, 1] images with a shuffled copy of
+    itself. With both alphas on, one of the two is chosen at random
+    (probability 1/2).
+
+    Returns:
+        ``(mixed, partner_labels, lam)``: the mixed images, the labels of
+        the images mixed in, and the weight of the original ones (for
+        CutMix, the fraction of each image that is still its own). The
+        training target is ``lam * one_hot(labels) + (1 - lam) *
+        one_hot(partner_labels)`` (:func:`mixed_targets`).
+
+    Example:
+        >>> images, labels = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+        >>> mixed, partners, lam = mix_images(images, labels, mixup_alpha=0.4)
+        >>> mixed.shape == images.shape, 0.0 <= lam <= 1.0
+        (True, True)
+    """
+    if mixup_alpha <= 0 and cutmix_alpha <= 0:
+        raise ConfigurationError("mix_images needs mixup_alpha or cutmix_alpha above 0")
+    draws = torch.rand(4, generator=generator)
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or bool(draws[0] < 0.5))
+    alpha = cutmix_alpha if use_cutmix else mixup_alpha
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    lam = float(np.random.default_rng(seed).beta(alpha, alpha))
+    order = torch.randperm(images.shape[0], generator=generator).to(images.device)
+    if use_cutmix:
+        height, width = images.shape[-2:]
+        cut_h, cut_w = int(round(height * math.sqrt(1 - lam))), int(round(width * math.sqrt(1 - lam)))
+        cy, cx = int(draws[1] * height), int(draws[2] * width)
+        top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h - cut_h // 2, height)
+        left, right = max(cx - cut_w // 2, 0), min(cx + cut_w - cut_w // 2, width)
+        mixed = images.clone()
+        mixed[..., top:bottom, left:right] = images[order][..., top:bottom, left:right]
+        lam = 1.0 - (bottom - top) * (right - left) / (height * width)  # the box as clipped
+    else:
+        mixed = images * lam + images[order] * (1.0 - lam)
+    return mixed, labels[order], lam
+
+
+def mixed_targets(labels: torch.Tensor, partner_labels: torch.Tensor, lam: float, num_classes: int) -> torch.Tensor:
+    """The soft labels of a batch from :func:`mix_images`, ``(B, num_classes)``."""
+    return F.one_hot(labels, num_classes).float() * lam + F.one_hot(partner_labels, num_classes).float() * (1.0 - lam)
 
 
 def _device(device: Union[None, str, torch.device]) -> torch.device:
@@ -551,13 +618,23 @@ def fit(
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 if config.augment:
                     images = augment_images(images, generator=generator)
+                mixing = None
+                if config.mixup_alpha > 0 or config.cutmix_alpha > 0:
+                    images, partners, lam = mix_images(
+                        images, labels, mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha,
+                        generator=generator,
+                    )
+                    mixing = (partners, lam)
                 with _autocast(device, config.amp):
                     teacher_logits = None
                     if teacher is not None:
                         with torch.no_grad():
                             teacher_logits = logits_of(teacher(images))
                     logits = logits_of(model(images))
-                    loss, parts = objective(model, images, labels, logits, teacher_logits)
+                    targets = labels
+                    if mixing is not None:
+                        targets = mixed_targets(labels, mixing[0], mixing[1], logits.shape[-1])
+                    loss, parts = objective(model, images, targets, logits, teacher_logits)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -17,6 +17,8 @@ from kp_plugin.train import (
     evaluate_accuracy,
     first_conv,
     fit,
+    mix_images,
+    mixed_targets,
     plain_model,
     rekey,
 )
@@ -266,3 +268,62 @@ def test_ema_decay_must_be_between_zero_and_one():
     for decay in (0.0, 1.0, 1.5):
         with pytest.raises(ConfigurationError, match="ema_decay"):
             TrainConfig(ema_decay=decay)
+
+
+def test_mixup_mixes_images_and_labels_with_one_weight():
+    images = torch.rand(6, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    mixed, partners, lam = mix_images(images, labels, mixup_alpha=0.4, generator=torch.Generator().manual_seed(0))
+    assert 0.0 < lam < 1.0 and mixed.shape == images.shape
+    # each mixed image is lam * its own + (1 - lam) * one other image of the batch
+    for i in range(6):
+        partner = [j for j in range(6) if torch.allclose(mixed[i], lam * images[i] + (1 - lam) * images[j], atol=1e-6)]
+        assert partner and int(labels[partner[0]]) == int(partners[i])
+    targets = mixed_targets(labels, partners, lam, 3)
+    torch.testing.assert_close(targets.sum(1), torch.ones(6))
+    assert torch.allclose(targets[torch.arange(6), labels] + targets[torch.arange(6), partners] * (labels != partners),
+                          torch.ones(6))
+    again = mix_images(images, labels, mixup_alpha=0.4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(again[0], mixed)  # reproducible given the generator
+
+
+def test_cutmix_pastes_a_box_whose_area_is_the_label_weight():
+    images = torch.zeros(4, 1, SIZE, SIZE)
+    images[1::2] = 1.0
+    labels = torch.tensor([0, 1, 0, 1])
+    for seed in range(5):
+        mixed, partners, lam = mix_images(images, labels, cutmix_alpha=1.0, generator=torch.Generator().manual_seed(seed))
+        for i in range(4):
+            own = (mixed[i] == images[i]).float().mean()
+            if int(partners[i]) != int(labels[i]):
+                assert abs(float(own) - lam) < 1e-6  # the pasted box is exactly 1 - lam of the image
+        assert float(mixed.min()) >= 0 and float(mixed.max()) <= 1
+
+
+def test_fit_with_mixup_and_cutmix_trains_on_soft_labels(key):
+    model = _model(key)
+    data = _separable_dataset()
+    config = TrainConfig(epochs=6, batch_size=8, lr=1e-2, mixup_alpha=0.4, cutmix_alpha=1.0,
+                         objective=ProtectionObjective(wrong_key_weight=1.0, form="true_class"))
+    result = fit(model, data, config=config, progress=False)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history)
+    assert "wrong" in result.final
+    assert evaluate_accuracy(model, data) >= 0.9
+
+
+def test_soft_one_hot_labels_give_the_hard_label_loss(key):
+    model = _model(key)
+    images, labels = torch.rand(4, 3, SIZE, SIZE), torch.tensor([0, 1, 1, 0])
+    objective = ProtectionObjective(label_smoothing=0.1)
+    logits = model(images)
+    hard, _ = objective(model, images, labels, logits)
+    soft, _ = objective(model, images, torch.nn.functional.one_hot(labels, 2).float(), logits)
+    torch.testing.assert_close(soft, hard)
+
+
+def test_mixing_alphas_must_not_be_negative():
+    for field in ("mixup_alpha", "cutmix_alpha"):
+        with pytest.raises(ConfigurationError, match="mixup_alpha and cutmix_alpha"):
+            TrainConfig(**{field: -0.1})
+    with pytest.raises(ConfigurationError, match="needs mixup_alpha or cutmix_alpha"):
+        mix_images(torch.rand(2, 3, 4, 4), torch.tensor([0, 1]))
