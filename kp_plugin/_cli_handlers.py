@@ -204,7 +204,7 @@ def protect(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr), ("ema_decay", args.ema_decay))
                  if v is not None}
     config = TrainConfig(epochs=args.epochs, seed=args.seed, objective=_objective(args.wrong_key_weight, args.distill),
-                         **overrides)
+                         mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, **overrides)
     record = {}
     if args.resume and (out / TRAINING_FILE).is_file():
         record = json.loads((out / TRAINING_FILE).read_text())

@@ -65,6 +65,17 @@ def _subcommand(subparsers, name: str, *, help: str, example: str, handler: Call
     return parser
 
 
+def _alpha(text: str) -> float:
+    """An argparse type: a Beta-distribution parameter, >= 0 (0 = off)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 (0 turns it off), got {text}")
+    return value
+
+
 def _rate(text: str) -> float:
     """An argparse type: a probability in [0, 1)."""
     try:
@@ -172,6 +183,12 @@ def _register_protect(subparsers) -> None:
                         help="dropout before the classifier (timm's --drop / drop_rate); the baseline uses it too")
     parser.add_argument("--drop-path", type=_rate, default=None, metavar="RATE",
                         help="stochastic depth (timm's --drop-path / drop_path_rate); the baseline uses it too")
+    parser.add_argument("--mixup", type=_alpha, default=0.0, metavar="ALPHA",
+                        help="mixup of each batch, weight ~ Beta(ALPHA, ALPHA), before the key (timm's --mixup); "
+                             "the baseline uses it too. Default 0 (off)")
+    parser.add_argument("--cutmix", type=_alpha, default=0.0, metavar="ALPHA",
+                        help="CutMix of each batch (timm's --cutmix); with --mixup, each batch uses one of the two. "
+                             "Default 0 (off)")
     parser.add_argument("--no-pretrained", action="store_true", help="start from random weights")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in the same directory")
     _add_runtime_options(parser)

@@ -373,3 +373,28 @@ def test_a_key_file_others_can_read_is_one_warning_line_and_the_command_runs(tmp
     err = capsys.readouterr().err
     assert err.startswith(f"warning: key file {key_path} is accessible to other users") and "chmod 600" in err
     assert "KeyFilePermissionWarning" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_protect_mixes_batches_for_the_protected_model_and_the_baseline(tmp_path, monkeypatch, capsys):
+    from kp_plugin import train
+    from kp_plugin.data import load_dataset
+
+    calls = []
+    real = train.mix_images
+
+    def recording(images, labels, **kwargs):
+        calls.append((kwargs["mixup_alpha"], kwargs["cutmix_alpha"]))
+        return real(images, labels, **kwargs)
+
+    monkeypatch.setattr(train, "mix_images", recording)
+    key_path, out = tmp_path / "owner.key", tmp_path / "out"
+    assert main(["keygen", "--block-size", "8", "-o", str(key_path)]) == 0
+    assert main(["protect", *TINY, "--key", str(key_path), "-o", str(out), "--baseline",
+                 "--mixup", "0.4", "--cutmix", "1"]) == 0
+    steps = -(-len(load_dataset("digits", split="train", image_size=16)) // 64)
+    assert calls == [(0.4, 1.0)] * (2 * steps)  # every step of both fine-tunes
+    config = json.loads((out / "training.json").read_text())["config"]
+    assert (config["mixup_alpha"], config["cutmix_alpha"]) == (0.4, 1.0)
+    capsys.readouterr()
+    assert main(["protect", *TINY, "--key", str(key_path), "-o", str(tmp_path / "bad"), "--mixup", "-1"]) == 2
+    assert "expected a number >= 0" in capsys.readouterr().err
