@@ -120,7 +120,9 @@ class TrainConfig:
         cutmix_alpha: paste a box of a shuffled copy into each batch, the
             box's area fraction ``1 - lam`` with ``lam ~ Beta(alpha, alpha)``
             (as timm's ``--cutmix``); 0 turns it off. With both on, each
-            batch uses one of the two at random.
+            batch uses one of the two at random. Off by default: on photos
+            (0.8 / 1.0) they lifted the protected and the unprotected
+            fine-tunes alike, leaving the gap (docs/recipe.md).
 
     Example:
         >>> TrainConfig(epochs=2, batch_size=32).schedule
