@@ -635,6 +635,14 @@ def wrap_model(
     """
     if isinstance(model, ProtectedModel):
         raise ConfigurationError("model is already protected; call model.unwrap() first to re-key it")
+    if isinstance(model, nn.Module) and any(isinstance(m, KeyedInput) for m in model.modules()):
+        # A ProtectedModel inside torch.compile / DDP / a container, or a
+        # KeyedInput placed by hand: wrapping would apply a key twice.
+        raise ConfigurationError(
+            f"model ({type(model).__name__}) already contains a keyed transform (a KeyedInput, e.g. a protected "
+            "model inside torch.compile, DDP or a container); wrapping it would apply a key twice: wrap the base "
+            "model instead (kp_plugin.unwrap(model))"
+        )
     if not isinstance(key, SecretKey):
         raise TypeError(f"key must be a kp_plugin.SecretKey, got {type(key).__name__}")
     explicit_size = input_size is not None

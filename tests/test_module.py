@@ -496,6 +496,13 @@ def test_wrapping_twice_is_refused(tiny_cnn, any_key):
     model = wrap_model(tiny_cnn, any_key, mean=MEAN, std=STD)
     with pytest.raises(ConfigurationError, match="already protected"):
         wrap_model(model, any_key, mean=MEAN, std=STD)
+    # Also where the protected model hides inside a wrapper or a container:
+    # the images would be keyed twice.
+    nn = torch.nn
+    for outer in (torch.compile(model), nn.DataParallel(model), nn.Sequential(model, nn.Identity()),
+                  nn.Sequential(KeyedInput(any_key, mean=MEAN, std=STD), tiny_cnn)):
+        with pytest.raises(ConfigurationError, match="already contains a keyed transform.*unwrap"):
+            wrap_model(outer, any_key, mean=MEAN, std=STD)
 
 
 def test_mean_std_and_size_come_from_timm_pretrained_cfg(any_key):
