@@ -190,8 +190,6 @@ def protect(args: argparse.Namespace) -> int:
         raise ConfigurationError(
             f"{out} already holds a protected model; pass --resume to continue it, or choose another -o"
         )
-    if args.distill < 0:
-        raise ConfigurationError(f"--distill must be >= 0 (0 turns distillation off), got {args.distill}")
     if args.image_size is not None:
         _check_size_for_key(args.image_size, key)
     train_set = load_dataset(args.data, split="train", image_size=args.image_size)

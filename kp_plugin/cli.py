@@ -65,31 +65,35 @@ def _subcommand(subparsers, name: str, *, help: str, example: str, handler: Call
     return parser
 
 
-def _alpha(text: str) -> float:
-    """An argparse type: a Beta-distribution parameter, >= 0 (0 = off)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0 (0 turns it off), got {text}")
-    return value
+def _number(kind: type, test, expected: str, name: str):
+    """An argparse type: ``kind(text)`` for which ``test(value)`` holds;
+    otherwise a usage error (exit code 2) saying what was expected, before
+    any model or data is loaded."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+
+    parse.__name__ = name  # argparse names the type in its messages
+    return parse
 
 
-def _rate(text: str) -> float:
-    """An argparse type: a probability in [0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
-    return value
+_positive_int = _number(int, lambda v: v >= 1, "an integer >= 1", "positive integer")
+_count = _number(int, lambda v: v >= 0, "an integer >= 0", "count")
+_positive = _number(float, lambda v: v > 0, "a number > 0", "positive number")
+_weight = _number(float, lambda v: v >= 0, "a number >= 0 (0 turns it off)", "weight")
+_rate = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)", "rate")
+_decay = _number(float, lambda v: 0 < v < 1, "a number in (0, 1)", "decay")
 
 
 def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=_positive_int, default=None,
                         help="CPU threads for torch (default: the cores not busy with other work)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -101,7 +105,7 @@ def _add_data_option(parser: argparse.ArgumentParser, *, required: bool) -> None
              "ImageFolder directory (one sub-folder per class; train/ and test/ splits if present)"
              + ("" if required else "; default: the dataset the model was trained on"),
     )
-    parser.add_argument("--image-size", type=int, default=None,
+    parser.add_argument("--image-size", type=_positive_int, default=None,
                         help="image side in pixels (a multiple of the key's block size)")
 
 
@@ -164,29 +168,29 @@ def _register_protect(subparsers) -> None:
     parser.add_argument("--baseline", action="store_true",
                         help="also fine-tune an unprotected copy with the same recipe (the cost of protection); "
                              "with --distill it is the teacher and costs nothing more")
-    parser.add_argument("--epochs", type=int, default=DEMO_EPOCHS, help=f"default {DEMO_EPOCHS}")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW)")
+    parser.add_argument("--epochs", type=_positive_int, default=DEMO_EPOCHS, help=f"default {DEMO_EPOCHS}")
+    parser.add_argument("--batch-size", type=_positive_int, default=None)
+    parser.add_argument("--lr", type=_positive, default=None, help="peak learning rate (AdamW)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--wrong-key-weight", type=float, default=None,
+    parser.add_argument("--wrong-key-weight", type=_weight, default=None,
                         help="weight of the wrong-key suppression term (default: the library's measured default; "
                              "0 = cross-entropy only, the paper's recipe)")
-    parser.add_argument("--distill", type=float, default=0.0, metavar="WEIGHT",
+    parser.add_argument("--distill", type=_weight, default=0.0, metavar="WEIGHT",
                         help="distil from an unprotected fine-tune trained first with the same recipe (measured "
                              "at 1.0: more accuracy with the key, but stolen weights help a fine-tuning attacker "
                              "more; docs/recipe.md). Default 0 (off). The teacher's weights stay in "
                              "OUTPUT/training/, which is never uploaded")
-    parser.add_argument("--ema-decay", type=float, default=None, metavar="DECAY",
+    parser.add_argument("--ema-decay", type=_decay, default=None, metavar="DECAY",
                         help="keep an exponential moving average of the weights (as timm's --model-ema, e.g. 0.99) "
                              "and save it; the baseline uses it too")
     parser.add_argument("--drop", type=_rate, default=None, metavar="RATE",
                         help="dropout before the classifier (timm's --drop / drop_rate); the baseline uses it too")
     parser.add_argument("--drop-path", type=_rate, default=None, metavar="RATE",
                         help="stochastic depth (timm's --drop-path / drop_path_rate); the baseline uses it too")
-    parser.add_argument("--mixup", type=_alpha, default=0.0, metavar="ALPHA",
+    parser.add_argument("--mixup", type=_weight, default=0.0, metavar="ALPHA",
                         help="mixup of each batch, weight ~ Beta(ALPHA, ALPHA), before the key (timm's --mixup); "
                              "the baseline uses it too. Default 0 (off)")
-    parser.add_argument("--cutmix", type=_alpha, default=0.0, metavar="ALPHA",
+    parser.add_argument("--cutmix", type=_weight, default=0.0, metavar="ALPHA",
                         help="CutMix of each batch (timm's --cutmix); with --mixup, each batch uses one of the two. "
                              "Default 0 (off)")
     parser.add_argument("--no-pretrained", action="store_true", help="start from random weights")
@@ -206,9 +210,9 @@ def _register_evaluate(subparsers) -> None:
     parser.add_argument("--key", default=None, help=f"the owner's key file (default: {KEY_ENV})")
     _add_data_option(parser, required=False)
     parser.add_argument("--split", default="test", choices=("test", "train"))
-    parser.add_argument("--wrong-keys", type=int, default=100, help="random wrong keys to try (default 100)")
+    parser.add_argument("--wrong-keys", type=_count, default=100, help="random wrong keys to try (default 100)")
     parser.add_argument("--seed", type=int, default=0, help="picks the wrong keys (default 0)")
-    parser.add_argument("--batch-size", type=int, default=None, help="default 64 on CPU, 256 on a GPU")
+    parser.add_argument("--batch-size", type=_positive_int, default=None, help="default 64 on CPU, 256 on a GPU")
     parser.add_argument("-o", "--output", default=None, help="report directory (default CHECKPOINT/report)")
     _add_runtime_options(parser)
 
@@ -221,7 +225,7 @@ def _register_show(subparsers) -> None:
     parser.add_argument("image", help="an image file (PNG, JPEG, ...)")
     parser.add_argument("--key", default=None, help=f"the key file (default: {KEY_ENV})")
     parser.add_argument("-o", "--output", required=True, help="PNG file to write")
-    parser.add_argument("--image-size", type=int, default=None,
+    parser.add_argument("--image-size", type=_positive_int, default=None,
                         help="resize to this side first (default: keep the size, rounded to a multiple "
                              "of the block size)")
     parser.add_argument("--invert", action="store_true", help="undo the transform instead (decrypt)")
@@ -248,9 +252,9 @@ def _register_export(subparsers) -> None:
     parser.add_argument("-o", "--output", required=True, help="directory for the exported model and protection.json")
     parser.add_argument("--format", default="onnx", choices=tuple(EXPORT_FORMATS),
                         help="onnx (needs onnx + onnxscript) or pt2 (torch.export); default onnx")
-    parser.add_argument("--batch-size", type=int, default=None,
+    parser.add_argument("--batch-size", type=_positive_int, default=None,
                         help="a fixed batch size (default: any batch size)")
-    parser.add_argument("--opset", type=int, default=None, help="ONNX opset version (default: the exporter's)")
+    parser.add_argument("--opset", type=_positive_int, default=None, help="ONNX opset version (default: the exporter's)")
 
 
 class _UsageError(Exception):

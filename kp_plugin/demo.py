@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ._cli_handlers import auto_threads
+from .cli import _count, _positive_int
 from .cli import main as kp_main
 from .errors import ConfigurationError, KPError
 
@@ -182,14 +183,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help=f"default {DEFAULT_OUTPUT}")
     parser.add_argument("--model", default="tf_efficientnet_lite0")
     parser.add_argument("--data", default="digits", help="digits, photos or an ImageFolder directory")
-    parser.add_argument("--epochs", type=int, default=None, help="default: the measured recipe")
-    parser.add_argument("--block-size", type=int, default=None, help="default: the measured recipe")
+    parser.add_argument("--epochs", type=_positive_int, default=None, help="default: the measured recipe")
+    parser.add_argument("--block-size", type=_positive_int, default=None, help="default: the measured recipe")
     parser.add_argument("--scheme", default=None, help="default: the library's default scheme")
-    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--image-size", type=_positive_int, default=None)
     parser.add_argument("--no-pretrained", action="store_true", help="start from random weights")
-    parser.add_argument("--wrong-keys", type=int, default=100)
+    parser.add_argument("--wrong-keys", type=_count, default=100)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=_positive_int, default=None,
                         help="CPU threads for torch (default: the cores not busy with other work)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)

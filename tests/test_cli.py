@@ -398,3 +398,28 @@ def test_protect_mixes_batches_for_the_protected_model_and_the_baseline(tmp_path
     capsys.readouterr()
     assert main(["protect", *TINY, "--key", str(key_path), "-o", str(tmp_path / "bad"), "--mixup", "-1"]) == 2
     assert "expected a number >= 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, complaint", [
+    (["protect", "--epochs", "0"], "--epochs: expected an integer >= 1, got 0"),
+    (["protect", "--batch-size", "0"], "--batch-size: expected an integer >= 1"),
+    (["protect", "--threads", "-2"], "--threads: expected an integer >= 1, got -2"),
+    (["protect", "--lr", "0"], "--lr: expected a number > 0"),
+    (["protect", "--ema-decay", "1"], "--ema-decay: expected a number in (0, 1)"),
+    (["protect", "--wrong-key-weight", "-1"], "--wrong-key-weight: expected a number >= 0"),
+    (["protect", "--image-size", "0"], "--image-size: expected an integer >= 1"),
+    (["evaluate", "out", "--wrong-keys", "-3"], "--wrong-keys: expected an integer >= 0, got -3"),
+    (["evaluate", "out", "--threads", "0"], "--threads: expected an integer >= 1, got 0"),
+    (["export", "out", "-o", "deploy", "--batch-size", "0"], "--batch-size: expected an integer >= 1"),
+    (["show", "image.png", "-o", "s.png", "--image-size", "-1"], "--image-size: expected an integer >= 1"),
+    (["attack", "out", "--threads", "0"], "--threads: expected an integer >= 1"),
+])
+def test_numbers_out_of_range_are_usage_errors_before_anything_loads(argv, complaint, tmp_path, capsys, monkeypatch):
+    # A negative thread count used to end in a RuntimeError traceback from
+    # torch, and a zero epoch count in exit code 1 after the data had loaded.
+    monkeypatch.chdir(tmp_path)  # nothing here: any loading would fail differently
+    command = argv[0]
+    required = {"protect": ["--key", "k.key", "-o", "out", "--model", "test_efficientnet"]}.get(command, [])
+    assert main([*argv, *required]) == 2
+    err = capsys.readouterr().err
+    assert f"kp {command}: error: argument {complaint}" in err and "Traceback" not in err
