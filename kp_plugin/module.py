@@ -592,6 +592,27 @@ class ProtectedModel(nn.Module):
             hub_kwargs.setdefault("key", self.key)  # the leak scan looks for the key's own bytes too
             push_protected(directory, repo_id or Path(directory).name, **hub_kwargs)
 
+    def push_to_hub(self, repo_id: str, **hub_kwargs: Any):
+        """Publish on the Hub with :func:`kp_plugin.hub.push_protected`
+        (weights, native config, ``protection.json``, a model card; never
+        the key; every file scanned first), under the method name
+        transformers models have. Without it, the base model's own
+        ``push_to_hub`` would be reached through attribute delegation and
+        upload a repository with no ``protection.json`` that
+        ``pull_protected`` cannot load. Takes ``push_protected``'s keywords
+        (``private`` (default ``True``), ``token``, ``revision``,
+        ``commit_message``, ``endpoint`` ...); transformers' ``use_temp_dir``
+        and ``max_shard_size`` change nothing (one safetensors file).
+        Returns ``push_protected``'s result."""
+        from .hub import push_protected
+
+        hub_kwargs.pop("use_temp_dir", None)
+        hub_kwargs.pop("max_shard_size", None)
+        if not hub_kwargs.pop("safe_serialization", True):
+            raise ConfigurationError("protected checkpoints are always written as safetensors; leave "
+                                     "safe_serialization=True")
+        return push_protected(self, repo_id, **hub_kwargs)
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)

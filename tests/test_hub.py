@@ -213,6 +213,31 @@ def test_save_pretrained_takes_the_transformers_keywords(test_hub, model, isolat
     assert not (tmp_path / "pickled").exists() and not (tmp_path / "tokened").exists()
 
 
+def test_push_to_hub_publishes_the_protected_model_not_the_bare_base(test_hub, isolate_hub_client):
+    # A transformers base has its own push_to_hub; reached through attribute
+    # delegation it uploaded config + weights without protection.json.
+    transformers = pytest.importorskip("transformers")
+    from kp_plugin.hf import wrap_hf_model
+    from kp_plugin.objectives import logits_of
+
+    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=32, num_labels=3)
+    torch.manual_seed(0)
+    protected = wrap_hf_model(transformers.ViTForImageClassification(config), KEY,
+                              image_processor=transformers.ViTImageProcessor(size={"height": 32, "width": 32})).eval()
+    protected.push_to_hub("org/pushed-by-method", token=test_hub.token, endpoint=test_hub.url, use_temp_dir=True,
+                          commit_message="first version")
+    files = set(test_hub.head_files("org/pushed-by-method"))
+    assert {"protection.json", "model.safetensors", "config.json", "README.md"} <= files
+    pulled = _pull(test_hub, "org/pushed-by-method", KEY, isolate_hub_client)
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(pulled(images)), logits_of(protected(images)))
+    assert find_key_material(test_hub.root, KEY) == []
+    with pytest.raises(ConfigurationError, match="safetensors"):
+        protected.push_to_hub("org/never", token=test_hub.token, endpoint=test_hub.url, safe_serialization=False)
+
+
 def test_missing_repository_says_so(test_hub, isolate_hub_client):
     with pytest.raises(RepoNotFoundError, match="does not exist"):
         _pull(test_hub, "org/never-pushed", KEY, isolate_hub_client)
