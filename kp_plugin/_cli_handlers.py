@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import PROTECTION_FILE, ProtectionConfig, find_key_material, save_protected
+from .checkpoint import PROTECTION_FILE, ProtectionConfig, find_key_material, save_protected, usable_device
 from .cli import KEY_ENV, _UsageError
 from .errors import (
     CheckpointError,
@@ -98,10 +98,7 @@ def _runtime(args: argparse.Namespace) -> torch.device:
             "cuda" if torch.cuda.is_available() else "cpu")
     except RuntimeError:
         raise _UsageError(f"--device {args.device!r} is not a torch device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigurationError(f"--device {args.device} asks for a GPU but torch sees none here; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigurationError(f"--device {args.device}: this machine has {torch.cuda.device_count()} GPU(s)")
+    device = usable_device(device, what="--device")
     threads = getattr(args, "threads", None)
     if threads is None and device.type == "cpu":
         threads = auto_threads()

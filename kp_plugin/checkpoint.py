@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .errors import CheckpointError, KeyLeakError, KeyMismatchError
+from .errors import CheckpointError, ConfigurationError, KeyLeakError, KeyMismatchError
 from .keys import KEY_FILE_FORMAT, SecretKey, parse_scheme
 from .module import ProtectedModel, require_protected, wrap_model
 
@@ -376,6 +376,25 @@ def save_protected(
     return directory
 
 
+def usable_device(device: Union[str, torch.device], *, what: str = "device") -> torch.device:
+    """``torch.device(device)``, checked to exist on this machine, so that a
+    typo or a missing GPU is named as such (:class:`ConfigurationError`)
+    instead of surfacing from deep inside a load as a corrupt file or a
+    weight mismatch."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigurationError(f"{what} {device!r} is not a torch device; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigurationError(f"{what} {device} asks for a GPU but torch sees none here; use 'cpu'")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ConfigurationError(f"{what} {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigurationError(f"{what} {device}: the MPS backend is not available here; use 'cpu'")
+    return resolved
+
+
 def _materialize_meta(base: nn.Module, saved: set, weights: Path, device: Union[str, torch.device]) -> None:
     """Give a model built on the meta device (no memory until loaded)
     storage on ``device`` for the weights to be copied into, after checking
@@ -421,6 +440,7 @@ def load_protected(
         device: where to load the weights.
 
     Raises:
+        ConfigurationError: ``device`` is not a device of this machine.
         KeyMismatchError: ``key`` is not the checkpoint's key.
         CheckpointError: a file is missing or corrupt, or the weights do not
             fit ``model``.
@@ -432,6 +452,7 @@ def load_protected(
     from safetensors import SafetensorError
     from safetensors.torch import load_model, safe_open
 
+    device = usable_device(device)
     directory = Path(directory)
     config = ProtectionConfig.load(directory)
     if not allow_wrong_key:

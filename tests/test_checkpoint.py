@@ -12,6 +12,7 @@ import torch
 
 from kp_plugin import (
     CheckpointError,
+    ConfigurationError,
     KeyMismatchError,
     ProtectionConfig,
     SecretKey,
@@ -341,3 +342,18 @@ def test_a_compiled_or_data_parallel_model_saves_as_its_protected_model(tmp_path
     images = torch.rand(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(loaded(images), model(images))
+
+
+def test_a_device_that_is_not_here_is_named_not_blamed_on_the_checkpoint(saved, tiny_cnn, key):
+    # A typo used to read as "corrupt or not a safetensors file", a missing
+    # GPU as "the weights do not fit" the model.
+    _, directory = saved
+    with pytest.raises(ConfigurationError, match="'cdua' is not a torch device"):
+        load_protected(directory, tiny_cnn, key, device="cdua")
+    if torch.cuda.is_available():
+        with pytest.raises(ConfigurationError, match="cuda:99: this machine has"):
+            load_protected(directory, tiny_cnn, key, device="cuda:99")
+    else:
+        with pytest.raises(ConfigurationError, match="asks for a GPU but torch sees none"):
+            load_protected(directory, tiny_cnn, key, device="cuda")
+    assert load_protected(directory, tiny_cnn, key, device=torch.device("cpu")).key == key
