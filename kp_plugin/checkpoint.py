@@ -376,11 +376,13 @@ def save_protected(
     return directory
 
 
-def usable_device(device: Union[str, torch.device], *, what: str = "device") -> torch.device:
+def usable_device(device: Union[None, str, torch.device], *, what: str = "device") -> torch.device:
     """``torch.device(device)``, checked to exist on this machine, so that a
     typo or a missing GPU is named as such (:class:`ConfigurationError`)
     instead of surfacing from deep inside a load as a corrupt file or a
-    weight mismatch."""
+    weight mismatch. ``None``: CUDA when available, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError):

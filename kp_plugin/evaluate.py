@@ -28,6 +28,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+from .checkpoint import usable_device
 from .errors import ConfigurationError
 from .keys import SecretKey
 from .module import KeyedInput, ProtectedModel, require_protected
@@ -86,7 +87,7 @@ def wrong_keys(key: SecretKey, num_keys: int, *, seed: int = 0) -> list:
 
 def _device_of(model: nn.Module, device) -> torch.device:
     if device is not None:
-        return torch.device(device)
+        return usable_device(device)
     for p in model.parameters():
         return p.device
     return torch.device("cpu")

@@ -37,6 +37,7 @@ from .checkpoint import (
     ProtectionConfig,
     find_key_material,
     save_protected,
+    usable_device,
 )
 from .data import iterate_batches
 from .errors import CheckpointError, ConfigurationError, KeyLeakError
@@ -343,12 +344,6 @@ def mixed_targets(labels: torch.Tensor, partner_labels: torch.Tensor, lam: float
     return F.one_hot(labels, num_classes).float() * lam + F.one_hot(partner_labels, num_classes).float() * (1.0 - lam)
 
 
-def _device(device: Union[None, str, torch.device]) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def _autocast(device: torch.device, enabled: bool):
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -495,7 +490,7 @@ def evaluate_accuracy(
         >>> evaluate_accuracy(model, load_dataset("digits", split="test"))   # doctest: +SKIP
         0.98
     """
-    device = _device(device) if device is not None else next(model.parameters()).device
+    device = usable_device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
     correct = total = 0
@@ -558,7 +553,7 @@ def fit(
         # The unprotected baseline trains with cross-entropy only (it is the
         # teacher, not a student, and has no key to suppress).
         objective = ProtectionObjective(label_smoothing=objective.label_smoothing)
-    device = _device(device)
+    device = usable_device(device)
     if len(train_set) == 0:
         raise ConfigurationError("the training set is empty")
     if resume and checkpoint_dir is None:

@@ -327,3 +327,15 @@ def test_mixing_alphas_must_not_be_negative():
             TrainConfig(**{field: -0.1})
     with pytest.raises(ConfigurationError, match="needs mixup_alpha or cutmix_alpha"):
         mix_images(torch.rand(2, 3, 4, 4), torch.tensor([0, 1]))
+
+
+def test_a_device_that_is_not_here_is_a_configuration_error_before_training(key):
+    from kp_plugin.evaluate import evaluate_protection
+
+    model, data = _model(key), _separable_dataset(8)
+    with pytest.raises(ConfigurationError, match="'cdua' is not a torch device"):
+        fit(model, data, config=TrainConfig(epochs=1, batch_size=8), device="cdua", progress=False)
+    with pytest.raises(ConfigurationError, match="'cdua' is not a torch device"):
+        evaluate_accuracy(model, data, device="cdua")
+    with pytest.raises(ConfigurationError, match="'cdua' is not a torch device"):
+        evaluate_protection(model, data, num_wrong_keys=1, device="cdua", progress=False)

@@ -7,6 +7,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..checkpoint import usable_device
 from ._candidate import AttackError
 
 __all__ = [
@@ -22,9 +23,7 @@ __all__ = [
 
 
 def resolve_device(device=None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return usable_device(device)
 
 
 def as_tensors(dataset, *, indices: Optional[Sequence[int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
