@@ -415,6 +415,11 @@ class KeyedInput(nn.Module):
             self._compile(size, x.device, self._buffer_dtype(x))
         return _Plan(*(self._buffers.get(name) for name in _Plan._fields))
 
+    def __prepare_scriptable__(self) -> None:
+        # torch.jit.script calls this first; a scripted module would carry the
+        # plan's buffers (the permutation) into a saved TorchScript file.
+        raise KeyLeakError(EXPORT_REFUSAL)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _refuse_export()
         if not isinstance(x, torch.Tensor):
@@ -540,6 +545,9 @@ class ProtectedModel(nn.Module):
     @property
     def key(self) -> SecretKey:
         return self.keyed.key
+
+    def __prepare_scriptable__(self) -> None:
+        raise KeyLeakError(EXPORT_REFUSAL)  # as KeyedInput's: torch.jit.script
 
     def forward(self, pixel_values: Optional[torch.Tensor] = None, *args: Any,
                 labels: Optional[torch.Tensor] = None, **kwargs: Any) -> Any:

@@ -41,7 +41,7 @@ def protected(tiny_timm_model, shuffle_np_key):
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:Exporting a model while it is in training mode")
-@pytest.mark.parametrize("how", ["torch.export", "onnx", "jit.trace", "fx"])
+@pytest.mark.parametrize("how", ["torch.export", "onnx", "jit.trace", "fx", "jit.script", "jit.script keyed"])
 def test_the_wrapped_model_refuses_to_be_exported_and_still_works(how, tiny_timm_model, shuffle_np_key, tmp_path):
     # No input_size: the plan is first compiled inside the trace, where a
     # fake-tensor plan used to stay registered and make eager calls garbage.
@@ -55,6 +55,8 @@ def test_the_wrapped_model_refuses_to_be_exported_and_still_works(how, tiny_timm
             torch.onnx.export(model, (x,), str(tmp_path / "m.onnx"), dynamo=True)
         elif how == "fx":
             torch.fx.symbolic_trace(model)
+        elif how.startswith("jit.script"):
+            torch.jit.script(model.keyed if how.endswith("keyed") else model)
         else:
             torch.jit.trace(model, (x,))
     assert _caused_by(caught.value, KeyLeakError), caught.value
