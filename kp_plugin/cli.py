@@ -102,7 +102,7 @@ def _add_data_option(parser: argparse.ArgumentParser, *, required: bool) -> None
     parser.add_argument(
         "--data", required=required, default=None,
         help="'digits' (embedded handwriting), 'photos' (embedded colour photographs), or an "
-             "ImageFolder directory (one sub-folder per class; train/ and test/ splits if present)"
+             "ImageFolder directory (one sub-folder per class; train/ and test/ (or val/) splits if present)"
              + ("" if required else "; default: the dataset the model was trained on"),
     )
     parser.add_argument("--image-size", type=_positive_int, default=None,

@@ -82,6 +82,9 @@ PHOTO_SOURCES = (
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 _SPLITS = ("train", "test")
+#: Folder names an ImageFolder split may have, in the order they are tried
+#: (timm and torchvision layouts name the held-out split val/ or validation/).
+_SPLIT_FOLDERS = {"train": ("train", "training"), "test": ("test", "val", "validation", "valid")}
 _DIGITS_TEST_FRACTION = 0.2
 _PHOTOS_PER_CLASS = {"train": 160, "test": 60}
 # Train crops come from the left part of each photograph, test crops from
@@ -162,24 +165,34 @@ class TensorImageDataset(ImageDataset):
         return self.images[index], int(self.labels[index])
 
 
+def _split_folder(root: Path, split: str) -> Optional[Path]:
+    """The first folder of ``root`` that holds ``split`` (see _SPLIT_FOLDERS)."""
+    return next((root / name for name in _SPLIT_FOLDERS[split] if (root / name).is_dir()), None)
+
+
 class ImageFolderDataset(ImageDataset):
     """Images in ``root/<class>/<file>``, read lazily, converted to RGB and
     resized (bicubic) to ``image_size x image_size``.
 
-    If ``root`` has ``train/`` and ``test/`` sub-folders, ``split`` picks one;
-    otherwise the whole folder is used (split "all"). The classes are the
-    class folders of every split together, so a label means the same class
-    in each split even where one split lacks a class.
+    If ``root`` has split sub-folders, ``split`` picks one: ``train/``
+    (or ``training/``) and ``test/`` (or, as timm and torchvision layouts
+    name it, ``val/``, ``validation/``, ``valid/``); otherwise the whole
+    folder is used (split "all"). The classes are the class folders of
+    every split together, so a label means the same class in each split
+    even where one split lacks a class.
     """
 
     def __init__(self, root: Union[str, os.PathLike], *, image_size: int, split: Optional[str] = None) -> None:
         root = Path(root)
         class_roots = [root]
-        if split is not None and (root / split).is_dir():
-            class_roots = [root / s for s in _SPLITS if (root / s).is_dir()]
-            root = root / split
-        elif split is not None and any((root / s).is_dir() for s in _SPLITS):
-            raise DatasetError(f"{root} has split folders but no {split!r} folder")
+        found = {name: _split_folder(root, name) for name in _SPLIT_FOLDERS}
+        if split is not None and found.get(split) is not None:
+            class_roots = [folder for folder in found.values() if folder is not None]
+            root = found[split]
+        elif split is not None and any(found.values()):
+            present = ", ".join(f"{folder.name}/" for folder in found.values() if folder is not None)
+            wanted = " or ".join(f"{name}/" for name in _SPLIT_FOLDERS.get(split, (split,)))
+            raise DatasetError(f"{root} has the split folder {present} but no {split} split ({wanted})")
         if not root.is_dir():
             raise DatasetError(f"{root} is not a directory; pass 'digits', 'photos' or an ImageFolder directory")
         self.classes = sorted({p.name for folder in class_roots for p in folder.iterdir()
@@ -199,7 +212,7 @@ class ImageFolderDataset(ImageDataset):
             raise DatasetError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
         self.image_size = int(image_size)
         self.name = str(root)
-        self.split = split if (split is not None and root.name == split) else "all"
+        self.split = split if (split is not None and found.get(split) == root) else "all"
         self.labels = torch.tensor([label for _, label in self.samples], dtype=torch.int64)
 
     def __len__(self) -> int:

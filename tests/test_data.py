@@ -91,6 +91,30 @@ def test_split_folders_share_one_class_list(tmp_path):
     assert train.labels.tolist() == [0, 1, 2] and test.labels.tolist() == [1, 2, 3]
 
 
+@pytest.mark.parametrize("held_out", ["test", "val", "validation", "valid"])
+def test_a_val_folder_is_the_test_split_as_in_timm_layouts(tmp_path, held_out):
+    from PIL import Image
+
+    for split, classes in (("train", ("ant", "bee")), (held_out, ("ant", "bee", "cat"))):
+        for cls in classes:
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / split / cls / "0.png")
+    train = load_dataset(str(tmp_path), split="train", image_size=8)
+    test = load_dataset(str(tmp_path), split="test", image_size=8)
+    assert (train.split, test.split) == ("train", "test")  # no 'trained and evaluated on the same images' warning
+    assert train.classes == test.classes == ["ant", "bee", "cat"]
+    assert len(train) == 2 and test.labels.tolist() == [0, 1, 2]
+
+
+def test_a_folder_with_a_train_split_only_names_the_folders_it_looked_for(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "train" / "ant").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "train" / "ant" / "0.png")
+    with pytest.raises(DatasetError, match=r"has the split folder train/ but no test split \(test/ or val/"):
+        load_dataset(str(tmp_path), split="test", image_size=8)
+
+
 def _ramp(bits: int) -> np.ndarray:
     top = (1 << bits) - 1
     return np.linspace(0, top, 24 * 32).reshape(24, 32).astype(np.uint16 if bits == 16 else np.uint8)
