@@ -64,9 +64,11 @@ def main(argv=None) -> int:
             # Each base run and the keyed run after it are neighbours in time: the median of their ratios
             # cancels most of the machine's drift (a shared VM here), which the ratio of medians does not.
             pairs = sorted(bt / kt for bt, kt in zip(base_t, keyed_t))
-            rows.append((count, scheme, count / b, count / k, statistics.median(pairs), pairs[0], pairs[-1]))
+            # The fastest run of each is the one the machine disturbed least (timeit's rule).
+            best = min(base_t) / min(keyed_t)
+            rows.append((count, scheme, count / b, count / k, statistics.median(pairs), best, pairs[0], pairs[-1]))
             print(f"{count:4d} {scheme:20s} base {count / b:8.1f} img/s  keyed {count / k:8.1f} img/s  "
-                  f"paired ratio {statistics.median(pairs):.3f}")
+                  f"paired ratio {statistics.median(pairs):.3f}  fastest-run ratio {best:.3f}")
 
     lines = [
         "## Keyed image processor throughput",
@@ -78,12 +80,14 @@ def main(argv=None) -> int:
         f"Machine: {machine_description()}.",
         "",
         "| images per call | scheme | base (images/s) | keyed (images/s) | keyed / base (median of paired runs) "
-        "| range over runs |",
-        "|---:|---|---:|---:|---:|---:|",
+        "| keyed / base (fastest runs) | range over runs |",
+        "|---:|---|---:|---:|---:|---:|---:|",
     ]
-    lines += [f"| {n} | {s} | {b:.1f} | {k:.1f} | {r:.3f} | {lo:.2f}-{hi:.2f} |" for n, s, b, k, r, lo, hi in rows]
+    lines += [f"| {n} | {s} | {b:.1f} | {k:.1f} | {r:.3f} | {f:.3f} | {lo:.2f}-{hi:.2f} |"
+              for n, s, b, k, r, f, lo, hi in rows]
     lines += ["", "Target: keyed / base >= 0.95. The ratio is the median over pairs of neighbouring runs (base, then "
-              "keyed); the range is the spread of those per-pair ratios (a shared virtual machine: timings drift). "
+              "keyed); the range is the spread of those per-pair ratios (a shared virtual machine: timings drift); "
+              "'fastest runs' divides the fastest base run by the fastest keyed run, the least disturbed of each. "
               "The keyed cost over the base is one gather plus a multiply-add (a 256-entry lookup per position for "
               "ffx) replacing the base's normalize; the resize dominates both."]
     if not args.no_write:
