@@ -155,7 +155,7 @@ class TrainConfig:
             raise ConfigurationError(f"lr must be positive, got {self.lr}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigurationError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
-        if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
+        if not (self.mixup_alpha >= 0 and self.cutmix_alpha >= 0):  # NaN too
             raise ConfigurationError("mixup_alpha and cutmix_alpha must be >= 0 (0 turns them off)")
 
     @property

@@ -323,8 +323,9 @@ def test_soft_one_hot_labels_give_the_hard_label_loss(key):
 
 def test_mixing_alphas_must_not_be_negative():
     for field in ("mixup_alpha", "cutmix_alpha"):
-        with pytest.raises(ConfigurationError, match="mixup_alpha and cutmix_alpha"):
-            TrainConfig(**{field: -0.1})
+        for bad in (-0.1, float("nan")):
+            with pytest.raises(ConfigurationError, match="mixup_alpha and cutmix_alpha"):
+                TrainConfig(**{field: bad})
     with pytest.raises(ConfigurationError, match="needs mixup_alpha or cutmix_alpha"):
         mix_images(torch.rand(2, 3, 4, 4), torch.tensor([0, 1]))
 
