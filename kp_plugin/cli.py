@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
 import textwrap
@@ -85,8 +86,8 @@ def _number(kind: type, test, expected: str, name: str):
 
 _positive_int = _number(int, lambda v: v >= 1, "an integer >= 1", "positive integer")
 _count = _number(int, lambda v: v >= 0, "an integer >= 0", "count")
-_positive = _number(float, lambda v: v > 0, "a number > 0", "positive number")
-_weight = _number(float, lambda v: v >= 0, "a number >= 0 (0 turns it off)", "weight")
+_positive = _number(float, lambda v: 0 < v < math.inf, "a number > 0", "positive number")
+_weight = _number(float, lambda v: 0 <= v < math.inf, "a number >= 0 (0 turns it off)", "weight")
 _rate = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)", "rate")
 _decay = _number(float, lambda v: 0 < v < 1, "a number in (0, 1)", "decay")
 

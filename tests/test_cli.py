@@ -405,6 +405,8 @@ def test_protect_mixes_batches_for_the_protected_model_and_the_baseline(tmp_path
     (["protect", "--batch-size", "0"], "--batch-size: expected an integer >= 1"),
     (["protect", "--threads", "-2"], "--threads: expected an integer >= 1, got -2"),
     (["protect", "--lr", "0"], "--lr: expected a number > 0"),
+    (["protect", "--lr", "inf"], "--lr: expected a number > 0"),
+    (["protect", "--mixup", "nan"], "--mixup: expected a number >= 0"),
     (["protect", "--ema-decay", "1"], "--ema-decay: expected a number in (0, 1)"),
     (["protect", "--wrong-key-weight", "-1"], "--wrong-key-weight: expected a number >= 0"),
     (["protect", "--image-size", "0"], "--image-size: expected an integer >= 1"),
