@@ -384,6 +384,12 @@ def show(args: argparse.Namespace) -> int:
     from .data import DatasetError, image_01
     from .transforms import apply_transform, invert_transform
 
+    suffix = Path(args.output).suffix.lower()
+    if suffix not in ("", ".png"):
+        raise _UsageError(
+            f"kp show writes PNG (lossless: JPEG and other lossy formats would change the pixel values, and "
+            f"--invert could not undo them), not {suffix}; name the output {Path(args.output).with_suffix('.png')}"
+        )
     key = cli_key(args.key)
     if key.channels not in (1, 3):
         raise ConfigurationError(f"kp show handles 1- or 3-channel keys; this key is for {key.channels} channels")

@@ -425,3 +425,13 @@ def test_numbers_out_of_range_are_usage_errors_before_anything_loads(argv, compl
     assert main([*argv, *required]) == 2
     err = capsys.readouterr().err
     assert f"kp {command}: error: argument {complaint}" in err and "Traceback" not in err
+
+
+def test_show_names_a_png_output_and_refuses_another_format(tmp_path, capsys):
+    key_path = tmp_path / "owner.key"
+    assert main(["keygen", "--block-size", "8", "-o", str(key_path)]) == 0
+    image = _write_image(tmp_path)
+    assert main(["show", "--key", str(key_path), str(image), "-o", str(tmp_path / "seen.jpg")]) == 2
+    assert "writes PNG" in capsys.readouterr().err and not (tmp_path / "seen.jpg").exists()
+    assert main(["show", "--key", str(key_path), str(image), "-o", str(tmp_path / "seen.PNG")]) == 0
+    assert (tmp_path / "seen.PNG").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
