@@ -93,12 +93,12 @@ def auto_threads() -> int:
 
 
 def _runtime(args: argparse.Namespace) -> torch.device:
-    try:
-        device = torch.device(args.device) if args.device else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
-    except RuntimeError:
-        raise _UsageError(f"--device {args.device!r} is not a torch device; use cpu, cuda or cuda:N") from None
-    device = usable_device(device, what="--device")
+    if args.device:
+        try:
+            torch.device(args.device)
+        except RuntimeError:
+            raise _UsageError(f"--device {args.device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    device = usable_device(args.device, what="--device")  # None: CUDA when available, else the CPU
     threads = getattr(args, "threads", None)
     if threads is None and device.type == "cpu":
         threads = auto_threads()

@@ -585,9 +585,7 @@ class ProtectedModel(nn.Module):
         ``revision`` ... on. Weights are always one safetensors file."""
         from .checkpoint import save_protected
 
-        if not safe_serialization:
-            raise ConfigurationError("protected checkpoints are always written as safetensors; leave "
-                                     "safe_serialization=True")
+        _require_safetensors(safe_serialization)
         hub_only = sorted(hub_kwargs) + (["repo_id"] if repo_id else [])
         if hub_only and not push_to_hub:
             raise TypeError(f"save_pretrained got {hub_only}, which only apply with push_to_hub=True")
@@ -616,9 +614,7 @@ class ProtectedModel(nn.Module):
 
         hub_kwargs.pop("use_temp_dir", None)
         hub_kwargs.pop("max_shard_size", None)
-        if not hub_kwargs.pop("safe_serialization", True):
-            raise ConfigurationError("protected checkpoints are always written as safetensors; leave "
-                                     "safe_serialization=True")
+        _require_safetensors(hub_kwargs.pop("safe_serialization", True))
         return push_protected(self, repo_id, **hub_kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -628,6 +624,14 @@ class ProtectedModel(nn.Module):
             if name in ("model", "keyed"):
                 raise
             return getattr(self.model, name)
+
+
+def _require_safetensors(safe_serialization: bool) -> None:
+    """transformers' ``safe_serialization=False`` asks for pickled weights,
+    which protected checkpoints never are."""
+    if not safe_serialization:
+        raise ConfigurationError("protected checkpoints are always written as safetensors; leave "
+                                 "safe_serialization=True")
 
 
 def _parameter_dtype(model: nn.Module) -> Optional[torch.dtype]:
