@@ -89,6 +89,7 @@ DERIVATION_VERSION = 1
 FFX_ROUNDS = 8
 
 _KEY_BYTES = 32
+_CREATED_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _PRF_PREFIX = b"kp-plugin/v%d/" % DERIVATION_VERSION
 
 
@@ -219,6 +220,17 @@ def _feistel_tables(material: bytes, length: int) -> list[list[int]]:
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+def _valid_created(value: object) -> bool:
+    """``created`` as the key file spec writes it: a UTC time ``YYYY-MM-DDTHH:MM:SSZ``."""
+    if not isinstance(value, str) or len(value) != 20:
+        return False
+    try:
+        _dt.datetime.strptime(value, _CREATED_FORMAT)
+    except ValueError:
+        return False
+    return True
+
+
 class SecretKey:
     """A 256-bit secret key with the block size, scheme and channel count it
     is used with.
@@ -256,7 +268,11 @@ class SecretKey:
         self.block_size = block_size
         self.scheme: Scheme = parse_scheme(scheme)
         self.channels = channels
-        self.created = created or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        if created is None:
+            created = _dt.datetime.now(_dt.timezone.utc).strftime(_CREATED_FORMAT)
+        elif not _valid_created(created):
+            raise ValueError(f"created must be a UTC time written YYYY-MM-DDTHH:MM:SSZ, got {created!r}")
+        self.created = created
         self._cache: dict = {}
 
     # ---------------------------------------------------------------- create
@@ -470,7 +486,8 @@ class SecretKey:
             )
         if version < 1:
             raise KeyFileError(f"{source} has an invalid format version {version}")
-        missing = [f for f in ("key", "block_size", "scheme", "channels", "fingerprint", "mac") if f not in body]
+        missing = [f for f in ("key", "block_size", "scheme", "channels", "created", "fingerprint", "mac")
+                   if f not in body]
         if missing:
             raise KeyFileError(f"{source} is missing field(s) {', '.join(missing)}; the key file is incomplete")
         hexkey = body["key"]
@@ -486,7 +503,7 @@ class SecretKey:
                 block_size=body["block_size"],
                 scheme=body["scheme"],
                 channels=body["channels"],
-                created=body.get("created"),
+                created=body["created"] if body["created"] is not None else "null",
             )
         except (ValueError, TypeError) as exc:
             raise KeyFileError(f"{source} has an invalid setting: {exc}") from None

@@ -377,6 +377,7 @@ def _assert_no_material(message: str, key: SecretKey) -> None:
     (lambda p: _edit(p, lambda b: b.update(version="1")), "format version"),
     (lambda p: _edit(p, lambda b: b.pop("mac")), "missing field"),
     (lambda p: _edit(p, lambda b: b.pop("key")), "missing field"),
+    (lambda p: _edit(p, lambda b: b.pop("created")), "missing field"),
     (lambda p: _edit(p, lambda b: b.update(key=b["key"][:-2])), "64 hex digits"),
     (lambda p: _edit(p, lambda b: b.update(key="zz" + b["key"][2:])), "not hexadecimal"),
     (lambda p: _edit(p, lambda b: b.update(key=("1" if b["key"][0] != "1" else "2") + b["key"][1:])), "fingerprint"),
@@ -394,6 +395,21 @@ def test_damaged_key_file_is_rejected_with_a_reason_and_no_material(golden_key, 
     assert str(path) in str(info.value)
     # Not even the printed traceback (with any chained error) shows material.
     _assert_no_material("".join(traceback.format_exception(info.value)), golden_key)
+
+
+@pytest.mark.parametrize("created", [None, "", 123, "yesterday", "2026-1-1T00:00:00Z", "2026-01-01 00:00:00"])
+def test_a_created_field_the_spec_does_not_allow_is_rejected_even_with_a_valid_mac(golden_key, tmp_path, created):
+    # Re-signed with the key, so only the field's own check can catch it
+    # (before, a null or empty one was replaced by the time of loading).
+    path = _saved(golden_key, tmp_path)
+    body = json.loads(path.read_text())
+    body["created"] = created
+    body["mac"] = golden_key._mac({k: v for k, v in body.items() if k != "mac"})
+    path.write_text(json.dumps(body))
+    with pytest.raises(KeyFileError, match="YYYY-MM-DDTHH:MM:SSZ"):
+        SecretKey.load(path)
+    with pytest.raises(ValueError, match="created"):
+        SecretKey(golden_key._material, created=created if created is not None else "null")
 
 
 def test_missing_key_file_says_how_to_make_one(tmp_path):
