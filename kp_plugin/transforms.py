@@ -49,9 +49,12 @@ __all__ = [
 ]
 
 #: How far outside [0, 1] float input may stray before it counts as "clearly
-#: not in [0, 1]" (resampling can overshoot a little; normalized images are
-#: far outside).
-RANGE_TOLERANCE = 1e-2
+#: not in [0, 1]". Resampling overshoots: bicubic (torch's a = -0.75) can
+#: reach [-0.22, 1.41] in theory, and resizing scikit-image's photos measured
+#: up to 0.18 beyond [0, 1]; a correct pipeline must not fail on that.
+#: Normalized batches are far outside (a black pixel is -2.1 under ImageNet's
+#: mean/std, -1 under mean = std = 0.5; 8-bit values reach 255).
+RANGE_TOLERANCE = 0.5
 
 
 def nearest_valid_size(size: int, block_size: int) -> int:
@@ -330,16 +333,20 @@ def check_float_range(x: torch.Tensor, tolerance: float = RANGE_TOLERANCE) -> No
     lo, hi = torch.aminmax(x.detach())
     lo, hi = float(lo), float(hi)
     if not (lo >= -tolerance and hi <= 1 + tolerance):
+        normalized = (
+            "Were they already normalized with mean/std? The keyed transform goes before "
+            "normalization (KeyedInput normalizes for you)."
+        )
+        eight_bit = "They look like 8-bit pixel values stored as float: divide by 255, or pass the uint8 tensor itself."
         if lo >= 0 and 2 < hi <= 255:
-            cause = (
-                "They look like 8-bit pixel values stored as float: divide by 255, or pass the "
-                "uint8 tensor itself."
-            )
+            # Whole numbers, or a maximum no mean/std normalization of [0, 1]
+            # images reaches (ImageNet's tops out at 2.64), say 8-bit; a bright
+            # image normalized with mean/std also has no negatives, so below
+            # that both causes are named.
+            whole = bool(torch.equal(x.detach(), x.detach().round()))
+            cause = eight_bit if whole or hi > 5 else f"{normalized} Or, if they are 8-bit values: divide by 255."
         else:
-            cause = (
-                "Were they already normalized with mean/std? The keyed transform goes before "
-                "normalization (KeyedInput normalizes for you)."
-            )
+            cause = normalized
         raise InputRangeError(
             f"float images must be in [0, 1] before the keyed transform, but values span "
             f"[{lo:.3g}, {hi:.3g}]. {cause} Pass uint8 images or rescale to [0, 1]; "

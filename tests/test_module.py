@@ -193,6 +193,22 @@ def test_keyed_input_rejects_normalized_images(any_key):
     KeyedInput(any_key, mean=MEAN, std=STD, check_range=False)(_normalize(torch.rand(1, 3, 8, 8)))
 
 
+def test_bicubic_overshoot_of_a_real_photo_is_accepted_but_normalizing_it_is_not(any_key):
+    # Resizing a float photo with bicubic interpolation overshoots [0, 1]
+    # (here by about 0.1); the range check was 0.01 wide and failed such a
+    # correct pipeline. The same photo normalized is still refused.
+    from skimage import data
+
+    photo = torch.from_numpy(data.coffee()).permute(2, 0, 1)[None].float() / 255
+    resized = torch.nn.functional.interpolate(photo, size=(224, 224), mode="bicubic", antialias=False)
+    assert resized.min() < -0.05 or resized.max() > 1.05
+    keyed = KeyedInput(any_key, mean=MEAN, std=STD)
+    torch.testing.assert_close(keyed(resized), _normalize(apply_transform(resized, any_key, check_range=False)))
+    for mean, std in ((MEAN, STD), (0.5, 0.5)):
+        with pytest.raises(InputRangeError, match="before normalization"):
+            keyed((resized - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1))
+
+
 def test_keyed_input_rejects_bad_input(any_key):
     keyed = KeyedInput(any_key, mean=MEAN, std=STD)
     with pytest.raises(InputDtypeError):

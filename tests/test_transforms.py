@@ -123,6 +123,20 @@ def test_normalized_float_input_is_rejected_with_a_hint(golden_key):
         apply_transform(normalized, golden_key)
 
 
+def test_a_bright_image_normalized_with_imagenet_stats_is_told_about_normalization(golden_key):
+    # No negatives and a maximum of about 2.6: before, only "divide by 255".
+    bright = 0.5 + 0.5 * torch.rand(1, 3, 8, 8)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    normalized = (bright - mean) / std
+    assert normalized.min() >= 0 and 2 < normalized.max() < 3
+    with pytest.raises(InputRangeError, match="before normalization"):
+        apply_transform(normalized, golden_key)
+    dark = torch.randint(0, 4, (1, 3, 8, 8)).float()  # dark 8-bit pixels stored as float: whole numbers
+    dark[0, 0, 0, 0] = 3
+    with pytest.raises(InputRangeError, match="divide by 255"):
+        apply_transform(dark, golden_key)
+
+
 def test_float_pixels_in_0_255_are_told_to_divide_by_255(golden_key):
     with pytest.raises(InputRangeError, match="divide by 255"):
         apply_transform(torch.rand(1, 3, 8, 8) * 255, golden_key)
