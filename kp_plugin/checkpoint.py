@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -417,6 +418,26 @@ def _materialize_meta(base: nn.Module, saved: set, weights: Path, device: Union[
     base.to_empty(device=device)
 
 
+def _saved_by_transformers(base: nn.Module, metadata: dict) -> bool:
+    """Weights that transformers' ``save_pretrained`` wrote (no kp metadata)
+    for a transformers model: processor style, where the Trainer saves the
+    plain model and protection.json goes beside it. transformers 5 writes
+    them under its checkpoint names (ViT: ``encoder.layer.0.attention...``)
+    and renames them when loading; ``save_protected`` writes the model's own."""
+    transformers = sys.modules.get("transformers")  # a transformers model means it is imported
+    return (transformers is not None and isinstance(base, transformers.PreTrainedModel)
+            and "kp_fingerprint" not in metadata)
+
+
+def _load_through_transformers(base: nn.Module, directory: Path, strict: bool) -> None:
+    """Load such weights with transformers' own renaming, then into ``base``."""
+    loaded = type(base).from_pretrained(str(directory), config=base.config, local_files_only=True,
+                                        use_safetensors=True, trust_remote_code=False)
+    state = loaded.state_dict()
+    on_meta = any(t.is_meta for t in base.parameters())
+    base.load_state_dict(state, strict=strict, assign=on_meta)
+
+
 def load_protected(
     directory: Union[str, os.PathLike],
     model: nn.Module,
@@ -472,8 +493,11 @@ def load_protected(
                 f"{weights} was saved for key {meta.get('kp_fingerprint')} but {PROTECTION_FILE} "
                 f"names {config.fingerprint}; the files come from different checkpoints"
             )
-        _materialize_meta(base, saved, weights, device)
-        load_model(base, str(weights), strict=strict, device=str(device))
+        if _saved_by_transformers(base, meta):
+            _load_through_transformers(base, directory, strict)
+        else:
+            _materialize_meta(base, saved, weights, device)
+            load_model(base, str(weights), strict=strict, device=str(device))
     except SafetensorError as exc:
         raise CheckpointError(f"{weights} is corrupt or not a safetensors file ({exc})") from None
     except (OSError, ValueError) as exc:
