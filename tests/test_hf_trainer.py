@@ -7,10 +7,11 @@ import hashlib
 
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments, pipeline
+from transformers import Trainer, TrainerCallback, TrainingArguments, pipeline
 
 from hf_fixtures import BLOCK_SIZE, digits_dataset, tiny_vit, vit_processor
-from kp_plugin import ConfigurationError, KeyMismatchError, ProtectionConfig, SecretKey, load_protected
+from kp_plugin import ConfigurationError, KeyMismatchError, ProtectedModel, ProtectionConfig, SecretKey, load_protected
+from kp_plugin.autoload import load_protected_auto
 from kp_plugin.checkpoint import find_key_material
 from kp_plugin.evaluate import wrong_keys
 from kp_plugin.objectives import ProtectionObjective
@@ -61,6 +62,28 @@ def trained(key, data, tmp_path_factory):
     )
     trainer.train()
     return trainer, processor, out
+
+
+def test_processor_style_save_model_writes_protection_json_and_loads_with_load_protected(trained, key, data, tmp_path):
+    # Before, only checkpoint-N folders got protection.json (from the
+    # callback): the final save_model folder did not say which key it needs.
+    trainer, processor, _ = trained
+    trainer.save_model(str(tmp_path))
+    config = ProtectionConfig.load(tmp_path)
+    assert config.fingerprint == key.fingerprint and config.extra["style"] == "processor"
+    assert find_key_material(tmp_path, key) == []
+    images = list(data[1]["image"][:8])
+    with torch.no_grad():
+        expected = trainer.model.eval()(pixel_values=processor(images, return_tensors="pt")["pixel_values"]).logits
+        images01 = vit_processor()(images, do_normalize=False, return_tensors="pt")["pixel_values"]
+        # transformers writes the plain model under its checkpoint names (ViT:
+        # encoder.layer.N...), which load_protected used to refuse as "not fitting".
+        loaded = load_protected(tmp_path, tiny_vit(seed=5), key).eval()
+        torch.testing.assert_close(loaded(pixel_values=images01).logits, expected, rtol=1e-4, atol=1e-4)
+        auto = load_protected_auto(tmp_path, key).eval()  # what kp evaluate / pull_protected use
+        torch.testing.assert_close(auto(pixel_values=images01).logits, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(KeyMismatchError):
+        load_protected(tmp_path, tiny_vit(seed=5), SecretKey.generate_like(key))
 
 
 def _pipeline_accuracy(model, processor, dataset) -> float:
@@ -192,14 +215,62 @@ def test_small_margin_warns_and_can_stop_training(key, data, tmp_path):
 def test_unbound_callback_on_a_plain_trainer_writes_the_eval_entry(key, data, tmp_path):
     train, test = data[0].select(range(32)), data[1].select(range(64))
     processor = KeyedImageProcessor(vit_processor(), key)
+    logger = _Recorder()
     trainer = Trainer(model=tiny_vit(), args=_args(tmp_path, max_steps=1, remove_unused_columns=False),
                       train_dataset=train, eval_dataset=test, data_collator=KeyedImageCollator(processor),
-                      callbacks=[KeyProtectionCallback(key, wrong_keys=2, min_margin=0.0)])
+                      callbacks=[logger, KeyProtectionCallback(key, wrong_keys=2, min_margin=0.0)])
     trainer.train()
     metrics = trainer.evaluate()
     assert "eval_protection_margin" in metrics
     assert "eval_key_accuracy" in trainer.state.log_history[-1]
     assert "eval_loss" in trainer.state.log_history[-1]
+    # What a logger (TensorBoard, W&B) receives: its on_log ran before
+    # on_evaluate measured, so the callback sends the metrics after it.
+    received = [logs for logs in logger.logs if "eval_key_accuracy" in logs]
+    assert len(received) == 1 and set(PROTECTION_METRICS) <= set(received[0])
+    assert received[0]["eval_key_accuracy"] == metrics["eval_key_accuracy"]
+
+
+class _Recorder(TrainerCallback):
+    """A logger's view: every dict that reaches on_log."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+@pytest.mark.filterwarnings("ignore::kp_plugin.hf.ProtectionMarginWarning")  # one step: no margin yet
+@pytest.mark.parametrize("style", ["model, KeyedTrainer", "processor, plain Trainer"])
+def test_resuming_another_keys_checkpoint_is_refused(key, data, tmp_path, style):
+    # Before, the run went on training the other key's weights under this key.
+    train = data[0].select(range(32))
+    other = SecretKey.generate_like(key)
+
+    def trainer(run_key, max_steps):
+        processor = KeyedImageProcessor(vit_processor(), run_key)
+        callbacks = [KeyProtectionCallback(run_key, wrong_keys=2, min_margin=0.0)]
+        args = _args(tmp_path, max_steps=max_steps, save_strategy="steps", save_steps=1)
+        if style.startswith("model"):
+            return KeyedTrainer(model=wrap_hf_model(tiny_vit(), run_key, image_processor=processor), args=args,
+                                train_dataset=train, data_collator=KeyedImageCollator(processor, output="images01"),
+                                callbacks=callbacks)
+        args.remove_unused_columns = False
+        return Trainer(model=tiny_vit(), args=args, train_dataset=train,
+                       data_collator=KeyedImageCollator(processor), callbacks=callbacks)
+
+    first = trainer(key, 1)
+    first.train()
+    assert (tmp_path / "checkpoint-1" / "protection.json").is_file()
+    loaded = load_protected(tmp_path / "checkpoint-1", tiny_vit(seed=5), key)  # either style's checkpoint loads
+    base = first.model.unwrap() if isinstance(first.model, ProtectedModel) else first.model
+    torch.testing.assert_close(loaded.unwrap().classifier.weight, base.classifier.weight)
+    with pytest.raises(KeyMismatchError, match="another key"):
+        trainer(other, 2).train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    assert not (tmp_path / "checkpoint-2").exists()
+    trainer(key, 2).train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))  # the owner's key resumes
+    assert (tmp_path / "checkpoint-2" / "protection.json").is_file()
 
 
 @pytest.mark.filterwarnings("ignore::kp_plugin.hf.ProtectionMarginWarning")  # one step: no margin yet

@@ -17,14 +17,16 @@ evaluation's prefix (``eval_a_key_accuracy``, ``test_key_accuracy``).
 metrics added there would miss the loggers. The callback therefore adds
 them to the returned metrics (``metric_for_best_model`` can use them) and
 logs them itself through the trainer it is bound to
-(:class:`kp_plugin.hf.KeyedTrainer` binds it; with a plain ``Trainer``
-call :meth:`KeyProtectionCallback.bind`). Unbound, it writes them into the
-evaluation's entry of ``trainer.state.log_history``.
+(:class:`kp_plugin.hf.KeyedTrainer` binds it, as does
+:meth:`KeyProtectionCallback.bind`). Unbound, in a plain ``Trainer``, it
+writes them into the evaluation's entry of ``trainer.state.log_history``
+and sends them to the loggers through the trainer's callback handler.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -32,8 +34,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 from transformers import TrainerCallback
+from transformers.trainer_callback import CallbackHandler
 
-from ..checkpoint import ProtectionConfig, find_key_material
+from ..checkpoint import PROTECTION_FILE, ProtectionConfig, find_key_material
 from ..errors import ConfigurationError, KeyLeakError
 from ..keys import SecretKey
 from ..module import KeyedInput, ProtectedModel
@@ -66,6 +69,21 @@ def _metric_prefix(metrics: Optional[dict]) -> str:
 
 class ProtectionMarginWarning(UserWarning):
     """The key's accuracy is not far enough above the best wrong key's."""
+
+
+def _calling_handler(callback: TrainerCallback) -> Any:
+    """The ``CallbackHandler`` of the ``Trainer`` that is calling
+    ``callback`` now (a few frames up), or ``None``: how an unbound callback
+    reaches a plain ``Trainer``'s loggers, which get no other handle to it."""
+    frame = sys._getframe(1)
+    for _ in range(8):
+        if frame is None:
+            return None
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, CallbackHandler) and callback in candidate.callbacks:
+            return candidate
+        frame = frame.f_back
+    return None
 
 
 class KeyProtectionCallback(TrainerCallback):
@@ -149,6 +167,12 @@ class KeyProtectionCallback(TrainerCallback):
                        train_dataloader=None, eval_dataloader=None, **kwargs):
         self.check_setup(model, processing_class=processing_class,
                          dataloaders=[train_dataloader, eval_dataloader])
+        # Resumed (the state was loaded): the checkpoint this run continues
+        # must be this key's. KeyedTrainer checks before loading; a plain
+        # Trainer never does, so look where it saves checkpoints.
+        resumed = Path(args.output_dir) / f"checkpoint-{state.global_step}" / PROTECTION_FILE
+        if state.global_step > 0 and resumed.is_file():
+            ProtectionConfig.load(resumed).check_key(self.key)
 
     def check_setup(self, model: nn.Module, *, processing_class: Any = None, dataloaders=()) -> str:
         """Check that exactly one of the model and the data path applies the
@@ -205,6 +229,9 @@ class KeyProtectionCallback(TrainerCallback):
                 entry.update(result)
             else:
                 state.log_history.append({**result, "epoch": state.epoch, "step": state.global_step})
+            handler = _calling_handler(self)
+            if handler is not None:  # the loggers (TensorBoard, W&B, ...) saw the metrics before this
+                handler.on_log(args, state, control, dict(result))
         margin = result[f"{prefix}_protection_margin"]
         if margin < self.min_margin:
             warnings.warn(
@@ -301,11 +328,16 @@ class KeyProtectionCallback(TrainerCallback):
         model = base_module(model)
         if isinstance(model, ProtectedModel):
             return ProtectionConfig.from_model(model, trained_with="transformers.Trainer", style="model")
-        processor = self._processor
-        if processor is None:
+        if self._processor is None:
             raise ConfigurationError("cannot describe the protection: no KeyedImageProcessor known to the callback")
-        size = processor.output_size
-        keyed = KeyedInput(self.key, mean=processor.image_mean, std=processor.image_std,
-                           input_size=(self.key.channels, *size) if size else None)
-        view = ProtectedModel(model, keyed)
-        return ProtectionConfig.from_model(view, trained_with="transformers.Trainer", style="processor")
+        return processor_protection_config(model, self._processor)
+
+
+def processor_protection_config(model: nn.Module, processor: KeyedImageProcessor) -> ProtectionConfig:
+    """``protection.json`` for a plain model trained on ``processor``'s keyed
+    output (processor style): the processor's key, mean, std and size."""
+    key, size = processor.key, processor.output_size
+    keyed = KeyedInput(key, mean=processor.image_mean, std=processor.image_std,
+                       input_size=(key.channels, *size) if size else None)
+    view = ProtectedModel(model, keyed)
+    return ProtectionConfig.from_model(view, trained_with="transformers.Trainer", style="processor")

@@ -31,13 +31,14 @@ from typing import Any, Optional
 import torch
 from transformers import Trainer
 
-from ..checkpoint import load_protected, save_protected
-from ..errors import ConfigurationError
+from ..checkpoint import PROTECTION_FILE, ProtectionConfig, find_key_material, load_protected, save_protected
+from ..errors import ConfigurationError, KeyLeakError
+from ..keys import SecretKey
 from ..module import KeyedInput, ProtectedModel
 from ..objectives import ProtectionObjective, logits_of
 from ..train import Normalize
 from ._datapath import base_module, batchers_in
-from .callback import KeyProtectionCallback
+from .callback import KeyProtectionCallback, processor_protection_config
 from .processor import KeyedImageProcessor
 
 __all__ = ["KeyedTrainer"]
@@ -174,7 +175,8 @@ class KeyedTrainer(Trainer):
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         model = base_module(self.model)
         if not isinstance(model, ProtectedModel):
-            return super()._save(output_dir, state_dict=state_dict)
+            super()._save(output_dir, state_dict=state_dict)
+            return self._save_processor_style(model, output_dir)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
@@ -183,6 +185,22 @@ class KeyedTrainer(Trainer):
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _save_processor_style(self, model: torch.nn.Module, output_dir: Optional[str]) -> None:
+        """Processor style: ``protection.json`` beside the plain model's
+        files (``save_model`` as well as checkpoints), so the folder says
+        which key it needs and loads with :func:`kp_plugin.load_protected`."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        try:
+            processor = self._keying_processor()
+        except ConfigurationError:
+            return  # nothing keyed here: a plain Trainer run
+        if not self.args.should_save or not os.path.isdir(output_dir):
+            return
+        processor_protection_config(model, processor).save(output_dir)
+        leaks = find_key_material(output_dir, processor.key)
+        if leaks:
+            raise KeyLeakError(f"key material found in {', '.join(map(str, leaks))}; delete them before sharing")
 
     def _load_best_model(self) -> None:
         wrapped = base_module(self.model)
@@ -194,8 +212,20 @@ class KeyedTrainer(Trainer):
         load_protected(self.state.best_model_checkpoint, wrapped.unwrap(), wrapped.key, device=device)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        if model is None:
-            wrapped = base_module(self.model)
-            if isinstance(wrapped, ProtectedModel):
-                model = wrapped.unwrap()
+        wrapped = base_module(self.model)
+        key = wrapped.key if isinstance(wrapped, ProtectedModel) else self._run_key()
+        if key is not None and os.path.isfile(os.path.join(resume_from_checkpoint, PROTECTION_FILE)):
+            # Resuming another key's run would go on training its weights
+            # under this key; the stock loader never looks.
+            ProtectionConfig.load(resume_from_checkpoint).check_key(key)
+        if model is None and isinstance(wrapped, ProtectedModel):
+            model = wrapped.unwrap()
         return super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+
+    def _run_key(self) -> Optional[SecretKey]:
+        """The key of a processor-style run (its keyed data path), if any."""
+        try:
+            return self._keying_processor().key
+        except ConfigurationError:
+            callbacks = [c for c in self.callback_handler.callbacks if isinstance(c, KeyProtectionCallback)]
+            return callbacks[0].key if callbacks else None
