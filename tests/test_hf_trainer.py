@@ -231,6 +231,24 @@ def test_unbound_callback_on_a_plain_trainer_writes_the_eval_entry(key, data, tm
     assert received[0]["eval_key_accuracy"] == metrics["eval_key_accuracy"]
 
 
+def test_evaluate_alone_measures_and_refuses_an_eval_path_keyed_with_another_key(key, data, tmp_path):
+    # Before: trainer.evaluate() without train() failed with "cannot tell how
+    # the data was keyed", and an evaluation path keyed with another key was
+    # never checked.
+    test = data[1].select(range(32))
+
+    def evaluate(data_key):
+        collator = KeyedImageCollator(KeyedImageProcessor(vit_processor(), data_key))
+        trainer = Trainer(model=tiny_vit(), args=_args(tmp_path, remove_unused_columns=False), eval_dataset=test,
+                          data_collator=collator, callbacks=[KeyProtectionCallback(key, wrong_keys=2, min_margin=0.0)])
+        return trainer.evaluate()
+
+    with pytest.warns(ProtectionMarginWarning):  # an untrained model: no margin
+        assert "eval_protection_margin" in evaluate(key)
+    with pytest.raises(KeyMismatchError, match="another key"):
+        evaluate(SecretKey.generate_like(key))
+
+
 class _Recorder(TrainerCallback):
     """A logger's view: every dict that reaches on_log."""
 

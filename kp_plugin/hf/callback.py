@@ -211,6 +211,9 @@ class KeyProtectionCallback(TrainerCallback):
     def on_evaluate(self, args, state, control, model=None, eval_dataloader=None, metrics=None, **kwargs):
         if model is None or eval_dataloader is None:
             return
+        # The evaluation's data path too (train start saw only the training
+        # one, and trainer.evaluate() alone has no train start).
+        self.check_setup(model, dataloaders=[eval_dataloader])
         result = self.measure(model, eval_dataloader)
         if result is None:
             return
