@@ -152,7 +152,7 @@ def _unprotected_fine_tune(args, num_classes: int, keyed, train_set, test_set, c
 
     torch.manual_seed(args.seed)
     base = create_base_model(args.model, pretrained=not args.no_pretrained, num_classes=num_classes,
-                             **_model_args(args))
+                             input_size=keyed.input_size, **_model_args(args))
     model = plain_model(base, keyed.mean, keyed.std)
     if teacher_path is not None and teacher_path.is_file() and "unprotected_accuracy" in record:
         _say(args, f"reusing the unprotected teacher in {teacher_path}")

@@ -143,6 +143,39 @@ def _json_model_args(timm_kwargs: dict) -> dict:
     return args
 
 
+def _requested_size(input_size: Union[int, Sequence[int], None], timm_kwargs: dict,
+                    channels: int) -> Optional[tuple]:
+    """``(C, H, W)`` from ``input_size``, or else from timm's ``img_size``
+    (which timm takes for ViTs but does not write into ``pretrained_cfg``)."""
+    size = _input_size_triple(input_size, channels) if input_size is not None else None
+    img_size = timm_kwargs.get("img_size")
+    if img_size is None:
+        return size
+    from_timm = _input_size_triple(img_size, channels)
+    if size is not None and size[1:] != from_timm[1:]:
+        raise ConfigurationError(
+            f"input_size {size[1]}x{size[2]} and img_size {from_timm[1]}x{from_timm[2]} disagree; give one of them"
+        )
+    return size or from_timm
+
+
+def _sized_kwargs(name: str, size: Optional[tuple], timm_kwargs: dict) -> dict:
+    """``timm_kwargs`` plus ``img_size`` for a model built for one input
+    size (ViT, Swin, DeiT, ...: ``fixed_input_size`` in its pretrained cfg)
+    when another size is asked for; created at its default size, such a model
+    refuses other images. timm resamples position embeddings of pre-trained
+    weights to the new size."""
+    if size is None or "img_size" in timm_kwargs:
+        return timm_kwargs
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # hf-hub: names, unknown names: timm.create_model says what is wrong
+        cfg = None
+    if cfg is None or not getattr(cfg, "fixed_input_size", False) or tuple(cfg.input_size[-2:]) == size[1:]:
+        return timm_kwargs
+    return {**timm_kwargs, "img_size": size[1] if size[1] == size[2] else [size[1], size[2]]}
+
+
 def create_base_model(
     name: str,
     *,
@@ -150,18 +183,22 @@ def create_base_model(
     checkpoint_path: Optional[str] = None,
     num_classes: Optional[int] = None,
     weights: str = "auto",
+    input_size: Union[int, Sequence[int], None] = None,
     **timm_kwargs: Any,
 ) -> nn.Module:
     """The unprotected timm model that :func:`create_protected_model` wraps
     (same weights source), e.g. for an unprotected baseline.
 
-    Args: as in :func:`create_protected_model`.
+    Args: as in :func:`create_protected_model` (``input_size`` matters for
+    models built for one size, such as ViTs).
 
     Example:
         >>> base = create_base_model("tf_efficientnet_lite0", pretrained=True, num_classes=10)  # doctest: +SKIP
     """
+    in_chans = timm_kwargs.get("in_chans", 3)
+    size = _requested_size(input_size, timm_kwargs, in_chans if isinstance(in_chans, int) else 3)
     return _create_base(name, pretrained=pretrained, weights=weights, num_classes=num_classes,
-                        checkpoint_path=checkpoint_path, timm_kwargs=timm_kwargs)
+                        checkpoint_path=checkpoint_path, timm_kwargs=_sized_kwargs(name, size, timm_kwargs))
 
 
 def create_protected_model(
@@ -191,8 +228,10 @@ def create_protected_model(
         checkpoint_path: a local timm checkpoint to load after creation.
         num_classes: size of the (new) classifier.
         input_size: the image size the model will be fed (``int``, ``(H, W)``
-            or ``(C, H, W)``); defaults to ``pretrained_cfg["input_size"]``.
-            Must be a multiple of ``key.block_size``.
+            or ``(C, H, W)``); defaults to ``pretrained_cfg["input_size"]``
+            (or timm's ``img_size`` when given). Must be a multiple of
+            ``key.block_size``. Models built for one size (ViT, Swin, DeiT:
+            ``fixed_input_size``) are created for it (timm's ``img_size``).
         weights: where pre-trained weights come from: ``"auto"`` (offline
             package where one exists, else timm), ``"timm"`` (always timm /
             the Hub) or ``"package"`` (offline package; error if none).
@@ -212,12 +251,11 @@ def create_protected_model(
     """
     if not isinstance(key, SecretKey):
         raise TypeError(f"key must be a kp_plugin.SecretKey, got {type(key).__name__}")
-    size = None
-    if input_size is not None:
-        size = _input_size_triple(input_size, key.channels)
+    size = _requested_size(input_size, timm_kwargs, key.channels)
+    if size is not None:
         check_image_size(size[1], size[2], key.block_size)
     base = _create_base(name, pretrained=pretrained, weights=weights, num_classes=num_classes,
-                        checkpoint_path=checkpoint_path, timm_kwargs=timm_kwargs)
+                        checkpoint_path=checkpoint_path, timm_kwargs=_sized_kwargs(name, size, timm_kwargs))
     cfg = getattr(base, "pretrained_cfg", None) or {}
     if size is None and cfg.get("input_size") is not None:
         size = tuple(cfg["input_size"])

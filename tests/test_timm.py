@@ -8,9 +8,11 @@ import json
 import pytest
 import torch
 
-from kp_plugin import BlockSizeError, CheckpointError, KeyMismatchError, SecretKey, save_protected, wrap_model
+from kp_plugin import (BlockSizeError, CheckpointError, ConfigurationError, KeyMismatchError, SecretKey, save_protected,
+                       wrap_model)
 from kp_plugin.checkpoint import find_key_material
-from kp_plugin.timm import create_protected_model, create_transform, load_protected_timm, resolve_data_config
+from kp_plugin.timm import (create_base_model, create_protected_model, create_transform, load_protected_timm,
+                            resolve_data_config)
 
 TINY = "test_efficientnet"  # a real timm architecture, ~0.1M parameters
 
@@ -100,6 +102,26 @@ def test_timm_creation_arguments_are_recorded_and_rebuild_the_architecture(tmp_p
     x = torch.rand(2, 3, 32, 32)
     torch.testing.assert_close(loaded(x), model(x))
     assert loaded.unwrap().patch_embed.proj.kernel_size == (8, 8)
+
+
+def test_a_model_built_for_one_size_is_created_at_the_size_asked_for(tmp_path, key):
+    # Before, vit_tiny at input_size=32 was created at 224 and failed on its
+    # first batch (timm's "Input height (32) doesn't match model (224)"), and
+    # img_size=64 alone recorded 224 for the data pipeline and protection.json.
+    small = dict(patch_size=8, embed_dim=48, depth=1, num_heads=3)
+    model = create_protected_model("vit_tiny_patch16_224", key, num_classes=3, input_size=32, **small).eval()
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 3)
+    assert model.keyed.input_size == (3, 32, 32) and resolve_data_config(model)["input_size"] == (3, 32, 32)
+    save_protected(model, tmp_path)
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(load_protected_timm(tmp_path, key).eval()(x), model(x))
+    by_timm = create_protected_model("vit_tiny_patch16_224", key, num_classes=3, img_size=64, **small)
+    assert by_timm.keyed.input_size == (3, 64, 64) and by_timm.unwrap().pretrained_cfg["input_size"] == (3, 64, 64)
+    with pytest.raises(ConfigurationError, match="disagree"):
+        create_protected_model("vit_tiny_patch16_224", key, input_size=32, img_size=64, **small)
+    base = create_base_model("vit_tiny_patch16_224", num_classes=3, input_size=32, **small)  # kp protect --baseline
+    assert base(torch.rand(1, 3, 32, 32)).shape == (1, 3)
+    assert "img_size" not in create_protected_model(TINY, key, input_size=32).unwrap().kp_model_args  # any size fits
 
 
 def test_loading_a_timm_checkpoint_with_another_key_is_refused(tmp_path, key):
