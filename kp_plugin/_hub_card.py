@@ -10,6 +10,7 @@ it is derived from the key except the public fingerprint.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -39,7 +40,10 @@ def read_report(source: Any) -> Optional[dict]:
         data = json.loads(path.read_text("utf-8"))
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return None
+    # Reports written before 0-wrong-key statistics became null hold NaN.
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in data.items()}
 
 
 def _percent(value: Any) -> str:

@@ -103,9 +103,10 @@ class ProtectionReport:
         statistics and ``chance`` (``unprotected_accuracy`` only if known)."""
         out = {
             "key_accuracy": self.key_accuracy,
-            "wrong_key_accuracy_mean": self.wrong_key_accuracy_mean,
-            "wrong_key_accuracy_std": self.wrong_key_accuracy_std,
-            "wrong_key_accuracy_max": self.wrong_key_accuracy_max,
+            # null without wrong keys: NaN is not JSON (strict parsers, the Hub card's metrics)
+            "wrong_key_accuracy_mean": _or_null(self.wrong_key_accuracy_mean),
+            "wrong_key_accuracy_std": _or_null(self.wrong_key_accuracy_std),
+            "wrong_key_accuracy_max": _or_null(self.wrong_key_accuracy_max),
             "wrong_key_accuracies": list(self.wrong_key_accuracies),
             "num_wrong_keys": self.num_wrong_keys,
             "wrong_key_seed": self.seed,
@@ -139,6 +140,10 @@ class ProtectionReport:
             seed=data.get("wrong_key_seed", 0), unprotected_accuracy=data.get("unprotected_accuracy"),
             extra=data.get("extra", {}),
         )
+
+
+def _or_null(value: float) -> Optional[float]:
+    return None if math.isnan(value) else value
 
 
 def _pct(value: Optional[float]) -> str:
@@ -223,7 +228,7 @@ def write_report(
             private.mkdir(parents=True, exist_ok=True)
             plot_examples(report.example_images, report.example_protected, private / EXAMPLES_FILE)
             private_examples = os.path.relpath(private / EXAMPLES_FILE, directory.resolve())
-    (directory / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
+    (directory / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n")
     (directory / REPORT_MARKDOWN).write_text(
         report_markdown(report, figures=drawn, private_examples=private_examples))
     return directory

@@ -152,6 +152,16 @@ def test_report_json_has_the_agreed_keys_and_reads_back(tmp_path, tiny_model, ra
     assert ProtectionReport.load(tmp_path / "report").to_dict() == data
 
 
+def test_a_report_without_wrong_keys_is_strict_json(tmp_path, tiny_model, random_set):
+    # kp evaluate --wrong-keys 0 wrote NaN, which strict JSON parsers reject.
+    report = evaluate_protection(tiny_model, random_set, num_wrong_keys=0, progress=False, num_examples=0)
+    write_report(report, tmp_path / "report")
+    text = (tmp_path / "report" / "report.json").read_text()
+    data = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in report.json"))
+    assert data["wrong_key_accuracy_mean"] is None and data["wrong_key_accuracy_max"] is None
+    assert data["num_wrong_keys"] == 0 and "n/a" in (tmp_path / "report" / "report.md").read_text()
+
+
 def test_report_writes_png_figures_and_markdown_without_key_material(tmp_path, tiny_model, random_set):
     report = evaluate_protection(tiny_model, random_set, num_wrong_keys=3, progress=False)
     write_report(report, tmp_path / "report")

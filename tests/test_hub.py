@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from hub_servers import CLOSED_ENDPOINT, isolate_hub_client, test_hub  # noqa: F401 - fixtures
-from kp_plugin import ConfigurationError, KeyLeakError, KeyMismatchError, SecretKey, save_protected, wrap_model
+from kp_plugin import (ConfigurationError, KeyLeakError, KeyMismatchError, ProtectionConfig, SecretKey, save_protected,
+                       wrap_model)
 from kp_plugin.checkpoint import find_key_material
 from kp_plugin.hub import (
     HubUnreachableError,
@@ -182,6 +183,20 @@ def test_model_card_has_tags_scheme_and_accuracy_from_the_report(test_hub, model
     assert "93.1%" in card.text and "11.2%" in card.text
     assert 'pull_protected("org/carded", key)' in card.text
     assert card.data.eval_results[0].metric_value == pytest.approx(0.931)
+
+
+def test_a_report_without_wrong_keys_gives_a_card_without_nan(model, tmp_path):
+    # Reports of kp evaluate --wrong-keys 0 held NaN (now null): the card
+    # showed "nan%" and published a NaN metric.
+    from kp_plugin._hub_card import build_model_card, read_report
+
+    folder = save_protected(model, tmp_path / "out")
+    report = {"key_accuracy": 0.9, "wrong_key_accuracy_mean": float("nan"), "wrong_key_accuracy_std": float("nan"),
+              "wrong_key_accuracy_max": float("nan"), "num_wrong_keys": 0, "dataset": "digits"}
+    (folder / "report.json").write_text(json.dumps(report))
+    card = build_model_card(ProtectionConfig.load(folder), repo_id="org/name", report=read_report(folder))
+    assert "nan" not in card.content.lower()
+    assert [r.metric_name for r in card.data.eval_results] == ["accuracy with the key"]
 
 
 def test_push_to_a_branch_and_pull_that_revision(test_hub, model, isolate_hub_client):
