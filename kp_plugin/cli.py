@@ -134,10 +134,11 @@ def _keygen(args: argparse.Namespace) -> int:
         scheme = parse_scheme(args.scheme)
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
-    if os.path.exists(args.output) and not args.force and not os.path.isdir(args.output):
+    if os.path.lexists(args.output) and not args.force and not os.path.isdir(args.output):
+        dangling = " (a symbolic link to a missing file)" if not os.path.exists(args.output) else ""
         raise KeyFileError(
-            f"{args.output} already exists; refusing to overwrite a key file (the models it protects would "
-            "be lost). Choose another path, or pass --force to replace it"
+            f"{args.output} already exists{dangling}; refusing to overwrite a key file (the models it protects "
+            "would be lost). Choose another path, or pass --force to replace it"
         )
     try:
         key = SecretKey.generate(block_size=args.block_size, scheme=scheme, channels=args.channels)

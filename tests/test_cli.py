@@ -62,6 +62,15 @@ def test_keygen_refuses_to_overwrite_a_key_unless_forced(tmp_path, capsys):
     assert SecretKey.load(path).fingerprint != first
 
 
+def test_keygen_over_a_broken_symlink_says_force_not_the_api_argument(tmp_path, capsys):
+    link = tmp_path / "owner.key"
+    link.symlink_to(tmp_path / "gone.key")
+    assert main(["keygen", "-o", str(link)]) == 4
+    err = capsys.readouterr().err
+    assert "--force" in err and "overwrite=True" not in err and "symbolic link" in err
+    assert link.is_symlink() and not (tmp_path / "gone.key").exists()
+
+
 @pytest.mark.parametrize("argv", [["keygen", "--scheme", "rot13", "-o", "x.key"], ["keygen", "--block-size", "0", "-o",
                                   "x.key"], ["protect", "--data", "digits"],
                                   ["no-such-command"]])
