@@ -311,8 +311,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(exc.code or 0)
     try:
         return int(args.func(args) or 0)
-    except _UsageError as exc:
-        parser.print_usage(sys.stderr)
+    except _UsageError as exc:  # found after parsing: the subcommand's usage, as argparse's own errors show
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        commands.choices[args.command].print_usage(sys.stderr)
         print(f"kp {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KPError as exc:

@@ -62,6 +62,12 @@ def test_keygen_refuses_to_overwrite_a_key_unless_forced(tmp_path, capsys):
     assert SecretKey.load(path).fingerprint != first
 
 
+def test_a_usage_error_found_after_parsing_shows_the_subcommands_usage(tmp_path, capsys):
+    assert main(["keygen", "--scheme", "rot13", "-o", str(tmp_path / "x.key")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: kp keygen") and "kp keygen: error: unknown scheme step 'rot13'" in err
+
+
 def test_keygen_over_a_broken_symlink_says_force_not_the_api_argument(tmp_path, capsys):
     link = tmp_path / "owner.key"
     link.symlink_to(tmp_path / "gone.key")
