@@ -48,7 +48,7 @@ def _folder_files(directory: Path) -> dict:
 def _refuse_key_material(files: Mapping[str, Path], key: Optional[SecretKey]) -> None:
     """Raise :class:`KeyLeakError` if a file holds key material or is a key
     file. Without ``key`` only key files can be recognized."""
-    needles = list(key.secret_forms()) if key is not None else []
+    needles = list(key.secret_forms()) + list(key.secret_patterns()) if key is not None else []
     needles += list(KEY_FILE_MARKERS)
     leaks = [name for name, path in files.items() if name.endswith(".key") or file_contains_any(Path(path), needles)]
     if leaks:

@@ -288,9 +288,10 @@ _SCAN_CHUNK = 16 << 20
 
 
 def file_contains_any(path: Path, needles: list, chunk_size: int = _SCAN_CHUNK) -> bool:
-    """Whether any needle occurs in the file, read in chunks that overlap by
-    the longest needle, so a large weights file never sits in memory whole."""
-    overlap = max(len(n) for n in needles) - 1
+    """Whether any needle (bytes, or a :class:`~kp_plugin.keys.NumberSequence`)
+    occurs in the file, read in chunks that overlap by the longest possible
+    match, so a large weights file never sits in memory whole."""
+    overlap = max(len(n) if isinstance(n, (bytes, bytearray)) else n.max_length for n in needles) - 1
     tail = b""
     with open(path, "rb") as fh:
         while True:
@@ -298,7 +299,7 @@ def file_contains_any(path: Path, needles: list, chunk_size: int = _SCAN_CHUNK) 
             if not chunk:
                 return False
             window = tail + chunk
-            if any(n in window for n in needles):
+            if any(n in window if isinstance(n, (bytes, bytearray)) else n.found_in(window) for n in needles):
                 return True
             tail = window[-overlap:] if overlap else b""
 
@@ -313,7 +314,7 @@ def find_key_material(directory: Union[str, os.PathLike], key: SecretKey) -> lis
     Example:
         >>> assert find_key_material("out/", key) == []      # doctest: +SKIP
     """
-    needles = list(key.secret_forms()) + list(KEY_FILE_MARKERS)
+    needles = list(key.secret_forms()) + list(key.secret_patterns()) + list(KEY_FILE_MARKERS)
     root = Path(directory)
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     return [path for path in files if file_contains_any(path, needles)]

@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 import stat
 import tempfile
@@ -220,6 +221,34 @@ def _feistel_tables(material: bytes, length: int) -> list[list[int]]:
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+#: Permutations shorter than this are not scanned for: their serialized
+#: forms ("[0]", "[1, 0, 2]") occur in ordinary files, and so few orders are
+#: no secret anyway (block size 1 with one channel has L = 1).
+MIN_SCANNED_PERMUTATION = 8
+
+#: Separators allowed between the numbers of a :class:`NumberSequence`.
+_SEPARATOR = rb"[\s,;]{1,16}"
+
+
+class NumberSequence:
+    """Decimal numbers in order, separated by whitespace, commas or
+    semicolons (at most 16 characters between two), as text of any layout."""
+
+    def __init__(self, numbers: list[int]) -> None:
+        digits = [str(int(v)).encode() for v in numbers]
+        # No look-behind: it would cost the regex engine its literal-prefix
+        # search (10x slower over a weights file); found_in checks instead.
+        self._regex = re.compile(_SEPARATOR.join(digits) + rb"(?![0-9])")
+        #: The longest text a match can span (scanners overlap chunks by it).
+        self.max_length = sum(len(d) for d in digits) + 16 * (len(digits) - 1) + 1
+
+    def found_in(self, data: bytes) -> bool:
+        return any(m.start() == 0 or not data[m.start() - 1:m.start()].isdigit() for m in self._regex.finditer(data))
+
+    def __repr__(self) -> str:  # never the numbers
+        return "NumberSequence(<secret>)"
+
+
 def _valid_created(value: object) -> bool:
     """``created`` as the key file spec writes it: a UTC time ``YYYY-MM-DDTHH:MM:SSZ``."""
     if not isinstance(value, str) or len(value) != 20:
@@ -372,13 +401,17 @@ class SecretKey:
         the leak scanners; never print them."""
         m = self._material
         perm = self.pixel_permutation()
-        perm_forms = [
-            b"".join(v.to_bytes(8, "little") for v in perm),
-            b"".join(v.to_bytes(4, "little") for v in perm),
-            b"".join(v.to_bytes(2, "little") for v in perm),
-            json.dumps(perm).encode(),
-            json.dumps(perm, separators=(",", ":")).encode(),
-        ]
+        perm_forms = []
+        if len(perm) >= MIN_SCANNED_PERMUTATION:
+            perm_forms = [
+                b"".join(v.to_bytes(8, "little") for v in perm),
+                b"".join(v.to_bytes(4, "little") for v in perm),
+                b"".join(v.to_bytes(2, "little") for v in perm),
+                json.dumps(perm).encode(),
+                json.dumps(perm, separators=(",", ":")).encode(),
+            ]
+            if len(perm) <= 256:
+                perm_forms.append(bytes(perm))  # uint8 arrays (L = 48 at block size 4, RGB)
         return perm_forms + [
             m,
             m.hex().encode(),
@@ -388,6 +421,13 @@ class SecretKey:
             base64.b64encode(m).rstrip(b"="),
             base64.urlsafe_b64encode(m).rstrip(b"="),
         ]
+
+    def secret_patterns(self) -> list["NumberSequence"]:
+        """The pixel permutation written as text in any layout (JSON with
+        any indent, CSV, one number per line), which fixed byte strings
+        cannot all cover. Used by the leak scanners with :meth:`secret_forms`."""
+        perm = self.pixel_permutation()
+        return [NumberSequence(perm)] if len(perm) >= MIN_SCANNED_PERMUTATION else []
 
     # ------------------------------------------------------ derived objects
     def _derived(self, name: str, make):

@@ -292,6 +292,35 @@ def test_the_scanner_finds_planted_key_material(tmp_path, key):
     assert found == {"notes.txt", "sub/perm.bin", "copy.key"}
 
 
+def test_the_scanner_finds_the_permutation_written_as_text_in_any_layout(tmp_path, key, monkeypatch):
+    # Only two exact JSON spellings were matched: an indented dump, a CSV or
+    # one number per line got through, to the Hub too.
+    import kp_plugin.checkpoint as checkpoint
+
+    perm = key.pixel_permutation()
+    (tmp_path / "indented.json").write_text(json.dumps({"perm": perm}, indent=2))
+    (tmp_path / "lines.txt").write_text("\n".join(map(str, perm)) + "\n")
+    (tmp_path / "row.csv").write_text("step;" + ";".join(map(str, perm)))
+    (tmp_path / "uint8.bin").write_bytes(bytes(perm))  # L = 48 fits a byte
+    (tmp_path / "other.json").write_text(json.dumps(SecretKey.generate_like(key).pixel_permutation(), indent=2))
+    (tmp_path / "digits_run_on.txt").write_text("1" + ", ".join(map(str, perm)))  # another number, not the permutation
+    monkeypatch.setattr(checkpoint, "_SCAN_CHUNK", 100)  # matches across read chunks too
+    found = {p.name for p in find_key_material(tmp_path, key)}
+    assert found == {"indented.json", "lines.txt", "row.csv", "uint8.bin"}
+
+
+def test_degenerate_keys_do_not_raise_false_leak_alarms(tmp_path):
+    # Block size 1 with one channel: the permutation is [0], which every
+    # JSON file "contained", so save_protected always raised KeyLeakError.
+    key = SecretKey.generate(block_size=1, channels=1)
+    model = wrap_model(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1)), key, mean=0.5, std=0.5)
+    save_protected(model, tmp_path)
+    (tmp_path / "notes.json").write_text(json.dumps({"layers": [0], "sizes": [0, 1]}))
+    assert find_key_material(tmp_path, key) == []
+    (tmp_path / "leak.txt").write_text(key._material.hex())
+    assert [p.name for p in find_key_material(tmp_path, key)] == ["leak.txt"]
+
+
 def test_the_scanner_finds_material_across_its_read_chunks(tmp_path, key, monkeypatch):
     import kp_plugin.checkpoint as checkpoint
 

@@ -119,6 +119,17 @@ def test_folder_with_the_hex_key_is_refused_when_the_key_is_given(test_hub, mode
     assert test_hub.received()[before:] == []
 
 
+def test_folder_with_the_permutation_as_indented_json_is_refused(test_hub, model, tmp_path, isolate_hub_client):
+    # training.json is uploaded by default; an indented dump of the
+    # permutation in it went up before.
+    folder = save_protected(model, tmp_path / "out")
+    (folder / "training.json").write_text(json.dumps({"perm": KEY.pixel_permutation()}, indent=2))
+    before = len(test_hub.received())
+    with pytest.raises(KeyLeakError, match="training.json"):
+        push_protected(folder, "org/leaky-perm", key=KEY, token=test_hub.token, endpoint=test_hub.url)
+    assert test_hub.received()[before:] == []
+
+
 def test_folder_push_uploads_checkpoint_and_report_but_not_training_state(test_hub, model, tmp_path,
                                                                          isolate_hub_client):
     folder = save_protected(model, tmp_path / "out")
