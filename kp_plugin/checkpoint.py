@@ -419,6 +419,19 @@ def _materialize_meta(base: nn.Module, saved: set, weights: Path, device: Union[
     base.to_empty(device=device)
 
 
+def load_error_summary(exc: BaseException, limit: int = 3) -> str:
+    """What torch's ``load_state_dict`` error says, shortened: the first
+    ``limit`` problems (size mismatches, missing and unexpected keys) and how
+    many more, instead of only its headline "Error(s) in loading ..."."""
+    lines = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+    if not lines:
+        return str(exc).strip() or type(exc).__name__
+    shown = [line.replace("copying a param with shape ", "").replace("torch.Size", "") for line in lines[:limit]]
+    shown = [line if len(line) < 300 else line[:300] + "..." for line in shown]
+    more = f"; and {len(lines) - limit} more" if len(lines) > limit else ""
+    return "; ".join(line.rstrip(".") for line in shown) + more
+
+
 def _saved_by_transformers(base: nn.Module, metadata: dict) -> bool:
     """Weights that transformers' ``save_pretrained`` wrote (no kp metadata)
     for a transformers model: processor style, where the Trainer saves the
@@ -505,7 +518,7 @@ def load_protected(
         raise CheckpointError(f"cannot read {weights}: {exc}") from None
     except RuntimeError as exc:
         raise CheckpointError(
-            f"the weights in {weights} do not fit {type(base).__name__} ({str(exc).splitlines()[0]}); "
+            f"the weights in {weights} do not fit {type(base).__name__} ({load_error_summary(exc)}); "
             "create the model with the same architecture and num_classes as when it was saved"
         ) from None
     base.to(device)

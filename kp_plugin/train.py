@@ -36,6 +36,7 @@ from .checkpoint import (
     WEIGHTS_FILE,
     ProtectionConfig,
     find_key_material,
+    load_error_summary,
     save_protected,
     usable_device,
 )
@@ -463,17 +464,19 @@ def _load_checkpoint(model: nn.Module, directory: Path, device: torch.device) ->
     if isinstance(model, ProtectedModel):
         ProtectionConfig.load(directory).check_key(model.key)
     base = model.unwrap() if hasattr(model, "unwrap") else model
-    try:
-        load_model(base, str(directory / WEIGHTS_FILE), strict=True, device=str(device))
-    except (OSError, RuntimeError) as exc:
-        raise CheckpointError(f"cannot resume from {directory}: {str(exc).splitlines()[0]}") from None
+    # The state first: a corrupt one must not leave the model half-loaded.
     try:  # tensors, numbers, strings and containers only: loading runs no code from the file
-        return torch.load(state_path, map_location=device, weights_only=True)
+        state = torch.load(state_path, map_location=device, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
         raise CheckpointError(
             f"cannot resume: {state_path} is corrupt or not a kp-plugin training state "
             f"({str(exc).splitlines()[0]}); start a new run"
         ) from None
+    try:
+        load_model(base, str(directory / WEIGHTS_FILE), strict=True, device=str(device))
+    except (OSError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot resume from {directory}: {load_error_summary(exc)}") from None
+    return state
 
 
 @torch.no_grad()

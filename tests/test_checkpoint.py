@@ -158,6 +158,17 @@ def test_a_meta_model_with_tensors_the_checkpoint_lacks_is_refused(tmp_path, key
         load_protected(directory, base, key)
 
 
+def test_a_checkpoint_that_does_not_fit_names_the_tensors_and_shapes(tmp_path, key):
+    # Only torch's headline ("Error(s) in loading state_dict for ResNet:")
+    # was kept: not which tensor, nor which shapes.
+    timm = pytest.importorskip("timm")
+    save_protected(wrap_model(timm.create_model("test_resnet", num_classes=5), key), tmp_path)
+    with pytest.raises(CheckpointError, match=r"size mismatch for fc\.weight: \(\[5, 96\]\) from checkpoint.*\[10, 96\]"):
+        load_protected(tmp_path, timm.create_model("test_resnet", num_classes=10), key)
+    with pytest.raises(CheckpointError, match="and [0-9]+ more"):
+        load_protected(tmp_path, timm.create_model("test_efficientnet", num_classes=5), key)
+
+
 def test_load_with_another_architecture_is_a_checkpoint_error(saved, key):
     _, directory = saved
     with pytest.raises(CheckpointError, match="same architecture"):

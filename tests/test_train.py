@@ -105,6 +105,20 @@ def test_resume_runs_no_code_from_a_tampered_training_state(tmp_path, key):
     assert _RAN == []
 
 
+def test_a_corrupt_training_state_leaves_the_model_as_it_was(tmp_path, key):
+    # The weights were loaded into the model before the state was read.
+    data = _separable_dataset(16)
+    fit(_model(key, seed=1), data, config=TrainConfig(epochs=1, batch_size=16), checkpoint_dir=tmp_path,
+        progress=False)
+    (tmp_path / TRAINING_STATE_FILE).write_bytes(b"not a torch file")
+    model = _model(key)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match="corrupt"):
+        fit(model, data, config=TrainConfig(epochs=2, batch_size=16), checkpoint_dir=tmp_path, resume=True,
+            progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_resume_without_checkpoint_is_a_checkpoint_error(tmp_path, key):
     with pytest.raises(CheckpointError, match="missing"):
         fit(_model(key), _separable_dataset(16), config=TrainConfig(epochs=1), checkpoint_dir=tmp_path,
