@@ -43,7 +43,7 @@ from .checkpoint import (
 from .data import iterate_batches
 from .errors import CheckpointError, ConfigurationError, KeyLeakError
 from .keys import SecretKey
-from .module import KeyedInput, ProtectedModel
+from .module import KeyedInput, ProtectedModel, protected_model_of
 from .objectives import DEFAULT_OBJECTIVE, ProtectionObjective, logits_of
 
 __all__ = [
@@ -150,10 +150,16 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ConfigurationError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
+        for name in ("epochs", "batch_size", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigurationError(f"{name} must be an integer, got {value!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigurationError("epochs and batch_size must be at least 1")
-        if self.lr <= 0:
-            raise ConfigurationError(f"lr must be positive, got {self.lr}")
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf):  # NaN fails too
+            raise ConfigurationError(f"lr must be a positive finite number, got {self.lr}")
+        if not (isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay < math.inf):
+            raise ConfigurationError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigurationError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         if not (self.mixup_alpha >= 0 and self.cutmix_alpha >= 0):  # NaN too
@@ -479,6 +485,13 @@ def _load_checkpoint(model: nn.Module, directory: Path, device: torch.device) ->
     return state
 
 
+def _steps_per_epoch(examples: int, batch_size: int) -> int:
+    """Optimizer steps per epoch: the batches, less a last one of a single
+    image, which :func:`fit` skips."""
+    full, rest = divmod(examples, batch_size)
+    return max(1, full + (1 if rest > 1 else 0))
+
+
 @torch.no_grad()
 def evaluate_accuracy(
     model: nn.Module,
@@ -551,6 +564,15 @@ def fit(
         >>> result.final["accuracy"]                                                    # doctest: +SKIP
     """
     config = config or TrainConfig()
+    if not isinstance(model, ProtectedModel) and protected_model_of(model) is not None:
+        # The wrong-key term, protected checkpoints and the key check on
+        # resume all need the ProtectedModel itself; through a wrapper they
+        # were silently dropped (plain cross-entropy, a plain checkpoint).
+        raise ConfigurationError(
+            f"fit takes the ProtectedModel itself, not one wrapped in {type(model).__name__} "
+            "(torch.compile / DataParallel / DDP): pass the ProtectedModel; for several GPUs or processes "
+            "train with kp_plugin.hf.KeyedTrainer under torchrun (docs/transformers.md)"
+        )
     objective = config.resolved_objective
     if (objective.suppresses or objective.distill_weight) and not isinstance(model, ProtectedModel):
         # The unprotected baseline trains with cross-entropy only (it is the
@@ -576,7 +598,7 @@ def fit(
         if teacher is not None:
             teacher.to(memory_format=torch.channels_last)
     optimizer = _optimizer(model, config)
-    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
+    steps_per_epoch = _steps_per_epoch(len(train_set), config.batch_size)
     scheduler = _scheduler(optimizer, config, steps_per_epoch)
     result = TrainResult()
     start_epoch = 0
@@ -615,7 +637,11 @@ def fit(
             sums: dict = {}
             correct = seen = 0
             for images, labels in iterate_batches(train_set, batch_size=config.batch_size, shuffle=True, generator=generator):
+                if labels.numel() == 1 and len(train_set) > 1:
+                    continue  # a last batch of one image: batch norm cannot train on it (timm drops it too)
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                if images.dtype == torch.uint8:  # augmentation and mixing work on [0, 1] floats
+                    images = images.float().div_(255)
                 if config.augment:
                     images = augment_images(images, generator=generator)
                 mixing = None

@@ -119,6 +119,41 @@ def test_a_corrupt_training_state_leaves_the_model_as_it_was(tmp_path, key):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_a_last_batch_of_one_image_is_skipped_not_a_batch_norm_crash(key):
+    # 17 images in batches of 16: batch norm raised "Expected more than 1
+    # value per channel when training" at the end of the epoch.
+    result = fit(_model(key), _separable_dataset(17), config=TrainConfig(epochs=2, batch_size=16), progress=False)
+    assert len(result.history) == 2
+
+
+def test_uint8_training_images_are_augmented_as_unit_floats(key):
+    # augmentation's grid_sample has no uint8 kernel: NotImplementedError.
+    data = _separable_dataset(16)
+    images = torch.stack([data[i][0] for i in range(len(data))])
+    labels = torch.tensor([data[i][1] for i in range(len(data))])
+    as_bytes = torch.utils.data.TensorDataset((images * 255).round().to(torch.uint8), labels)  # a plain torch dataset
+    result = fit(_model(key), as_bytes, config=TrainConfig(epochs=1, batch_size=16), progress=False)
+    assert len(result.history) == 1
+
+
+@pytest.mark.parametrize("wrap", ["compile", "DataParallel"])
+def test_a_wrapped_protected_model_is_refused_not_trained_without_protection(key, wrap, tmp_path):
+    # Through a wrapper fit saw "not a ProtectedModel": it dropped the
+    # wrong-key term and wrote a plain checkpoint, silently.
+    model = _model(key)
+    wrapped = torch.compile(model) if wrap == "compile" else torch.nn.DataParallel(model)
+    with pytest.raises(ConfigurationError, match="the ProtectedModel itself"):
+        fit(wrapped, _separable_dataset(16), config=TrainConfig(epochs=1), checkpoint_dir=tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("field, value", [("lr", float("nan")), ("lr", float("inf")), ("epochs", 1.5),
+                                          ("seed", None), ("batch_size", "64"), ("weight_decay", -0.1)])
+def test_train_config_refuses_values_that_fail_later_or_train_to_nan(field, value):
+    with pytest.raises(ConfigurationError, match=field):
+        TrainConfig(**{field: value})
+
+
 def test_resume_without_checkpoint_is_a_checkpoint_error(tmp_path, key):
     with pytest.raises(CheckpointError, match="missing"):
         fit(_model(key), _separable_dataset(16), config=TrainConfig(epochs=1), checkpoint_dir=tmp_path,
