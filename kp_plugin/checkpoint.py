@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -99,7 +100,7 @@ class ProtectionConfig:
 
     def to_json(self) -> str:
         """Sorted, indented JSON text of :meth:`to_dict`."""
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n"
 
     @classmethod
     def from_dict(cls, data: dict, *, source: str = PROTECTION_FILE) -> "ProtectionConfig":
@@ -139,13 +140,17 @@ class ProtectionConfig:
             if (
                 not isinstance(values, list)
                 or len(values) != self.channels
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                           for v in values)
             ):
-                raise ValueError(f"field {name!r} must list {self.channels} numbers, got {values!r}")
+                raise ValueError(f"field {name!r} must list {self.channels} finite numbers, got {values!r}")
+        if any(v == 0 for v in self.std):
+            raise ValueError(f"field 'std' must not hold 0 (it divides), got {self.std!r}")
         if self.input_size is not None and (
             not isinstance(self.input_size, list) or len(self.input_size) != 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in self.input_size)
         ):
-            raise ValueError(f"field 'input_size' must be [C, H, W] or null, got {self.input_size!r}")
+            raise ValueError(f"field 'input_size' must be [C, H, W] (positive integers) or null, got {self.input_size!r}")
 
     def save(self, directory: Union[str, os.PathLike]) -> Path:
         """Write ``protection.json`` into ``directory`` atomically; returns its path."""
@@ -344,9 +349,15 @@ def save_protected(
     """
     model = require_protected(model, "save_protected")  # also through torch.compile / DDP
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    base = model.unwrap()
+    base = _uncompiled(model.unwrap())
     config = ProtectionConfig.from_model(model, **(metadata or {}))
+    try:  # before anything is written: bad metadata must not leave new weights beside an old protection.json
+        config.to_json()
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(
+            f"metadata must hold JSON values (strings, finite numbers, lists, dicts): {exc}; nothing was written"
+        ) from None
+    directory.mkdir(parents=True, exist_ok=True)
 
     save_weights_atomic(
         base,
@@ -417,6 +428,13 @@ def _materialize_meta(base: nn.Module, saved: set, weights: Path, device: Union[
             "build the model on a real device (e.g. without `with torch.device('meta')`)"
         )
     base.to_empty(device=device)
+
+
+def _uncompiled(base: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wrapped (``_orig_mod``), so weights keep
+    the model's own names, not ``_orig_mod.``-prefixed ones."""
+    inner = getattr(base, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else base
 
 
 def load_error_summary(exc: BaseException, limit: int = 3) -> str:
@@ -497,7 +515,8 @@ def load_protected(
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{weights} is missing; the checkpoint is incomplete")
-    base = model.unwrap() if isinstance(model, ProtectedModel) else model
+    given = model.unwrap() if isinstance(model, ProtectedModel) else model
+    base = _uncompiled(given)  # loaded under its own names; what was given (compiled or not) is wrapped
     try:
         with safe_open(str(weights), framework="pt") as fh:
             meta = fh.metadata() or {}
@@ -521,5 +540,5 @@ def load_protected(
             f"the weights in {weights} do not fit {type(base).__name__} ({load_error_summary(exc)}); "
             "create the model with the same architecture and num_classes as when it was saved"
         ) from None
-    base.to(device)
-    return wrap_model(base, key, mean=config.mean, std=config.std, input_size=config.input_size_for(key))
+    given.to(device)
+    return wrap_model(given, key, mean=config.mean, std=config.std, input_size=config.input_size_for(key))

@@ -158,6 +158,44 @@ def test_a_meta_model_with_tensors_the_checkpoint_lacks_is_refused(tmp_path, key
         load_protected(directory, base, key)
 
 
+def _edit_field(text: str, name: str, value) -> str:
+    data = json.loads(text)
+    data[name] = value
+    return json.dumps(data)
+
+
+def test_bad_metadata_writes_nothing_over_an_existing_checkpoint(saved, key):
+    # The weights and config.json were replaced before the metadata failed
+    # to serialize, beside the old protection.json.
+    model, directory = saved
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+    for metadata in ({"accuracy": torch.tensor(0.9)}, {"accuracy": float("nan")}):
+        with pytest.raises(ConfigurationError, match="nothing was written"):
+            save_protected(_retrained(model), directory, metadata=metadata)
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
+
+
+def _retrained(model):
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    return model
+
+
+def test_a_compiled_base_is_saved_under_its_own_names(tmp_path, tiny_cnn, key):
+    # wrap_model(torch.compile(base)) wrote "_orig_mod."-prefixed names that
+    # no fresh model loads.
+    from safetensors import safe_open
+
+    compiled = wrap_model(torch.compile(tiny_cnn), key, mean=MEAN, std=STD).eval()
+    save_protected(compiled, tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as fh:
+        names = set(fh.keys())
+    assert names == set(tiny_cnn.state_dict())
+    loaded = load_protected(tmp_path, _fresh_cnn(), key).eval()
+    for name, tensor in tiny_cnn.state_dict().items():
+        torch.testing.assert_close(loaded.unwrap().state_dict()[name], tensor)
+
+
 def test_a_checkpoint_that_does_not_fit_names_the_tensors_and_shapes(tmp_path, key):
     # Only torch's headline ("Error(s) in loading state_dict for ResNet:")
     # was kept: not which tensor, nor which shapes.
@@ -189,6 +227,10 @@ def test_missing_protection_json_names_the_file(saved, key):
     lambda text: text.replace('"format_version": 1', '"format_version": 7'),
     lambda text: text.replace('"block_size": 4', '"block_size": "four"'),
     lambda text: text.replace('"channels": 3', '"channels": 0'),
+    # hand edits that failed later (a TypeError from '%', NaN logits) or as a configuration error
+    lambda text: _edit_field(text, "input_size", [3, "a", 8]),
+    lambda text: _edit_field(text, "std", [0, 0, 0]),
+    lambda text: _edit_field(text, "mean", [float("nan")] * 3),
 ])
 def test_corrupt_protection_json_names_the_file(saved, key, damage):
     _, directory = saved
