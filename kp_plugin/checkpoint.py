@@ -80,7 +80,10 @@ class ProtectionConfig:
         """The config describing a :class:`ProtectedModel`."""
         protected = require_protected(model, "ProtectionConfig.from_model")
         key, keyed, base = protected.key, protected.keyed, protected.unwrap()
-        input_size = keyed.input_size or keyed._size
+        # The size it was last used at: wrap_model takes timm's default
+        # (224) when no size is given, and a model fine-tuned at 32x32 must
+        # not be recorded (and exported) for 224.
+        input_size = keyed._size or keyed.input_size
         return cls(
             scheme=list(key.scheme),
             block_size=key.block_size,

@@ -128,8 +128,9 @@ def export_protected(
     material before this returns.
 
     Args:
-        model: a :class:`ProtectedModel` that knows its input size (built with
-            ``input_size=``, loaded from a checkpoint, or called once).
+        model: a :class:`ProtectedModel` that knows its input size (the
+            size it was last called at; else ``input_size=``, the checkpoint's,
+            or timm's ``pretrained_cfg``).
         directory: created if needed; files of the same names are replaced.
             Both formats of one model may share a folder; a folder holding
             the other format's export of another model (another key,

@@ -296,7 +296,7 @@ def resolve_data_config(model: ProtectedModel, **overrides: Any) -> dict:
         raise ConfigurationError(f"expected a ProtectedModel, got {type(model).__name__}")
     config = timm.data.resolve_model_data_config(model.unwrap())
     keyed = model.keyed
-    size = keyed.input_size or keyed._size
+    size = keyed._size or keyed.input_size  # the size it was last used at, else the one it was made for
     if size is not None:
         config["input_size"] = tuple(size)
     config["mean"] = tuple(keyed.mean)

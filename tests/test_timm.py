@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import timm
 import torch
 
 from kp_plugin import (BlockSizeError, CheckpointError, ConfigurationError, KeyMismatchError, SecretKey, save_protected,
@@ -46,7 +47,6 @@ def test_in_chans_other_than_three_adapts_size_and_normalization(tmp_path, chann
     images = torch.rand(2, channels, 32, 32)
     save_protected(model, tmp_path)
     torch.testing.assert_close(load_protected_timm(tmp_path, key).eval()(images), model(images))
-    timm = pytest.importorskip("timm")
     wrapped = wrap_model(timm.create_model(TINY, in_chans=channels, num_classes=3), key)
     assert wrapped.keyed.input_size == (channels, 160, 160) and wrapped.keyed.mean == pytest.approx(mean_of(rgb))
 
@@ -55,6 +55,19 @@ def test_explicit_input_size_is_recorded_for_the_data_pipeline(key):
     model = create_protected_model(TINY, key, num_classes=4, input_size=32)
     assert model.keyed.input_size == (3, 32, 32)
     assert resolve_data_config(model)["input_size"] == (3, 32, 32)
+
+
+def test_the_size_a_model_was_used_at_is_recorded_not_timms_default(tmp_path, key):
+    # wrap_model takes pretrained_cfg's 160 when no size is given; a model
+    # fine-tuned at 32x32 was saved (and exported: a fixed 160x160 ONNX
+    # input) for 160.
+    model = wrap_model(timm.create_model(TINY, num_classes=3), key)
+    assert model.keyed.input_size == (3, 160, 160)
+    model(torch.rand(2, 3, 32, 32))
+    assert resolve_data_config(model)["input_size"] == (3, 32, 32)
+    save_protected(model, tmp_path)
+    assert json.loads((tmp_path / "protection.json").read_text())["input_size"] == [3, 32, 32]
+    assert load_protected_timm(tmp_path, key).keyed.input_size == (3, 32, 32)
 
 
 def test_input_size_not_a_multiple_of_the_block_size_is_a_block_size_error(key):
