@@ -11,6 +11,7 @@ refuses to be pickled (except by multiprocessing, to a child process).
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Sequence
@@ -526,13 +527,22 @@ def resolve_normalization(
     return mean, std, input_size
 
 
+#: Base-model methods that take images, reached through
+#: :class:`ProtectedModel`'s attribute fall-through: they get the keyed,
+#: normalized images as ``forward`` does (timm's feature / embedding
+#: extraction, transformers' ``get_image_features``).
+IMAGE_METHODS = frozenset({"forward_features", "forward_intermediates", "get_image_features"})
+
+
 class ProtectedModel(nn.Module):
     """A model behind a :class:`KeyedInput`.
 
     ``forward`` transforms the images (the first positional argument, or
     ``pixel_values=``) and passes everything else through, so a transformers
     model keeps its calling convention (``labels=``, output objects with
-    ``loss``). Attribute access falls through to the base model; ``unwrap()``
+    ``loss``). Attribute access falls through to the base model (its
+    image-taking methods, :data:`IMAGE_METHODS` such as timm's
+    ``forward_features``, get keyed images as ``forward`` does); ``unwrap()``
     returns it. ``state_dict()`` has the base model's keys under ``model.``
     and nothing derived from the key.
     """
@@ -623,7 +633,28 @@ class ProtectedModel(nn.Module):
         except AttributeError:
             if name in ("model", "keyed"):
                 raise
-            return getattr(self.model, name)
+            attribute = getattr(self.model, name)
+            if name in IMAGE_METHODS and callable(attribute):
+                return self._keyed_method(name, attribute)
+            return attribute
+
+    def _keyed_method(self, name: str, method: Any) -> Any:
+        """The base model's ``method`` (e.g. timm's ``forward_features``)
+        with its images keyed and normalized as ``forward`` does: reached
+        through attribute fall-through, it would see raw pixels."""
+
+        @functools.wraps(method)
+        def keyed(*args: Any, **kwargs: Any) -> Any:
+            _refuse_export()
+            if kwargs.get("pixel_values") is not None:
+                kwargs["pixel_values"] = self._prepare(kwargs["pixel_values"])
+            elif args:
+                args = (self._prepare(args[0]), *args[1:])
+            else:
+                raise TypeError(f"{name} expects images as the first argument or as pixel_values=")
+            return method(*args, **kwargs)
+
+        return keyed
 
 
 def _require_safetensors(safe_serialization: bool) -> None:

@@ -70,6 +70,21 @@ def test_the_size_a_model_was_used_at_is_recorded_not_timms_default(tmp_path, ke
     assert load_protected_timm(tmp_path, key).keyed.input_size == (3, 32, 32)
 
 
+def test_timm_feature_methods_see_keyed_images_as_forward_does(key):
+    # Reached through attribute fall-through, forward_features got raw
+    # pixels: plausible features, silently without the key.
+    model = create_protected_model(TINY, key, num_classes=3, input_size=32).eval()
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_head(model.forward_features(images)), model(images))
+        features = model.unwrap().forward_features(model.keyed(images))
+        torch.testing.assert_close(model.forward_features(images), features)
+        final, intermediates = model.forward_intermediates(images)
+        torch.testing.assert_close(final, features)
+    with pytest.raises(TypeError, match="forward_features expects images"):
+        model.forward_features()
+
+
 def test_input_size_not_a_multiple_of_the_block_size_is_a_block_size_error(key):
     with pytest.raises(BlockSizeError, match="multiple of 8"):
         create_protected_model(TINY, key, num_classes=4, input_size=30)
