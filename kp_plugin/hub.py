@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -66,6 +67,25 @@ __all__ = [
 ]
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
+#: Where a keyed image processor's saved config records its key's public
+#: settings (kp_plugin.hf.processor.PROTECTION_FIELD; not imported: hub.py
+#: must not pull in transformers).
+_PROCESSOR_PROTECTION_FIELD = "kp_protection"
+
+
+def _check_processor_key(path: Path, protection: ProtectionConfig) -> None:
+    """A keyed processor published beside the model must be keyed with the
+    model's key: with another, the owner's key could not load it from the
+    repository (KeyMismatchError there), so refuse before sending."""
+    try:
+        saved = json.loads(path.read_text("utf-8")).get(_PROCESSOR_PROTECTION_FIELD)
+    except (OSError, ValueError, AttributeError):
+        return  # not ours to judge: a base processor's config is uploaded as it is
+    if isinstance(saved, dict) and saved.get("fingerprint") != protection.fingerprint:
+        raise KeyMismatchError(
+            f"the image processor is keyed with {saved.get('fingerprint')} but the model with "
+            f"{protection.fingerprint}; build the KeyedImageProcessor from the model's key. Nothing was sent"
+        )
 
 
 def _base_model_of(model: ProtectedModel) -> Optional[str]:
@@ -196,6 +216,8 @@ def push_protected(
             files[PREPROCESSOR_FILE] = staging / "processor" / PREPROCESSOR_FILE
         if WEIGHTS_FILE not in files and not any(n.endswith(".safetensors") for n in files):
             raise CheckpointError(f"{directory} has no {WEIGHTS_FILE}; save the model with save_protected first")
+        if PREPROCESSOR_FILE in files:
+            _check_processor_key(Path(files[PREPROCESSOR_FILE]), protection)
         card = build_model_card(
             protection, repo_id=repo_id, native_library=native_library(directory), base_model=base_model,
             report=read_report(report if report is not None else directory),

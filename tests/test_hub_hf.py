@@ -46,3 +46,18 @@ def test_vit_round_trip_keeps_logits_and_native_files(test_hub, isolate_hub_clie
     images = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(pulled(images).logits, model(images).logits)
+
+
+def test_a_processor_keyed_with_another_key_is_refused_before_sending(test_hub, isolate_hub_client):
+    # It was published: the owner's key then could not load the repository's
+    # processor (KeyMismatchError on from_pretrained).
+    from kp_plugin import KeyMismatchError
+    from kp_plugin.hf import KeyedImageProcessor
+
+    model = wrap_model(_tiny_vit(), KEY, mean=0.5, std=0.5, input_size=(3, 32, 32))
+    other = KeyedImageProcessor(transformers.ViTImageProcessor(size={"height": 32, "width": 32}),
+                                SecretKey.generate_like(KEY))
+    before = len(test_hub.received())
+    with pytest.raises(KeyMismatchError, match="Nothing was sent"):
+        push_protected(model, "org/vit-other", processor=other, token=test_hub.token, endpoint=test_hub.url)
+    assert test_hub.received()[before:] == []
