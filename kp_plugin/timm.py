@@ -396,6 +396,10 @@ def load_protected_timm(
         )
     if isinstance(native.get("global_pool"), str):
         kwargs["global_pool"] = native["global_pool"]
+    if protection.channels != 3 and "in_chans" not in kwargs:
+        # A model made with timm.create_model(in_chans=1) and wrap_model has
+        # no model_args; its channel count is the key's.
+        kwargs["in_chans"] = protection.channels
     try:
         base = timm.create_model(
             architecture, pretrained=False, num_classes=num_classes,

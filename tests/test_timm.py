@@ -47,8 +47,12 @@ def test_in_chans_other_than_three_adapts_size_and_normalization(tmp_path, chann
     images = torch.rand(2, channels, 32, 32)
     save_protected(model, tmp_path)
     torch.testing.assert_close(load_protected_timm(tmp_path, key).eval()(images), model(images))
-    wrapped = wrap_model(timm.create_model(TINY, in_chans=channels, num_classes=3), key)
+    wrapped = wrap_model(timm.create_model(TINY, in_chans=channels, num_classes=3), key).eval()
     assert wrapped.keyed.input_size == (channels, 160, 160) and wrapped.keyed.mean == pytest.approx(mean_of(rgb))
+    # Made with plain timm, no model_args are recorded: the channel count
+    # comes from the checkpoint (it did "not fit" before).
+    save_protected(wrapped, tmp_path / "plain")
+    torch.testing.assert_close(load_protected_timm(tmp_path / "plain", key).eval()(images), wrapped(images))
 
 
 def test_explicit_input_size_is_recorded_for_the_data_pipeline(key):
