@@ -164,7 +164,9 @@ def push_protected(
             models cannot tell, so pass it, e.g. ``"timm/resnet18.a1_in1k"``).
         processor: a transformers image processor to publish as
             ``preprocessor_config.json`` (e.g. ``kp_plugin.hf.KeyedImageProcessor``,
-            which saves without the key); replaces the folder's own.
+            which saves without the key); replaces the folder's own. A
+            model from ``wrap_hf_model(..., image_processor=...)`` publishes
+            that processor, keyed, by default.
         include: extra glob patterns (relative paths) of files to upload,
             e.g. ``["samples/*.png"]``.
         endpoint: the Hub URL (default: ``HF_ENDPOINT`` or huggingface.co).
@@ -197,6 +199,8 @@ def push_protected(
                     f"{model_or_directory.key.fingerprint}; leave key= out when pushing a model"
                 )
             key = model_or_directory.key
+            if processor is None:  # the processor wrap_hf_model was given
+                processor = getattr(model_or_directory, "keyed_image_processor", None)
             base_model = base_model or _base_model_of(model_or_directory)
             directory = save_protected(model_or_directory, staging / "model")
         elif isinstance(model_or_directory, (str, os.PathLike)):

@@ -61,3 +61,23 @@ def test_a_processor_keyed_with_another_key_is_refused_before_sending(test_hub, 
     with pytest.raises(KeyMismatchError, match="Nothing was sent"):
         push_protected(model, "org/vit-other", processor=other, token=test_hub.token, endpoint=test_hub.url)
     assert test_hub.received()[before:] == []
+
+
+def test_wrap_hf_models_processor_is_published_keyed_without_processor_argument(test_hub, isolate_hub_client,
+                                                                                   tmp_path):
+    # Only processor= published preprocessor_config.json; the processor given
+    # to wrap_hf_model was dropped.
+    from kp_plugin.hf import KeyedImageProcessor, wrap_hf_model
+
+    base = transformers.ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    model = wrap_hf_model(_tiny_vit(), KEY, image_processor=base)
+    push_protected(model, "org/vit-processor", token=test_hub.token, endpoint=test_hub.url)
+    files = test_hub.head_files("org/vit-processor")
+    assert "preprocessor_config.json" in files
+    assert find_key_material(test_hub.root, KEY) == []
+    folder = tmp_path / "pulled"
+    folder.mkdir()
+    (folder / "preprocessor_config.json").write_bytes((test_hub.root / "blobs" / files["preprocessor_config.json"])
+                                                      .read_bytes())
+    processor = KeyedImageProcessor.from_pretrained(str(folder), key=KEY)
+    assert processor.key.fingerprint == KEY.fingerprint

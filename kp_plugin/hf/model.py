@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 from torch import nn
 from transformers.image_processing_utils import BaseImageProcessor
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, KPError
 from ..keys import SecretKey
 from ..module import ProtectedModel, wrap_model
 from .processor import KeyedImageProcessor, _normalization, processor_output_size
@@ -77,4 +77,13 @@ def wrap_hf_model(
                 "image processor). Pass it: wrap_hf_model(model, key, image_processor="
                 "AutoImageProcessor.from_pretrained(model_id)), or mean=..., std=..."
             )
-    return wrap_model(model, key, mean=mean, std=std, input_size=input_size, check_range=check_range)
+    protected = wrap_model(model, key, mean=mean, std=std, input_size=input_size, check_range=check_range)
+    if image_processor is not None:
+        # push_protected publishes it as preprocessor_config.json (keyed,
+        # saved without the key), as the repository layout of a transformers
+        # model has it, without asking for processor= again.
+        try:
+            protected.keyed_image_processor = KeyedImageProcessor(image_processor, key)
+        except (KPError, ValueError, TypeError):
+            pass  # a processor the keyed one cannot wrap: the model works, processor= publishes one
+    return protected
