@@ -169,6 +169,8 @@ class ProtectionConfig:
             path = path / PROTECTION_FILE
         elif not path.exists() and path.name != PROTECTION_FILE:
             raise CheckpointError(f"{path} does not exist; give the folder written by save_protected / kp protect")
+        elif path.is_file() and path.name != PROTECTION_FILE:  # e.g. out/model.safetensors
+            raise CheckpointError(f"{path} is a file; give the checkpoint folder that holds it ({path.parent})")
         try:
             text = path.read_text("utf-8")
         except FileNotFoundError:

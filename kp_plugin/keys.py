@@ -18,6 +18,7 @@ import datetime as _dt
 import hashlib
 import hmac
 import json
+import operator
 import os
 import re
 import secrets
@@ -249,6 +250,17 @@ class NumberSequence:
         return "NumberSequence(<secret>)"
 
 
+def _as_int(value: object) -> object:
+    """``value`` as a Python int if it is an integer of any kind (NumPy's
+    ``int64``, a 0-d integer tensor), else unchanged for the checks to refuse."""
+    if isinstance(value, bool) or isinstance(value, int):
+        return value
+    try:
+        return operator.index(value)
+    except TypeError:
+        return value
+
+
 def _valid_created(value: object) -> bool:
     """``created`` as the key file spec writes it: a UTC time ``YYYY-MM-DDTHH:MM:SSZ``."""
     if not isinstance(value, str) or len(value) != 20:
@@ -289,6 +301,7 @@ class SecretKey:
     ) -> None:
         if not isinstance(material, (bytes, bytearray)) or len(material) != _KEY_BYTES:
             raise ValueError(f"key material must be exactly {_KEY_BYTES} bytes")
+        block_size, channels = _as_int(block_size), _as_int(channels)  # NumPy / torch integers too
         if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
         if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:

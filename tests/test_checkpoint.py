@@ -164,6 +164,14 @@ def _edit_field(text: str, name: str, value) -> str:
     return json.dumps(data)
 
 
+def test_a_file_inside_the_checkpoint_is_named_as_such(saved, key):
+    # load_protected("out/model.safetensors", ...) read the weights as JSON:
+    # "'utf-8' codec can't decode byte ...".
+    _, directory = saved
+    with pytest.raises(CheckpointError, match="is a file; give the checkpoint folder"):
+        load_protected(directory / "model.safetensors", _fresh_cnn(), key)
+
+
 def test_bad_metadata_writes_nothing_over_an_existing_checkpoint(saved, key):
     # The weights and config.json were replaced before the metadata failed
     # to serialize, beside the old protection.json.

@@ -460,3 +460,14 @@ def test_key_format_doc_carries_the_golden_vectors_and_runnable_reference_code()
     namespace: dict = {}
     exec(compile(code, "docs/key-format.md", "exec"), namespace)  # its own asserts must hold
     assert namespace["permutation"](GOLDEN_MATERIAL, "pixel-shuffle/L=48", 48)[:16] == GOLDEN["pixel_permutation"]
+
+
+def test_numpy_and_torch_integers_are_block_sizes_but_floats_and_bools_are_not():
+    import numpy as np
+
+    key = SecretKey.generate(block_size=np.int64(4), channels=torch.tensor(3))
+    assert type(key.block_size) is int and type(key.channels) is int  # noqa: E721 - JSON needs a plain int
+    assert json.loads(key.to_json())["block_size"] == 4
+    for bad in (4.0, "4", True):
+        with pytest.raises(ValueError, match="block_size"):
+            SecretKey.generate(block_size=bad)
