@@ -153,7 +153,9 @@ class ProtectionConfig:
             not isinstance(self.input_size, list) or len(self.input_size) != 3
             or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in self.input_size)
         ):
-            raise ValueError(f"field 'input_size' must be [C, H, W] (positive integers) or null, got {self.input_size!r}")
+            raise ValueError(
+                f"field 'input_size' must be [C, H, W] (positive integers) or null, got {self.input_size!r}"
+            )
 
     def save(self, directory: Union[str, os.PathLike]) -> Path:
         """Write ``protection.json`` into ``directory`` atomically; returns its path."""

@@ -209,7 +209,8 @@ def test_a_checkpoint_that_does_not_fit_names_the_tensors_and_shapes(tmp_path, k
     # was kept: not which tensor, nor which shapes.
     timm = pytest.importorskip("timm")
     save_protected(wrap_model(timm.create_model("test_resnet", num_classes=5), key), tmp_path)
-    with pytest.raises(CheckpointError, match=r"size mismatch for fc\.weight: \(\[5, 96\]\) from checkpoint.*\[10, 96\]"):
+    shapes = r"size mismatch for fc\.weight: \(\[5, 96\]\) from checkpoint.*\[10, 96\]"
+    with pytest.raises(CheckpointError, match=shapes):
         load_protected(tmp_path, timm.create_model("test_resnet", num_classes=10), key)
     with pytest.raises(CheckpointError, match="and [0-9]+ more"):
         load_protected(tmp_path, timm.create_model("test_efficientnet", num_classes=5), key)
