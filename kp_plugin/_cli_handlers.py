@@ -170,6 +170,78 @@ def _unprotected_fine_tune(args, num_classes: int, keyed, train_set, test_set, c
     return model
 
 
+def _baseline_worker(options: dict, num_classes: int, normalization: tuple, config, threads: int, queue) -> None:
+    """Child process of :func:`_baseline_beside`: the unprotected fine-tune
+    with ``threads`` CPU threads; puts ``("ok", record)`` or ``("error", text)``."""
+    try:
+        from types import SimpleNamespace
+
+        from .data import load_dataset
+
+        torch.set_num_threads(threads)
+        args = argparse.Namespace(**options)
+        train_set = load_dataset(args.data, split="train", image_size=args.image_size)
+        test_set = load_dataset(args.data, split="test", image_size=train_set.image_size)
+        mean, std, input_size = normalization
+        record: dict = {}
+        _unprotected_fine_tune(args, num_classes, SimpleNamespace(mean=mean, std=std, input_size=input_size),
+                               train_set, test_set, config, torch.device("cpu"), record)
+        queue.put(("ok", {k: record[k] for k in ("unprotected_accuracy", "baseline_history", "baseline_seconds")}))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises
+        queue.put(("error", f"{type(exc).__name__}: {exc}"))
+
+
+class _BaselineBeside:
+    """The unprotected baseline fine-tuned in a second process while this
+    one trains the protected model, each with half the CPU threads: on a
+    2-core CPU without AVX-512 one thread per run gave 1.45x the throughput
+    of the two runs one after the other at two threads (a demo-recipe step:
+    434 ms at 2 threads, 595-607 ms with two 1-thread runs side by side;
+    docs/benchmarks.md), which is what keeps the demo within 10 minutes there."""
+
+    def __init__(self, args: argparse.Namespace, num_classes: int, keyed, config) -> None:
+        import multiprocessing
+
+        total = torch.get_num_threads()
+        self.parent_threads, child_threads = total - total // 2, total // 2
+        options = {k: v for k, v in vars(args).items() if k != "func"}
+        options["quiet"] = True
+        context = multiprocessing.get_context("spawn")  # no fork of a process with OpenMP threads running
+        self.queue = context.Queue()
+        self.process = context.Process(
+            target=_baseline_worker, daemon=True, name="kp-baseline",
+            args=(options, num_classes, (list(keyed.mean), list(keyed.std), keyed.input_size), config,
+                  child_threads, self.queue),
+        )
+        self.process.start()
+        self.total = total
+        torch.set_num_threads(self.parent_threads)
+
+    def result(self) -> dict:
+        """Wait for the baseline; its record entries. Restores the threads."""
+        import queue
+
+        torch.set_num_threads(self.total)
+        while True:
+            try:
+                status, payload = self.queue.get(timeout=2)
+                break
+            except queue.Empty:
+                if not self.process.is_alive():
+                    raise RuntimeError(f"the baseline process ended without a result (exit code "
+                                       f"{self.process.exitcode})") from None
+        self.process.join()
+        if status != "ok":
+            raise RuntimeError(f"the unprotected baseline failed: {payload}")
+        return payload
+
+    def stop(self) -> None:
+        torch.set_num_threads(self.total)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join()
+
+
 def protect(args: argparse.Namespace) -> int:
     """``kp protect``: fine-tune a keyed model (distilling from, or beside,
     the unprotected fine-tune), save the protected checkpoint and the history."""
@@ -226,12 +298,24 @@ def protect(args: argparse.Namespace) -> int:
                                          teacher_path=resume_dir / TEACHER_FILE)
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / TRAINING_FILE, record)
+    beside = None
+    if (args.baseline and not args.distill and "unprotected_accuracy" not in record and device.type == "cpu"
+            and torch.get_num_threads() >= 2):
+        beside = _BaselineBeside(args, num_classes, model.keyed, config)
+        _say(args, f"fine-tuning the unprotected model with the same recipe (the baseline) in a second process, "
+                   f"{beside.parent_threads} + {beside.total - beside.parent_threads} CPU threads")
     _say(args, f"fine-tuning {args.model} on {args.data} ({len(train_set)} images, {size}x{size}) "
                f"with key {key.fingerprint} ({key.scheme_name}, M={key.block_size}), {config.epochs} epochs"
                + (f", distilling from the unprotected model (weight {args.distill:g})" if args.distill else ""))
-    result = fit(model, train_set, config=config, eval_set=test_set, checkpoint_dir=resume_dir,
-                 resume=args.resume, device=device, progress=not args.quiet, teacher=teacher)
-    key_accuracy = evaluate_accuracy(model, test_set, device=device)
+    try:
+        result = fit(model, train_set, config=config, eval_set=test_set, checkpoint_dir=resume_dir,
+                     resume=args.resume, device=device, progress=not args.quiet, teacher=teacher)
+        key_accuracy = evaluate_accuracy(model, test_set, device=device)
+        if beside is not None:
+            record.update(beside.result())
+    finally:
+        if beside is not None:
+            beside.stop()
     record["history"] = result.history
     record["key_accuracy"] = key_accuracy
     record["seconds"] = record.get("seconds", 0.0) + result.seconds

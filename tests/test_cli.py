@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from kp_plugin import SecretKey
@@ -96,6 +97,24 @@ def test_protect_writes_a_checkpoint_history_and_baseline_without_the_key(protec
     protection = json.loads((out / "protection.json").read_text())
     assert protection["extra"]["dataset"] == "digits" and protection["input_size"] == [3, 16, 16]
     assert find_key_material(out, SecretKey.load(key_path)) == []
+
+
+def test_the_baseline_beside_the_protected_run_matches_the_one_after_it(tmp_path):
+    # --threads 2 on the CPU: the baseline trains in a second process, one
+    # thread each; --threads 1: one after the other on one thread. The same
+    # computations on one thread each, so the same numbers.
+    key_path = tmp_path / "owner.key"
+    assert main(["keygen", "--block-size", "8", "-o", str(key_path)]) == 0
+    records = {}
+    for threads in ("1", "2"):
+        out = tmp_path / f"threads{threads}"
+        assert main(["protect", *TINY, "--key", str(key_path), "-o", str(out), "--baseline", "--threads", threads]) == 0
+        records[threads] = json.loads((out / "training.json").read_text())
+    one, two = records["1"], records["2"]
+    assert two["unprotected_accuracy"] == one["unprotected_accuracy"]
+    assert [e["loss"] for e in two["baseline_history"]] == [e["loss"] for e in one["baseline_history"]]
+    assert two["key_accuracy"] == one["key_accuracy"]
+    assert torch.get_num_threads() == 2  # restored after the run
 
 
 def test_evaluate_writes_the_report_with_the_baseline(protected, capsys):
@@ -348,7 +367,9 @@ def test_protect_passes_dropout_to_both_fine_tunes_and_the_saved_config(tmp_path
     monkeypatch.setattr(kp_timm, "_create_base", recording)
     key_path, out = tmp_path / "owner.key", tmp_path / "out"
     assert main(["keygen", "--block-size", "8", "-o", str(key_path)]) == 0
-    assert main(["protect", *TINY, "--key", str(key_path), "-o", str(out), "--baseline",
+    # One thread: both fine-tunes in this process, where the recording sees them (with two, the baseline
+    # trains in a second process from the same arguments: test_the_baseline_beside_the_protected_run_...).
+    assert main(["protect", *TINY, "--key", str(key_path), "-o", str(out), "--baseline", "--threads", "1",
                  "--drop", "0.2", "--drop-path", "0.1"]) == 0
     args = {"drop_rate": 0.2, "drop_path_rate": 0.1}
     assert made == [args, args]  # the protected model, then the baseline
@@ -404,8 +425,8 @@ def test_protect_mixes_batches_for_the_protected_model_and_the_baseline(tmp_path
     monkeypatch.setattr(train, "mix_images", recording)
     key_path, out = tmp_path / "owner.key", tmp_path / "out"
     assert main(["keygen", "--block-size", "8", "-o", str(key_path)]) == 0
-    assert main(["protect", *TINY, "--key", str(key_path), "-o", str(out), "--baseline",
-                 "--mixup", "0.4", "--cutmix", "1"]) == 0
+    assert main(["protect", *TINY, "--key", str(key_path), "-o", str(out), "--baseline", "--threads", "1",
+                 "--mixup", "0.4", "--cutmix", "1"]) == 0  # one thread: both fine-tunes in this process
     steps = -(-len(load_dataset("digits", split="train", image_size=16)) // 64)
     assert calls == [(0.4, 1.0)] * (2 * steps)  # every step of both fine-tunes
     config = json.loads((out / "training.json").read_text())["config"]
