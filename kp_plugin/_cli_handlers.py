@@ -171,7 +171,7 @@ def _unprotected_fine_tune(args, num_classes: int, keyed, train_set, test_set, c
 
 
 def _baseline_worker(options: dict, num_classes: int, normalization: tuple, config, threads: int, queue) -> None:
-    """Child process of :func:`_baseline_beside`: the unprotected fine-tune
+    """Child process of :class:`_BaselineBeside`: the unprotected fine-tune
     with ``threads`` CPU threads; puts ``("ok", record)`` or ``("error", text)``."""
     try:
         from types import SimpleNamespace
@@ -218,10 +218,9 @@ class _BaselineBeside:
         torch.set_num_threads(self.parent_threads)
 
     def result(self) -> dict:
-        """Wait for the baseline; its record entries. Restores the threads."""
+        """Wait for the baseline; its record entries."""
         import queue
 
-        torch.set_num_threads(self.total)
         while True:
             try:
                 status, payload = self.queue.get(timeout=2)
@@ -236,6 +235,7 @@ class _BaselineBeside:
         return payload
 
     def stop(self) -> None:
+        """Give this process its threads back; end the child if it still runs."""
         torch.set_num_threads(self.total)
         if self.process.is_alive():
             self.process.terminate()

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
 from .errors import KeyLeakError
-from .checkpoint import KEY_FILE_MARKERS, file_contains_any
+from .checkpoint import file_contains_any, leak_needles
 from .keys import SecretKey
 
 CARD_FILE = "README.md"
@@ -48,8 +48,7 @@ def _folder_files(directory: Path) -> dict:
 def _refuse_key_material(files: Mapping[str, Path], key: Optional[SecretKey]) -> None:
     """Raise :class:`KeyLeakError` if a file holds key material or is a key
     file. Without ``key`` only key files can be recognized."""
-    needles = list(key.secret_forms()) + list(key.secret_patterns()) if key is not None else []
-    needles += list(KEY_FILE_MARKERS)
+    needles = leak_needles(key)
     leaks = [name for name, path in files.items() if name.endswith(".key") or file_contains_any(Path(path), needles)]
     if leaks:
         raise KeyLeakError(

@@ -326,10 +326,29 @@ def find_key_material(directory: Union[str, os.PathLike], key: SecretKey) -> lis
     Example:
         >>> assert find_key_material("out/", key) == []      # doctest: +SKIP
     """
-    needles = list(key.secret_forms()) + list(key.secret_patterns()) + list(KEY_FILE_MARKERS)
+    needles = leak_needles(key)
     root = Path(directory)
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     return [path for path in files if file_contains_any(path, needles)]
+
+
+def leak_needles(key: Optional[SecretKey]) -> list:
+    """What the leak scanners look for: ``key``'s byte forms and text
+    patterns (:meth:`SecretKey.secret_forms`, :meth:`SecretKey.secret_patterns`),
+    and key files of any key (their format marker); only the latter without ``key``."""
+    forms = list(key.secret_forms()) + list(key.secret_patterns()) if key is not None else []
+    return forms + list(KEY_FILE_MARKERS)
+
+
+def refuse_key_material(directory: Union[str, os.PathLike], key: SecretKey, *,
+                        remedy: str = "remove these files before sharing") -> None:
+    """:class:`KeyLeakError` naming the files under ``directory`` that
+    :func:`find_key_material` finds (never the match), with ``remedy``."""
+    leaks = find_key_material(directory, key)
+    if leaks:
+        root = Path(directory)
+        names = ", ".join(p.relative_to(root).as_posix() if root.is_dir() else p.name for p in leaks)
+        raise KeyLeakError(f"key material found in {names} under {directory}; {remedy}")
 
 
 def save_protected(
@@ -388,11 +407,7 @@ def save_protected(
         if native is not None:
             _atomic_write(directory / CONFIG_FILE, (json.dumps(native, indent=2, sort_keys=True, default=str) + "\n").encode())
     config.save(directory)
-
-    leaks = find_key_material(directory, model.key)
-    if leaks:
-        names = ", ".join(p.name for p in leaks)
-        raise KeyLeakError(f"key material found in {names} under {directory}; remove these files before sharing")
+    refuse_key_material(directory, model.key)
     return directory
 
 

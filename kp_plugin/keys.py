@@ -92,6 +92,7 @@ FFX_ROUNDS = 8
 
 _KEY_BYTES = 32
 _CREATED_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+_CREATED_RULE = "created must be a UTC time written YYYY-MM-DDTHH:MM:SSZ"
 _PRF_PREFIX = b"kp-plugin/v%d/" % DERIVATION_VERSION
 
 
@@ -313,7 +314,7 @@ class SecretKey:
         if created is None:
             created = _dt.datetime.now(_dt.timezone.utc).strftime(_CREATED_FORMAT)
         elif not _valid_created(created):
-            raise ValueError(f"created must be a UTC time written YYYY-MM-DDTHH:MM:SSZ, got {created!r}")
+            raise ValueError(f"{_CREATED_RULE}, got {created!r}")
         self.created = created
         self._cache: dict = {}
 
@@ -550,13 +551,15 @@ class SecretKey:
             material = bytes.fromhex(hexkey)
         except ValueError:
             raise KeyFileError(f"{source}: field 'key' is not hexadecimal (corrupt key file)") from None
+        if not _valid_created(body["created"]):  # null too: the constructor would take it as "now"
+            raise KeyFileError(f"{source} has an invalid setting: {_CREATED_RULE}, got {body['created']!r}")
         try:
             key = cls(
                 material,
                 block_size=body["block_size"],
                 scheme=body["scheme"],
                 channels=body["channels"],
-                created=body["created"] if body["created"] is not None else "null",
+                created=body["created"],
             )
         except (ValueError, TypeError) as exc:
             raise KeyFileError(f"{source} has an invalid setting: {exc}") from None

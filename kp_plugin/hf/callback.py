@@ -36,8 +36,8 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
-from ..checkpoint import PROTECTION_FILE, ProtectionConfig, find_key_material
-from ..errors import ConfigurationError, KeyLeakError
+from ..checkpoint import PROTECTION_FILE, ProtectionConfig, refuse_key_material
+from ..errors import ConfigurationError
 from ..keys import SecretKey
 from ..module import KeyedInput, ProtectedModel
 from ..objectives import logits_of
@@ -321,10 +321,7 @@ class KeyProtectionCallback(TrainerCallback):
         if not checkpoint.is_dir():
             return
         self.protection_config(model).save(checkpoint)
-        leaks = find_key_material(checkpoint, self.key)
-        if leaks:
-            names = ", ".join(str(p.relative_to(checkpoint)) for p in leaks)
-            raise KeyLeakError(f"key material found in {names} under {checkpoint}; delete the checkpoint before sharing")
+        refuse_key_material(checkpoint, self.key, remedy="delete the checkpoint before sharing")
 
     def protection_config(self, model: nn.Module) -> ProtectionConfig:
         """The ``protection.json`` content for ``model`` trained with this key."""

@@ -25,8 +25,8 @@ from transformers import AutoImageProcessor, PretrainedConfig
 from transformers.image_processing_base import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 
-from ..checkpoint import check_key_matches, find_key_material
-from ..errors import BlockSizeError, CheckpointError, KeyLeakError, KeyMismatchError, KPError
+from ..checkpoint import check_key_matches, refuse_key_material
+from ..errors import BlockSizeError, CheckpointError, KeyMismatchError, KPError
 from ..keys import SecretKey, parse_scheme
 from ..module import KeyedInput
 from ..transforms import check_image_size, invert_transform, nearest_valid_size
@@ -345,10 +345,7 @@ class KeyedImageProcessor(BaseImageProcessor):
         return files
 
     def _refuse_leaks(self, directory: Union[str, os.PathLike]) -> None:
-        leaks = find_key_material(directory, self.key)
-        if leaks:
-            names = ", ".join(p.name for p in leaks)
-            raise KeyLeakError(f"key material found in {names} under {directory}; remove these files before sharing")
+        refuse_key_material(directory, self.key)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], *args: Any,

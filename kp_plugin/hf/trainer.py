@@ -31,8 +31,8 @@ from typing import Any, Optional
 import torch
 from transformers import Trainer
 
-from ..checkpoint import PROTECTION_FILE, ProtectionConfig, find_key_material, load_protected, save_protected
-from ..errors import ConfigurationError, KeyLeakError
+from ..checkpoint import PROTECTION_FILE, ProtectionConfig, load_protected, refuse_key_material, save_protected
+from ..errors import ConfigurationError
 from ..keys import SecretKey
 from ..module import KeyedInput, ProtectedModel
 from ..objectives import ProtectionObjective, logits_of
@@ -198,9 +198,7 @@ class KeyedTrainer(Trainer):
         if not self.args.should_save or not os.path.isdir(output_dir):
             return
         processor_protection_config(model, processor).save(output_dir)
-        leaks = find_key_material(output_dir, processor.key)
-        if leaks:
-            raise KeyLeakError(f"key material found in {', '.join(map(str, leaks))}; delete them before sharing")
+        refuse_key_material(output_dir, processor.key)
 
     def _load_best_model(self) -> None:
         wrapped = base_module(self.model)
