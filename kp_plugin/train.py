@@ -461,7 +461,7 @@ def _save_checkpoint(model: nn.Module, directory: Path, state: dict) -> None:
             raise KeyLeakError(f"key material found in {', '.join(p.name for p in leaks)} under {directory}")
 
 
-def _load_checkpoint(model: nn.Module, directory: Path, device: torch.device) -> dict:
+def _load_checkpoint(model: nn.Module, directory: Path) -> dict:
     from safetensors.torch import load_model
 
     state_path = directory / TRAINING_STATE_FILE
@@ -472,14 +472,16 @@ def _load_checkpoint(model: nn.Module, directory: Path, device: torch.device) ->
     base = model.unwrap() if hasattr(model, "unwrap") else model
     # The state first: a corrupt one must not leave the model half-loaded.
     try:  # tensors, numbers, strings and containers only: loading runs no code from the file
-        state = torch.load(state_path, map_location=device, weights_only=True)
+        # On the CPU: the generators' states must be CPU byte tensors, and the
+        # optimizer and the average move their tensors to the parameters' device.
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
         raise CheckpointError(
             f"cannot resume: {state_path} is corrupt or not a kp-plugin training state "
             f"({str(exc).splitlines()[0]}); start a new run"
         ) from None
     try:
-        load_model(base, str(directory / WEIGHTS_FILE), strict=True, device=str(device))
+        load_model(base, str(directory / WEIGHTS_FILE), strict=True)  # copied onto the model's device
     except (OSError, RuntimeError) as exc:
         raise CheckpointError(f"cannot resume from {directory}: {load_error_summary(exc)}") from None
     return state
@@ -499,21 +501,31 @@ def evaluate_accuracy(
     *,
     batch_size: int = 256,
     device: Union[None, str, torch.device] = None,
+    amp: bool = True,
 ) -> float:
     """Top-1 accuracy (0..1) of ``model`` on ``dataset`` (images in [0, 1]).
+
+    Args:
+        device: where to run; the model is moved there (default: where its
+            parameters are).
+        amp: bf16 autocast on CUDA (ignored on the CPU), as in training.
 
     Example:
         >>> evaluate_accuracy(model, load_dataset("digits", split="test"))   # doctest: +SKIP
         0.98
     """
-    device = usable_device(device) if device is not None else next(model.parameters()).device
+    if device is not None:
+        device = usable_device(device)
+        model.to(device)  # as fit does; images alone on the device met CPU weights
+    else:
+        device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     correct = total = 0
     try:
         for images, labels in iterate_batches(dataset, batch_size=batch_size):
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with _autocast(device, True):
+            with _autocast(device, amp):
                 logits = logits_of(model(images))
             correct += int((logits.argmax(dim=-1) == labels).sum())
             total += labels.numel()
@@ -588,6 +600,12 @@ def fit(
         teacher = None  # nothing reads it
 
     generator = torch.Generator().manual_seed(config.seed)
+    checkpoint = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    state = None
+    if resume and checkpoint is not None:
+        # Before the model moves: a checkpoint that cannot be resumed leaves
+        # the model where and as it was (device and memory layout).
+        state = _load_checkpoint(model, checkpoint)
     if config.reinit_stem and not resume and isinstance(model, ProtectedModel):
         _reinit_stem(model, generator)  # a protection measure; the baseline keeps its stem
     model.to(device)
@@ -602,9 +620,7 @@ def fit(
     scheduler = _scheduler(optimizer, config, steps_per_epoch)
     result = TrainResult()
     start_epoch = 0
-    checkpoint = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if resume and checkpoint is not None:
-        state = _load_checkpoint(model, checkpoint, device)
+    if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"])
         # Rebuild the schedule for this config and move it to where training
@@ -615,13 +631,15 @@ def fit(
                 scheduler.step()
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)  # dropout and drop-path on the GPU
         result.history = list(state.get("history", []))
     else:
         torch.manual_seed(config.seed)
     average = None
     if config.ema_decay is not None:
         average = _WeightAverage(model, config.ema_decay)  # after resume: it starts from the loaded weights
-        if resume and state.get("weight_average") is not None:
+        if state is not None and state.get("weight_average") is not None:
             average.load_state_dict(state["weight_average"])
 
     bar = None
@@ -681,7 +699,7 @@ def fit(
             if eval_set is not None:
                 if average is not None:
                     average.swap()
-                record["eval_accuracy"] = evaluate_accuracy(model, eval_set, device=device)
+                record["eval_accuracy"] = evaluate_accuracy(model, eval_set, device=device, amp=config.amp)
                 if average is not None:
                     average.swap()
             record["seconds"] = time.perf_counter() - epoch_start
@@ -695,6 +713,7 @@ def fit(
                         "optimizer": optimizer.state_dict(),
                         "generator": generator.get_state(),
                         "torch_rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                         "history": result.history,
                         "config": config.to_dict(),
                         "weight_average": None if average is None else average.state_dict(),

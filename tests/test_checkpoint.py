@@ -418,6 +418,7 @@ def test_a_compiled_or_data_parallel_model_saves_as_its_protected_model(tmp_path
     model = wrap_model(timm.create_model("test_resnet", num_classes=3), key, input_size=(3, 16, 16)).eval()
     compiled = torch.compile(model)  # what a training script often holds; never called here
     parallel = torch.nn.DataParallel(model)
+    model.cpu()  # with one GPU, DataParallel moved the model onto it
     for wrapper in (compiled, parallel):
         assert protected_model_of(wrapper) is model and unwrap(wrapper) is model.unwrap()
     assert protected_model_of(torch.nn.Linear(2, 2)) is None

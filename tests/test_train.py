@@ -119,6 +119,26 @@ def test_a_corrupt_training_state_leaves_the_model_as_it_was(tmp_path, key):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_a_checkpoint_that_cannot_be_resumed_leaves_the_model_where_and_as_it_was(tmp_path, key):
+    # fit moved the model to its device and to channels-last before reading
+    # the checkpoint, so a failed resume handed back a model in another layout
+    # (and, on a GPU machine, on the GPU).
+    data = _separable_dataset(16)
+    fit(_model(key, seed=1), data, config=TrainConfig(epochs=1, batch_size=16), checkpoint_dir=tmp_path,
+        progress=False)
+    (tmp_path / TRAINING_STATE_FILE).write_bytes(b"not a torch file")
+    model = _model(key)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        fit(model, data, config=TrainConfig(epochs=2, batch_size=16, channels_last=True), checkpoint_dir=tmp_path,
+            resume=True, progress=False, device="cpu")
+    assert all(p.is_contiguous() for p in model.parameters())
+    mismatched = _model(SecretKey.generate_like(key))
+    with pytest.raises(KeyMismatchError):
+        fit(mismatched, data, config=TrainConfig(epochs=2, batch_size=16, channels_last=True),
+            checkpoint_dir=tmp_path, resume=True, progress=False, device="cpu")
+    assert all(p.is_contiguous() for p in mismatched.parameters())
+
+
 def test_a_last_batch_of_one_image_is_skipped_not_a_batch_norm_crash(key):
     # 17 images in batches of 16: batch norm raised "Expected more than 1
     # value per channel when training" at the end of the epoch.
@@ -182,7 +202,8 @@ def test_reinit_stem_moves_the_first_conv_away_from_the_public_weights(key):
     public = first_conv(model).weight.detach().clone()
     fit(model, _separable_dataset(16), config=TrainConfig(epochs=1, batch_size=16, reinit_stem=True,
         objective=ProtectionObjective()), progress=False)
-    corr = torch.corrcoef(torch.stack([public.flatten(), first_conv(model).weight.detach().flatten()]))[0, 1]
+    tuned = first_conv(model).weight.detach().cpu()  # fit moved the model to CUDA where there is one
+    corr = torch.corrcoef(torch.stack([public.flatten(), tuned.flatten()]))[0, 1]
     assert abs(float(corr)) < 0.5
 
 

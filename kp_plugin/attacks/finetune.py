@@ -149,11 +149,12 @@ def finetune_attack(
         plain = plain_model(net, mean, std)
         cfg = dataclasses.replace(config, epochs=epochs, seed=run_seed, objective=CROSS_ENTROPY_ONLY)
         fit(plain, subset, config=cfg, device=device, progress=progress)
-        return evaluate_accuracy(plain, test_set, device=device)
+        return evaluate_accuracy(plain, test_set, device=device, amp=config.amp)
 
     result = FinetuneResult(seed=seed, train_images=int(labels.numel()), repeats=repeats)
-    result.plain_accuracy = evaluate_accuracy(plain_model(model.model, mean, std), test_set, device=device)
-    result.key_accuracy = evaluate_accuracy(model, test_set, device=device)
+    result.plain_accuracy = evaluate_accuracy(plain_model(model.model, mean, std), test_set, device=device,
+                                              amp=config.amp)
+    result.key_accuracy = evaluate_accuracy(model, test_set, device=device, amp=config.amp)
     for fraction in fractions:
         stolen, base = [], []
         for run_seed in range(seed, seed + repeats):
