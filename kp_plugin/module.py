@@ -70,7 +70,16 @@ try:  # the plan is real data even when a fake-tensor trace runs forward
 except ImportError:  # pragma: no cover - older torch
     from contextlib import nullcontext as _real_tensors
 
-_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+_is_exporting_function = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
+def _is_exporting() -> bool:
+    """``torch.compiler.is_exporting()``, read from its flag where torch has
+    one: some torch releases (2.11 among them) fold the function itself to
+    True for every dynamo trace, which made plain ``torch.compile`` of a
+    ProtectedModel raise the export refusal."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return bool(flag) if flag is not None else _is_exporting_function()
 try:  # symbolic tracing only (is_fx_tracing also answers for torch.export, with a warning each call)
     from torch.fx._symbolic_trace import is_fx_symbolic_tracing as _is_fx_tracing
 except ImportError:  # pragma: no cover - older torch
