@@ -156,6 +156,14 @@ def test_pil_backend_processor_is_wrapped_too(key, images):
     torch.testing.assert_close(keyed.recover_images01(pixels) * 2 - 1, plain, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("shape", [(20, 20, 2), (20, 20, 5), (5, 20, 20)])
+def test_arrays_whose_channels_the_base_cannot_find_are_told_to_convert(key, shape):
+    # transformers raised a bare ValueError ("Unable to infer channel dimension
+    # format"); its 5.17 release did so for PIL RGBA images too.
+    with pytest.raises(BlockSizeError, match=r"key is for 3 channels.*convert\('RGB'\)"):
+        KeyedImageProcessor(vit_processor(), key)(np.zeros(shape, np.uint8), return_tensors="pt")
+
+
 @pytest.mark.parametrize("mode", ["L", "RGBA"])
 def test_grayscale_or_rgba_images_are_told_to_convert(key, mode):
     # The base processor alone fails here with a broadcasting RuntimeError.

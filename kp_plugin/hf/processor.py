@@ -248,7 +248,17 @@ class KeyedImageProcessor(BaseImageProcessor):
         for name in _TAKEN_OVER:
             kwargs.pop(name, None)
         base = self.image_processor
-        out = base(images, do_rescale=False, do_normalize=False, return_tensors="pt", **kwargs)
+        try:
+            out = base(images, do_rescale=False, do_normalize=False, return_tensors="pt", **kwargs)
+        except ValueError as exc:
+            # transformers cannot tell where the channels are (2 or 5 of them;
+            # RGBA too in some releases): raised as a bare ValueError.
+            if "channel" not in str(exc):
+                raise
+            raise BlockSizeError(
+                f"the base processor could not read the images ({exc}): the key is for {self.key.channels} "
+                f"channels; {self._channel_hint()}"
+            ) from None
         x = out["pixel_values"]
         if not isinstance(x, torch.Tensor):
             raise BlockSizeError(
@@ -256,12 +266,9 @@ class KeyedImageProcessor(BaseImageProcessor):
                 "(or center-crop) to one size that is a multiple of the key's block size"
             )
         if x.dim() == 4 and x.shape[1] != self.key.channels:
-            hint = ("convert them to RGB first (PIL: image.convert('RGB')), or build the base processor with "
-                    "do_convert_rgb=True" if self.key.channels == 3 else
-                    f"convert them to {self.key.channels} channels first")
             raise BlockSizeError(
                 f"the base processor gave {x.shape[1]}-channel images (grayscale or RGBA input?) but the key is "
-                f"for {self.key.channels} channels; {hint}"
+                f"for {self.key.channels} channels; {self._channel_hint()}"
             )
         if x.dtype == torch.uint8:
             if getattr(base, "do_rescale", True) and abs(base.rescale_factor - 1 / 255) > 1e-12:
@@ -270,6 +277,12 @@ class KeyedImageProcessor(BaseImageProcessor):
         if getattr(base, "do_rescale", False):
             x = x.float() * base.rescale_factor
         return x
+
+    def _channel_hint(self) -> str:
+        if self.key.channels == 3:
+            return ("convert them to RGB first (PIL: image.convert('RGB')), or build the base processor with "
+                    "do_convert_rgb=True")
+        return f"convert them to {self.key.channels} channels first"
 
     def preprocess(self, images: Any, *args: Any, return_tensors: Any = None, **kwargs: Any) -> BatchFeature:
         """Base resize / crop / rescale, then the keyed transform and the
