@@ -89,7 +89,11 @@ class KeyedTrainer(Trainer):
         if objective is not None:
             # The objective returns a per-batch mean (not a sum over
             # num_items_in_batch): let Trainer divide by the accumulation steps.
+            # Releases without loss_is_scaled_for_ga (5.17 and before) decide
+            # from model_accepts_loss_kwargs, True for a wrapped model's
+            # **kwargs: the loss and the gradients were N times too large.
             self.loss_is_scaled_for_ga = False
+            self.model_accepts_loss_kwargs = False
         self._objective_parts: dict = {}
         self._objective_steps = 0
         self._keyed_view: Optional[ProtectedModel] = None
