@@ -311,9 +311,15 @@ def file_contains_any(path: Path, needles: list, chunk_size: int = _SCAN_CHUNK) 
             if not chunk:
                 return False
             window = tail + chunk
-            if any(n in window if isinstance(n, (bytes, bytearray)) else n.found_in(window) for n in needles):
+            if bytes_contain_any(window, needles):
                 return True
             tail = window[-overlap:] if overlap else b""
+
+
+def bytes_contain_any(data: bytes, needles: list) -> bool:
+    """Whether any needle (bytes, or a :class:`~kp_plugin.keys.NumberSequence`)
+    occurs in ``data``: the scan of a file's content before it is written."""
+    return any(n in data if isinstance(n, (bytes, bytearray)) else n.found_in(data) for n in needles)
 
 
 def find_key_material(directory: Union[str, os.PathLike], key: SecretKey) -> list:
@@ -378,11 +384,25 @@ def save_protected(
     base = _uncompiled(model.unwrap())
     config = ProtectionConfig.from_model(model, **(metadata or {}))
     try:  # before anything is written: bad metadata must not leave new weights beside an old protection.json
-        config.to_json()
+        text = config.to_json()
     except (TypeError, ValueError) as exc:
         raise ConfigurationError(
             f"metadata must hold JSON values (strings, finite numbers, lists, dicts): {exc}; nothing was written"
         ) from None
+    needles = leak_needles(model.key)
+    if bytes_contain_any(text.encode(), needles):
+        # Found after writing, the key would already be on disk.
+        raise KeyLeakError("the metadata for protection.json contains key material; remove it (nothing was written)")
+    hf_config = getattr(base, "config", None)
+    hf_style = hf_config is not None and hasattr(hf_config, "to_json_string") and hasattr(hf_config, "save_pretrained")
+    native = None if hf_style else _native_config(base)
+    config_text = (hf_config.to_json_string() if hf_style else
+                   None if native is None else json.dumps(native, indent=2, sort_keys=True, default=str) + "\n")
+    if config_text is not None and bytes_contain_any(config_text.encode(), needles):
+        raise KeyLeakError(f"the model's configuration ({CONFIG_FILE}) contains key material; remove it from the "
+                           "model's config (nothing was written)")
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"{directory} is a file; save_protected writes a folder: pass a folder path")
     directory.mkdir(parents=True, exist_ok=True)
 
     save_weights_atomic(
@@ -396,16 +416,13 @@ def save_protected(
         },
     )
 
-    hf_config = getattr(base, "config", None)
-    if hf_config is not None and hasattr(hf_config, "to_json_string") and hasattr(hf_config, "save_pretrained"):
+    if hf_style:
         # As transformers' own save_pretrained does: name the class, so
         # AutoModel-style loading rebuilds this architecture.
         hf_config.architectures = [type(base).__name__]
         hf_config.save_pretrained(directory)
-    else:
-        native = _native_config(base)
-        if native is not None:
-            _atomic_write(directory / CONFIG_FILE, (json.dumps(native, indent=2, sort_keys=True, default=str) + "\n").encode())
+    elif config_text is not None:
+        _atomic_write(directory / CONFIG_FILE, config_text.encode())
     config.save(directory)
     refuse_key_material(directory, model.key)
     return directory
@@ -492,6 +509,28 @@ def _load_through_transformers(base: nn.Module, directory: Path, strict: bool) -
     base.load_state_dict(state, strict=strict, assign=on_meta)
 
 
+def read_weights_header(weights: Path, config: "ProtectionConfig") -> tuple:
+    """``(metadata, tensor names)`` of a safetensors file, checked to be
+    whole (its header and the size it declares) and saved for the key
+    ``config`` names; :class:`CheckpointError` naming the file otherwise."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            saved = set(fh.keys())
+    except SafetensorError as exc:
+        raise CheckpointError(f"{weights} is corrupt or not a safetensors file ({exc}); save the model again") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {weights}: {exc}") from None
+    if meta.get("kp_fingerprint") not in (None, config.fingerprint):
+        raise CheckpointError(
+            f"{weights} was saved for key {meta.get('kp_fingerprint')} but {PROTECTION_FILE} "
+            f"names {config.fingerprint}; the files come from different checkpoints"
+        )
+    return meta, saved
+
+
 def load_protected(
     directory: Union[str, os.PathLike],
     model: nn.Module,
@@ -527,7 +566,7 @@ def load_protected(
         >>> model = load_protected("out/", base, SecretKey.load("owner.key"))  # doctest: +SKIP
     """
     from safetensors import SafetensorError
-    from safetensors.torch import load_model, safe_open
+    from safetensors.torch import load_model
 
     device = usable_device(device)
     directory = Path(directory)
@@ -539,15 +578,8 @@ def load_protected(
         raise CheckpointError(f"{weights} is missing; the checkpoint is incomplete")
     given = model.unwrap() if isinstance(model, ProtectedModel) else model
     base = _uncompiled(given)  # loaded under its own names; what was given (compiled or not) is wrapped
+    meta, saved = read_weights_header(weights, config)
     try:
-        with safe_open(str(weights), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            saved = set(fh.keys())
-        if meta.get("kp_fingerprint") not in (None, config.fingerprint):
-            raise CheckpointError(
-                f"{weights} was saved for key {meta.get('kp_fingerprint')} but {PROTECTION_FILE} "
-                f"names {config.fingerprint}; the files come from different checkpoints"
-            )
         if _saved_by_transformers(base, meta):
             _load_through_transformers(base, directory, strict)
         else:

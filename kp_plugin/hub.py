@@ -49,7 +49,7 @@ from ._hub_errors import (
 )
 from .autoload import load_protected_auto, native_library
 from ._hub_scan import CARD_FILE, _files_to_upload, _folder_files, _refuse_key_material
-from .checkpoint import CONFIG_FILE, PROTECTION_FILE, WEIGHTS_FILE, ProtectionConfig, save_protected
+from .checkpoint import CONFIG_FILE, PROTECTION_FILE, WEIGHTS_FILE, ProtectionConfig, read_weights_header, save_protected
 from .errors import CheckpointError, ConfigurationError, KeyMismatchError
 from .keys import SecretKey
 from .module import ProtectedModel, protected_model_of
@@ -220,6 +220,9 @@ def push_protected(
             files[PREPROCESSOR_FILE] = staging / "processor" / PREPROCESSOR_FILE
         if WEIGHTS_FILE not in files and not any(n.endswith(".safetensors") for n in files):
             raise CheckpointError(f"{directory} has no {WEIGHTS_FILE}; save the model with save_protected first")
+        for name, path in files.items():
+            if name.endswith(".safetensors"):  # a truncated or foreign file went up and failed only on pull
+                read_weights_header(Path(path), protection)
         if PREPROCESSOR_FILE in files:
             _check_processor_key(Path(files[PREPROCESSOR_FILE]), protection)
         card = build_model_card(

@@ -14,6 +14,7 @@ from kp_plugin import (
     CheckpointError,
     ConfigurationError,
     KeyMismatchError,
+    KeyLeakError,
     ProtectionConfig,
     SecretKey,
     load_protected,
@@ -181,6 +182,28 @@ def test_bad_metadata_writes_nothing_over_an_existing_checkpoint(saved, key):
         with pytest.raises(ConfigurationError, match="nothing was written"):
             save_protected(_retrained(model), directory, metadata=metadata)
     assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
+
+
+def test_key_material_in_metadata_is_refused_before_anything_is_written(tmp_path, saved, key):
+    # protection.json was written (mode 0644, the key's hex in "extra") and
+    # only then found by the scan.
+    model, directory = saved
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+    for leak in (key._material.hex(), key.pixel_permutation()):
+        with pytest.raises(KeyLeakError, match="nothing was written"):
+            save_protected(model, directory, metadata={"note": leak})
+        with pytest.raises(KeyLeakError, match="nothing was written"):
+            save_protected(model, tmp_path / "fresh", metadata={"note": leak})
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_saving_onto_a_file_names_it(tmp_path, saved):
+    model, _ = saved
+    (tmp_path / "taken").write_text("mine")
+    with pytest.raises(CheckpointError, match="is a file"):
+        save_protected(model, tmp_path / "taken")
+    assert (tmp_path / "taken").read_text() == "mine"
 
 
 def _retrained(model):

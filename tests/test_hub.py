@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from hub_servers import CLOSED_ENDPOINT, isolate_hub_client, test_hub  # noqa: F401 - fixtures
-from kp_plugin import (ConfigurationError, KeyLeakError, KeyMismatchError, ProtectionConfig, SecretKey, save_protected,
-                       wrap_model)
+from kp_plugin import (CheckpointError, ConfigurationError, KeyLeakError, KeyMismatchError, ProtectionConfig, SecretKey,
+                       save_protected, wrap_model)
 from kp_plugin.checkpoint import find_key_material
 from kp_plugin.hub import (
     HubUnreachableError,
@@ -127,6 +127,17 @@ def test_folder_with_the_permutation_as_indented_json_is_refused(test_hub, model
     before = len(test_hub.received())
     with pytest.raises(KeyLeakError, match="training.json"):
         push_protected(folder, "org/leaky-perm", key=KEY, token=test_hub.token, endpoint=test_hub.url)
+    assert test_hub.received()[before:] == []
+
+
+def test_a_truncated_weights_file_is_refused_before_anything_is_sent(test_hub, model, tmp_path, isolate_hub_client):
+    # It went up whole (exit 0) and failed only on pull.
+    folder = save_protected(model, tmp_path / "out")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    before = len(test_hub.received())
+    with pytest.raises(CheckpointError, match="model.safetensors is corrupt"):
+        push_protected(folder, "org/truncated", key=KEY, token=test_hub.token, endpoint=test_hub.url)
     assert test_hub.received()[before:] == []
 
 
