@@ -474,6 +474,8 @@ def show(args: argparse.Namespace) -> int:
             f"kp show writes PNG (lossless: JPEG and other lossy formats would change the pixel values, and "
             f"--invert could not undo them), not {suffix}; name the output {Path(args.output).with_suffix('.png')}"
         )
+    if Path(args.output).exists() and Path(args.image).exists() and Path(args.output).samefile(args.image):
+        raise _UsageError(f"-o {args.output} is the input image, which it would replace; name another output file")
     key = cli_key(args.key)
     if key.channels not in (1, 3):
         raise ConfigurationError(f"kp show handles 1- or 3-channel keys; this key is for {key.channels} channels")

@@ -27,8 +27,9 @@ def _subcommand(subparsers, name: str, *, help: str, example: str, handler) -> a
     return parser
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--revision", default=None, help="branch (push: created if missing), tag or commit")
+def _common(parser: argparse.ArgumentParser, *, pushing: bool) -> None:
+    parser.add_argument("--revision", default=None,
+                        help="branch to push to (created if missing)" if pushing else "branch, tag or commit")
     parser.add_argument("--endpoint", default=None,
                         help="Hub URL (default: HF_ENDPOINT or https://huggingface.co); self-hosted hubs "
                              "usually need HF_HUB_DISABLE_XET=1 for uploads")
@@ -54,12 +55,13 @@ def register(subparsers) -> None:
                       help="create the repository public (default private; the weights are useless without the key)")
     push.add_argument("-m", "--message", default=None, help="commit message")
     push.add_argument("--report", default=None, help="evaluation report.json for the model card "
-                                                      "(default: CHECKPOINT/report.json if present)")
+                                                      "(default: CHECKPOINT/report/report.json, as kp evaluate "
+                                                      "writes it, or CHECKPOINT/report.json)")
     push.add_argument("--base-model", default=None, help="Hub id of the pre-trained base, for the model card")
     push.add_argument("--include", action="append", default=[], metavar="GLOB",
                       help="also upload files matching this relative-path glob (repeatable); by default only "
                            "the checkpoint, report and training.json go up")
-    _common(push)
+    _common(push, pushing=True)
 
     pull = _subcommand(
         subparsers, "pull",
@@ -75,7 +77,7 @@ def register(subparsers) -> None:
     pull.add_argument("-o", "--output", default=None,
                       help="copy the checkpoint here (weights, config, protection.json; usable with kp evaluate)")
     pull.add_argument("--cache-dir", default=None, help="Hub cache folder (default: HF_HUB_CACHE)")
-    _common(pull)
+    _common(pull, pushing=False)
 
 
 def _push(args: argparse.Namespace) -> int:

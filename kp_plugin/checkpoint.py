@@ -31,7 +31,7 @@ from torch import nn
 
 from . import __version__
 from .errors import CheckpointError, ConfigurationError, KeyLeakError, KeyMismatchError
-from .keys import KEY_FILE_FORMAT, SecretKey, parse_scheme
+from .keys import KEY_FILE_FORMAT, SecretKey, parse_scheme, require_key
 from .module import ProtectedModel, require_protected, wrap_model
 
 __all__ = [
@@ -185,7 +185,11 @@ class ProtectionConfig:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{path} is corrupt (invalid JSON at line {exc.lineno})") from None
+            raise CheckpointError(f"{path} is corrupt (invalid JSON at line {exc.lineno}); save the model again "
+                                  "with save_protected, or download it again") from None
+        except RecursionError:
+            raise CheckpointError(f"{path} is corrupt (nested too deeply); save the model again with save_protected, "
+                                  "or download it again") from None
         return cls.from_dict(data, source=str(path))
 
     def check_key(self, key: SecretKey) -> None:
@@ -206,6 +210,7 @@ class ProtectionConfig:
 def check_key_matches(key: SecretKey, *, fingerprint: str, block_size: int, scheme, channels: int) -> None:
     """Raise :class:`KeyMismatchError` when ``key`` differs from the expected
     fingerprint / settings; the message shows only public values."""
+    require_key(key)
     problems = []
     if key.fingerprint != fingerprint:
         problems.append(f"fingerprint {key.fingerprint} (expected {fingerprint})")
@@ -568,6 +573,7 @@ def load_protected(
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
+    require_key(key)
     device = usable_device(device)
     directory = Path(directory)
     config = ProtectionConfig.load(directory)
@@ -595,4 +601,8 @@ def load_protected(
             "create the model with the same architecture and num_classes as when it was saved"
         ) from None
     given.to(device)
-    return wrap_model(given, key, mean=config.mean, std=config.std, input_size=config.input_size_for(key))
+    input_size = config.input_size_for(key)
+    protected = wrap_model(given, key, mean=config.mean, std=config.std, input_size=input_size)
+    if input_size is not None:
+        protected.keyed.trained_size = tuple(input_size[1:])
+    return protected

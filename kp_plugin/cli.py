@@ -103,7 +103,8 @@ def _add_data_option(parser: argparse.ArgumentParser, *, required: bool) -> None
     parser.add_argument(
         "--data", required=required, default=None,
         help="'digits' (embedded handwriting), 'photos' (embedded colour photographs), or an "
-             "ImageFolder directory (one sub-folder per class; train/ and test/ (or val/) splits if present)"
+             "ImageFolder directory (one sub-folder per class; train/ and test/ (or val/, validation/, valid/) "
+             "splits if present)"
              + ("" if required else "; default: the dataset the model was trained on"),
     )
     parser.add_argument("--image-size", type=_positive_int, default=None,
@@ -325,6 +326,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"kp {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # an output path that is a file, unwritable, on a read-only disk, ...
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"kp {args.command}: error: {exc.strerror or exc}{where}; check the path and its permissions",
+              file=sys.stderr)
+        return EXIT_ERROR
 
 
 # The long handlers live in their own module; imported lazily so that

@@ -22,6 +22,7 @@ __all__ = [
     "InputDtypeError",
     "BlockSizeError",
     "ConfigurationError",
+    "KeyTypeError",
     "KeyLeakError",
     "KeyFilePermissionWarning",
 ]
@@ -75,6 +76,11 @@ class BlockSizeError(KPError, ValueError):
 class ConfigurationError(KPError, ValueError):
     """Something needed to protect a model is missing (mean/std, input size)
     or inconsistent."""
+
+
+class KeyTypeError(KPError, TypeError):
+    """Something other than a :class:`kp_plugin.SecretKey` was given as the
+    key (most often the key file's path: load it with ``SecretKey.load``)."""
 
 
 class KeyLeakError(KPError):

@@ -49,9 +49,10 @@ from ._hub_errors import (
 )
 from .autoload import load_protected_auto, native_library
 from ._hub_scan import CARD_FILE, _files_to_upload, _folder_files, _refuse_key_material
-from .checkpoint import CONFIG_FILE, PROTECTION_FILE, WEIGHTS_FILE, ProtectionConfig, read_weights_header, save_protected
+from .checkpoint import (CONFIG_FILE, PROTECTION_FILE, WEIGHTS_FILE, ProtectionConfig, read_weights_header,
+                         save_protected)
 from .errors import CheckpointError, ConfigurationError, KeyMismatchError
-from .keys import SecretKey
+from .keys import SecretKey, require_key
 from .module import ProtectedModel, protected_model_of
 
 __all__ = [
@@ -187,6 +188,9 @@ def push_protected(
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
+    if key is not None:
+        require_key(key)
+    _check_repo_id(repo_id)
     endpoint = _endpoint(endpoint)
     with tempfile.TemporaryDirectory(prefix="kp-push-") as staging_dir:
         staging = Path(staging_dir)
@@ -246,6 +250,18 @@ def push_protected(
             )
 
 
+def _check_repo_id(repo_id: object) -> None:
+    """:class:`ConfigurationError` for a repository id the Hub would refuse
+    (huggingface_hub's own check raised its HFValidationError)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise ConfigurationError(f"{exc} (a repository id looks like 'org/name')") from None
+
+
 # ------------------------------------------------------------------- pull
 def download_protected(
     repo_id: str,
@@ -277,6 +293,9 @@ def download_protected(
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
 
+    if key is not None:
+        require_key(key)
+    _check_repo_id(repo_id)
     endpoint = _endpoint(endpoint)
     offline = _offline()
     listed: Optional[set] = None
@@ -383,8 +402,7 @@ def pull_protected(
         >>> model = pull_protected("org/name", SecretKey.load("owner.key"))  # doctest: +SKIP
         >>> logits = model(images01)                                          # doctest: +SKIP
     """
-    if not isinstance(key, SecretKey):
-        raise TypeError(f"key must be a kp_plugin.SecretKey, got {type(key).__name__}")
+    require_key(key)
     directory = download_protected(
         repo_id, key=None if allow_wrong_key else key, revision=revision, token=token, cache_dir=cache_dir,
         endpoint=endpoint,

@@ -29,7 +29,8 @@ from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Iterable, Iterator, Union
 
-from .errors import KeyFileError, KeyFileExistsError, KeyFilePermissionWarning, KeyFileWriteError
+from .errors import (ConfigurationError, KeyFileError, KeyFileExistsError, KeyFilePermissionWarning, KeyFileWriteError,
+                     KeyTypeError)
 
 __all__ = [
     "SecretKey",
@@ -44,7 +45,14 @@ __all__ = [
     "KEY_FILE_VERSION",
     "DERIVATION_VERSION",
     "FFX_ROUNDS",
+    "require_key",
 ]
+
+#: The largest block size and channel count a key takes: a block of
+#: 1024 x 1024 x 64 values is already far beyond any image; larger ones only
+#: ended in a MemoryError when the permutation was first derived.
+MAX_BLOCK_SIZE = 1024
+MAX_CHANNELS = 64
 
 #: The steps a scheme can use, in the order DESIGN.md applies them.
 #: ``shuffle``: pixel shuffling inside each block (the paper's);
@@ -114,18 +122,18 @@ def parse_scheme(scheme: Union[str, Iterable[str]]) -> Scheme:
     steps = []
     for part in parts:
         if not isinstance(part, str):
-            raise ValueError(f"scheme steps are strings, got {type(part).__name__}")
+            raise ConfigurationError(f"scheme steps are strings, got {type(part).__name__}")
         name = _ALIASES.get(part.strip().lower(), part.strip().lower())
         if name not in STEPS:
-            raise ValueError(
+            raise ConfigurationError(
                 f"unknown scheme step {part!r}; choose from {', '.join(STEPS)} "
                 f"(e.g. 'shuffle+np')"
             )
         if name in steps:
-            raise ValueError(f"scheme step {name!r} is given twice")
+            raise ConfigurationError(f"scheme step {name!r} is given twice")
         steps.append(name)
     if not steps:
-        raise ValueError("a scheme needs at least one step, e.g. 'shuffle+np'")
+        raise ConfigurationError("a scheme needs at least one step, e.g. 'shuffle+np'")
     return tuple(s for s in STEPS if s in steps)
 
 
@@ -301,12 +309,16 @@ class SecretKey:
         created: str | None = None,
     ) -> None:
         if not isinstance(material, (bytes, bytearray)) or len(material) != _KEY_BYTES:
-            raise ValueError(f"key material must be exactly {_KEY_BYTES} bytes")
+            raise ConfigurationError(f"key material must be exactly {_KEY_BYTES} bytes")
         block_size, channels = _as_int(block_size), _as_int(channels)  # NumPy / torch integers too
         if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
-            raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+            raise ConfigurationError(f"block_size must be a positive integer, got {block_size!r}")
+        if block_size > MAX_BLOCK_SIZE:  # its permutation would not fit in memory (MemoryError on first use)
+            raise ConfigurationError(f"block_size must be at most {MAX_BLOCK_SIZE}, got {block_size}")
         if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
-            raise ValueError(f"channels must be a positive integer, got {channels!r}")
+            raise ConfigurationError(f"channels must be a positive integer, got {channels!r}")
+        if channels > MAX_CHANNELS:
+            raise ConfigurationError(f"channels must be at most {MAX_CHANNELS}, got {channels}")
         self._material = bytes(material)
         self.block_size = block_size
         self.scheme: Scheme = parse_scheme(scheme)
@@ -314,7 +326,7 @@ class SecretKey:
         if created is None:
             created = _dt.datetime.now(_dt.timezone.utc).strftime(_CREATED_FORMAT)
         elif not _valid_created(created):
-            raise ValueError(f"{_CREATED_RULE}, got {created!r}")
+            raise ConfigurationError(f"{_CREATED_RULE}, got {created!r}")
         self.created = created
         self._cache: dict = {}
 
@@ -524,7 +536,7 @@ class SecretKey:
             raise KeyFileError(f"{source} is empty; was the key file truncated? Restore it from your backup")
         try:
             body = json.loads(text)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # RecursionError: a deeply nested array
             raise KeyFileError(
                 f"{source} is not valid JSON (corrupt or truncated key file); restore it from your backup"
             ) from None
@@ -742,3 +754,14 @@ def _send_to_child_process(key: SecretKey):
 # (macOS, Windows). pickle.dumps, torch.save, copyreg-based picklers (dill,
 # cloudpickle) still refuse: they write files.
 ForkingPickler.register(SecretKey, _send_to_child_process)
+
+
+def require_key(key: object, what: str = "key") -> SecretKey:
+    """``key`` itself when it is a :class:`SecretKey`, else
+    :class:`KeyTypeError` saying how to get one (never showing the value:
+    it may be the key's hex)."""
+    if isinstance(key, SecretKey):
+        return key
+    hint = ("a path? load the key file with SecretKey.load(path)" if isinstance(key, (str, os.PathLike)) else
+            "load the key file with SecretKey.load(path) or SecretKey.from_env('KP_KEY')")
+    raise KeyTypeError(f"{what} must be a kp_plugin.SecretKey, got {type(key).__name__} ({hint})")

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .errors import BlockSizeError, ConfigurationError, InputDtypeError, KeyLeakError
-from .keys import SecretKey
+from .keys import SecretKey, require_key
 from .transforms import (
     TransformPlan,
     _functorch_active,
@@ -218,6 +218,11 @@ class KeyedInput(nn.Module):
         # Compiling for a new size swaps several buffers; threads sharing the
         # module read them together under this lock (see _plan_for).
         self._lock = threading.Lock()
+        #: ``(H, W)`` a loaded model was trained at; with block scrambling
+        #: (whose block order depends on the image size) other sizes are
+        #: refused. ``None`` (the default; set it so to fine-tune at another
+        #: size on purpose) takes any multiple of the block size.
+        self.trained_size: Optional[tuple] = None
         self.input_size: Optional[tuple] = None
         if input_size is not None:
             input_size = tuple(int(s) for s in input_size)
@@ -240,8 +245,7 @@ class KeyedInput(nn.Module):
 
     @key.setter
     def key(self, key: SecretKey) -> None:
-        if not isinstance(key, SecretKey):
-            raise TypeError(f"key must be a kp_plugin.SecretKey, got {type(key).__name__}")
+        require_key(key)
         old = self.__dict__.get("_key")
         if old is not None and key.channels != old.channels:
             raise ConfigurationError(
@@ -422,8 +426,20 @@ class KeyedInput(nn.Module):
         size = tuple(x.shape[1:])
         if size != self._size or self._buffers["source_index"].device != x.device:
             check_image_size(size[1], size[2], self.key.block_size)
+            self._check_trained_size(size)
             self._compile(size, x.device, self._buffer_dtype(x))
         return _Plan(*(self._buffers.get(name) for name in _Plan._fields))
+
+    def _check_trained_size(self, size: tuple) -> None:
+        trained = self.trained_size
+        if trained is None or "scramble" not in self.key.scheme or tuple(size[1:]) == tuple(trained):
+            return
+        raise BlockSizeError(
+            f"images are {size[1]}x{size[2]} but this model was trained on {trained[0]}x{trained[1]} images, and "
+            "its key's block scrambling orders the blocks for that size (other sizes give wrong predictions even "
+            f"with the right key): resize the images to {trained[0]}x{trained[1]}; to fine-tune at another size "
+            "on purpose, set model.keyed.trained_size = None"
+        )
 
     def __prepare_scriptable__(self) -> None:
         # torch.jit.script calls this first; a scripted module would carry the
@@ -716,8 +732,7 @@ def wrap_model(
             "model inside torch.compile, DDP or a container); wrapping it would apply a key twice: wrap the base "
             "model instead (kp_plugin.unwrap(model))"
         )
-    if not isinstance(key, SecretKey):
-        raise TypeError(f"key must be a kp_plugin.SecretKey, got {type(key).__name__}")
+    require_key(key)
     explicit_size = input_size is not None
     mean, std, input_size = resolve_normalization(model, mean, std, input_size)
     if input_size is not None and not explicit_size and (

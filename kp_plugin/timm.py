@@ -30,7 +30,7 @@ from torch import nn
 
 from .checkpoint import CONFIG_FILE, ProtectionConfig, load_protected
 from .errors import BlockSizeError, CheckpointError, ConfigurationError, KPError
-from .keys import SecretKey
+from .keys import SecretKey, require_key
 from .module import ProtectedModel, wrap_model
 from .transforms import check_image_size, nearest_valid_size
 
@@ -249,8 +249,7 @@ def create_protected_model(
         ...                                num_classes=10)  # doctest: +SKIP
         >>> logits = model(torch.rand(2, 3, 224, 224))     # doctest: +SKIP
     """
-    if not isinstance(key, SecretKey):
-        raise TypeError(f"key must be a kp_plugin.SecretKey, got {type(key).__name__}")
+    require_key(key)
     size = _requested_size(input_size, timm_kwargs, key.channels)
     if size is not None:
         check_image_size(size[1], size[2], key.block_size)
@@ -338,11 +337,15 @@ def create_transform(model: ProtectedModel, *, is_training: bool = False, **kwar
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text("utf-8"))
+        data = json.loads(path.read_text("utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing; the checkpoint is incomplete") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):  # "'list' object has no attribute 'get'" further on
+        raise CheckpointError(f"{path} is corrupt: it holds a JSON {type(data).__name__}, not an object; "
+                              "save the model again with save_protected")
+    return data
 
 
 def load_protected_timm(

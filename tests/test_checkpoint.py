@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kp_plugin import (
+    BlockSizeError,
     CheckpointError,
     ConfigurationError,
     KeyMismatchError,
@@ -472,3 +473,37 @@ def test_a_device_that_is_not_here_is_named_not_blamed_on_the_checkpoint(saved, 
         with pytest.raises(ConfigurationError, match="asks for a GPU but torch sees none"):
             load_protected(directory, tiny_cnn, key, device="cuda")
     assert load_protected(directory, tiny_cnn, key, device=torch.device("cpu")).key == key
+
+
+def test_a_path_or_none_given_as_the_key_says_how_to_load_one(saved, tiny_cnn):
+    # load_protected(d, base, None) raised AttributeError ("'NoneType' object
+    # has no attribute 'fingerprint'"); a path string the same.
+    from kp_plugin.errors import KeyTypeError
+
+    _, directory = saved
+    for not_a_key in (None, str(directory / "owner.key"), b"\x00" * 32):
+        with pytest.raises(KeyTypeError, match=r"SecretKey\.load\(path\)") as info:
+            load_protected(directory, tiny_cnn, not_a_key)
+        assert isinstance(info.value, TypeError)
+        with pytest.raises(KeyTypeError, match=r"SecretKey\.load\(path\)"):
+            load_protected(directory, tiny_cnn, not_a_key, allow_wrong_key=True)
+        with pytest.raises(KeyTypeError, match=r"SecretKey\.load\(path\)"):
+            wrap_model(tiny_cnn, not_a_key, mean=MEAN, std=STD)
+    with pytest.raises(KeyTypeError) as info:
+        load_protected(directory, tiny_cnn, "00" * 32)  # the key's hex, perhaps: never echoed
+    assert "00" * 32 not in str(info.value)
+
+
+@pytest.mark.parametrize("scheme", ["shuffle+np+scramble", "shuffle+np"])
+def test_a_loaded_model_refuses_other_sizes_only_where_scrambling_makes_them_wrong(tmp_path, tiny_cnn, scheme):
+    # kp evaluate --image-size 64 on a model saved for 32 reported 7.5% with the
+    # key (exit 0): the scrambled block order is another one at another size.
+    key = SecretKey(bytes(range(32)), block_size=4, scheme=scheme)
+    save_protected(wrap_model(tiny_cnn, key, mean=MEAN, std=STD, input_size=(3, 8, 8)), tmp_path)
+    loaded = load_protected(tmp_path, _fresh_cnn(), key).eval()
+    loaded(torch.rand(2, 3, 8, 8))
+    if "scramble" in scheme:
+        with pytest.raises(BlockSizeError, match=r"trained on 8x8 images.*resize the images to 8x8"):
+            loaded(torch.rand(2, 3, 16, 16))
+        loaded.keyed.trained_size = None  # on purpose: fine-tuning at another size
+    assert loaded(torch.rand(2, 3, 16, 16)).shape == (2, 5)

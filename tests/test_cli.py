@@ -463,6 +463,26 @@ def test_numbers_out_of_range_are_usage_errors_before_anything_loads(argv, compl
     assert f"kp {command}: error: argument {complaint}" in err and "Traceback" not in err
 
 
+def test_show_refuses_to_write_over_its_input_image(tmp_path, capsys):
+    key_path = tmp_path / "owner.key"
+    assert main(["keygen", "--block-size", "8", "-o", str(key_path)]) == 0
+    image = _write_image(tmp_path)
+    before = image.read_bytes()
+    assert main(["show", "--key", str(key_path), str(image), "-o", str(image)]) == 2
+    assert "is the input image" in capsys.readouterr().err and image.read_bytes() == before
+
+
+def test_an_output_path_that_cannot_be_written_is_a_one_line_error(tmp_path, capsys):
+    # A traceback ending in NotADirectoryError / PermissionError.
+    key_path = tmp_path / "owner.key"
+    assert main(["keygen", "--block-size", "8", "-o", str(key_path)]) == 0
+    image = _write_image(tmp_path)
+    (tmp_path / "file").write_text("not a folder")
+    assert main(["show", "--key", str(key_path), str(image), "-o", str(tmp_path / "file" / "seen.png")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "check the path" in err and "file" in err
+
+
 def test_show_names_a_png_output_and_refuses_another_format(tmp_path, capsys):
     key_path = tmp_path / "owner.key"
     assert main(["keygen", "--block-size", "8", "-o", str(key_path)]) == 0

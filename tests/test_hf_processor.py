@@ -173,3 +173,22 @@ def test_grayscale_or_rgba_images_are_told_to_convert(key, mode):
         processor(image, return_tensors="pt")
     converted = processor(image.convert("RGB"), return_tensors="pt")["pixel_values"]
     assert converted.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
+
+
+def test_float_images_already_in_unit_range_or_normalized_are_refused(key):
+    # The base rescales by 1/255: they came out near black, with no error
+    # (the base processor alone only logs a warning).
+    from kp_plugin.errors import InputRangeError
+
+    processor = KeyedImageProcessor(vit_processor(), key)
+    rng = np.random.RandomState(0)
+    unit = rng.rand(32, 32, 3).astype(np.float32)
+    for images in (unit, (unit - 0.5) / 0.25, torch.from_numpy(unit).permute(2, 0, 1)):
+        with pytest.raises(InputRangeError, match="do_rescale=False"):
+            processor(images, return_tensors="pt")
+    for images in (unit * 255, np.zeros((32, 32, 3), np.float32), (unit * 255).astype(np.uint8)):
+        assert processor(images, return_tensors="pt")["pixel_values"].shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    as_unit = KeyedImageProcessor(vit_processor(), key)
+    as_unit.image_processor.do_rescale = False  # the documented way for [0, 1] floats
+    torch.testing.assert_close(as_unit(unit, return_tensors="pt")["pixel_values"],
+                               processor(unit * 255, return_tensors="pt")["pixel_values"], rtol=1e-4, atol=1e-4)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hub_servers import isolate_hub_client, test_hub  # noqa: F401 - fixtures
+from hub_servers import CLOSED_ENDPOINT, isolate_hub_client, test_hub  # noqa: F401 - fixtures
 from kp_plugin import SecretKey, save_protected, wrap_model
 from kp_plugin.cli import main
 
@@ -59,6 +59,14 @@ def test_push_refuses_a_folder_holding_the_key_file(test_hub, checkpoint, capsys
     assert main(["push", str(checkpoint), "org/cli-leak", "--endpoint", test_hub.url]) == 1
     assert "owner.key" in capsys.readouterr().err
     assert test_hub.received()[before:] == []
+
+
+def test_a_repository_id_the_hub_refuses_is_a_one_line_error(checkpoint, key_file, capsys, isolate_hub_client):
+    # A traceback ending in huggingface_hub's HFValidationError.
+    for argv in (["push", str(checkpoint), "bad repo id!!"], ["pull", "bad repo id!!"]):
+        assert main([*argv, "--key", str(key_file), "--endpoint", CLOSED_ENDPOINT]) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "org/name" in err
 
 
 def test_push_and_pull_help_carry_an_example(capsys):

@@ -471,3 +471,24 @@ def test_numpy_and_torch_integers_are_block_sizes_but_floats_and_bools_are_not()
     for bad in (4.0, "4", True):
         with pytest.raises(ValueError, match="block_size"):
             SecretKey.generate(block_size=bad)
+
+
+@pytest.mark.parametrize("arguments", [dict(block_size=0), dict(block_size=3.5), dict(block_size=10**8),
+                                       dict(scheme="bogus"), dict(scheme="shuffle+shuffle"), dict(channels=0),
+                                       dict(channels=10**6)])
+def test_bad_key_settings_are_library_errors(arguments):
+    # A plain ValueError (not a KPError); block_size 10**8 was accepted and
+    # ended in a MemoryError when its permutation was first derived.
+    from kp_plugin.errors import ConfigurationError, KPError
+
+    with pytest.raises(ConfigurationError) as info:
+        SecretKey.generate(**arguments)
+    assert isinstance(info.value, KPError) and isinstance(info.value, ValueError)
+
+
+def test_a_key_file_of_deeply_nested_json_is_a_key_file_error(tmp_path):
+    # RecursionError from the JSON decoder.
+    path = tmp_path / "nested.key"
+    path.write_text("[" * 100_000)
+    with pytest.raises(KeyFileError, match="not valid JSON"):
+        SecretKey.load(path)

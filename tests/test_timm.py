@@ -169,6 +169,15 @@ def test_a_checkpoint_without_timm_config_is_a_checkpoint_error(tmp_path, key):
         load_protected_timm(tmp_path, key)
 
 
+@pytest.mark.parametrize("content", ["[1]", "\"text\"", "[" * 100_000])
+def test_a_config_json_that_is_not_an_object_is_a_checkpoint_error(tmp_path, key, content):
+    # AttributeError ("'list' object has no attribute 'get'") or RecursionError.
+    save_protected(create_protected_model(TINY, key, num_classes=3, input_size=32), tmp_path)
+    (tmp_path / "config.json").write_text(content)
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_protected_timm(tmp_path, key)
+
+
 @pytest.mark.parametrize("argument", ["checkpoint_path", "pretrained", "pretrained_cfg_overlay"])
 def test_a_config_asking_timm_to_load_weights_from_elsewhere_is_refused(tmp_path, key, argument):
     # config.json comes from the Hub on a pull: checkpoint_path would have

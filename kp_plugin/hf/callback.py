@@ -38,7 +38,7 @@ from transformers.trainer_callback import CallbackHandler
 
 from ..checkpoint import PROTECTION_FILE, ProtectionConfig, refuse_key_material
 from ..errors import ConfigurationError
-from ..keys import SecretKey
+from ..keys import SecretKey, require_key
 from ..module import KeyedInput, ProtectedModel
 from ..objectives import logits_of
 from ._datapath import batchers_in, base_module
@@ -136,8 +136,7 @@ class KeyProtectionCallback(TrainerCallback):
     ) -> None:
         from ..evaluate import wrong_keys as draw_wrong_keys
 
-        if not isinstance(key, SecretKey):
-            raise TypeError(f"key must be a kp_plugin.SecretKey, got {type(key).__name__}")
+        require_key(key)
         if wrong_keys < 1:
             raise ConfigurationError("wrong_keys must be at least 1")
         if image_processor is not None:

@@ -26,8 +26,8 @@ from transformers.image_processing_base import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 
 from ..checkpoint import check_key_matches, refuse_key_material
-from ..errors import BlockSizeError, CheckpointError, KeyMismatchError, KPError
-from ..keys import SecretKey, parse_scheme
+from ..errors import BlockSizeError, CheckpointError, InputRangeError, KeyMismatchError, KPError
+from ..keys import SecretKey, parse_scheme, require_key
 from ..module import KeyedInput
 from ..transforms import check_image_size, invert_transform, nearest_valid_size
 
@@ -163,8 +163,7 @@ class KeyedImageProcessor(BaseImageProcessor):
         super().__init__()
         if key is None:
             raise _key_required("KeyedImageProcessor")
-        if not isinstance(key, SecretKey):
-            raise TypeError(f"key must be a kp_plugin.SecretKey, got {type(key).__name__}")
+        require_key(key)
         if not isinstance(image_processor, BaseImageProcessor) or isinstance(image_processor, KeyedImageProcessor):
             raise TypeError(
                 "image_processor must be a transformers image processor (not already keyed), got "
@@ -191,8 +190,7 @@ class KeyedImageProcessor(BaseImageProcessor):
 
     @key.setter
     def key(self, key: SecretKey) -> None:
-        if not isinstance(key, SecretKey):
-            raise TypeError(f"key must be a kp_plugin.SecretKey, got {type(key).__name__}")
+        require_key(key)
         size = processor_output_size(self.image_processor)
         if size is not None:
             check_image_size(size[0], size[1], key.block_size)
@@ -275,8 +273,25 @@ class KeyedImageProcessor(BaseImageProcessor):
                 return x.float() * base.rescale_factor
             return x
         if getattr(base, "do_rescale", False):
+            self._check_float_scale(x, base.rescale_factor)
             x = x.float() * base.rescale_factor
         return x
+
+    @staticmethod
+    def _check_float_scale(x: torch.Tensor, factor: float) -> None:
+        """Float images the base is about to rescale that are already in
+        [0, 1] or normalized (every value within +-3): they came out near
+        black, silently (the base processor alone only logs a warning)."""
+        if x.numel() == 0 or factor > 0.1:
+            return
+        largest = float(x.detach().abs().max())
+        if 0 < largest <= 3:
+            raise InputRangeError(
+                f"float images with values within [-{largest:.2f}, {largest:.2f}]: the base processor rescales by "
+                f"{factor:.6g}, so images already in [0, 1] (or normalized) would come out near black; pass uint8 "
+                "or PIL images or floats in 0..255, or build the base processor with do_rescale=False for [0, 1] "
+                "floats (normalization is done here, after the key)"
+            )
 
     def _channel_hint(self) -> str:
         if self.key.channels == 3:
