@@ -631,6 +631,8 @@ class ProtectedModel(nn.Module):
             from .hub import push_protected
 
             hub_kwargs.setdefault("key", self.key)  # the leak scan looks for the key's own bytes too
+            if hub_kwargs.get("processor") is None:  # as push_to_hub: wrap_hf_model's processor goes up too
+                hub_kwargs["processor"] = getattr(self, "keyed_image_processor", None)
             push_protected(directory, repo_id or Path(directory).name, **hub_kwargs)
 
     def push_to_hub(self, repo_id: str, **hub_kwargs: Any):

@@ -81,3 +81,8 @@ def test_wrap_hf_models_processor_is_published_keyed_without_processor_argument(
                                                       .read_bytes())
     processor = KeyedImageProcessor.from_pretrained(str(folder), key=KEY)
     assert processor.key.fingerprint == KEY.fingerprint
+    # save_pretrained(push_to_hub=True) published the folder alone: no processor.
+    model.save_pretrained(tmp_path / "saved", push_to_hub=True, repo_id="org/vit-saved-and-pushed",
+                          token=test_hub.token, endpoint=test_hub.url)
+    assert "preprocessor_config.json" in test_hub.head_files("org/vit-saved-and-pushed")
+    assert find_key_material(test_hub.root, KEY) == []
