@@ -12,7 +12,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, ConvNextImageProcessor, ViTImageProcessor
 
 from hf_fixtures import BLOCK_SIZE, IMAGE_SIZE, digits_dataset, vit_processor
-from kp_plugin import BlockSizeError, KeyedInput, KeyLeakError, KeyMismatchError, SecretKey
+from kp_plugin import BlockSizeError, CheckpointError, KeyedInput, KeyLeakError, KeyMismatchError, SecretKey
 from kp_plugin.checkpoint import find_key_material
 from kp_plugin.hf import KeyedImageProcessor, KeyRequiredError
 
@@ -192,3 +192,27 @@ def test_float_images_already_in_unit_range_or_normalized_are_refused(key):
     as_unit.image_processor.do_rescale = False  # the documented way for [0, 1] floats
     torch.testing.assert_close(as_unit(unit, return_tensors="pt")["pixel_values"],
                                processor(unit * 255, return_tensors="pt")["pixel_values"], rtol=1e-4, atol=1e-4)
+
+
+def test_a_corrupt_saved_processor_is_a_checkpoint_error_not_a_wrong_key(key, tmp_path):
+    # transformers' OSError for bad JSON, AttributeError for a kp_protection
+    # that is not an object, and KeyMismatchError (blaming the key) for a
+    # block size that is not a number.
+    KeyedImageProcessor(vit_processor(), key).save_pretrained(tmp_path / "ok")
+    saved = json.loads((tmp_path / "ok" / "preprocessor_config.json").read_text())
+    broken = {"not-json": "{not json", "block": {**saved, "kp_protection": "oops"},
+              "size": {**saved, "kp_protection": {**saved["kp_protection"], "block_size": "x"}},
+              "version": {**saved, "kp_protection": {**saved["kp_protection"], "format_version": "x"}}}
+    for name, content in broken.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "preprocessor_config.json").write_text(
+            content if isinstance(content, str) else json.dumps(content))
+        with pytest.raises(CheckpointError, match="preprocessor_config.json|not a valid JSON"):
+            KeyedImageProcessor.from_pretrained(str(tmp_path / name), key=key)
+
+
+@pytest.mark.parametrize("images", [[], torch.zeros(0, 3, 20, 20, dtype=torch.uint8), np.zeros((20, 20), np.uint8)])
+def test_no_images_or_unreadable_arrays_are_typed_errors(key, images):
+    # IndexError ("list index out of range") / transformers' bare ValueError.
+    with pytest.raises(BlockSizeError, match="no images|could not read"):
+        KeyedImageProcessor(vit_processor(), key)(images, return_tensors="pt")

@@ -17,8 +17,9 @@ key=...)`` and ``AutoImageProcessor.from_pretrained(path, key=...)`` (once
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from transformers import AutoImageProcessor, PretrainedConfig
@@ -246,16 +247,22 @@ class KeyedImageProcessor(BaseImageProcessor):
         for name in _TAKEN_OVER:
             kwargs.pop(name, None)
         base = self.image_processor
+        if images is None or (hasattr(images, "__len__") and len(images) == 0):
+            raise BlockSizeError("no images were given (an empty list or batch); pass at least one image")
         try:
             out = base(images, do_rescale=False, do_normalize=False, return_tensors="pt", **kwargs)
         except ValueError as exc:
-            # transformers cannot tell where the channels are (2 or 5 of them;
-            # RGBA too in some releases): raised as a bare ValueError.
-            if "channel" not in str(exc):
-                raise
+            first = str(exc).splitlines()[0][:200]
+            if "channel" in first:
+                # transformers cannot tell where the channels are (2 or 5 of
+                # them; RGBA too in some releases).
+                raise BlockSizeError(
+                    f"the base processor could not read the images ({first}): the key is for {self.key.channels} "
+                    f"channels; {self._channel_hint()}"
+                ) from None
             raise BlockSizeError(
-                f"the base processor could not read the images ({exc}): the key is for {self.key.channels} "
-                f"channels; {self._channel_hint()}"
+                f"the base processor could not read the images ({first}); pass PIL images, or arrays / tensors "
+                "shaped (H, W, C) or (C, H, W), or a list of them, or a (B, C, H, W) batch"
             ) from None
         x = out["pixel_values"]
         if not isinstance(x, torch.Tensor):
@@ -402,13 +409,15 @@ class KeyedImageProcessor(BaseImageProcessor):
             raise _key_required(str(pretrained_model_name_or_path))
         kwargs.pop("_from_auto", None)
         check_range = kwargs.pop("check_range", True)
+        require_key(key)
         loading = dict(kwargs)
-        config, kwargs = cls.get_image_processor_dict(pretrained_model_name_or_path, **kwargs)
-        if config.get("image_processor_type") != cls.__name__:
-            # A plain processor: let AutoImageProcessor resolve it (legacy
-            # names, feature extractors, backends), then key it.
-            base = AutoImageProcessor.from_pretrained(pretrained_model_name_or_path, **loading)
-            return cls(base, key, check_range=check_range)
+        with _loading_errors(pretrained_model_name_or_path):
+            config, kwargs = cls.get_image_processor_dict(pretrained_model_name_or_path, **kwargs)
+            if config.get("image_processor_type") != cls.__name__:
+                # A plain processor: let AutoImageProcessor resolve it (legacy
+                # names, feature extractors, backends), then key it.
+                base = AutoImageProcessor.from_pretrained(pretrained_model_name_or_path, **loading)
+                return cls(base, key, check_range=check_range)
         return cls.from_dict(config, key=key, allow_wrong_key=allow_wrong_key, check_range=check_range, **kwargs)
 
     @classmethod
@@ -426,6 +435,7 @@ class KeyedImageProcessor(BaseImageProcessor):
         if own_type == cls.__name__:
             if protection is None or base_type is None:
                 raise CheckpointError("preprocessor_config.json names KeyedImageProcessor but has no kp_protection block")
+            _check_protection_block(protection)
             if protection.get("format") != _FORMAT or int(protection.get("format_version", 0)) > _FORMAT_VERSION:
                 raise CheckpointError(
                     f"preprocessor_config.json has protection format {protection.get('format')!r} "
@@ -451,6 +461,53 @@ class KeyedImageProcessor(BaseImageProcessor):
             f"KeyedImageProcessor(base={type(self.image_processor).__name__}, block_size={self.key.block_size}, "
             f"scheme={self.key.scheme_name}, fingerprint={self.key.fingerprint})"
         )
+
+
+@contextlib.contextmanager
+def _loading_errors(source: Any) -> Iterator[None]:
+    """transformers' OSError / ValueError for a folder or Hub id it cannot
+    load from as :class:`CheckpointError` (:class:`HubUnreachableError` when
+    the Hub could not be reached), naming the source."""
+    from .._hub_errors import HubUnreachableError, transport_errors
+
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, KPError):
+            raise
+        chain, cause = [], exc
+        while cause is not None and len(chain) < 8:
+            chain.append(cause)
+            cause = cause.__cause__ or cause.__context__
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if any(isinstance(c, transport_errors()) for c in chain):
+            raise HubUnreachableError(
+                f"cannot load the image processor of {source!r}: the Hub could not be reached ({first}); "
+                "check the connection or HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use the local cache"
+            ) from None
+        raise CheckpointError(
+            f"cannot load the image processor of {source!r}: {first}; pass a folder holding "
+            "preprocessor_config.json (as KeyedImageProcessor.save_pretrained writes it) or a Hub id"
+        ) from None
+
+
+def _check_protection_block(protection: Any) -> None:
+    """The ``kp_protection`` block's shape, before its values are compared
+    with a key (a corrupt file is not a wrong key)."""
+    if not isinstance(protection, dict):
+        raise CheckpointError(f"preprocessor_config.json's {PROTECTION_FIELD} is a {type(protection).__name__}, not "
+                              "an object: the file is corrupt; save the processor again")
+    block = protection.get("block_size")
+    channels = protection.get("channels", 3)
+    fingerprint = protection.get("fingerprint")
+    for name, value in (("block_size", block), ("channels", channels),
+                        ("format_version", protection.get("format_version", 1))):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise CheckpointError(f"preprocessor_config.json's {PROTECTION_FIELD}.{name} is {value!r}, not a "
+                                  "positive integer: the file is corrupt; save the processor again")
+    if not isinstance(fingerprint, str):
+        raise CheckpointError(f"preprocessor_config.json's {PROTECTION_FIELD}.fingerprint is missing or not text: "
+                              "the file is corrupt; save the processor again")
 
 
 class _KeyedImageProcessorRegistration(PretrainedConfig):
