@@ -113,7 +113,12 @@ class ProtectionConfig:
         if not isinstance(data, dict) or data.get("format") != PROTECTION_FORMAT:
             raise CheckpointError(f"{source} is not a kp-plugin protection config")
         version = data.get("format_version")
-        if not isinstance(version, int) or version > PROTECTION_FORMAT_VERSION:
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise CheckpointError(
+                f"{source} has format version {version!r}, not a positive integer: the file is corrupt; save the "
+                "model again with save_protected, or download it again"
+            )
+        if version > PROTECTION_FORMAT_VERSION:
             raise CheckpointError(
                 f"{source} has format version {version!r}; this kp-plugin reads up to "
                 f"{PROTECTION_FORMAT_VERSION}. Upgrade kp-plugin"

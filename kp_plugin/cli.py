@@ -318,7 +318,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"kp {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KPError as exc:
-        print(f"kp {args.command}: error: {exc}", file=sys.stderr)
+        message = str(exc)
+        if isinstance(exc, KeyMismatchError):  # the library's remedy names a Python argument
+            message = message.replace("pass allow_wrong_key=True to evaluate with a wrong key on purpose",
+                                      "use kp evaluate --wrong-keys N to measure wrong keys")
+        print(f"kp {args.command}: error: {message}", file=sys.stderr)
         for error_type, code in EXIT_CODES:
             if isinstance(exc, error_type):
                 return code

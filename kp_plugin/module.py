@@ -129,7 +129,11 @@ def _as_triple(values: Sequence[float], channels: int, name: str) -> tuple:
     if len(values) == 1:
         values = values * channels
     if len(values) != channels:
-        raise ConfigurationError(f"{name} has {len(values)} values but the key is for {channels} channels")
+        raise ConfigurationError(
+            f"{name} has {len(values)} values but the key is for {channels} channels: the model takes "
+            f"{len(values)}-channel images; use a key for them (SecretKey.generate(channels={len(values)}), "
+            f"kp keygen --channels {len(values)}) or pass {name}= with {channels} values"
+        )
     if name == "std" and any(v <= 0 for v in values):
         raise ConfigurationError(f"std must be positive, got {values}")
     return values

@@ -258,6 +258,7 @@ def test_missing_protection_json_names_the_file(saved, key):
     lambda text: "not json",
     lambda text: json.dumps({"format": "something-else"}),
     lambda text: text.replace('"format_version": 1', '"format_version": 7'),
+    lambda text: text.replace('"format_version": 1', '"format_version": "1"'),
     lambda text: text.replace('"block_size": 4', '"block_size": "four"'),
     lambda text: text.replace('"channels": 3', '"channels": 0'),
     # hand edits that failed later (a TypeError from '%', NaN logits) or as a configuration error
@@ -507,3 +508,18 @@ def test_a_loaded_model_refuses_other_sizes_only_where_scrambling_makes_them_wro
             loaded(torch.rand(2, 3, 16, 16))
         loaded.keyed.trained_size = None  # on purpose: fine-tuning at another size
     assert loaded(torch.rand(2, 3, 16, 16)).shape == (2, 5)
+
+
+def test_a_protection_json_without_a_usable_format_version_is_called_corrupt(saved, key):
+    # It said "Upgrade kp-plugin", which cannot help.
+    _, directory = saved
+    path = directory / "protection.json"
+    path.write_text(_edit_field(path.read_text(), "format_version", None))
+    with pytest.raises(CheckpointError, match="corrupt") as info:
+        load_protected(directory, _fresh_cnn(), key)
+    assert "Upgrade" not in str(info.value)
+
+
+def test_a_mean_for_other_channels_than_the_key_says_which_key_to_make(tiny_cnn):
+    with pytest.raises(ConfigurationError, match=r"SecretKey.generate\(channels=3\)"):
+        wrap_model(tiny_cnn, SecretKey.generate(block_size=4, channels=1), mean=MEAN, std=STD)

@@ -46,6 +46,8 @@ def test_pull_exit_codes_name_the_problem(test_hub, checkpoint, key_file, tmp_pa
     assert main(["push", str(checkpoint), "org/cli-codes", "--key", str(key_file), "--endpoint", test_hub.url]) == 0
     wrong = SecretKey.generate_like(KEY).save(tmp_path / "wrong.key")
     assert main(["pull", "org/cli-codes", "--key", str(wrong), "--endpoint", test_hub.url]) == 3
+    err = capsys.readouterr().err  # the library's remedy named the Python-only allow_wrong_key=True
+    assert "allow_wrong_key" not in err and "kp evaluate --wrong-keys" in err
     assert main(["pull", "org/cli-none", "--key", str(key_file), "--endpoint", test_hub.url]) == 1
     assert "does not exist" in capsys.readouterr().err
     monkeypatch.delenv("KP_KEY", raising=False)
