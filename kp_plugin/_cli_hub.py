@@ -97,11 +97,13 @@ def _push(args: argparse.Namespace) -> int:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    from .checkpoint import ProtectionConfig
+    from .checkpoint import ProtectionConfig, refuse_other_key_checkpoint
     from .autoload import load_protected_auto
     from .hub import download_protected
 
     key = cli_key(args.key)
+    if args.output:  # before downloading: the other model there would be replaced
+        refuse_other_key_checkpoint(args.output, key.fingerprint, remedy="remove it first")
     folder = download_protected(args.repo_id, key=key, revision=args.revision, cache_dir=args.cache_dir,
                                 endpoint=args.endpoint)
     load_protected_auto(folder, key, source=args.repo_id)  # the weights fit the architecture

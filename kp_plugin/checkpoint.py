@@ -367,11 +367,32 @@ def refuse_key_material(directory: Union[str, os.PathLike], key: SecretKey, *,
         raise KeyLeakError(f"key material found in {names} under {directory}; {remedy}")
 
 
+def refuse_other_key_checkpoint(directory: Union[str, os.PathLike], fingerprint: str, *,
+                                remedy: str = "pass overwrite=True") -> None:
+    """:class:`CheckpointError` when ``directory`` holds a checkpoint of a
+    key other than ``fingerprint``: writing there would lose that model
+    (its key would open nothing). A corrupt or absent ``protection.json`` is
+    no model to lose."""
+    path = Path(directory) / PROTECTION_FILE
+    if not path.is_file():
+        return
+    try:
+        held = ProtectionConfig.load(directory).fingerprint
+    except CheckpointError:
+        return
+    if held != fingerprint:
+        raise CheckpointError(
+            f"{directory} holds a model protected with another key (fingerprint {held}); writing this one "
+            f"(fingerprint {fingerprint}) there would replace it: choose another folder, or {remedy}"
+        )
+
+
 def save_protected(
     model: ProtectedModel,
     directory: Union[str, os.PathLike],
     *,
     metadata: Optional[dict] = None,
+    overwrite: bool = False,
 ) -> Path:
     """Save a protected model: weights + ``protection.json`` (+ native
     ``config.json``), never the key.
@@ -379,9 +400,12 @@ def save_protected(
     Args:
         model: a :class:`ProtectedModel` (from :func:`wrap_model`).
         directory: created if needed; existing files of the same names are
-            replaced.
+            replaced (a checkpoint of the same key: saving again after
+            more training).
         metadata: extra public string values for ``protection.json``'s
             ``extra`` field (e.g. dataset name, accuracy).
+        overwrite: replace a checkpoint of *another* key there too (by
+            default :class:`CheckpointError`: that model would be lost).
 
     Returns:
         The directory.
@@ -413,6 +437,8 @@ def save_protected(
                            "model's config (nothing was written)")
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"{directory} is a file; save_protected writes a folder: pass a folder path")
+    if not overwrite:
+        refuse_other_key_checkpoint(directory, model.key.fingerprint)
     directory.mkdir(parents=True, exist_ok=True)
 
     save_weights_atomic(

@@ -25,6 +25,7 @@ __all__ = [
     "KeyTypeError",
     "KeyLeakError",
     "KeyFilePermissionWarning",
+    "InputSizeWarning",
 ]
 
 
@@ -85,6 +86,12 @@ class KeyTypeError(KPError, TypeError):
 
 class KeyLeakError(KPError):
     """A file about to be written or uploaded contains key material."""
+
+
+class InputSizeWarning(UserWarning):
+    """Images of another size than a loaded model was saved for, with a key
+    that scrambles blocks: the block order differs at every size, so a model
+    trained at the saved size predicts wrongly even with the right key."""
 
 
 class KeyFilePermissionWarning(UserWarning):

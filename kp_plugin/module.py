@@ -13,13 +13,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
 
-from .errors import BlockSizeError, ConfigurationError, InputDtypeError, KeyLeakError
+from .errors import BlockSizeError, ConfigurationError, InputDtypeError, InputSizeWarning, KeyLeakError
 from .keys import SecretKey, require_key
 from .transforms import (
     TransformPlan,
@@ -222,10 +223,10 @@ class KeyedInput(nn.Module):
         # Compiling for a new size swaps several buffers; threads sharing the
         # module read them together under this lock (see _plan_for).
         self._lock = threading.Lock()
-        #: ``(H, W)`` a loaded model was trained at; with block scrambling
-        #: (whose block order depends on the image size) other sizes are
-        #: refused. ``None`` (the default; set it so to fine-tune at another
-        #: size on purpose) takes any multiple of the block size.
+        #: ``(H, W)`` a loaded model was saved for; with block scrambling
+        #: (whose block order depends on the image size) other sizes warn
+        #: (:class:`~kp_plugin.errors.InputSizeWarning`). ``None`` (the
+        #: default) takes any multiple of the block size silently.
         self.trained_size: Optional[tuple] = None
         self.input_size: Optional[tuple] = None
         if input_size is not None:
@@ -438,11 +439,14 @@ class KeyedInput(nn.Module):
         trained = self.trained_size
         if trained is None or "scramble" not in self.key.scheme or tuple(size[1:]) == tuple(trained):
             return
-        raise BlockSizeError(
-            f"images are {size[1]}x{size[2]} but this model was trained on {trained[0]}x{trained[1]} images, and "
-            "its key's block scrambling orders the blocks for that size (other sizes give wrong predictions even "
-            f"with the right key): resize the images to {trained[0]}x{trained[1]}; to fine-tune at another size "
-            "on purpose, set model.keyed.trained_size = None"
+        # A warning, not an error: the recorded size can be the model's
+        # default rather than one it was trained at (saved before any use).
+        warnings.warn(
+            f"images are {size[1]}x{size[2]} but this model was saved for {trained[0]}x{trained[1]} images, and "
+            "its key's block scrambling orders the blocks for that size: if it was trained there, other sizes "
+            f"give wrong predictions even with the right key; resize the images to {trained[0]}x{trained[1]} "
+            "(to use another size on purpose, set model.keyed.trained_size = None)",
+            InputSizeWarning, stacklevel=4,
         )
 
     def __prepare_scriptable__(self) -> None:
@@ -614,7 +618,7 @@ class ProtectedModel(nn.Module):
 
     def save_pretrained(self, save_directory, *, metadata: Optional[dict] = None, is_main_process: bool = True,
                         safe_serialization: bool = True, push_to_hub: bool = False, repo_id: Optional[str] = None,
-                        **hub_kwargs: Any) -> None:
+                        overwrite: bool = False, **hub_kwargs: Any) -> None:
         """:func:`kp_plugin.save_protected` (weights, native config where
         there is one, ``protection.json``; never the key), with the
         transformers keywords that apply: ``is_main_process=False`` writes
@@ -630,7 +634,7 @@ class ProtectedModel(nn.Module):
             raise TypeError(f"save_pretrained got {hub_only}, which only apply with push_to_hub=True")
         if not is_main_process:
             return
-        directory = save_protected(self, save_directory, metadata=metadata)
+        directory = save_protected(self, save_directory, metadata=metadata, overwrite=overwrite)
         if push_to_hub:
             from .hub import push_protected
 

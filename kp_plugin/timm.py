@@ -17,11 +17,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import os
+import pickle
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import timm
 import timm.data
@@ -75,6 +77,24 @@ def _package_weights_available() -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _checkpoint_errors(checkpoint_path: Optional[str]) -> Iterator[None]:
+    """timm's errors for a ``checkpoint_path`` it cannot load (not a torch
+    file, unsafe to unpickle, weights of another architecture) as
+    :class:`CheckpointError` naming the file."""
+    if not checkpoint_path:
+        yield
+        return
+    try:
+        yield
+    except (RuntimeError, pickle.UnpicklingError, EOFError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"cannot load checkpoint_path {checkpoint_path}: {first[:300]}; pass a timm / PyTorch checkpoint of "
+            "this architecture (and num_classes)"
+        ) from None
+
+
 def _create_base(name: str, *, pretrained: bool, weights: str, num_classes: Optional[int],
                  checkpoint_path: Optional[str], timm_kwargs: dict) -> nn.Module:
     if weights not in _WEIGHT_SOURCES:
@@ -87,12 +107,15 @@ def _create_base(name: str, *, pretrained: bool, weights: str, num_classes: Opti
             f"no offline weights for {name!r}; offline weights exist for {', '.join(OFFLINE_PRETRAINED)}. "
             "Use weights='timm' (downloads from the Hub)"
         )
+    if checkpoint_path and not Path(checkpoint_path).is_file():
+        raise CheckpointError(f"checkpoint_path {checkpoint_path} does not exist (or is not a file)")
     if use_package:
         from .pretrained import load_efficientnet_lite0
 
         base = load_efficientnet_lite0(num_classes=num_classes, **timm_kwargs).train()  # like timm.create_model
         if checkpoint_path:
-            timm.models.load_checkpoint(base, checkpoint_path)
+            with _checkpoint_errors(checkpoint_path):
+                timm.models.load_checkpoint(base, checkpoint_path)
     else:
         kwargs = dict(timm_kwargs)
         if num_classes is not None:
@@ -104,7 +127,8 @@ def _create_base(name: str, *, pretrained: bool, weights: str, num_classes: Opti
                 + " (timm.list_models('*pattern*') lists them)"
             )
         try:
-            base = timm.create_model(name, pretrained=pretrained, checkpoint_path=checkpoint_path or "", **kwargs)
+            with _checkpoint_errors(checkpoint_path):
+                base = timm.create_model(name, pretrained=pretrained, checkpoint_path=checkpoint_path or "", **kwargs)
         except OSError as exc:  # huggingface_hub's offline / not-found errors are OSErrors
             if not pretrained:
                 raise

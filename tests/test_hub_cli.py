@@ -54,6 +54,20 @@ def test_pull_exit_codes_name_the_problem(test_hub, checkpoint, key_file, tmp_pa
     assert main(["pull", "org/cli-codes", "--endpoint", test_hub.url]) == 4
 
 
+def test_pull_into_a_folder_of_another_keys_model_is_refused(test_hub, checkpoint, key_file, tmp_path, monkeypatch,
+                                                              capsys, isolate_hub_client):
+    # kp pull -o copied over it (exit 0): that model was lost.
+    monkeypatch.setenv("HF_TOKEN", test_hub.token)
+    assert main(["push", str(checkpoint), "org/cli-over", "--key", str(key_file), "--endpoint", test_hub.url]) == 0
+    other = SecretKey.generate_like(KEY)
+    save_protected(wrap_model(timm.create_model("test_resnet", num_classes=3), other), tmp_path / "mine")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "mine").iterdir()}
+    assert main(["pull", "org/cli-over", "--key", str(key_file), "--endpoint", test_hub.url,
+                 "-o", str(tmp_path / "mine")]) == 5
+    assert "another key" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "mine").iterdir()} == before
+
+
 def test_push_refuses_a_folder_holding_the_key_file(test_hub, checkpoint, capsys, monkeypatch, isolate_hub_client):
     monkeypatch.setenv("HF_TOKEN", test_hub.token)
     KEY.save(checkpoint / "owner.key")

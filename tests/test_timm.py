@@ -219,3 +219,15 @@ def test_pretrained_lite0_takes_timm_arguments_and_records_them(key, tmp_path):
     save_protected(model, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["model_args"] == {"drop_rate": 0.25}
     assert load_protected_timm(tmp_path, key).unwrap().drop_rate == 0.25
+
+
+def test_a_checkpoint_path_that_is_missing_or_not_a_checkpoint_is_named(tmp_path, key):
+    # timm's FileNotFoundError / RuntimeError ("weights_only=True blocked ...").
+    with pytest.raises(CheckpointError, match="nope.pth does not exist"):
+        create_protected_model(TINY, key, num_classes=3, checkpoint_path=str(tmp_path / "nope.pth"))
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="garbage.pth"):
+        create_protected_model(TINY, key, num_classes=3, checkpoint_path=str(tmp_path / "garbage.pth"))
+    good = tmp_path / "good.pth"
+    torch.save(timm.create_model(TINY, num_classes=3).state_dict(), good)
+    create_protected_model(TINY, key, num_classes=3, checkpoint_path=str(good))
