@@ -105,21 +105,8 @@ def test_resume_runs_no_code_from_a_tampered_training_state(tmp_path, key):
     assert _RAN == []
 
 
-def test_a_corrupt_training_state_leaves_the_model_as_it_was(tmp_path, key):
-    # The weights were loaded into the model before the state was read.
-    data = _separable_dataset(16)
-    fit(_model(key, seed=1), data, config=TrainConfig(epochs=1, batch_size=16), checkpoint_dir=tmp_path,
-        progress=False)
-    (tmp_path / TRAINING_STATE_FILE).write_bytes(b"not a torch file")
-    model = _model(key)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(CheckpointError, match="corrupt"):
-        fit(model, data, config=TrainConfig(epochs=2, batch_size=16), checkpoint_dir=tmp_path, resume=True,
-            progress=False)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-
-
 def test_a_checkpoint_that_cannot_be_resumed_leaves_the_model_where_and_as_it_was(tmp_path, key):
+    # The weights were loaded into the model before the state was read; and
     # fit moved the model to its device and to channels-last before reading
     # the checkpoint, so a failed resume handed back a model in another layout
     # (and, on a GPU machine, on the GPU).
@@ -127,16 +114,16 @@ def test_a_checkpoint_that_cannot_be_resumed_leaves_the_model_where_and_as_it_wa
     fit(_model(key, seed=1), data, config=TrainConfig(epochs=1, batch_size=16), checkpoint_dir=tmp_path,
         progress=False)
     (tmp_path / TRAINING_STATE_FILE).write_bytes(b"not a torch file")
+    resumed = TrainConfig(epochs=2, batch_size=16, channels_last=True)
     model = _model(key)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(CheckpointError, match="corrupt"):
-        fit(model, data, config=TrainConfig(epochs=2, batch_size=16, channels_last=True), checkpoint_dir=tmp_path,
-            resume=True, progress=False, device="cpu")
-    assert all(p.is_contiguous() for p in model.parameters())
+        fit(model, data, config=resumed, checkpoint_dir=tmp_path, resume=True, progress=False, device="cpu")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     mismatched = _model(SecretKey.generate_like(key))
     with pytest.raises(KeyMismatchError):
-        fit(mismatched, data, config=TrainConfig(epochs=2, batch_size=16, channels_last=True),
-            checkpoint_dir=tmp_path, resume=True, progress=False, device="cpu")
-    assert all(p.is_contiguous() for p in mismatched.parameters())
+        fit(mismatched, data, config=resumed, checkpoint_dir=tmp_path, resume=True, progress=False, device="cpu")
+    assert all(p.is_contiguous() for m in (model, mismatched) for p in m.parameters())
 
 
 def test_a_last_batch_of_one_image_is_skipped_not_a_batch_norm_crash(key):
