@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from kp_plugin import (
-    BlockSizeError,
     CheckpointError,
     ConfigurationError,
     KeyMismatchError,
