@@ -331,9 +331,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"kp {args.command}: interrupted", file=sys.stderr)
         return 130
     except OSError as exc:  # an output path that is a file, unwritable, on a read-only disk, ...
-        where = f" ({exc.filename})" if exc.filename else ""
-        print(f"kp {args.command}: error: {exc.strerror or exc}{where}; check the path and its permissions",
-              file=sys.stderr)
+        if exc.filename:
+            detail = f"{exc.strerror or exc} ({exc.filename}); check the path and its permissions"
+        else:  # a connection error, say
+            detail = str(exc) or type(exc).__name__
+        print(f"kp {args.command}: error: {detail}", file=sys.stderr)
         return EXIT_ERROR
 
 

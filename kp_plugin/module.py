@@ -81,6 +81,8 @@ def _is_exporting() -> bool:
     ProtectedModel raise the export refusal."""
     flag = getattr(torch.compiler, "_is_exporting_flag", None)
     return bool(flag) if flag is not None else _is_exporting_function()
+
+
 try:  # symbolic tracing only (is_fx_tracing also answers for torch.export, with a warning each call)
     from torch.fx._symbolic_trace import is_fx_symbolic_tracing as _is_fx_tracing
 except ImportError:  # pragma: no cover - older torch
