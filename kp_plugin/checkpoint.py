@@ -537,10 +537,32 @@ def _saved_by_transformers(base: nn.Module, metadata: dict) -> bool:
 
 
 def _load_through_transformers(base: nn.Module, directory: Path, strict: bool) -> None:
-    """Load such weights with transformers' own renaming, then into ``base``."""
-    loaded = type(base).from_pretrained(str(directory), config=base.config, local_files_only=True,
-                                        use_safetensors=True, trust_remote_code=False)
+    """Load such weights with transformers' own renaming, then into ``base``.
+    ``from_pretrained`` initializes what the file does not hold and only logs
+    it: with ``strict`` that is an error here, not a model of random weights."""
+    loaded, info = type(base).from_pretrained(str(directory), config=base.config, local_files_only=True,
+                                              use_safetensors=True, trust_remote_code=False, output_loading_info=True)
+    problems = [(kind, sorted(info.get(kind) or [])) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")]
+    problems = [(kind, names) for kind, names in problems if names]
+    if strict and problems:
+        detail = "; ".join(f"{len(names)} {kind.replace('_', ' ')} (e.g. {names[0]})" for kind, names in problems)
+        raise RuntimeError(f"transformers could not place the saved weights: {detail}")
     state = loaded.state_dict()
+    on_meta = any(t.is_meta for t in base.parameters())
+    base.load_state_dict(state, strict=strict, assign=on_meta)
+
+
+def _saved_with_wrapper_names(base: nn.Module, saved: set) -> bool:
+    """Weights saved from the ProtectedModel itself (``model.`` before every
+    name), as a plain ``Trainer`` saves a model it does not know."""
+    return bool(saved) and all(name.startswith("model.") for name in saved) and not any(
+        name.startswith("model.") for name in base.state_dict())
+
+
+def _load_wrapper_names(base: nn.Module, weights: Path, strict: bool, device) -> None:
+    from safetensors.torch import load_file
+
+    state = {name[len("model."):]: value for name, value in load_file(str(weights), device=str(device)).items()}
     on_meta = any(t.is_meta for t in base.parameters())
     base.load_state_dict(state, strict=strict, assign=on_meta)
 
@@ -617,7 +639,9 @@ def load_protected(
     base = _uncompiled(given)  # loaded under its own names; what was given (compiled or not) is wrapped
     meta, saved = read_weights_header(weights, config)
     try:
-        if _saved_by_transformers(base, meta):
+        if _saved_with_wrapper_names(base, saved):
+            _load_wrapper_names(base, weights, strict, device)
+        elif _saved_by_transformers(base, meta):
             _load_through_transformers(base, directory, strict)
         else:
             _materialize_meta(base, saved, weights, device)

@@ -101,3 +101,30 @@ def test_stock_trainer_keeps_pixel_values_and_labels_of_a_wrapped_model(key, tmp
     trainer.train()
     metrics = trainer.evaluate()
     assert "eval_loss" in metrics and metrics["eval_loss"] > 0
+
+
+def test_weights_a_plain_trainer_saved_from_the_wrapper_load_or_fail_never_come_back_random(key, tmp_path):
+    # A plain Trainer saves a model it does not know with save_file(model.state_dict()): "model."-prefixed
+    # names. load_protected went through from_pretrained, which initialized every tensor afresh and only
+    # logged it; the strict load of that fresh model then passed: random weights, no error.
+    from safetensors.torch import save_file
+
+    from kp_plugin import CheckpointError, ProtectionConfig
+
+    trained = wrap_hf_model(tiny_vit(seed=3), key, image_processor=vit_processor())
+    (tmp_path / "ckpt").mkdir()
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()},
+              str(tmp_path / "ckpt" / "model.safetensors"), metadata={"format": "pt"})
+    trained.unwrap().config.save_pretrained(tmp_path / "ckpt")
+    ProtectionConfig.from_model(trained).save(tmp_path / "ckpt")
+    loaded = load_protected(tmp_path / "ckpt", tiny_vit(seed=7), key)
+    for name, value in trained.unwrap().state_dict().items():
+        assert torch.equal(loaded.unwrap().state_dict()[name], value), name
+    # Names transformers cannot place at all are an error, not a fresh model.
+    (tmp_path / "other").mkdir()
+    save_file({"elsewhere." + k: v.contiguous() for k, v in trained.unwrap().state_dict().items()},
+              str(tmp_path / "other" / "model.safetensors"), metadata={"format": "pt"})
+    trained.unwrap().config.save_pretrained(tmp_path / "other")
+    ProtectionConfig.from_model(trained).save(tmp_path / "other")
+    with pytest.raises(CheckpointError, match="could not place"):
+        load_protected(tmp_path / "other", tiny_vit(seed=7), key)
