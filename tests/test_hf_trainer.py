@@ -4,6 +4,7 @@ the protection objective (tiny ViT, real digits)."""
 from __future__ import annotations
 
 import hashlib
+import os
 
 import pytest
 import torch
@@ -390,3 +391,31 @@ def test_distillation_runs_the_teacher_on_the_plain_images_of_the_keyed_batch(ke
     keyed = KeyedInput(key, mean=processor.image_mean, std=processor.image_std, check_range=False)
     torch.testing.assert_close(keyed(plain01), seen["student"], rtol=1e-4, atol=1e-4)
     assert not teacher.training
+
+
+def test_processor_style_best_model_and_resume_load_every_weight(key, data, tmp_path):
+    # transformers 5 saves a ViT checkpoint under its old names (encoder.layer.0.attention.attention.query) and
+    # Trainer's stock loaders match them against the live model's (layers.0.attention.q_proj) without renaming:
+    # the encoder layers kept the last step's weights after load_best_model_at_end, and a resumed run went on
+    # from where the model was, not from the checkpoint; only a log line said so.
+    train, test = data[0].select(range(32)), data[1].select(range(32))
+    processor = KeyedImageProcessor(vit_processor(), key)
+
+    def trainer(model, **settings):
+        return KeyedTrainer(model=model, train_dataset=train, eval_dataset=test,
+                            data_collator=KeyedImageCollator(processor), processing_class=processor,
+                            args=_args(tmp_path, max_steps=3, eval_strategy="steps", eval_steps=1,
+                                       save_strategy="steps", save_steps=1, learning_rate=5e-2, **settings),
+                            callbacks=[KeyProtectionCallback(key, wrong_keys=2, min_margin=0.0)])
+
+    first = trainer(tiny_vit(), load_best_model_at_end=True, metric_for_best_model="key_accuracy")
+    first.train()
+    best = type(first.model).from_pretrained(first.state.best_model_checkpoint).state_dict()
+    for name, value in first.model.state_dict().items():
+        assert torch.equal(value, best[name]), name
+    second = trainer(tiny_vit(seed=7))
+    checkpoint = os.path.join(tmp_path, "checkpoint-3")
+    second.train(resume_from_checkpoint=checkpoint)  # at its last step: no training, the checkpoint's weights
+    saved = type(second.model).from_pretrained(checkpoint).state_dict()
+    for name, value in second.model.state_dict().items():
+        assert torch.equal(value, saved[name]), name

@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import inspect
 import os
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from transformers import Trainer
 
 from ..checkpoint import PROTECTION_FILE, ProtectionConfig, load_protected, refuse_key_material, save_protected
-from ..errors import ConfigurationError
+from ..errors import CheckpointError, ConfigurationError
 from ..keys import SecretKey
 from ..module import KeyedInput, ProtectedModel
 from ..objectives import ProtectionObjective, logits_of
@@ -42,6 +43,31 @@ from .callback import KeyProtectionCallback, processor_protection_config
 from .processor import KeyedImageProcessor
 
 __all__ = ["KeyedTrainer"]
+
+
+def _renamed_on_load(model: Any, checkpoint: Optional[str]) -> bool:
+    """A plain transformers model whose checkpoint transformers wrote
+    (model.safetensors without kp-plugin's metadata, or a sharded index)."""
+    from transformers import PreTrainedModel
+
+    if checkpoint is None or type(model).__module__.startswith("peft") or not isinstance(model, PreTrainedModel):
+        return False
+    weights = os.path.join(checkpoint, "model.safetensors")
+    if os.path.isfile(weights):
+        from safetensors import safe_open
+
+        with safe_open(weights, framework="pt") as fh:
+            return "kp_fingerprint" not in (fh.metadata() or {})
+    return os.path.isfile(os.path.join(checkpoint, "model.safetensors.index.json"))
+
+
+def _load_pretrained_weights(model: Any, checkpoint: str) -> None:
+    from ..checkpoint import _load_through_transformers, load_error_summary
+
+    try:
+        _load_through_transformers(model, Path(checkpoint), strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"cannot load the weights in {checkpoint}: {load_error_summary(exc)}") from None
 
 
 class KeyedTrainer(Trainer):
@@ -206,7 +232,15 @@ class KeyedTrainer(Trainer):
 
     def _load_best_model(self) -> None:
         wrapped = base_module(self.model)
-        if not isinstance(wrapped, ProtectedModel) or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_best_model()
+        if _renamed_on_load(wrapped, self.state.best_model_checkpoint):
+            # Processor style: transformers 5 saves the checkpoint under its
+            # old names and the stock loader matches them against the live
+            # model's without renaming, loading part of it (ViT: the encoder
+            # layers stayed as they were last); from_pretrained renames.
+            return _load_pretrained_weights(wrapped, self.state.best_model_checkpoint)
+        if not isinstance(wrapped, ProtectedModel):
             return super()._load_best_model()
         # The checkpoint holds the base model's own names (save_protected);
         # the stock loader would match them against the wrapper's, silently.
@@ -222,6 +256,9 @@ class KeyedTrainer(Trainer):
             ProtectionConfig.load(resume_from_checkpoint).check_key(key)
         if model is None and isinstance(wrapped, ProtectedModel):
             model = wrapped.unwrap()
+        target = wrapped if model is None else model
+        if not (self.is_deepspeed_enabled or self.is_fsdp_enabled) and _renamed_on_load(target, resume_from_checkpoint):
+            return _load_pretrained_weights(target, resume_from_checkpoint)  # as in _load_best_model
         return super()._load_from_checkpoint(resume_from_checkpoint, model=model)
 
     def _run_key(self) -> Optional[SecretKey]:
