@@ -419,3 +419,13 @@ def test_processor_style_best_model_and_resume_load_every_weight(key, data, tmp_
     saved = type(second.model).from_pretrained(checkpoint).state_dict()
     for name, value in second.model.state_dict().items():
         assert torch.equal(value, saved[name]), name
+
+
+@pytest.mark.parametrize("settings", [dict(min_margin="high"), dict(min_margin=float("nan")), dict(wrong_keys=2.5),
+                                      dict(wrong_keys=0)])
+def test_callback_settings_of_the_wrong_kind_are_configuration_errors(key, settings):
+    # min_margin="high" raised float()'s bare ValueError; wrong_keys=2.5 went through.
+    from kp_plugin.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=next(iter(settings))):
+        KeyProtectionCallback(key, **settings)

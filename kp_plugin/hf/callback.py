@@ -137,8 +137,11 @@ class KeyProtectionCallback(TrainerCallback):
         from ..evaluate import wrong_keys as draw_wrong_keys
 
         require_key(key)
-        if wrong_keys < 1:
-            raise ConfigurationError("wrong_keys must be at least 1")
+        if not isinstance(wrong_keys, int) or isinstance(wrong_keys, bool) or wrong_keys < 1:
+            raise ConfigurationError(f"wrong_keys must be an integer of at least 1, got {wrong_keys!r}")
+        if not isinstance(min_margin, (int, float)) or isinstance(min_margin, bool) or min_margin != min_margin:
+            raise ConfigurationError(f"min_margin must be a number (an accuracy difference, e.g. 0.25), "
+                                     f"got {min_margin!r}")
         if image_processor is not None:
             image_processor.check_key(key)
         self.key = key
