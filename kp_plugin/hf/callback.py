@@ -26,6 +26,7 @@ and sends them to the loggers through the trainer's callback handler.
 from __future__ import annotations
 
 import logging
+import numbers
 import sys
 import warnings
 from pathlib import Path
@@ -137,9 +138,9 @@ class KeyProtectionCallback(TrainerCallback):
         from ..evaluate import wrong_keys as draw_wrong_keys
 
         require_key(key)
-        if not isinstance(wrong_keys, int) or isinstance(wrong_keys, bool) or wrong_keys < 1:
+        if not isinstance(wrong_keys, numbers.Integral) or isinstance(wrong_keys, bool) or wrong_keys < 1:
             raise ConfigurationError(f"wrong_keys must be an integer of at least 1, got {wrong_keys!r}")
-        if not isinstance(min_margin, (int, float)) or isinstance(min_margin, bool) or min_margin != min_margin:
+        if not isinstance(min_margin, numbers.Real) or isinstance(min_margin, bool) or min_margin != min_margin:
             raise ConfigurationError(f"min_margin must be a number (an accuracy difference, e.g. 0.25), "
                                      f"got {min_margin!r}")
         if image_processor is not None:
