@@ -185,7 +185,10 @@ class ProtectionConfig:
                 f"{path} is missing: {path.parent} is not a kp-plugin protected checkpoint "
                 "(save one with kp_plugin.save_protected)"
             ) from None
-        except (OSError, UnicodeDecodeError) as exc:
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{path} is corrupt (not UTF-8 text); save the model again with save_protected, "
+                                  "or download it again") from None
+        except OSError as exc:
             raise CheckpointError(f"cannot read {path}: {exc}") from None
         try:
             data = json.loads(text)

@@ -517,14 +517,16 @@ def test_a_loaded_model_warns_of_other_sizes_only_where_scrambling_makes_them_wr
         assert loaded(torch.rand(2, 3, 16, 16)).shape == (2, 5)
 
 
-def test_a_protection_json_without_a_usable_format_version_is_called_corrupt(saved, key):
-    # It said "Upgrade kp-plugin", which cannot help.
+def test_a_protection_json_without_a_usable_format_version_or_text_is_called_corrupt(saved, key):
+    # It said "Upgrade kp-plugin", which cannot help; binary content gave only the codec's error.
     _, directory = saved
     path = directory / "protection.json"
-    path.write_text(_edit_field(path.read_text(), "format_version", None))
-    with pytest.raises(CheckpointError, match="corrupt") as info:
-        load_protected(directory, _fresh_cnn(), key)
-    assert "Upgrade" not in str(info.value)
+    good = path.read_text()
+    for content in (_edit_field(good, "format_version", None).encode(), b"\xff\xfe\x00binary"):
+        path.write_bytes(content)
+        with pytest.raises(CheckpointError, match="corrupt.*save the model again") as info:
+            load_protected(directory, _fresh_cnn(), key)
+        assert "Upgrade" not in str(info.value)
 
 
 def test_a_mean_for_other_channels_than_the_key_says_which_key_to_make(tiny_cnn):
