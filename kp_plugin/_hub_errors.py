@@ -7,7 +7,7 @@ import contextlib
 import os
 from typing import Iterator, Optional
 
-from .errors import CheckpointError, KPError
+from .errors import CheckpointError, KPError, first_line
 
 __all__ = [
     "HubError",
@@ -133,25 +133,20 @@ def _hub_errors(endpoint: str, repo_id: str, revision: Optional[str], *, pushing
             ) from None
         if pushing and _xet_enabled() and _mentions_xet(exc) and endpoint != _DEFAULT_ENDPOINT:
             raise HubUploadError(_xet_hint(where, exc)) from None
-        raise HubError(f"the Hub at {endpoint} answered HTTP {status} for {repo_id!r}: {_first_line(exc)}") from None
+        raise HubError(f"the Hub at {endpoint} answered HTTP {status} for {repo_id!r}: {first_line(exc)}") from None
     except transport_errors() as exc:
         if pushing and _xet_enabled() and _mentions_xet(exc) and endpoint != _DEFAULT_ENDPOINT:
             raise HubUploadError(_xet_hint(where, exc)) from None
         raise HubUnreachableError(
-            f"cannot reach the Hub at {endpoint} ({_first_line(exc)}): check the address (endpoint= or "
+            f"cannot reach the Hub at {endpoint} ({first_line(exc)}): check the address (endpoint= or "
             "HF_ENDPOINT) and the network"
             + ("" if pushing else "; to load a model pulled before, set HF_HUB_OFFLINE=1")
         ) from None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _xet_hint(where: str, exc: BaseException) -> str:
     return (
-        f"uploading to {where} failed in the Xet protocol ({_first_line(exc)}). Self-hosted hubs usually "
+        f"uploading to {where} failed in the Xet protocol ({first_line(exc)}). Self-hosted hubs usually "
         "speak only the classic LFS upload protocol: set HF_HUB_DISABLE_XET=1 in the environment (before "
         "Python starts) and push again"
     )

@@ -550,9 +550,13 @@ def _load_through_transformers(base: nn.Module, directory: Path, strict: bool) -
     if strict and problems:
         detail = "; ".join(f"{len(names)} {kind.replace('_', ' ')} (e.g. {names[0]})" for kind, names in problems)
         raise RuntimeError(f"transformers could not place the saved weights: {detail}")
-    state = loaded.state_dict()
-    on_meta = any(t.is_meta for t in base.parameters())
-    base.load_state_dict(state, strict=strict, assign=on_meta)
+    _load_state(base, loaded.state_dict(), strict)
+
+
+def _load_state(base: nn.Module, state: dict, strict: bool) -> None:
+    """``base.load_state_dict``, assigning the tensors where ``base`` is still
+    on the meta device (nothing to copy into)."""
+    base.load_state_dict(state, strict=strict, assign=any(t.is_meta for t in base.parameters()))
 
 
 def _saved_with_wrapper_names(base: nn.Module, saved: set) -> bool:
@@ -566,8 +570,7 @@ def _load_wrapper_names(base: nn.Module, weights: Path, strict: bool, device) ->
     from safetensors.torch import load_file
 
     state = {name[len("model."):]: value for name, value in load_file(str(weights), device=str(device)).items()}
-    on_meta = any(t.is_meta for t in base.parameters())
-    base.load_state_dict(state, strict=strict, assign=on_meta)
+    _load_state(base, state, strict)
 
 
 def read_weights_header(weights: Path, config: "ProtectionConfig") -> tuple:

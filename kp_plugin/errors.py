@@ -33,6 +33,13 @@ class KPError(Exception):
     """Base class of every error raised by kp-plugin."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its type's name when it has
+    none), for quoting another library's error inside ours."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class KeyFileError(KPError, ValueError):
     """A key file (or ``KP_KEY`` value) is missing, corrupt, tampered with, or
     of an unknown format version; or saving it would overwrite another key or

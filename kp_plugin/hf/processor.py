@@ -27,7 +27,7 @@ from transformers.image_processing_base import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 
 from ..checkpoint import check_key_matches, refuse_key_material
-from ..errors import BlockSizeError, CheckpointError, InputRangeError, KeyMismatchError, KPError
+from ..errors import BlockSizeError, CheckpointError, InputRangeError, KeyMismatchError, KPError, first_line
 from ..keys import SecretKey, parse_scheme, require_key
 from ..module import KeyedInput
 from ..transforms import check_image_size, invert_transform, nearest_valid_size
@@ -252,7 +252,7 @@ class KeyedImageProcessor(BaseImageProcessor):
         try:
             out = base(images, do_rescale=False, do_normalize=False, return_tensors="pt", **kwargs)
         except ValueError as exc:
-            first = str(exc).splitlines()[0][:200]
+            first = first_line(exc)[:200]
             if "channel" in first:
                 # transformers cannot tell where the channels are (2 or 5 of
                 # them; RGBA too in some releases).
@@ -479,7 +479,7 @@ def _loading_errors(source: Any) -> Iterator[None]:
         while cause is not None and len(chain) < 8:
             chain.append(cause)
             cause = cause.__cause__ or cause.__context__
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         if any(isinstance(c, transport_errors()) for c in chain):
             raise HubUnreachableError(
                 f"cannot load the image processor of {source!r}: the Hub could not be reached ({first}); "

@@ -32,7 +32,8 @@ from typing import Any, Optional
 import torch
 from transformers import Trainer
 
-from ..checkpoint import PROTECTION_FILE, ProtectionConfig, load_protected, refuse_key_material, save_protected
+from ..checkpoint import (PROTECTION_FILE, WEIGHTS_FILE, ProtectionConfig, load_protected, refuse_key_material,
+                          save_protected)
 from ..errors import CheckpointError, ConfigurationError
 from ..keys import SecretKey
 from ..module import KeyedInput, ProtectedModel
@@ -47,18 +48,20 @@ __all__ = ["KeyedTrainer"]
 
 def _renamed_on_load(model: Any, checkpoint: Optional[str]) -> bool:
     """A plain transformers model whose checkpoint transformers wrote
-    (model.safetensors without kp-plugin's metadata, or a sharded index)."""
-    from transformers import PreTrainedModel
+    (model.safetensors without kp-plugin's metadata, or a sharded index):
+    what :func:`kp_plugin.checkpoint.load_protected` loads through
+    ``from_pretrained`` too."""
+    from ..checkpoint import _saved_by_transformers
 
-    if checkpoint is None or type(model).__module__.startswith("peft") or not isinstance(model, PreTrainedModel):
+    if checkpoint is None or type(model).__module__.startswith("peft"):
         return False
-    weights = os.path.join(checkpoint, "model.safetensors")
+    weights = os.path.join(checkpoint, WEIGHTS_FILE)
     if os.path.isfile(weights):
         from safetensors import safe_open
 
         with safe_open(weights, framework="pt") as fh:
-            return "kp_fingerprint" not in (fh.metadata() or {})
-    return os.path.isfile(os.path.join(checkpoint, "model.safetensors.index.json"))
+            return _saved_by_transformers(model, fh.metadata() or {})
+    return _saved_by_transformers(model, {}) and os.path.isfile(os.path.join(checkpoint, f"{WEIGHTS_FILE}.index.json"))
 
 
 def _load_pretrained_weights(model: Any, checkpoint: str) -> None:
