@@ -101,22 +101,24 @@ def test_private_push_into_existing_public_repo_uploads_nothing(test_hub, model,
     assert test_hub.head_files("org/open") == head
 
 
+def _refused_and_nothing_sent(test_hub, folder, error, match, **push) -> None:
+    """push_protected(folder) raises ``error`` matching ``match`` and the test Hub received nothing."""
+    before = len(test_hub.received())
+    with pytest.raises(error, match=match):
+        push_protected(folder, "org/refused", token=test_hub.token, endpoint=test_hub.url, **push)
+    assert test_hub.received()[before:] == []
+
+
 def test_folder_with_a_key_file_is_refused_and_nothing_is_sent(test_hub, model, tmp_path, isolate_hub_client):
     folder = save_protected(model, tmp_path / "out")
     KEY.save(folder / "owner.json")
-    before = len(test_hub.received())
-    with pytest.raises(KeyLeakError, match="owner.json"):
-        push_protected(folder, "org/leaky", token=test_hub.token, endpoint=test_hub.url)
-    assert test_hub.received()[before:] == []
+    _refused_and_nothing_sent(test_hub, folder, KeyLeakError, "owner.json")
 
 
 def test_folder_with_the_hex_key_is_refused_when_the_key_is_given(test_hub, model, tmp_path, isolate_hub_client):
     folder = save_protected(model, tmp_path / "out")
     (folder / "notes.txt").write_text(f"my key: {MATERIAL.hex()}\n")
-    before = len(test_hub.received())
-    with pytest.raises(KeyLeakError, match="notes.txt"):
-        push_protected(folder, "org/leaky", key=KEY, token=test_hub.token, endpoint=test_hub.url)
-    assert test_hub.received()[before:] == []
+    _refused_and_nothing_sent(test_hub, folder, KeyLeakError, "notes.txt", key=KEY)
 
 
 def test_folder_with_the_permutation_as_indented_json_is_refused(test_hub, model, tmp_path, isolate_hub_client):
@@ -124,10 +126,7 @@ def test_folder_with_the_permutation_as_indented_json_is_refused(test_hub, model
     # permutation in it went up before.
     folder = save_protected(model, tmp_path / "out")
     (folder / "training.json").write_text(json.dumps({"perm": KEY.pixel_permutation()}, indent=2))
-    before = len(test_hub.received())
-    with pytest.raises(KeyLeakError, match="training.json"):
-        push_protected(folder, "org/leaky-perm", key=KEY, token=test_hub.token, endpoint=test_hub.url)
-    assert test_hub.received()[before:] == []
+    _refused_and_nothing_sent(test_hub, folder, KeyLeakError, "training.json", key=KEY)
 
 
 def test_a_truncated_weights_file_is_refused_before_anything_is_sent(test_hub, model, tmp_path, isolate_hub_client):
@@ -135,10 +134,7 @@ def test_a_truncated_weights_file_is_refused_before_anything_is_sent(test_hub, m
     folder = save_protected(model, tmp_path / "out")
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    before = len(test_hub.received())
-    with pytest.raises(CheckpointError, match="model.safetensors is corrupt"):
-        push_protected(folder, "org/truncated", key=KEY, token=test_hub.token, endpoint=test_hub.url)
-    assert test_hub.received()[before:] == []
+    _refused_and_nothing_sent(test_hub, folder, CheckpointError, "model.safetensors is corrupt", key=KEY)
 
 
 def test_folder_push_uploads_checkpoint_and_report_but_not_training_state(test_hub, model, tmp_path,
