@@ -11,6 +11,8 @@ fingerprints (public) and what to do next.
 
 from __future__ import annotations
 
+import pickle
+
 __all__ = [
     "KPError",
     "KeyFileError",
@@ -38,6 +40,17 @@ def first_line(exc: BaseException) -> str:
     none), for quoting another library's error inside ours."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def torch_load_failure(exc: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` failed, in a few words: its
+    unpickler's refusal (whose text suggests ``weights_only=False``, which
+    would run code from the file) is named, not quoted."""
+    if isinstance(exc, pickle.UnpicklingError):
+        return "not a file torch.load can read as tensors and containers"
+    if isinstance(exc, EOFError):
+        return "the file ends early (empty or truncated)"
+    return first_line(exc)
 
 
 class KeyFileError(KPError, ValueError):

@@ -41,7 +41,7 @@ from .checkpoint import (
     usable_device,
 )
 from .data import iterate_batches
-from .errors import CheckpointError, ConfigurationError, KeyLeakError
+from .errors import CheckpointError, ConfigurationError, KeyLeakError, torch_load_failure
 from .keys import SecretKey
 from .module import KeyedInput, ProtectedModel, protected_model_of
 from .objectives import DEFAULT_OBJECTIVE, ProtectionObjective, logits_of
@@ -461,7 +461,42 @@ def _save_checkpoint(model: nn.Module, directory: Path, state: dict) -> None:
             raise KeyLeakError(f"key material found in {', '.join(p.name for p in leaks)} under {directory}")
 
 
-def _load_checkpoint(model: nn.Module, directory: Path) -> dict:
+def _check_training_state(state: Any, state_path: Path, groups: Optional[list] = None) -> None:
+    """Raise :class:`CheckpointError` unless ``state`` has what :func:`fit`
+    resumes from, with optimizer groups of the sizes in ``groups`` (those of
+    the optimizer this run builds): checked before any weights are loaded."""
+    problem = None
+    if not isinstance(state, dict):
+        problem = f"it holds a {type(state).__name__}, not a training state"
+    else:
+        missing = [name for name in ("epoch", "optimizer", "generator", "torch_rng") if name not in state]
+        optimizer = state.get("optimizer")
+        if missing:
+            problem = f"it has no {', '.join(repr(name) for name in missing)}"
+        elif isinstance(state["epoch"], bool) or not isinstance(state["epoch"], int) or state["epoch"] < 0:
+            problem = f"its epoch is {state['epoch']!r}"
+        elif not (isinstance(optimizer, dict) and isinstance(optimizer.get("param_groups"), list)
+                  and isinstance(optimizer.get("state"), dict)):
+            problem = "its optimizer state is not one"
+        elif not all(isinstance(state[name], torch.Tensor) and state[name].dtype == torch.uint8
+                     for name in ("generator", "torch_rng")):
+            problem = "its random generator states are not byte tensors"
+        elif groups is not None:
+            saved = [len(group.get("params", ())) if isinstance(group, dict) else None
+                     for group in optimizer["param_groups"]]
+            if saved != groups:
+                problem = (f"its optimizer has parameter groups of {saved} parameters and this run's has {groups} "
+                           "(another model, or other trainable parameters)")
+    if problem is not None:
+        raise CheckpointError(
+            f"cannot resume: {state_path} is not a training state this run can continue ({problem}); "
+            "resume with the model it was saved for, or start a new run"
+        )
+
+
+def _load_checkpoint(model: nn.Module, directory: Path, groups: Optional[list] = None) -> dict:
+    """Read the training state (checked against ``groups``, the sizes of the
+    optimizer's parameter groups), then load the weights into ``model``."""
     from safetensors.torch import load_model
 
     state_path = directory / TRAINING_STATE_FILE
@@ -475,11 +510,12 @@ def _load_checkpoint(model: nn.Module, directory: Path) -> dict:
         # On the CPU: the generators' states must be CPU byte tensors, and the
         # optimizer and the average move their tensors to the parameters' device.
         state = torch.load(state_path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
         raise CheckpointError(
             f"cannot resume: {state_path} is corrupt or not a kp-plugin training state "
-            f"({str(exc).splitlines()[0]}); start a new run"
+            f"({torch_load_failure(exc)}); start a new run"
         ) from None
+    _check_training_state(state, state_path, groups)
     try:
         load_model(base, str(directory / WEIGHTS_FILE), strict=True)  # copied onto the model's device
     except (OSError, RuntimeError) as exc:
@@ -605,7 +641,8 @@ def fit(
     if resume and checkpoint is not None:
         # Before the model moves: a checkpoint that cannot be resumed leaves
         # the model where and as it was (device and memory layout).
-        state = _load_checkpoint(model, checkpoint)
+        groups = [len(group["params"]) for group in _optimizer(model, config).param_groups]
+        state = _load_checkpoint(model, checkpoint, groups)
     if config.reinit_stem and not resume and isinstance(model, ProtectedModel):
         _reinit_stem(model, generator)  # a protection measure; the baseline keeps its stem
     model.to(device)

@@ -125,6 +125,43 @@ def test_a_checkpoint_that_cannot_be_resumed_leaves_the_model_where_and_as_it_wa
         fit(mismatched, data, config=resumed, checkpoint_dir=tmp_path, resume=True, progress=False, device="cpu")
     assert all(p.is_contiguous() for m in (model, mismatched) for p in m.parameters())
 
+def test_an_empty_training_state_is_called_corrupt(tmp_path, key):
+    # torch.load of an empty file raises EOFError with no message, and quoting
+    # its first line raised IndexError instead of the CheckpointError.
+    data = _separable_dataset(16)
+    fit(_model(key, seed=1), data, config=TrainConfig(epochs=1, batch_size=16), checkpoint_dir=tmp_path,
+        progress=False)
+    (tmp_path / TRAINING_STATE_FILE).write_bytes(b"")
+    with pytest.raises(CheckpointError, match="corrupt.*ends early.*start a new run"):
+        fit(_model(key), data, config=TrainConfig(epochs=2, batch_size=16), checkpoint_dir=tmp_path, resume=True,
+            progress=False)
+
+
+
+@pytest.mark.parametrize(
+    "state, problem",
+    [([1, 2], "holds a list"), ({}, "no 'epoch'"), ({"epoch": 1}, "no 'optimizer'"), ("frozen", "parameter groups")],
+    ids=["a list", "an empty dict", "no optimizer", "another set of trainable parameters"],
+)
+def test_a_training_state_that_does_not_fit_is_refused_before_the_weights_load(tmp_path, key, state, problem):
+    # Such states raised TypeError / KeyError, and an optimizer state for other
+    # trainable parameters raised the optimizer's ValueError after the
+    # checkpoint's weights had replaced the model's.
+    data = _separable_dataset(16)
+    fit(_model(key, seed=1), data, config=TrainConfig(epochs=1, batch_size=16), checkpoint_dir=tmp_path,
+        progress=False)
+    model = _model(key)
+    if state == "frozen":
+        for param in model.unwrap().conv_stem.parameters():
+            param.requires_grad_(False)
+    else:
+        torch.save(state, tmp_path / TRAINING_STATE_FILE)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=f"cannot resume.*{problem}.*start a new run"):
+        fit(model, data, config=TrainConfig(epochs=2, batch_size=16), checkpoint_dir=tmp_path, resume=True,
+            progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
 
 def test_a_last_batch_of_one_image_is_skipped_not_a_batch_norm_crash(key):
     # 17 images in batches of 16: batch norm raised "Expected more than 1
