@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .checkpoint import ProtectionConfig, find_key_material
-from .errors import CheckpointError, ConfigurationError, KeyLeakError
+from .errors import CheckpointError, ConfigurationError, KeyLeakError, first_line
 from .keys import SecretKey
 from .module import KeyedInput, ProtectedModel, require_protected, wrap_model
 from .objectives import logits_of
@@ -193,9 +193,9 @@ def export_protected(
                     raise
                 # Some architectures fix the batch size in their graph.
                 raise ConfigurationError(
-                    f"exporting {type(base).__name__} for any batch size failed ({type(exc).__name__}: "
-                    f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); pass batch_size=N (kp export "
-                    "--batch-size N) for a fixed batch size"
+                    f"exporting {type(base).__name__} for any batch size failed "
+                    f"({type(exc).__name__}: {first_line(exc)}); pass batch_size=N (kp export --batch-size N) for a "
+                    "fixed batch size"
                 ) from exc
         config.save(scratch)
         leaks = find_key_material(scratch, model.key)

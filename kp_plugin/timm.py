@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CONFIG_FILE, ProtectionConfig, load_protected
-from .errors import BlockSizeError, CheckpointError, ConfigurationError, KPError, first_line
+from .errors import BlockSizeError, CheckpointError, ConfigurationError, KPError, torch_load_failure
 from .keys import SecretKey, require_key
 from .module import ProtectedModel, wrap_model
 from .transforms import check_image_size, nearest_valid_size
@@ -89,8 +89,8 @@ def _checkpoint_errors(checkpoint_path: Optional[str]) -> Iterator[None]:
         yield
     except (RuntimeError, pickle.UnpicklingError, EOFError, KeyError) as exc:
         raise CheckpointError(
-            f"cannot load checkpoint_path {checkpoint_path}: {first_line(exc)[:300]}; pass a timm / PyTorch checkpoint of "
-            "this architecture (and num_classes)"
+            f"cannot load checkpoint_path {checkpoint_path}: {torch_load_failure(exc)[:300]}; pass a timm / PyTorch "
+            "checkpoint of this architecture (and num_classes)"
         ) from None
 
 

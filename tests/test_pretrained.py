@@ -69,6 +69,19 @@ def test_foreign_weight_names_are_rejected():
         rename_lukemelas_state_dict({"_blocks.16._bn0.weight": torch.zeros(1)})
 
 
+@pytest.mark.parametrize("content, problem", [(b"", "ends early"), (b"garbage", "torch.load"), ("list", "holds a list")])
+def test_a_weights_file_that_is_not_a_state_dict_is_a_checkpoint_error(tmp_path, content, problem):
+    # An empty file raised torch's bare EOFError, garbage its UnpicklingError,
+    # and a pickled list an AttributeError from the renaming.
+    path = tmp_path / "weights.pth"
+    if content == "list":
+        torch.save([1, 2], path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=f"{path.name}.*{problem}"):
+        load_efficientnet_lite0(weights_path=path, num_classes=10)
+
+
 def test_timm_arguments_that_keep_the_shapes_pass_through(imagenet_model):
     model = load_efficientnet_lite0(num_classes=10, drop_rate=0.3, drop_path_rate=0.1)
     assert model.drop_rate == 0.3
