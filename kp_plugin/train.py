@@ -481,6 +481,10 @@ def _check_training_state(state: Any, state_path: Path, groups: Optional[list] =
         elif not all(isinstance(state[name], torch.Tensor) and state[name].dtype == torch.uint8
                      for name in ("generator", "torch_rng")):
             problem = "its random generator states are not byte tensors"
+        elif state.get("weight_average") is not None and not (
+                isinstance(state["weight_average"], dict) and isinstance(state["weight_average"].get("values"), dict)
+                and isinstance(state["weight_average"].get("updates"), int)):
+            problem = "its weight average is not one"
         elif groups is not None:
             saved = [len(group.get("params", ())) if isinstance(group, dict) else None
                      for group in optimizer["param_groups"]]

@@ -140,8 +140,9 @@ def test_an_empty_training_state_is_called_corrupt(tmp_path, key):
 
 @pytest.mark.parametrize(
     "state, problem",
-    [([1, 2], "holds a list"), ({}, "no 'epoch'"), ({"epoch": 1}, "no 'optimizer'"), ("frozen", "parameter groups")],
-    ids=["a list", "an empty dict", "no optimizer", "another set of trainable parameters"],
+    [([1, 2], "holds a list"), ({}, "no 'epoch'"), ({"epoch": 1}, "no 'optimizer'"), ("frozen", "parameter groups"),
+     ("average", "weight average")],
+    ids=["a list", "an empty dict", "no optimizer", "another set of trainable parameters", "a broken average"],
 )
 def test_a_training_state_that_does_not_fit_is_refused_before_the_weights_load(tmp_path, key, state, problem):
     # Such states raised TypeError / KeyError, and an optimizer state for other
@@ -154,12 +155,15 @@ def test_a_training_state_that_does_not_fit_is_refused_before_the_weights_load(t
     if state == "frozen":
         for param in model.unwrap().conv_stem.parameters():
             param.requires_grad_(False)
+    elif state == "average":
+        saved = torch.load(tmp_path / TRAINING_STATE_FILE, weights_only=True)
+        torch.save({**saved, "weight_average": {"updates": 3}}, tmp_path / TRAINING_STATE_FILE)
     else:
         torch.save(state, tmp_path / TRAINING_STATE_FILE)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(CheckpointError, match=f"cannot resume.*{problem}.*start a new run"):
-        fit(model, data, config=TrainConfig(epochs=2, batch_size=16), checkpoint_dir=tmp_path, resume=True,
-            progress=False)
+        fit(model, data, config=TrainConfig(epochs=2, batch_size=16, ema_decay=0.9), checkpoint_dir=tmp_path,
+            resume=True, progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
