@@ -401,7 +401,9 @@ class KeyedInput(nn.Module):
         state["_spare"] = []  # a cache, not state: copies start without it
         state["_casts"] = {}
         state.pop("_lock", None)  # locks do not copy; each copy gets its own
-        return state
+        # The key first: pickle writes the state in this order, and the key
+        # refuses before the plan's buffers (the permutation) reach the file.
+        return {"_key": state.pop("_key"), **state}
 
     def _apply(self, fn, recurse: bool = True):
         self._spare = []  # .to() / .half() / .cuda(): outputs of the old device or dtype are not kept

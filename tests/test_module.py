@@ -4,6 +4,7 @@ real model, with nothing derived from the key in its state."""
 from __future__ import annotations
 
 import io
+import pickle
 import socket
 
 import pytest
@@ -384,6 +385,20 @@ def test_torch_save_of_the_whole_model_is_refused(tiny_cnn, any_key):
     model = wrap_model(tiny_cnn, any_key, mean=MEAN, std=STD)
     with pytest.raises(TypeError, match="cannot be pickled"):
         torch.save(model, io.BytesIO())
+
+
+@pytest.mark.parametrize("protocol", [0, 2, pickle.HIGHEST_PROTOCOL])
+def test_a_refused_pickle_writes_none_of_the_plan_to_the_file(tmp_path, any_key, protocol):
+    # pickle.dump streams into the file as it goes: it wrote the plan's
+    # buffers (the key's gather index) before reaching the key, which refuses.
+    model = wrap_model(torch.nn.Conv2d(3, 2, 3), any_key, mean=MEAN, std=STD, input_size=(3, 64, 64))
+    big_first = {"weights": torch.rand(300_000), "model": model}  # enough before it to flush pickle's frames
+    with open(tmp_path / "model.pkl", "wb") as fh, pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dump(big_first, fh, protocol=protocol)
+    data = (tmp_path / "model.pkl").read_bytes()
+    for name, buffer in model.keyed.named_buffers():
+        assert buffer.numpy().tobytes()[:64] not in data, name
+    assert not any(form in data for form in any_key.secret_forms())
 
 
 def test_buffers_follow_to(tiny_cnn, any_key):
