@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -58,12 +59,15 @@ SPARE_OUTPUTS = 2
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 
-def _use_count(tensor: torch.Tensor) -> int:
-    """References to ``tensor``'s storage (tensors, views, saved-for-backward
-    copies, NumPy arrays sharing it), as torch's own CUDA-graph trees read
-    it to know when an output is dead."""
+def _use_count(tensor: torch.Tensor) -> tuple:
+    """References to ``tensor``'s storage: in C++ (tensors, views,
+    saved-for-backward copies, NumPy arrays sharing it), as torch's own
+    CUDA-graph trees read it to know when an output is dead; to its Python
+    storage object (``untyped_storage()`` / ``storage()`` held by a caller,
+    which torch keeps as one object without a C++ reference of its own); and
+    its size (a caller may free it with ``resize_(0)``)."""
     storage = tensor.untyped_storage()
-    return int(_storage_use_count(storage._cdata))
+    return int(_storage_use_count(storage._cdata)), sys.getrefcount(storage), storage.nbytes()
 
 
 try:  # the plan is real data even when a fake-tensor trace runs forward
@@ -179,8 +183,9 @@ class KeyedInput(nn.Module):
     On CPU, an output of 4 MiB or more is written into the buffer of one of
     the module's last two outputs when nothing references that output any
     more (checked by its storage's use count, which counts views, NumPy
-    arrays and tensors saved for backward), saving the page faults of a
-    fresh allocation. A result you hold is never overwritten.
+    arrays and tensors saved for backward, and by references to its Python
+    storage object), saving the page faults of a fresh allocation. A result
+    you hold is never overwritten.
 
     Args:
         key: the secret key.

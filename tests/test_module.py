@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import pickle
 import socket
+import warnings
 
 import pytest
 import torch
@@ -270,6 +271,32 @@ def test_a_dropped_output_buffer_is_reused(scheme):
         pointers.append(y.data_ptr())
     assert len(set(pointers)) == 2
     torch.testing.assert_close(y, _normalize(apply_transform(x, keyed.key)))
+
+
+@pytest.mark.parametrize("hold", ["untyped_storage", "storage"])
+def test_output_held_through_its_storage_object_is_not_reused(hold):
+    # A Python storage object adds no C++ reference to the storage (torch
+    # keeps one object for it), so the use count said "dropped".
+    keyed = _large_keyed()
+    x, other = torch.rand(LARGE), torch.rand(LARGE)
+    expected = _normalize(apply_transform(x, keyed.key))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TypedStorage is deprecated
+        storage = getattr(keyed(x), hold)()
+    for _ in range(3):
+        keyed(other)
+    held = torch.empty(0).set_(storage if hold == "untyped_storage" else storage._untyped_storage)
+    torch.testing.assert_close(held.view(LARGE), expected)
+
+
+def test_an_output_freed_with_resize_is_not_handed_out_again():
+    # FSDP / activation offloading free a tensor's memory with
+    # untyped_storage().resize_(0); the pool kept handing out the 0-byte buffer.
+    keyed = _large_keyed()
+    x = torch.rand(LARGE)
+    keyed(x).untyped_storage().resize_(0)
+    for _ in range(3):
+        torch.testing.assert_close(keyed(x), _normalize(apply_transform(x, keyed.key)))
 
 
 def test_output_held_by_numpy_or_autograd_is_not_reused():
