@@ -227,6 +227,9 @@ class KeyedInput(nn.Module):
         self._spare: list = []
         # Plan constants cast to the images' float dtype: {(name, dtype): (buffer, cast)}.
         self._casts: dict = {}
+        # The plan's value dtype before there is a plan: .half() / .to(dtype)
+        # on a module that has not compiled yet (see _apply).
+        self._value_dtype = torch.float32
         # Compiling for a new size swaps several buffers; threads sharing the
         # module read them together under this lock (see _plan_for).
         self._lock = threading.Lock()
@@ -352,7 +355,7 @@ class KeyedInput(nn.Module):
         for name in ("value_lookup", "value_scale"):
             if name in self._buffers:
                 return self._buffers[name].dtype
-        return torch.float32
+        return self._value_dtype
 
     def _in_dtype(self, name: str, tensor: torch.Tensor, dtype: torch.dtype, functional: bool) -> torch.Tensor:
         """The plan constant ``name`` (``tensor``) in ``dtype``: cast once, and
@@ -412,6 +415,12 @@ class KeyedInput(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         self._spare = []  # .to() / .half() / .cuda(): outputs of the old device or dtype are not kept
+        try:  # the float dtype fn gives, kept for a plan compiled later (no buffers to carry it yet)
+            probe = fn(torch.empty(0, dtype=self._value_dtype))
+        except Exception:  # a custom fn that takes only real parameters: nothing to learn from it
+            probe = None
+        if isinstance(probe, torch.Tensor) and probe.is_floating_point():
+            self._value_dtype = probe.dtype
         before = self._buffers.get("source_index")
         result = super()._apply(fn, recurse)
         index = self._buffers.get("source_index")

@@ -428,6 +428,19 @@ def test_a_refused_pickle_writes_none_of_the_plan_to_the_file(tmp_path, any_key,
     assert not any(form in data for form in any_key.secret_forms())
 
 
+@pytest.mark.parametrize("convert, dtype", [("half", torch.float16), ("bfloat16", torch.bfloat16),
+                                            ("double", torch.float64)])
+def test_a_dtype_given_before_the_first_call_holds_for_uint8_images(any_key, convert, dtype):
+    # With no plan compiled yet there were no buffers to convert, and the
+    # first call compiled in float32: uint8 images came out float32.
+    keyed = getattr(KeyedInput(any_key, mean=MEAN, std=STD), convert)()
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    out = keyed(images)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), KeyedInput(any_key, mean=MEAN, std=STD)(images), rtol=0.02, atol=0.02)
+    assert keyed.float()(images).dtype == torch.float32
+
+
 def test_buffers_follow_to(tiny_cnn, any_key):
     model = wrap_model(tiny_cnn, any_key, mean=MEAN, std=STD, input_size=(3, 8, 8)).double()
     floating = [b for b in model.keyed.buffers() if b.is_floating_point()]
