@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from .errors import BlockSizeError, InputDtypeError, InputRangeError
+from .errors import BlockSizeError, InputDtypeError, InputRangeError, first_line
 from .keys import SecretKey
 
 __all__ = [
@@ -291,7 +291,10 @@ def lookup_table(values: torch.Tensor, offsets: torch.Tensor, table: torch.Tenso
         # float32 can no longer hold the index exactly; or inside torch.func,
         # where out= and in-place writes into fresh tensors do not batch.
         q = values.long() if values.dtype == torch.uint8 else quantize(values)
-        result = table[q + offsets.long()]
+        try:
+            result = table[q + offsets.long()]
+        except (IndexError, RuntimeError) as exc:
+            raise _lookup_error(exc) from None
         return result if out is None else out.copy_(result)
     rows, width = values.shape
     if out is None:
@@ -308,7 +311,10 @@ def lookup_table(values: torch.Tensor, offsets: torch.Tensor, table: torch.Tenso
             elif not owned:
                 work = work.clone()
             index = work.mul_(255).round_().clamp_(0, 255).add_(offsets).to(torch.int32)
-        torch.index_select(table, 0, index.view(-1), out=out[start:start + step].view(-1))
+        try:
+            torch.index_select(table, 0, index.view(-1), out=out[start:start + step].view(-1))
+        except (IndexError, RuntimeError) as exc:
+            raise _lookup_error(exc) from None
     return out
 
 
@@ -325,6 +331,21 @@ def quantize(values: torch.Tensor) -> torch.Tensor:
     return values.mul(255).round_().clamp(0, 255).long()
 
 
+#: The start of the error for images holding NaN.
+NAN_IMAGES = (
+    "float images contain NaN (not a number), which is no pixel value: check what produced them "
+    "(a division by zero, an empty crop or an image that failed to decode)"
+)
+
+
+def _lookup_error(exc: Exception) -> InputRangeError:
+    """NaN cast to an integer gives an index far outside the table: the
+    8-bit steps' lookup fails with IndexError / RuntimeError."""
+    return InputRangeError(
+        f"{NAN_IMAGES}; the scheme's 8-bit steps (shift, ffx) cannot quantize them ({first_line(exc)[:120]})"
+    )
+
+
 def check_float_range(x: torch.Tensor, tolerance: float = RANGE_TOLERANCE) -> None:
     """Raise :class:`InputRangeError` if float images are clearly not in [0, 1]
     (NaN counts as outside)."""
@@ -332,6 +353,8 @@ def check_float_range(x: torch.Tensor, tolerance: float = RANGE_TOLERANCE) -> No
         return
     lo, hi = torch.aminmax(x.detach())
     lo, hi = float(lo), float(hi)
+    if lo != lo or hi != hi:
+        raise InputRangeError(NAN_IMAGES + "; check_range=False turns this check off.")
     if not (lo >= -tolerance and hi <= 1 + tolerance):
         normalized = (
             "Were they already normalized with mean/std? The keyed transform goes before "

@@ -142,11 +142,30 @@ def test_float_pixels_in_0_255_are_told_to_divide_by_255(golden_key):
         apply_transform(torch.rand(1, 3, 8, 8) * 255, golden_key)
 
 
-def test_nan_input_is_out_of_range(golden_key):
+def test_nan_input_is_out_of_range_and_named(golden_key):
+    # The message said "values span [nan, nan]. Were they already normalized?"
     images = torch.rand(1, 3, 8, 8)
     images[0, 0, 0, 0] = float("nan")
-    with pytest.raises(InputRangeError):
+    with pytest.raises(InputRangeError, match="contain NaN"):
         apply_transform(images, golden_key)
+
+
+@pytest.mark.parametrize("call", ["apply_transform", "KeyedInput", "vmap"])
+def test_nan_input_with_the_check_off_is_an_input_range_error_for_8_bit_steps(call):
+    # NaN cast to an index fell outside the lookup table: a bare IndexError.
+    from kp_plugin import KeyedInput
+
+    key = SecretKey(bytes(range(32)), block_size=4, scheme="shuffle+np+ffx")
+    images = torch.rand(2, 3, 8, 8)
+    images[1, 2, 3, 4] = float("nan")
+    keyed = KeyedInput(key, mean=0.5, std=0.5, check_range=False)
+    run = {
+        "apply_transform": lambda: apply_transform(images, key, check_range=False),
+        "KeyedInput": lambda: keyed(images),
+        "vmap": lambda: torch.func.vmap(keyed)(images.unsqueeze(1)),
+    }[call]
+    with pytest.raises(InputRangeError, match="contain NaN.*8-bit steps"):
+        run()
 
 
 def test_check_range_false_accepts_out_of_range_input(shuffle_np_key):
