@@ -28,6 +28,7 @@ from .errors import (  # noqa: E402
     KeyFilePermissionWarning,
     KeyFileWriteError,
     KeyLeakError,
+    KeyPicklingError,
     KeyMismatchError,
     KPError,
 )
@@ -64,4 +65,5 @@ __all__ = [
     "BlockSizeError",
     "ConfigurationError",
     "KeyLeakError",
+    "KeyPicklingError",
 ]

@@ -26,6 +26,7 @@ __all__ = [
     "ConfigurationError",
     "KeyTypeError",
     "KeyLeakError",
+    "KeyPicklingError",
     "KeyFilePermissionWarning",
     "InputSizeWarning",
 ]
@@ -106,6 +107,11 @@ class KeyTypeError(KPError, TypeError):
 
 class KeyLeakError(KPError):
     """A file about to be written or uploaded contains key material."""
+
+
+class KeyPicklingError(KeyLeakError, TypeError):
+    """Pickling a :class:`kp_plugin.SecretKey` (and so a model or processor
+    holding one) outside multiprocessing: the pickle would hold the key."""
 
 
 class InputSizeWarning(UserWarning):

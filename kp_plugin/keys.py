@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Union
 
 from .errors import (ConfigurationError, KeyFileError, KeyFileExistsError, KeyFilePermissionWarning, KeyFileWriteError,
-                     KeyTypeError)
+                     KeyPicklingError, KeyTypeError)
 
 __all__ = [
     "SecretKey",
@@ -409,7 +409,7 @@ class SecretKey:
         return hash((self.fingerprint, self.block_size, self.scheme, self.channels))
 
     def __reduce__(self):
-        raise TypeError(
+        raise KeyPicklingError(
             "SecretKey cannot be pickled, so that torch.save(model) cannot leak it; "
             "save the key with key.save(path) and the model with kp_plugin.save_protected"
         )

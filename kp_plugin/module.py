@@ -618,7 +618,7 @@ class ProtectedModel(nn.Module):
         # would make it drop both.
         _refuse_export()
         if pixel_values is None:
-            raise TypeError("ProtectedModel expects images as the first argument or as pixel_values=")
+            raise InputDtypeError("ProtectedModel expects images as the first argument or as pixel_values=")
         if labels is not None:
             kwargs["labels"] = labels
         return self.model(self._prepare(pixel_values), *args, **kwargs)
@@ -704,7 +704,7 @@ class ProtectedModel(nn.Module):
             elif args:
                 args = (self._prepare(args[0]), *args[1:])
             else:
-                raise TypeError(f"{name} expects images as the first argument or as pixel_values=")
+                raise InputDtypeError(f"{name} expects images as the first argument or as pixel_values=")
             return method(*args, **kwargs)
 
         return keyed

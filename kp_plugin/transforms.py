@@ -452,9 +452,13 @@ def compile_plan(key: SecretKey, channels: int, height: int, width: int) -> Tran
 
 
 def _plan_for(key: SecretKey, x: torch.Tensor) -> TransformPlan:
-    if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4):
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise BlockSizeError(f"expected images shaped (B, C, H, W) or (C, H, W), got {shape}")
+    if not isinstance(x, torch.Tensor):
+        raise InputDtypeError(
+            f"expected a torch.Tensor of images, got {type(x).__name__} (NumPy: torch.from_numpy(array); "
+            "PIL: torchvision.transforms.functional.pil_to_tensor(image))"
+        )
+    if x.dim() not in (3, 4):
+        raise BlockSizeError(f"expected images shaped (B, C, H, W) or (C, H, W), got {tuple(x.shape)}")
     c, h, w = x.shape[-3:]
     return compile_plan(key, c, h, w)
 

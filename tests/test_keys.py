@@ -205,8 +205,13 @@ def test_repr_and_str_show_no_material(golden_key):
 
 
 def test_pickling_is_refused(golden_key):
-    with pytest.raises(TypeError, match="cannot be pickled"):
+    # A TypeError, as picklers expect, and one of the library's own errors
+    # (it was a plain TypeError).
+    from kp_plugin import KeyLeakError, KeyPicklingError
+
+    with pytest.raises(TypeError, match="cannot be pickled") as raised:
         pickle.dumps(golden_key)
+    assert isinstance(raised.value, KeyPicklingError) and isinstance(raised.value, KeyLeakError)
 
 
 def test_torch_save_of_a_key_is_refused(golden_key, tmp_path):

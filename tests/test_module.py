@@ -441,6 +441,15 @@ def test_a_dtype_given_before_the_first_call_holds_for_uint8_images(any_key, con
     assert keyed.float()(images).dtype == torch.float32
 
 
+def test_a_call_without_images_is_an_input_dtype_error(tiny_cnn, any_key):
+    # It was a plain TypeError; it is one still, and the library's own.
+    model = wrap_model(tiny_cnn, any_key, mean=MEAN, std=STD)
+    with pytest.raises(InputDtypeError, match="pixel_values="):
+        model()
+    with pytest.raises(TypeError, match="pixel_values="):
+        model(pixel_values=None)
+
+
 def test_buffers_follow_to(tiny_cnn, any_key):
     model = wrap_model(tiny_cnn, any_key, mean=MEAN, std=STD, input_size=(3, 8, 8)).double()
     floating = [b for b in model.keyed.buffers() if b.is_floating_point()]

@@ -142,6 +142,17 @@ def test_float_pixels_in_0_255_are_told_to_divide_by_255(golden_key):
         apply_transform(torch.rand(1, 3, 8, 8) * 255, golden_key)
 
 
+def test_images_that_are_not_a_tensor_are_told_how_to_convert(golden_key):
+    # A NumPy array was a BlockSizeError ("expected images shaped ..., got
+    # ndarray"); KeyedInput already called it a dtype problem.
+    import numpy as np
+
+    with pytest.raises(InputDtypeError, match="torch.from_numpy"):
+        apply_transform(np.zeros((3, 8, 8), dtype=np.uint8), golden_key)
+    with pytest.raises(InputDtypeError, match="torch.Tensor"):
+        invert_transform([[0.5]], golden_key)
+
+
 def test_nan_input_is_out_of_range_and_named(golden_key):
     # The message said "values span [nan, nan]. Were they already normalized?"
     images = torch.rand(1, 3, 8, 8)
