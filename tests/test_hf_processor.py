@@ -12,7 +12,8 @@ from PIL import Image
 from transformers import AutoImageProcessor, ConvNextImageProcessor, ViTImageProcessor
 
 from hf_fixtures import BLOCK_SIZE, IMAGE_SIZE, digits_dataset, vit_processor
-from kp_plugin import BlockSizeError, CheckpointError, KeyedInput, KeyLeakError, KeyMismatchError, SecretKey
+from kp_plugin import (BlockSizeError, CheckpointError, ConfigurationError, KeyedInput, KeyLeakError, KeyMismatchError,
+                       SecretKey)
 from kp_plugin.checkpoint import find_key_material
 from kp_plugin.hf import KeyedImageProcessor, KeyRequiredError
 
@@ -154,6 +155,32 @@ def test_pil_backend_processor_is_wrapped_too(key, images):
     pixels = keyed(images, return_tensors="pt")["pixel_values"]
     plain = base(images, return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(keyed.recover_images01(pixels) * 2 - 1, plain, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "pil"])
+def test_efficientnet_processor_with_include_top_gives_the_base_normalization(key, images, backend):
+    # include_top (EfficientNet's default) divides by image_std once more
+    # after normalizing; with the base's normalization turned off it ran on
+    # uint8 pixels: torchvision's "Input tensor should be a float tensor".
+    import transformers
+
+    name = "EfficientNetImageProcessor" + ("Pil" if backend == "pil" else "")
+    base = getattr(transformers, name)(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    assert base.include_top
+    keyed = KeyedImageProcessor(base, key)
+    pixels = keyed(images, return_tensors="pt")["pixel_values"]
+    plain = base(images, return_tensors="pt")["pixel_values"]
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (keyed.image_mean, keyed.image_std))
+    torch.testing.assert_close((keyed.recover_images01(pixels) - mean) / std, plain, atol=1e-4, rtol=0)
+
+
+def test_a_base_that_rescales_to_minus_one_one_is_refused_with_the_equivalent_settings(key):
+    from transformers import EfficientNetImageProcessor
+
+    base = EfficientNetImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, rescale_offset=True,
+                                      rescale_factor=1 / 127.5)
+    with pytest.raises(ConfigurationError, match="rescale_offset=False"):
+        KeyedImageProcessor(base, key)
 
 
 @pytest.mark.parametrize("shape", [(20, 20, 2), (20, 20, 5), (5, 20, 20)])

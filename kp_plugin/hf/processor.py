@@ -27,7 +27,8 @@ from transformers.image_processing_base import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 
 from ..checkpoint import check_key_matches, refuse_key_material
-from ..errors import BlockSizeError, CheckpointError, InputRangeError, KeyMismatchError, KPError, first_line
+from ..errors import (BlockSizeError, CheckpointError, ConfigurationError, InputRangeError, KeyMismatchError, KPError,
+                      first_line)
 from ..keys import SecretKey, parse_scheme, require_key
 from ..module import KeyedInput
 from ..transforms import check_image_size, invert_transform, nearest_valid_size
@@ -43,7 +44,8 @@ _FORMAT_VERSION = 1
 
 # Arguments the keyed processor decides for the base: it rescales and
 # normalizes itself, after the keyed transform.
-_TAKEN_OVER = ("do_rescale", "do_normalize", "rescale_factor", "image_mean", "image_std", "return_tensors")
+_TAKEN_OVER = ("do_rescale", "do_normalize", "rescale_factor", "image_mean", "image_std", "return_tensors",
+               "include_top")
 
 
 class KeyRequiredError(KPError, TypeError):
@@ -83,15 +85,26 @@ def _size_pair(size: Any) -> tuple:
 
 
 def _normalization(processor: BaseImageProcessor) -> tuple:
-    """mean, std the base would normalize with (identity when it does not)."""
+    """mean, std the base would normalize with (identity when it does not);
+    with EfficientNet's ``include_top``, which divides by ``image_std`` once
+    more after normalizing, that division too."""
+    mean, std = 0.0, 1.0
     if getattr(processor, "do_normalize", False):
         mean, std = processor.image_mean, processor.image_std
         if mean is None or std is None:
             raise KPError(
                 f"{type(processor).__name__} normalizes but has no image_mean/image_std; set them on it"
             )
-        return mean, std
-    return 0.0, 1.0
+    if getattr(processor, "include_top", False) and processor.image_std is not None:
+        top, first = _as_list(processor.image_std), _as_list(std)
+        if len(first) == 1:
+            first = first * len(top)
+        std = [float(s) * float(t) for s, t in zip(first, top)]
+    return mean, std
+
+
+def _as_list(values: Any) -> list:
+    return list(values) if isinstance(values, (list, tuple)) else [values]
 
 
 def _check_key(key: SecretKey, protection: dict, *, situation: str, remedy: str) -> None:
@@ -178,6 +191,13 @@ class KeyedImageProcessor(BaseImageProcessor):
                 f"is {key.block_size}; configure the processor for a multiple of it, e.g. "
                 f"size={{'height': {h}, 'width': {w}}} (and crop_size likewise when it center-crops)"
             )
+        if getattr(image_processor, "rescale_offset", False) and getattr(image_processor, "do_rescale", True):
+            raise ConfigurationError(
+                f"{type(image_processor).__name__} has rescale_offset=True, which maps pixels to [-1, 1]; the keyed "
+                "transform needs them in [0, 1] before normalization. Build the base with rescale_offset=False and "
+                "rescale_factor=1/255, with image_mean = (1 + mean) / 2 and image_std = std / 2 to give the same "
+                "model inputs"
+            )
         mean, std = _normalization(image_processor)
         self.image_processor = image_processor
         self.check_range = check_range
@@ -249,6 +269,8 @@ class KeyedImageProcessor(BaseImageProcessor):
         base = self.image_processor
         if images is None or (hasattr(images, "__len__") and len(images) == 0):
             raise BlockSizeError("no images were given (an empty list or batch); pass at least one image")
+        if hasattr(base, "include_top"):
+            kwargs["include_top"] = False  # EfficientNet's second division by std: done in the normalization here
         try:
             out = base(images, do_rescale=False, do_normalize=False, return_tensors="pt", **kwargs)
         except ValueError as exc:
