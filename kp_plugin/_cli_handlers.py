@@ -28,7 +28,8 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import PROTECTION_FILE, ProtectionConfig, find_key_material, save_protected, usable_device
+from .checkpoint import (KEY_FILE_MARKERS, PROTECTION_FILE, ProtectionConfig, find_key_material, save_protected,
+                         usable_device)
 from .cli import KEY_ENV, _UsageError
 from .errors import (
     CheckpointError,
@@ -476,6 +477,9 @@ def show(args: argparse.Namespace) -> int:
         )
     if Path(args.output).exists() and Path(args.image).exists() and Path(args.output).samefile(args.image):
         raise _UsageError(f"-o {args.output} is the input image, which it would replace; name another output file")
+    if _is_key_file(Path(args.output)):
+        raise _UsageError(f"-o {args.output} is a key file, which it would replace (losing the key loses the "
+                          "models trained with it); name another output file")
     key = cli_key(args.key)
     if key.channels not in (1, 3):
         raise ConfigurationError(f"kp show handles 1- or 3-channel keys; this key is for {key.channels} channels")
@@ -502,10 +506,28 @@ def show(args: argparse.Namespace) -> int:
     y = invert_transform(x, key) if args.invert else apply_transform(x, key)
     out = (y.clamp(0, 1) * 255).round().to(torch.uint8)
     pixels = out[0].numpy() if key.channels == 1 else out.permute(1, 2, 0).numpy()
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(args.output, format="PNG")
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside it and renamed: a failed write leaves the old file whole,
+    # and a symlink at -o is replaced, not written through.
+    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    try:
+        Image.fromarray(pixels).save(tmp, format="PNG")
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
     print(f"wrote {args.output} ({'decrypted' if args.invert else 'protected'}, {target[0]}x{target[1]})")
     return 0
+
+
+def _is_key_file(path: Path) -> bool:
+    """Whether ``path`` (or what a symlink there points to) is a kp key file."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return False
+    return any(marker in head for marker in KEY_FILE_MARKERS)
 
 
 def cli_key(path: Optional[str], *, required: bool = True) -> Optional[SecretKey]:

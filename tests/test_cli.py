@@ -472,6 +472,31 @@ def test_show_refuses_to_write_over_its_input_image(tmp_path, capsys):
     assert "is the input image" in capsys.readouterr().err and image.read_bytes() == before
 
 
+@pytest.mark.parametrize("how", ["the key file itself", "a .png symlink to it"])
+def test_show_refuses_to_write_over_a_key_file(tmp_path, capsys, how):
+    # `kp show --key secret img -o secret` replaced the key file (no suffix)
+    # with a PNG and exited 0: the key, and every model trained with it, lost.
+    key_path = tmp_path / "secret"
+    assert main(["keygen", "--block-size", "8", "-o", str(key_path)]) == 0
+    before = key_path.read_bytes()
+    image = _write_image(tmp_path)
+    output = key_path
+    if how != "the key file itself":
+        output = tmp_path / "seen.png"
+        output.symlink_to(key_path)
+    assert main(["show", "--key", str(key_path), str(image), "-o", str(output)]) == 2
+    assert "is a key file" in capsys.readouterr().err and key_path.read_bytes() == before
+
+
+def test_show_replaces_an_existing_output_whole(tmp_path):
+    key_path = tmp_path / "owner.key"
+    assert main(["keygen", "--block-size", "8", "-o", str(key_path)]) == 0
+    image, output = _write_image(tmp_path), tmp_path / "seen.png"
+    output.write_bytes(b"an older picture")
+    assert main(["show", "--key", str(key_path), str(image), "-o", str(output)]) == 0
+    assert output.read_bytes().startswith(b"\x89PNG") and not list(tmp_path.glob(".*.tmp"))
+
+
 def test_an_output_path_that_cannot_be_written_is_a_one_line_error(tmp_path, capsys):
     # A traceback ending in NotADirectoryError / PermissionError.
     key_path = tmp_path / "owner.key"
