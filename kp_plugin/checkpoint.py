@@ -18,9 +18,11 @@ checkpoint was protected with.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import secrets
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +32,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .errors import CheckpointError, ConfigurationError, KeyLeakError, KeyMismatchError
+from .errors import CheckpointError, ConfigurationError, KeyLeakError, KeyMismatchError, first_line
 from .keys import KEY_FILE_FORMAT, SecretKey, parse_scheme, require_key
 from .module import ProtectedModel, require_protected, wrap_model
 
@@ -74,6 +76,11 @@ class ProtectionConfig:
     format: str = PROTECTION_FORMAT
     format_version: int = PROTECTION_FORMAT_VERSION
     extra: dict = field(default_factory=dict)
+    #: A digest of the weights this config was saved with (BLAKE2b of the
+    #: state dict's names, shapes, dtypes and bytes), also in the weights'
+    #: header (``kp_weights_digest``): when the two disagree the folder mixes
+    #: two saves (one interrupted between its files, or files copied together).
+    weights_digest: Optional[str] = None
 
     @classmethod
     def from_model(cls, model: ProtectedModel, **extra: Any) -> "ProtectionConfig":
@@ -154,6 +161,8 @@ class ProtectionConfig:
                 raise ValueError(f"field {name!r} must list {self.channels} finite numbers, got {values!r}")
         if any(v == 0 for v in self.std):
             raise ValueError(f"field 'std' must not hold 0 (it divides), got {self.std!r}")
+        if self.weights_digest is not None and not isinstance(self.weights_digest, str):
+            raise ValueError(f"field 'weights_digest' must be text or null, got {self.weights_digest!r}")
         if self.input_size is not None and (
             not isinstance(self.input_size, list) or len(self.input_size) != 3
             or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in self.input_size)
@@ -258,8 +267,25 @@ def _num_classes(model: nn.Module) -> Optional[int]:
     return n if isinstance(n, int) else None
 
 
+def weights_digest(module: nn.Module) -> str:
+    """A short public digest of ``module``'s state dict (names, shapes,
+    dtypes and bytes, BLAKE2b): the same weights always give the same one."""
+    digest = hashlib.blake2b(digest_size=8)
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _temporary_beside(path: Path) -> Path:
+    """A temporary name in ``path``'s folder, its own per call: two
+    processes saving into one folder do not rename each other's files."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = _temporary_beside(path)
     try:
         with open(tmp, "wb") as fh:
             fh.write(data)
@@ -275,12 +301,18 @@ def save_weights_atomic(module: nn.Module, path: Path, metadata: dict) -> None:
     """``safetensors.torch.save_model`` to a temporary file beside ``path``,
     then renamed over it: a reader never sees half a file, and a failed write
     leaves the previous one in place."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_model
 
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = _temporary_beside(path)
     try:
         save_model(module, str(tmp), metadata=metadata)
         os.replace(tmp, path)
+    except SafetensorError as exc:  # the disk full among them: safetensors' own error, not an OSError
+        raise CheckpointError(
+            f"cannot write {path} ({first_line(exc)}); the file there before, if any, is unchanged: free some "
+            "space or choose another folder"
+        ) from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -348,7 +380,14 @@ def find_key_material(directory: Union[str, os.PathLike], key: SecretKey) -> lis
     needles = leak_needles(key)
     root = Path(directory)
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    return [path for path in files if file_contains_any(path, needles)]
+    return [path for path in files if _still_there_and_contains(path, needles)]
+
+
+def _still_there_and_contains(path: Path, needles: list) -> bool:
+    try:
+        return file_contains_any(path, needles)
+    except FileNotFoundError:  # gone since the listing (another writer's temporary file): nothing left to leak
+        return False
 
 
 def leak_needles(key: Optional[SecretKey]) -> list:
@@ -420,6 +459,7 @@ def save_protected(
     directory = Path(directory)
     base = _uncompiled(model.unwrap())
     config = ProtectionConfig.from_model(model, **(metadata or {}))
+    config.weights_digest = weights_digest(base)
     try:  # before anything is written: bad metadata must not leave new weights beside an old protection.json
         text = config.to_json()
     except (TypeError, ValueError) as exc:
@@ -452,6 +492,7 @@ def save_protected(
             "kp_format": PROTECTION_FORMAT,
             "kp_format_version": str(PROTECTION_FORMAT_VERSION),
             "kp_fingerprint": model.key.fingerprint,
+            "kp_weights_digest": config.weights_digest,
         },
     )
 
@@ -591,6 +632,13 @@ def read_weights_header(weights: Path, config: "ProtectionConfig") -> tuple:
         raise CheckpointError(
             f"{weights} was saved for key {meta.get('kp_fingerprint')} but {PROTECTION_FILE} "
             f"names {config.fingerprint}; the files come from different checkpoints"
+        )
+    if meta.get("kp_weights_digest") and config.weights_digest and meta["kp_weights_digest"] != config.weights_digest:
+        raise CheckpointError(
+            f"{weights} and {PROTECTION_FILE} beside it come from different saves (weights digests "
+            f"{meta['kp_weights_digest']} and {config.weights_digest}): a save into this folder was interrupted "
+            "between its files, or the files were copied from two checkpoints; save the model again, or restore "
+            "both files from one save"
         )
     return meta, saved
 

@@ -37,11 +37,12 @@ from .checkpoint import (
     ProtectionConfig,
     find_key_material,
     load_error_summary,
+    read_weights_header,
     save_protected,
     usable_device,
 )
 from .data import iterate_batches
-from .errors import CheckpointError, ConfigurationError, KeyLeakError, torch_load_failure
+from .errors import CheckpointError, ConfigurationError, KeyLeakError, first_line, torch_load_failure
 from .keys import SecretKey
 from .module import KeyedInput, ProtectedModel, protected_model_of
 from .objectives import DEFAULT_OBJECTIVE, ProtectionObjective, logits_of
@@ -452,9 +453,21 @@ def _save_checkpoint(model: nn.Module, directory: Path, state: dict) -> None:
         from safetensors.torch import save_model
 
         save_model(model.unwrap() if hasattr(model, "unwrap") else model, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    if isinstance(model, ProtectedModel):
+        # Which weights this state continues: a crash between the two files
+        # leaves new weights beside the previous epoch's state (see _load_checkpoint).
+        state = {**state, "weights_digest": ProtectionConfig.load(directory).weights_digest}
     tmp = directory / f".{TRAINING_STATE_FILE}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, directory / TRAINING_STATE_FILE)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, directory / TRAINING_STATE_FILE)
+    except (OSError, RuntimeError) as exc:  # torch reports a full disk as RuntimeError("... unexpected pos ...")
+        raise CheckpointError(
+            f"cannot write the training state into {directory} ({first_line(exc)[:200]}); free some space or "
+            "choose another checkpoint folder"
+        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
     if isinstance(model, ProtectedModel):
         leaks = find_key_material(directory, model.key)
         if leaks:
@@ -501,6 +514,7 @@ def _check_training_state(state: Any, state_path: Path, groups: Optional[list] =
 def _load_checkpoint(model: nn.Module, directory: Path, groups: Optional[list] = None) -> dict:
     """Read the training state (checked against ``groups``, the sizes of the
     optimizer's parameter groups), then load the weights into ``model``."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_model
 
     state_path = directory / TRAINING_STATE_FILE
@@ -520,8 +534,23 @@ def _load_checkpoint(model: nn.Module, directory: Path, groups: Optional[list] =
             f"({torch_load_failure(exc)}); start a new run"
         ) from None
     _check_training_state(state, state_path, groups)
+    if isinstance(model, ProtectedModel):
+        config = ProtectionConfig.load(directory)
+        read_weights_header(directory / WEIGHTS_FILE, config)  # whole, and from the same save as protection.json
+        written = config.weights_digest
+        if state.get("weights_digest") and written and state["weights_digest"] != written:
+            raise CheckpointError(
+                f"cannot resume: the weights in {directory} are from a later save than {state_path} (epoch "
+                f"{state['epoch']}): the run stopped while writing that checkpoint, so the optimizer, schedule and "
+                "random state for those weights are lost; start a new run (the weights load with load_protected)"
+            )
     try:
         load_model(base, str(directory / WEIGHTS_FILE), strict=True)  # copied onto the model's device
+    except SafetensorError as exc:
+        raise CheckpointError(
+            f"cannot resume: {directory / WEIGHTS_FILE} is corrupt or not a safetensors file ({first_line(exc)}); "
+            "start a new run"
+        ) from None
     except (OSError, RuntimeError) as exc:
         raise CheckpointError(f"cannot resume from {directory}: {load_error_summary(exc)}") from None
     return state

@@ -547,3 +547,68 @@ def test_saving_over_another_keys_checkpoint_is_refused_unless_asked(saved, key,
     save_protected(model, directory)  # the same key again: more training, saved over
     save_protected(other, directory, overwrite=True)
     assert ProtectionConfig.load(directory).fingerprint == other.key.fingerprint
+
+
+def test_weights_and_protection_json_from_two_saves_are_refused(saved, key, tmp_path):
+    # A save killed between model.safetensors and protection.json (or files
+    # copied from two checkpoints) loaded silently with the other save's
+    # normalization and metadata.
+    model, directory = saved
+    first_config = (directory / "protection.json").read_bytes()
+    save_protected(_retrained(model), directory, metadata={"dataset": "digits"})
+    assert (directory / "protection.json").read_bytes() != first_config  # the weights' digest changed
+    (directory / "protection.json").write_bytes(first_config)
+    with pytest.raises(CheckpointError, match="different saves"):
+        load_protected(directory, _fresh_cnn(), key)
+    for again in ("again", "once more"):  # the same weights give the same file
+        save_protected(model, tmp_path / again, metadata={"dataset": "digits"})
+    texts = {(tmp_path / again / "protection.json").read_bytes() for again in ("again", "once more")}
+    assert len(texts) == 1
+
+
+def test_a_full_disk_while_saving_is_a_checkpoint_error_and_keeps_the_old_weights(tmp_path):
+    # safetensors reports it as its own SafetensorError (neither a KPError nor
+    # an OSError): a traceback from kp. A real limit: RLIMIT_FSIZE in a child.
+    import subprocess
+    import sys
+
+    script = f"""
+import resource, signal, torch
+from kp_plugin import SecretKey, save_protected, wrap_model
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+model = wrap_model(torch.nn.Linear(2000, 1000), SecretKey(bytes(range(32)), block_size=4), mean=0.5, std=0.5)
+save_protected(model, {str(tmp_path / "ckpt")!r})
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+try:
+    save_protected(model, {str(tmp_path / "ckpt")!r})
+except Exception as exc:
+    print(type(exc).__name__, exc)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.stdout.startswith("CheckpointError cannot write"), result.stdout + result.stderr
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    assert weights.stat().st_size > 1 << 20 and not list((tmp_path / "ckpt").glob(".*.tmp"))
+
+
+def test_threads_saving_into_one_folder_do_not_take_each_others_temporary_files(tmp_path, tiny_cnn, key):
+    # Both wrote '.model.safetensors.tmp' / '.protection.json.tmp': one renamed
+    # the other's file away and the other failed with FileNotFoundError.
+    import threading
+
+    model = wrap_model(tiny_cnn, key, mean=MEAN, std=STD, input_size=(3, 8, 8))
+    errors = []
+
+    def save_repeatedly():
+        try:
+            for _ in range(30):
+                save_protected(model, tmp_path / "shared")
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=save_repeatedly) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    load_protected(tmp_path / "shared", _fresh_cnn(), key)

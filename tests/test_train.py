@@ -5,7 +5,7 @@ import pytest
 import timm
 import torch
 
-from kp_plugin import SecretKey, wrap_model
+from kp_plugin import SecretKey, save_protected, wrap_model
 from kp_plugin.checkpoint import PROTECTION_FILE, WEIGHTS_FILE, find_key_material
 from kp_plugin.data import TensorImageDataset
 from kp_plugin.errors import CheckpointError, ConfigurationError, KeyMismatchError
@@ -165,6 +165,33 @@ def test_a_training_state_that_does_not_fit_is_refused_before_the_weights_load(t
         fit(model, data, config=TrainConfig(epochs=2, batch_size=16, ema_decay=0.9), checkpoint_dir=tmp_path,
             resume=True, progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_checkpoint_torn_between_weights_and_training_state_is_not_resumed(tmp_path, key):
+    # A run killed after writing an epoch's weights but before its training
+    # state resumed silently: that epoch's weights with the previous epoch's
+    # optimizer, schedule and random state (the epoch trained twice).
+    data = _separable_dataset(16)
+    fit(_model(key, seed=1), data, config=TrainConfig(epochs=1, batch_size=16), checkpoint_dir=tmp_path,
+        progress=False)
+    later = _model(key, seed=2)
+    save_protected(later, tmp_path, metadata={"epoch": 2})  # the next epoch's weights, then the crash
+    with pytest.raises(CheckpointError, match="later save"):
+        fit(_model(key), data, config=TrainConfig(epochs=3, batch_size=16), checkpoint_dir=tmp_path, resume=True,
+            progress=False)
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage", b"truncated"])
+def test_damaged_weights_are_a_checkpoint_error_on_resume(tmp_path, key, content):
+    # safetensors' own SafetensorError reached the caller (and kp printed a traceback).
+    data = _separable_dataset(16)
+    fit(_model(key, seed=1), data, config=TrainConfig(epochs=1, batch_size=16), checkpoint_dir=tmp_path,
+        progress=False)
+    weights = tmp_path / WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:1000] if content == b"truncated" else content)
+    with pytest.raises(CheckpointError, match=WEIGHTS_FILE):
+        fit(_model(key), data, config=TrainConfig(epochs=2, batch_size=16), checkpoint_dir=tmp_path, resume=True,
+            progress=False)
 
 
 def test_a_last_batch_of_one_image_is_skipped_not_a_batch_norm_crash(key):
