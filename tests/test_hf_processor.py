@@ -243,3 +243,26 @@ def test_no_images_or_unreadable_arrays_are_typed_errors(key, images):
     # IndexError ("list index out of range") / transformers' bare ValueError.
     with pytest.raises(BlockSizeError, match="no images|could not read"):
         KeyedImageProcessor(vit_processor(), key)(images, return_tensors="pt")
+
+
+def test_images_the_base_leaves_at_different_sizes_are_named_so(key):
+    # The base's torch.stack error was reported as images it could not read.
+    from transformers import CLIPImageProcessor
+
+    processor = KeyedImageProcessor(CLIPImageProcessor(do_center_crop=False, size={"shortest_edge": 32}), key)
+    wide, tall = (Image.fromarray(np.zeros(shape, dtype=np.uint8)) for shape in ((32, 48, 3), (48, 32, 3)))
+    with pytest.raises(BlockSizeError, match="different sizes"):
+        processor([wide, tall])
+
+
+@pytest.mark.parametrize("route", ["KeyedImageProcessor", "AutoImageProcessor", "plain folder"])
+def test_return_unused_kwargs_gives_the_processor_and_the_unused_ones(key, tmp_path, route):
+    # transformers' from_pretrained returns (processor, unused kwargs) then;
+    # the keyed one returned the processor alone.
+    if route == "plain folder":
+        vit_processor().save_pretrained(tmp_path)
+    else:
+        KeyedImageProcessor(vit_processor(), key).save_pretrained(tmp_path)
+    loader = AutoImageProcessor if route == "AutoImageProcessor" else KeyedImageProcessor
+    processor, unused = loader.from_pretrained(tmp_path, key=key, return_unused_kwargs=True, not_a_setting=1)
+    assert isinstance(processor, KeyedImageProcessor) and unused == {"not_a_setting": 1}

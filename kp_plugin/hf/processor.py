@@ -275,6 +275,11 @@ class KeyedImageProcessor(BaseImageProcessor):
             out = base(images, do_rescale=False, do_normalize=False, return_tensors="pt", **kwargs)
         except ValueError as exc:
             first = first_line(exc)[:200]
+            if "equal size" in first:  # torch.stack of images the base left at different sizes
+                raise BlockSizeError(
+                    "the images came out of the base processor with different sizes; configure it to resize "
+                    "(or center-crop) to one size that is a multiple of the key's block size"
+                ) from None
             if "channel" in first:
                 # transformers cannot tell where the channels are (2 or 5 of
                 # them; RGBA too in some releases).
@@ -431,6 +436,7 @@ class KeyedImageProcessor(BaseImageProcessor):
             raise _key_required(str(pretrained_model_name_or_path))
         kwargs.pop("_from_auto", None)
         check_range = kwargs.pop("check_range", True)
+        return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
         require_key(key)
         loading = dict(kwargs)
         with _loading_errors(pretrained_model_name_or_path):
@@ -438,9 +444,14 @@ class KeyedImageProcessor(BaseImageProcessor):
             if config.get("image_processor_type") != cls.__name__:
                 # A plain processor: let AutoImageProcessor resolve it (legacy
                 # names, feature extractors, backends), then key it.
-                base = AutoImageProcessor.from_pretrained(pretrained_model_name_or_path, **loading)
-                return cls(base, key, check_range=check_range)
-        return cls.from_dict(config, key=key, allow_wrong_key=allow_wrong_key, check_range=check_range, **kwargs)
+                base, unused = AutoImageProcessor.from_pretrained(pretrained_model_name_or_path, **loading,
+                                                                  return_unused_kwargs=True)
+                keyed = cls(base, key, check_range=check_range)
+                return (keyed, unused) if return_unused_kwargs else keyed
+        keyed = cls.from_dict(config, key=key, allow_wrong_key=allow_wrong_key, check_range=check_range, **kwargs)
+        if return_unused_kwargs:  # as transformers' from_pretrained: (processor, the kwargs it did not use)
+            return keyed, {name: value for name, value in kwargs.items() if not hasattr(keyed.image_processor, name)}
+        return keyed
 
     @classmethod
     def from_dict(cls, image_processor_dict: dict, *, key: Optional[SecretKey] = None,
