@@ -266,3 +266,22 @@ def test_return_unused_kwargs_gives_the_processor_and_the_unused_ones(key, tmp_p
     loader = AutoImageProcessor if route == "AutoImageProcessor" else KeyedImageProcessor
     processor, unused = loader.from_pretrained(tmp_path, key=key, return_unused_kwargs=True, not_a_setting=1)
     assert isinstance(processor, KeyedImageProcessor) and unused == {"not_a_setting": 1}
+
+
+def test_settings_assigned_on_the_keyed_processor_reach_the_base(key, images):
+    # `processor.size = ...` made an attribute of the wrapper: it read back,
+    # but the images and save_pretrained kept the base's old size.
+    processor = KeyedImageProcessor(vit_processor(), key)
+    bigger = IMAGE_SIZE + BLOCK_SIZE
+    processor.size = {"height": bigger, "width": bigger}
+    assert processor(images, return_tensors="pt")["pixel_values"].shape[-2:] == (bigger, bigger)
+    assert processor.to_dict()["size"]["height"] == bigger
+    with pytest.raises(BlockSizeError, match="block_size"):
+        processor.size = {"height": bigger + 1, "width": bigger + 1}
+    assert processor.image_processor.size["height"] == bigger  # the refused value was not kept
+    processor.image_mean = [0.25, 0.25, 0.25]
+    pixels = processor(images, return_tensors="pt")["pixel_values"]
+    unnormalized = ViTImageProcessor(size={"height": bigger, "width": bigger}, do_normalize=False)
+    images01 = unnormalized(images, return_tensors="pt")["pixel_values"]
+    expected = KeyedInput(key, mean=[0.25] * 3, std=processor.image_std)(images01)
+    torch.testing.assert_close(pixels, expected, atol=1e-6, rtol=0)

@@ -48,6 +48,11 @@ _TAKEN_OVER = ("do_rescale", "do_normalize", "rescale_factor", "image_mean", "im
                "include_top")
 
 
+#: Attributes of the keyed processor itself; any other name the base has is
+#: the base's setting (read and written through).
+_OWN_ATTRIBUTES = frozenset({"image_processor", "check_range", "key"})
+
+
 class KeyRequiredError(KPError, TypeError):
     """A keyed image processor was loaded or built without its secret key."""
 
@@ -103,6 +108,28 @@ def _normalization(processor: BaseImageProcessor) -> tuple:
     return mean, std
 
 
+def _checked_settings(processor: BaseImageProcessor, key: SecretKey) -> tuple:
+    """The (mean, std) the keyed processor normalizes with for ``processor``,
+    after checking its settings suit the key (output size a multiple of the
+    block size, pixels rescaled to [0, 1])."""
+    size = processor_output_size(processor)
+    if size is not None and (size[0] % key.block_size or size[1] % key.block_size):
+        h, w = nearest_valid_size(size[0], key.block_size), nearest_valid_size(size[1], key.block_size)
+        raise BlockSizeError(
+            f"{type(processor).__name__} produces {size[0]}x{size[1]} images but the key's block_size "
+            f"is {key.block_size}; configure the processor for a multiple of it, e.g. "
+            f"size={{'height': {h}, 'width': {w}}} (and crop_size likewise when it center-crops)"
+        )
+    if getattr(processor, "rescale_offset", False) and getattr(processor, "do_rescale", True):
+        raise ConfigurationError(
+            f"{type(processor).__name__} has rescale_offset=True, which maps pixels to [-1, 1]; the keyed "
+            "transform needs them in [0, 1] before normalization. Build the base with rescale_offset=False and "
+            "rescale_factor=1/255, with image_mean = (1 + mean) / 2 and image_std = std / 2 to give the same "
+            "model inputs"
+        )
+    return _normalization(processor)
+
+
 def _as_list(values: Any) -> list:
     return list(values) if isinstance(values, (list, tuple)) else [values]
 
@@ -134,8 +161,9 @@ class KeyedImageProcessor(BaseImageProcessor):
     this processor and near chance with a processor built on another key.
 
     Settings of the base (``size``, ``crop_size``, ``image_mean``, ...) are
-    readable on the keyed processor. Per-call overrides of the base's
-    resize / crop settings pass through.
+    read and assigned through the keyed processor (an assignment is checked
+    as at construction). Per-call overrides of the base's resize / crop
+    settings pass through.
 
     Args:
         image_processor: the base processor (e.g. from
@@ -183,25 +211,32 @@ class KeyedImageProcessor(BaseImageProcessor):
                 "image_processor must be a transformers image processor (not already keyed), got "
                 f"{type(image_processor).__name__}"
             )
-        size = processor_output_size(image_processor)
-        if size is not None and (size[0] % key.block_size or size[1] % key.block_size):
-            h, w = nearest_valid_size(size[0], key.block_size), nearest_valid_size(size[1], key.block_size)
-            raise BlockSizeError(
-                f"{type(image_processor).__name__} produces {size[0]}x{size[1]} images but the key's block_size "
-                f"is {key.block_size}; configure the processor for a multiple of it, e.g. "
-                f"size={{'height': {h}, 'width': {w}}} (and crop_size likewise when it center-crops)"
-            )
-        if getattr(image_processor, "rescale_offset", False) and getattr(image_processor, "do_rescale", True):
-            raise ConfigurationError(
-                f"{type(image_processor).__name__} has rescale_offset=True, which maps pixels to [-1, 1]; the keyed "
-                "transform needs them in [0, 1] before normalization. Build the base with rescale_offset=False and "
-                "rescale_factor=1/255, with image_mean = (1 + mean) / 2 and image_std = std / 2 to give the same "
-                "model inputs"
-            )
-        mean, std = _normalization(image_processor)
+        mean, std = _checked_settings(image_processor, key)
         self.image_processor = image_processor
         self.check_range = check_range
         self._keyed = KeyedInput(key, mean=mean, std=std, check_range=check_range)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A setting of the base (size, crop_size, image_mean, do_normalize,
+        # ...) assigned on the keyed processor goes to the base, as reading
+        # it does, and is checked as at construction; before, it became an
+        # attribute of the wrapper that read back but changed nothing.
+        base = self.__dict__.get("image_processor")
+        if base is None or name.startswith("_") or name in _OWN_ATTRIBUTES or not hasattr(base, name):
+            super().__setattr__(name, value)
+            if name == "check_range" and "_keyed" in self.__dict__:
+                self._keyed.check_range = value
+            return
+        before = getattr(base, name)
+        setattr(base, name, value)
+        try:
+            mean, std = _checked_settings(base, self.key)
+        except KPError:
+            setattr(base, name, before)
+            raise
+        keyed = KeyedInput(self.key, mean=mean, std=std, check_range=self.check_range)
+        if (keyed.mean, keyed.std) != (self._keyed.mean, self._keyed.std):
+            self._keyed = keyed  # image_mean, image_std, do_normalize, include_top
 
     @property
     def key(self) -> SecretKey:
