@@ -285,3 +285,19 @@ def test_settings_assigned_on_the_keyed_processor_reach_the_base(key, images):
     images01 = unnormalized(images, return_tensors="pt")["pixel_values"]
     expected = KeyedInput(key, mean=[0.25] * 3, std=processor.image_std)(images01)
     torch.testing.assert_close(pixels, expected, atol=1e-6, rtol=0)
+
+
+def test_the_output_size_is_the_one_the_base_produces(key):
+    # Read from the settings, Perceiver's size (it crops to crop_size first,
+    # then resizes to size) was taken for its crop_size and a good key refused;
+    # ConvNeXt's shortest-edge crop (always 250x250 here) passed construction.
+    from transformers import PerceiverImageProcessor
+
+    perceiver = PerceiverImageProcessor(crop_size={"height": 40, "width": 40},
+                                        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    processor = KeyedImageProcessor(perceiver, key)
+    assert processor.output_size == (IMAGE_SIZE, IMAGE_SIZE)
+    image = Image.fromarray(np.zeros((50, 60, 3), dtype=np.uint8))
+    assert processor(image, return_tensors="pt")["pixel_values"].shape[-2:] == (IMAGE_SIZE, IMAGE_SIZE)
+    with pytest.raises(BlockSizeError, match=r"250x250.*size=\{'shortest_edge': 256\}"):
+        KeyedImageProcessor(ConvNextImageProcessor(size={"shortest_edge": 250}), SecretKey.generate(block_size=16))

@@ -66,8 +66,16 @@ def _key_required(where: str) -> KeyRequiredError:
 
 
 def processor_output_size(processor: BaseImageProcessor) -> Optional[tuple]:
-    """``(height, width)`` of the images ``processor`` produces, when its
-    settings say so unambiguously (center crop, or a fixed resize), else ``None``."""
+    """``(height, width)`` of the images ``processor`` produces whatever the
+    input size, else ``None``.
+
+    Found by running it on two small blank images of different shapes (its
+    own order of crop and resize, shortest-edge resizes that crop to a
+    square, ...); from its settings (center crop, or a fixed resize) when
+    that run fails."""
+    probed = _probe_output_size(processor)
+    if probed is not False:
+        return probed
     crop = getattr(processor, "crop_size", None)
     if getattr(processor, "do_center_crop", False) and crop is not None:
         h, w = _size_pair(crop)
@@ -79,6 +87,26 @@ def processor_output_size(processor: BaseImageProcessor) -> Optional[tuple]:
         if h is not None:
             return h, w
     return None
+
+
+def _probe_output_size(processor: BaseImageProcessor) -> Union[tuple, None, bool]:
+    """The output size of ``processor`` on a 40x56 and a 56x40 blank RGB
+    image: ``(h, w)`` when both give it, ``None`` when they differ, ``False``
+    when the processor cannot run on them."""
+    import numpy as np
+
+    extra = {"include_top": False} if hasattr(processor, "include_top") else {}
+    sizes = set()
+    for shape in ((40, 56, 3), (56, 40, 3)):
+        try:
+            out = processor(np.zeros(shape, dtype=np.uint8), do_rescale=False, do_normalize=False,
+                            return_tensors="pt", **extra)["pixel_values"]
+        except Exception:  # noqa: BLE001 - any failure: fall back to reading the settings
+            return False
+        if not isinstance(out, torch.Tensor) or out.dim() != 4:
+            return False
+        sizes.add(tuple(out.shape[-2:]))
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def _size_pair(size: Any) -> tuple:
@@ -115,10 +143,14 @@ def _checked_settings(processor: BaseImageProcessor, key: SecretKey) -> tuple:
     size = processor_output_size(processor)
     if size is not None and (size[0] % key.block_size or size[1] % key.block_size):
         h, w = nearest_valid_size(size[0], key.block_size), nearest_valid_size(size[1], key.block_size)
+        setting = getattr(processor, "size", None)
+        shortest = setting.get("shortest_edge") if hasattr(setting, "get") else getattr(setting, "shortest_edge", None)
+        example = (f"size={{'shortest_edge': {h}}}" if shortest is not None and h == w
+                   else f"size={{'height': {h}, 'width': {w}}}")
         raise BlockSizeError(
             f"{type(processor).__name__} produces {size[0]}x{size[1]} images but the key's block_size "
             f"is {key.block_size}; configure the processor for a multiple of it, e.g. "
-            f"size={{'height': {h}, 'width': {w}}} (and crop_size likewise when it center-crops)"
+            f"{example} (and crop_size likewise when it center-crops)"
         )
     if getattr(processor, "rescale_offset", False) and getattr(processor, "do_rescale", True):
         raise ConfigurationError(
