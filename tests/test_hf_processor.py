@@ -301,3 +301,21 @@ def test_the_output_size_is_the_one_the_base_produces(key):
     assert processor(image, return_tensors="pt")["pixel_values"].shape[-2:] == (IMAGE_SIZE, IMAGE_SIZE)
     with pytest.raises(BlockSizeError, match=r"250x250.*size=\{'shortest_edge': 256\}"):
         KeyedImageProcessor(ConvNextImageProcessor(size={"shortest_edge": 250}), SecretKey.generate(block_size=16))
+
+
+@pytest.mark.parametrize("route", ["KeyedImageProcessor", "AutoImageProcessor"])
+def test_backend_pil_on_load_gives_the_pil_base(key, images, tmp_path, route):
+    # KeyedImageProcessor.from_pretrained(..., backend="pil") raised
+    # AttributeError (no setter for 'backend'); AutoImageProcessor ignored it.
+    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+    KeyedImageProcessor(vit_processor(), key).save_pretrained(tmp_path / "saved")
+    loader = AutoImageProcessor if route == "AutoImageProcessor" else KeyedImageProcessor
+    loaded = loader.from_pretrained(tmp_path / "saved", key=key, backend="pil")
+    assert isinstance(loaded, KeyedImageProcessor) and isinstance(loaded.image_processor, ViTImageProcessorPil)
+    expected = KeyedImageProcessor(ViTImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}), key)
+    torch.testing.assert_close(loaded(images, return_tensors="pt")["pixel_values"],
+                               expected(images, return_tensors="pt")["pixel_values"])
+    assert loaded.to_dict()["image_processor_type"] == "KeyedImageProcessor"
+    default = loader.from_pretrained(tmp_path / "saved", key=key)
+    assert not isinstance(default.image_processor, ViTImageProcessorPil)

@@ -218,6 +218,8 @@ class KeyedImageProcessor(BaseImageProcessor):
     """
 
     model_input_names = ["pixel_values"]
+    #: The base's backend when none is asked for (see :class:`KeyedImageProcessorPil`).
+    _backend: Optional[str] = None
 
     def __init__(
         self,
@@ -504,18 +506,20 @@ class KeyedImageProcessor(BaseImageProcessor):
         kwargs.pop("_from_auto", None)
         check_range = kwargs.pop("check_range", True)
         return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
+        backend = kwargs.pop("backend", cls._backend)
         require_key(key)
-        loading = dict(kwargs)
+        loading = dict(kwargs, backend=backend) if backend is not None else dict(kwargs)
         with _loading_errors(pretrained_model_name_or_path):
             config, kwargs = cls.get_image_processor_dict(pretrained_model_name_or_path, **kwargs)
-            if config.get("image_processor_type") != cls.__name__:
+            if config.get("image_processor_type") != KeyedImageProcessor.__name__:
                 # A plain processor: let AutoImageProcessor resolve it (legacy
                 # names, feature extractors, backends), then key it.
                 base, unused = AutoImageProcessor.from_pretrained(pretrained_model_name_or_path, **loading,
                                                                   return_unused_kwargs=True)
                 keyed = cls(base, key, check_range=check_range)
                 return (keyed, unused) if return_unused_kwargs else keyed
-        keyed = cls.from_dict(config, key=key, allow_wrong_key=allow_wrong_key, check_range=check_range, **kwargs)
+        keyed = cls.from_dict(config, key=key, allow_wrong_key=allow_wrong_key, check_range=check_range,
+                              backend=backend, **kwargs)
         if return_unused_kwargs:  # as transformers' from_pretrained: (processor, the kwargs it did not use)
             return keyed, {name: value for name, value in kwargs.items() if not hasattr(keyed.image_processor, name)}
         return keyed
@@ -532,7 +536,7 @@ class KeyedImageProcessor(BaseImageProcessor):
         protection = settings.pop(PROTECTION_FIELD, None)
         base_type = settings.pop(_BASE_TYPE_FIELD, None)
         own_type = settings.get("image_processor_type")
-        if own_type == cls.__name__:
+        if own_type == KeyedImageProcessor.__name__:
             if protection is None or base_type is None:
                 raise CheckpointError("preprocessor_config.json names KeyedImageProcessor but has no kp_protection block")
             _check_protection_block(protection)
@@ -548,9 +552,15 @@ class KeyedImageProcessor(BaseImageProcessor):
             base_type = own_type
         if base_type is None:
             raise CheckpointError("preprocessor_config.json has no image_processor_type; cannot tell the base processor")
+        backend = kwargs.pop("backend", cls._backend)
         base_cls = get_image_processor_class_from_name(base_type)
         if base_cls is None:
             raise CheckpointError(f"transformers has no image processor class {base_type!r}")
+        # transformers saves both backends under the torchvision class's name;
+        # backend="pil" picks the PIL one, as AutoImageProcessor does.
+        other = {"pil": base_type + "Pil", "torchvision": base_type[:-3]}.get(backend)
+        if other and other != base_type and (backend == "pil") != base_type.endswith("Pil"):
+            base_cls = get_image_processor_class_from_name(other) or base_cls
         check_range = kwargs.pop("check_range", True)
         kwargs.pop("return_unused_kwargs", None)
         base = base_cls.from_dict(settings, **kwargs)
@@ -620,8 +630,22 @@ class _KeyedImageProcessorRegistration(PretrainedConfig):
     model_type = "kp_plugin_keyed_image_processor"
 
 
+class KeyedImageProcessorPil(KeyedImageProcessor):
+    """What ``AutoImageProcessor.from_pretrained(path, key=..., backend="pil")``
+    resolves to: loads the base processor with its PIL backend. Saved as a
+    :class:`KeyedImageProcessor` (the backend is a loading choice, as in
+    transformers)."""
+
+    _backend = "pil"
+
+    def to_dict(self) -> dict:
+        output = super().to_dict()
+        output["image_processor_type"] = KeyedImageProcessor.__name__
+        return output
+
+
 AutoImageProcessor.register(
     _KeyedImageProcessorRegistration,
-    image_processor_classes={"torchvision": KeyedImageProcessor, "pil": KeyedImageProcessor},
+    image_processor_classes={"torchvision": KeyedImageProcessor, "pil": KeyedImageProcessorPil},
     exist_ok=True,
 )
