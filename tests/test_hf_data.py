@@ -73,6 +73,20 @@ def test_dataloader_workers_started_by_spawn_get_the_collator(key):
     assert torch.equal(got["labels"], expected["labels"])
 
 
+def test_datasets_map_with_worker_processes_gets_the_transform(key):
+    # datasets sends the function to its workers with the dill-based
+    # `multiprocess` pickler, which had no way to carry the key: every worker
+    # died and the caller saw "One of the subprocesses has abruptly died".
+    processor = KeyedImageProcessor(vit_processor(), key)
+    raw = digits_dataset("test", size=6)
+    transform = KeyedExampleTransform(processor)
+    one = raw.map(transform, batched=True, remove_columns=["image"])
+    two = raw.map(transform, batched=True, remove_columns=["image"], num_proc=2)
+    assert torch.equal(torch.tensor(two["pixel_values"]), torch.tensor(one["pixel_values"]))
+    assert two["label"] == raw["label"]
+    assert Hasher.hash(transform) == Hasher.hash(KeyedExampleTransform(KeyedImageProcessor(vit_processor(), key)))
+
+
 def test_missing_image_column_names_the_trap(key):
     collator = KeyedImageCollator(KeyedImageProcessor(vit_processor(), key))
     with pytest.raises(Exception, match="remove_unused_columns"):
