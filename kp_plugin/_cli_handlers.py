@@ -253,6 +253,7 @@ def protect(args: argparse.Namespace) -> int:
     device = _runtime(args)
     key = cli_key(args.key)
     out = Path(args.output)
+    _refuse_key_file_inside(out, args.key)
     resume_dir = out / RESUME_DIR
     if args.resume and not (resume_dir / TRAINING_STATE_FILE).is_file():
         raise CheckpointError(f"cannot resume: {resume_dir / TRAINING_STATE_FILE} is missing (start without --resume)")
@@ -449,8 +450,9 @@ def export(args: argparse.Namespace) -> int:
     torch.export program, with protection.json, for deployment (no key)."""
     from .export import INPUT_NAME, OUTPUT_NAME, export_protected
 
-    model, key, protection = open_protected(args, torch.device("cpu"))
     output = Path(args.output)
+    _refuse_key_file_inside(output, args.key)
+    model, key, protection = open_protected(args, torch.device("cpu"))
     path = export_protected(model, output, format=args.format, batch_size=args.batch_size,
                             opset_version=args.opset, metadata=protection.extra)
     _check_no_key_material(output, key, args.key)
@@ -552,6 +554,17 @@ def cli_key(path: Optional[str], *, required: bool = True) -> Optional[SecretKey
 
 def _key_source(path: Optional[str]) -> str:
     return path or f"the key in {KEY_ENV}"
+
+
+def _refuse_key_file_inside(directory: Path, key_file: Optional[str]) -> None:
+    """A usage error, before any work, when the key file lies inside the
+    folder a command writes for publishing: save_protected / export refuse
+    a folder holding key material, which they find only at the end."""
+    if key_file and Path(key_file).resolve().is_relative_to(directory.resolve()):
+        raise _UsageError(
+            f"the key file {key_file} lies inside {directory}, the folder to publish (the model is refused "
+            "with a key file beside it); keep the key outside it, e.g. move it to ~/keys/"
+        )
 
 
 def _check_no_key_material(directory: Path, key: SecretKey, key_file: Optional[str]) -> None:

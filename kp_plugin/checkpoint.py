@@ -452,6 +452,13 @@ def save_protected(
     Returns:
         The directory.
 
+    Raises:
+        KeyLeakError: the metadata or model config holds key material
+            (nothing is written), or a file in ``directory`` does after the
+            save (a key file kept there: move it out before sharing).
+        CheckpointError: ``directory`` holds another key's checkpoint, or
+            the weights cannot be written (the previous ones stay).
+
     Example:
         >>> save_protected(model, "out/")                    # doctest: +SKIP
     """

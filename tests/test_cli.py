@@ -263,6 +263,20 @@ def test_protect_refuses_to_replace_a_protected_model_without_resume(protected, 
     assert "--resume" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["protect", "export"])
+def test_a_key_file_inside_the_output_folder_is_refused_before_any_work(protected, tmp_path, capsys, command):
+    # `kp protect -o out --key out/owner.key` fine-tuned to the end, then
+    # save_protected refused the folder (key material in it): exit 1, the
+    # model written beside the key.
+    _, checkpoint = protected
+    out = tmp_path / "out"
+    assert main(["keygen", "--block-size", "4", "-o", str(out / "owner.key")]) == 0
+    argv = ([*TINY, "-o", str(out)] if command == "protect" else [str(checkpoint), "-o", str(out)])
+    assert main([command, *argv, "--key", str(out / "owner.key")]) == 2
+    assert "lies inside" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["owner.key"]
+
+
 def test_resume_without_a_training_state_exits_with_the_checkpoint_code(protected, tmp_path):
     key_path, _ = protected
     assert main(["protect", *TINY, "--key", str(key_path), "-o", str(tmp_path / "fresh"), "--resume"]) == 5
