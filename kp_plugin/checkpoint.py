@@ -17,6 +17,7 @@ checkpoint was protected with.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -26,7 +27,7 @@ import secrets
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -282,6 +283,20 @@ def _temporary_beside(path: Path) -> Path:
     """A temporary name in ``path``'s folder, its own per call: two
     processes saving into one folder do not rename each other's files."""
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+@contextlib.contextmanager
+def replacing(path: Union[str, os.PathLike]) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; renamed over ``path``
+    when the block succeeds, removed when it fails, so a failed write (a full
+    disk) leaves the file that was there whole."""
+    path = Path(path)
+    tmp = _temporary_beside(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -12,6 +12,8 @@ from typing import Union
 
 import torch
 
+from .checkpoint import replacing
+
 __all__ = ["plot_wrong_key_histogram", "plot_examples"]
 
 
@@ -53,7 +55,8 @@ def plot_wrong_key_histogram(report, path: Union[str, os.PathLike]) -> None:
         ax.set_title(f"{report.dataset}: {report.scheme}, M={report.block_size}")
         ax.legend(fontsize=8, loc="best")
         fig.tight_layout()
-        fig.savefig(path)
+        with replacing(path) as tmp:  # a failed write leaves the previous picture whole
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
 
@@ -86,6 +89,7 @@ def plot_examples(images: torch.Tensor, protected: torch.Tensor, path: Union[str
                 if col == 0:
                     ax.set_ylabel(title)
         fig.tight_layout()
-        fig.savefig(path)
+        with replacing(path) as tmp:  # a failed write leaves the previous picture whole
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)

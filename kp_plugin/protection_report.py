@@ -21,6 +21,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from .checkpoint import replacing
+
 __all__ = [
     "ProtectionReport",
     "write_report",
@@ -228,9 +230,10 @@ def write_report(
             private.mkdir(parents=True, exist_ok=True)
             plot_examples(report.example_images, report.example_protected, private / EXAMPLES_FILE)
             private_examples = os.path.relpath(private / EXAMPLES_FILE, directory.resolve())
-    (directory / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n")
-    (directory / REPORT_MARKDOWN).write_text(
-        report_markdown(report, figures=drawn, private_examples=private_examples))
+    with replacing(directory / REPORT_FILE) as tmp:
+        tmp.write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n")
+    with replacing(directory / REPORT_MARKDOWN) as tmp:
+        tmp.write_text(report_markdown(report, figures=drawn, private_examples=private_examples))
     return directory
 
 

@@ -612,3 +612,19 @@ def test_threads_saving_into_one_folder_do_not_take_each_others_temporary_files(
         thread.join()
     assert errors == []
     load_protected(tmp_path / "shared", _fresh_cnn(), key)
+
+
+def test_replacing_keeps_the_old_file_when_the_write_fails(tmp_path):
+    # What the report, figure and processor writers use: a write that fails
+    # half-way (a full disk) used to leave a file cut short.
+    from kp_plugin.checkpoint import replacing
+
+    target = tmp_path / "report.json"
+    target.write_text("the previous report")
+    with pytest.raises(OSError), replacing(target) as tmp:
+        tmp.write_text("half a rep")
+        raise OSError(28, "No space left on device")
+    assert target.read_text() == "the previous report" and list(tmp_path.iterdir()) == [target]
+    with replacing(target) as tmp:
+        tmp.write_text("the new report")
+    assert target.read_text() == "the new report" and list(tmp_path.iterdir()) == [target]

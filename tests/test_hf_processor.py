@@ -319,3 +319,32 @@ def test_backend_pil_on_load_gives_the_pil_base(key, images, tmp_path, route):
     assert loaded.to_dict()["image_processor_type"] == "KeyedImageProcessor"
     default = loader.from_pretrained(tmp_path / "saved", key=key)
     assert not isinstance(default.image_processor, ViTImageProcessorPil)
+
+
+def test_a_save_that_fails_leaves_the_saved_configuration_whole(key, tmp_path):
+    # transformers writes preprocessor_config.json in place: a full disk cut
+    # the saved file short (and from_pretrained then called it invalid JSON).
+    # A real limit: RLIMIT_FSIZE in a child process.
+    import subprocess
+    import sys
+
+    KeyedImageProcessor(vit_processor(), key).save_pretrained(tmp_path)
+    before = (tmp_path / "preprocessor_config.json").read_bytes()
+    script = f"""
+import resource, signal
+from transformers import ViTImageProcessor
+from kp_plugin import SecretKey
+from kp_plugin.hf import KeyedImageProcessor
+processor = KeyedImageProcessor(ViTImageProcessor(size={{"height": 64, "width": 64}}), SecretKey.generate(block_size=8))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))
+try:
+    processor.save_pretrained({str(tmp_path)!r})
+except OSError as exc:
+    print("failed", exc.errno)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.stdout.startswith("failed"), result.stdout + result.stderr
+    assert (tmp_path / "preprocessor_config.json").read_bytes() == before
+    assert not list(tmp_path.glob(".*.tmp"))
+    KeyedImageProcessor.from_pretrained(tmp_path, key=key)

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Optional, Union
 
+from ..checkpoint import replacing
 from .suite import AttackReport
 
 __all__ = ["write_attack_report", "report_markdown", "REPORT_JSON", "REPORT_MD", "FIGURES"]
@@ -158,7 +159,8 @@ def _figures(report: AttackReport, directory: Path) -> dict:
         ax.legend(fontsize=8)
         ax.set_title("Fine-tuning attack")
         fig.tight_layout()
-        fig.savefig(directory / FIGURES["finetune"], dpi=120)
+        with replacing(directory / FIGURES["finetune"]) as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
         plt.close(fig)
         written["finetune"] = FIGURES["finetune"]
     bars = [(label, r[name].recovered_fraction) for name, label in
@@ -176,7 +178,8 @@ def _figures(report: AttackReport, directory: Path) -> dict:
         ax.set_ylim(0, 100)
         ax.set_title("Fraction of the key recovered")
         fig.tight_layout()
-        fig.savefig(directory / FIGURES["recovery"], dpi=120)
+        with replacing(directory / FIGURES["recovery"]) as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
         plt.close(fig)
         written["recovery"] = FIGURES["recovery"]
     if "partial_key" in r:
@@ -189,7 +192,8 @@ def _figures(report: AttackReport, directory: Path) -> dict:
         ax.set_title("Partial key")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(directory / FIGURES["partial_key"], dpi=120)
+        with replacing(directory / FIGURES["partial_key"]) as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
         plt.close(fig)
         written["partial_key"] = FIGURES["partial_key"]
     if "random_search" in r:
@@ -203,7 +207,8 @@ def _figures(report: AttackReport, directory: Path) -> dict:
         ax.set_title(f"{s.num_keys} random keys")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(directory / FIGURES["random_search"], dpi=120)
+        with replacing(directory / FIGURES["random_search"]) as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
         plt.close(fig)
         written["random_search"] = FIGURES["random_search"]
     return written
@@ -219,6 +224,8 @@ def write_attack_report(report: AttackReport, directory: Union[str, os.PathLike]
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     written = _figures(report, directory) if figures else {}
-    (directory / REPORT_JSON).write_text(json.dumps(report.summary(), indent=2, sort_keys=True) + "\n")
-    (directory / REPORT_MD).write_text(report_markdown(report, figures=written))
+    with replacing(directory / REPORT_JSON) as tmp:
+        tmp.write_text(json.dumps(report.summary(), indent=2, sort_keys=True) + "\n")
+    with replacing(directory / REPORT_MD) as tmp:
+        tmp.write_text(report_markdown(report, figures=written))
     return directory

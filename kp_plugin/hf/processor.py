@@ -26,7 +26,7 @@ from transformers import AutoImageProcessor, PretrainedConfig
 from transformers.image_processing_base import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 
-from ..checkpoint import check_key_matches, refuse_key_material
+from ..checkpoint import check_key_matches, refuse_key_material, replacing
 from ..errors import (BlockSizeError, CheckpointError, ConfigurationError, InputRangeError, KeyMismatchError, KPError,
                       first_line)
 from ..keys import SecretKey, parse_scheme, require_key
@@ -474,6 +474,12 @@ class KeyedImageProcessor(BaseImageProcessor):
         files = super().save_pretrained(save_directory, push_to_hub=False, **kwargs)
         self._refuse_leaks(save_directory)
         return files
+
+    def to_json_file(self, json_file_path: Union[str, os.PathLike]) -> None:
+        """Write :meth:`to_json_string` beside the file and rename it over:
+        a failed write (a full disk) leaves the saved configuration whole."""
+        with replacing(json_file_path) as tmp:
+            tmp.write_text(self.to_json_string(), encoding="utf-8")
 
     def _refuse_leaks(self, directory: Union[str, os.PathLike]) -> None:
         refuse_key_material(directory, self.key)
