@@ -228,6 +228,7 @@ def write_report(
             private = Path(private_directory) if private_directory is not None else (
                 directory.resolve().parent / PRIVATE_DIR)
             private.mkdir(parents=True, exist_ok=True)
+            os.chmod(private, 0o700)  # owner-only: plain images beside protected ones
             plot_examples(report.example_images, report.example_protected, private / EXAMPLES_FILE)
             private_examples = os.path.relpath(private / EXAMPLES_FILE, directory.resolve())
     with replacing(directory / REPORT_FILE) as tmp:

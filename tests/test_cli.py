@@ -127,6 +127,9 @@ def test_evaluate_writes_the_report_with_the_baseline(protected, capsys):
     assert report["unprotected_accuracy"] == pytest.approx(record["unprotected_accuracy"])
     assert (out / "report" / "wrong_keys.png").is_file() and (out / "private" / "examples.png").is_file()
     assert "wrong keys, mean of 5" in capsys.readouterr().out
+    # The folders not to publish are owner-only (they were 0755 under the usual umask).
+    assert (out / "private").stat().st_mode & 0o777 == 0o700
+    assert (out / "training").stat().st_mode & 0o777 == 0o700
     assert find_key_material(out, SecretKey.load(key_path)) == []
 
 
