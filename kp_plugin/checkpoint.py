@@ -77,7 +77,7 @@ class ProtectionConfig:
     format: str = PROTECTION_FORMAT
     format_version: int = PROTECTION_FORMAT_VERSION
     extra: dict = field(default_factory=dict)
-    #: A digest of the weights this config was saved with (BLAKE2b of the
+    #: A digest of the weights this config was saved with (SHA-256 of the
     #: state dict's names, shapes, dtypes and bytes), also in the weights'
     #: header (``kp_weights_digest``): when the two disagree the folder mixes
     #: two saves (one interrupted between its files, or files copied together).
@@ -270,13 +270,14 @@ def _num_classes(model: nn.Module) -> Optional[int]:
 
 def weights_digest(module: nn.Module) -> str:
     """A short public digest of ``module``'s state dict (names, shapes,
-    dtypes and bytes, BLAKE2b): the same weights always give the same one."""
-    digest = hashlib.blake2b(digest_size=8)
+    dtypes and bytes; SHA-256, which CPUs accelerate, cut to 16 hex digits):
+    the same weights always give the same one."""
+    digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         tensor = tensor.detach()
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
         digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
+    return digest.hexdigest()[:16]
 
 
 def _temporary_beside(path: Path) -> Path:
@@ -297,6 +298,14 @@ def replacing(path: Union[str, os.PathLike]) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -322,6 +331,7 @@ def save_weights_atomic(module: nn.Module, path: Path, metadata: dict) -> None:
     tmp = _temporary_beside(path)
     try:
         save_model(module, str(tmp), metadata=metadata)
+        _fsync_file(tmp)  # on disk before the rename makes it the checkpoint (a power loss keeps one or the other)
         os.replace(tmp, path)
     except SafetensorError as exc:  # the disk full among them: safetensors' own error, not an OSError
         raise CheckpointError(

@@ -459,7 +459,10 @@ def _save_checkpoint(model: nn.Module, directory: Path, state: dict) -> None:
         state = {**state, "weights_digest": ProtectionConfig.load(directory).weights_digest}
     tmp = directory / f".{TRAINING_STATE_FILE}.tmp"
     try:
-        torch.save(state, tmp)
+        with open(tmp, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, directory / TRAINING_STATE_FILE)
     except (OSError, RuntimeError) as exc:  # torch reports a full disk as RuntimeError("... unexpected pos ...")
         raise CheckpointError(
