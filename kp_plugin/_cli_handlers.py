@@ -291,13 +291,13 @@ def protect(args: argparse.Namespace) -> int:
         "model_args": _model_args(args),
     })
 
+    torch.manual_seed(args.seed)
+    model = create_protected_model(args.model, key, pretrained=not args.no_pretrained,
+                                   num_classes=num_classes, input_size=size, **_model_args(args))
     # Owner-only: the optimizer state, and with --distill the unprotected
     # teacher (a model that needs no key), are never to be shared.
     resume_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(resume_dir, 0o700)
-    torch.manual_seed(args.seed)
-    model = create_protected_model(args.model, key, pretrained=not args.no_pretrained,
-                                   num_classes=num_classes, input_size=size, **_model_args(args))
     teacher = None
     if args.distill:
         teacher = _unprotected_fine_tune(args, num_classes, model.keyed, train_set, test_set, config, device, record,
