@@ -239,6 +239,7 @@ def wrong_key_accuracies(
     Example:
         >>> accs = wrong_key_accuracies(model, test_set, num_keys=20)   # doctest: +SKIP
     """
+    model = require_protected(model, "wrong_key_accuracies")  # also through DataParallel / DDP / torch.compile
     keys = wrong_keys(model.key, num_keys, seed=seed)
     _, _, accs, _ = _score(model, dataset, keys, with_key=False, plain=False,
                            batch_size=batch_size, device=device, progress=progress)
@@ -293,7 +294,9 @@ def evaluate_protection(
     """
     if num_wrong_keys < 0:
         raise ConfigurationError(f"num_wrong_keys must be >= 0, got {num_wrong_keys}")
+    model = require_protected(model, "evaluate_protection")  # also through DataParallel / DDP / torch.compile
     key = model.key
+    num_classes = _num_classes(model, dataset)  # before the long pass, which cannot tell it either
     keys = wrong_keys(key, num_wrong_keys, seed=seed)
     key_acc, plain_acc, accs, total = _score(model, dataset, keys, with_key=True, plain=True,
                                              batch_size=batch_size, device=device, progress=progress)
@@ -301,7 +304,7 @@ def evaluate_protection(
     name = dataset_name or getattr(dataset, "name", None) or type(dataset).__name__
     return ProtectionReport(
         key_accuracy=key_acc, wrong_key_accuracies=accs, plain_accuracy=plain_acc,
-        num_classes=_num_classes(model, dataset), num_examples=total, dataset=str(name),
+        num_classes=num_classes, num_examples=total, dataset=str(name),
         scheme=key.scheme_name, block_size=key.block_size, fingerprint=key.fingerprint, seed=seed,
         unprotected_accuracy=unprotected_accuracy, extra=dict(extra or {}),
         example_images=images, example_protected=protected,

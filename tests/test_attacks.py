@@ -163,3 +163,24 @@ def test_random_search_stops_at_its_time_budget_and_says_how_many_keys_ran(prote
     result = random_key_search(protected, test_set, num_keys=10_000, search_images=16, keys_per_batch=4,
                                max_seconds=0.0, progress=False)
     assert result.num_keys == 4 == len(result.search_accuracies)
+
+
+@pytest.mark.parametrize("attack", ["wrong_key_attack", "random_key_search", "partial_key_curve"])
+def test_attacks_give_the_callers_model_back_in_its_mode(key, test_set, attack):
+    # The attacks ran the caller's own base weights in eval mode and left
+    # them there (batch norm and dropout of a model in training stayed off).
+    model = protected_patchnet(key).train()
+    run = {
+        "wrong_key_attack": lambda: wrong_key_attack(model, test_set, num_keys=2, progress=False),
+        "random_key_search": lambda: random_key_search(model, test_set, num_keys=4, search_images=16,
+                                                       keys_per_batch=4, progress=False),
+        "partial_key_curve": lambda: partial_key_curve(model, test_set, fractions=(0.0, 1.0), progress=False),
+    }[attack]
+    run()
+    assert all(module.training for module in model.modules())
+
+
+def test_a_wrong_key_attack_without_keys_is_refused(protected, test_set):
+    # num_keys=0 ran to a ZeroDivisionError in the result's mean.
+    with pytest.raises(AttackError, match="num_keys"):
+        wrong_key_attack(protected, test_set, num_keys=0, progress=False)

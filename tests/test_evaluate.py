@@ -17,6 +17,7 @@ from kp_plugin.evaluate import (
     HISTOGRAM_FILE,
     ProtectionReport,
     evaluate_protection,
+    report_markdown,
     write_report,
     wrong_key_accuracies,
     wrong_keys,
@@ -188,3 +189,22 @@ def test_evaluation_leaves_the_model_untouched(tiny_model, random_set):
     assert {name: p.is_contiguous() for name, p in tiny_model.named_parameters()} == before
     assert all(torch.equal(p, weights[name]) for name, p in tiny_model.named_parameters())
     assert {name: id(p) for name, p in tiny_model.named_parameters()} == ids
+
+
+def test_a_data_parallel_model_is_evaluated_as_its_protected_model(tiny_model, random_set):
+    # The guide says the evaluation takes a DataParallel / DDP around the
+    # ProtectedModel; it raised AttributeError: no attribute 'key'.
+    direct = evaluate_protection(tiny_model, random_set, num_wrong_keys=3, progress=False)
+    wrapped = evaluate_protection(nn.DataParallel(tiny_model), random_set, num_wrong_keys=3, progress=False)
+    tiny_model.cpu()  # with one GPU, DataParallel moved it there
+    assert wrapped.to_dict()["wrong_key_accuracies"] == direct.to_dict()["wrong_key_accuracies"]
+    assert wrong_key_accuracies(nn.DataParallel(tiny_model), random_set, num_keys=3, progress=False) == \
+        direct.wrong_key_accuracies
+    tiny_model.cpu()
+
+
+def test_one_wrong_key_has_no_standard_deviation(tiny_model, random_set):
+    # It was reported as 0.0, a spread of zero measured over one value.
+    report = evaluate_protection(tiny_model, random_set, num_wrong_keys=1, progress=False)
+    assert report.to_dict()["wrong_key_accuracy_std"] is None
+    assert "(std n/a)" in report_markdown(report)

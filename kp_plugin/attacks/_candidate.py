@@ -20,6 +20,7 @@ permutation.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence
@@ -35,6 +36,7 @@ from ..transforms import blocks_to_image, check_image_size, compile_plan, image_
 
 __all__ = [
     "AttackError",
+    "leaves_model_as_found",
     "CandidateKey",
     "CandidateModel",
     "image_to_blocks",
@@ -55,6 +57,28 @@ def seeded_key(like: SecretKey, seed: int, index: int) -> SecretKey:
     measuring, and a run can be repeated)."""
     material = hashlib.sha256(b"kp-plugin/attack-key/%d/%d" % (seed, index)).digest()
     return SecretKey(material, block_size=like.block_size, scheme=like.scheme, channels=like.channels)
+
+
+def leaves_model_as_found(attack):
+    """Decorator for an attack whose first argument is the caller's model:
+    its modules' train / eval modes and its device are given back when the
+    attack returns or raises (the attacks run the shared base weights in
+    eval mode on their device; the caller's model is not theirs to change)."""
+
+    @functools.wraps(attack)
+    def run(model, *args, **kwargs):
+        modes = [(module, module.training) for module in model.modules()] if isinstance(model, nn.Module) else []
+        first = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+        device = first.device if first is not None else None
+        try:
+            return attack(model, *args, **kwargs)
+        finally:
+            for module, training in modes:
+                module.training = training
+            if device is not None and next(model.parameters()).device != device:
+                model.to(device)
+
+    return run
 
 
 @dataclass

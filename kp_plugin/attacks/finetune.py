@@ -26,7 +26,7 @@ from typing import Callable, Sequence, Union
 from torch import nn
 
 from ..module import ProtectedModel
-from ._candidate import AttackError
+from ._candidate import AttackError, leaves_model_as_found
 from ._data import as_dataset, as_tensors, class_balanced_indices
 
 __all__ = ["FinetuneResult", "FinetuneRow", "finetune_attack", "DEFAULT_DATA_FRACTIONS"]
@@ -90,6 +90,7 @@ class FinetuneResult:
         return d
 
 
+@leaves_model_as_found
 def finetune_attack(
     model: ProtectedModel,
     train_set,

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..module import ProtectedModel
-from ._candidate import CandidateKey, seeded_key
+from ._candidate import CandidateKey, leaves_model_as_found, seeded_key
 from .random_search import SearchSetup
 
 __all__ = ["HeuristicSearchResult", "heuristic_key_search"]
@@ -63,6 +63,7 @@ def _propose(current: CandidateKey, generator: torch.Generator, with_flip: bool)
     return current.with_permutation(perm, flip)
 
 
+@leaves_model_as_found
 @torch.no_grad()
 def heuristic_key_search(
     model: ProtectedModel,

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from ..module import ProtectedModel
-from ._candidate import AttackError, CandidateKey, CandidateModel, seeded_key
+from ._candidate import AttackError, CandidateKey, CandidateModel, leaves_model_as_found, seeded_key
 from ._data import as_tensors, candidate_accuracy, chance_of, num_classes_of, resolve_device
 
 __all__ = ["PartialKeyResult", "partial_key_curve", "partial_candidate", "DEFAULT_FRACTIONS"]
@@ -75,6 +75,7 @@ def partial_candidate(truth: CandidateKey, other: CandidateKey, fraction: float,
     return CandidateKey(truth.block_size, truth.channels, perm, flip, table, truth.block_permutation)
 
 
+@leaves_model_as_found
 @torch.no_grad()
 def partial_key_curve(
     model: ProtectedModel,

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..module import ProtectedModel
-from ._candidate import AttackError, CandidateKey, CandidateModel, seeded_key
+from ._candidate import AttackError, CandidateKey, CandidateModel, leaves_model_as_found, seeded_key
 from ._data import as_tensors, candidate_accuracy, chance_of, num_classes_of, resolve_device
 
 __all__ = ["RandomSearchResult", "random_key_search", "search_split"]
@@ -105,6 +105,7 @@ class SearchSetup:
         return CandidateKey.from_secret_key(key, image_size=self.size)
 
 
+@leaves_model_as_found
 @torch.no_grad()
 def random_key_search(
     model: ProtectedModel,

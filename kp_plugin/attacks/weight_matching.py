@@ -33,7 +33,7 @@ from torch import nn
 
 from ..adapt import first_conv, position_embedding
 from ..module import ProtectedModel
-from ._candidate import AttackError, CandidateKey, CandidateModel, seeded_key
+from ._candidate import AttackError, CandidateKey, CandidateModel, leaves_model_as_found, seeded_key
 from ._data import as_tensors, candidate_accuracy, resolve_device
 
 __all__ = ["WeightMatchingResult", "weight_matching_attack", "impulse_responses", "match_columns"]
@@ -107,6 +107,7 @@ def match_columns(protected: torch.Tensor, base: torch.Tensor) -> tuple[torch.Te
     return assignment, picked < 0, picked.abs()
 
 
+@leaves_model_as_found
 def weight_matching_attack(
     model: ProtectedModel,
     public_base: nn.Module,

@@ -18,7 +18,7 @@ import torch
 
 from ..module import ProtectedModel
 from ..evaluate import wrong_keys
-from ._candidate import CandidateKey, CandidateModel
+from ._candidate import AttackError, CandidateKey, CandidateModel, leaves_model_as_found
 from ._data import as_tensors, batched_logits, chance_of, num_classes_of, resolve_device
 
 __all__ = ["WrongKeyResult", "wrong_key_attack", "readout_accuracies"]
@@ -91,6 +91,7 @@ def readout_accuracies(logits: torch.Tensor, labels: torch.Tensor) -> tuple[floa
     return top, bottom
 
 
+@leaves_model_as_found
 @torch.no_grad()
 def wrong_key_attack(
     model: ProtectedModel,
@@ -123,6 +124,8 @@ def wrong_key_attack(
     """
     from tqdm.auto import tqdm
 
+    if isinstance(num_keys, bool) or not isinstance(num_keys, int) or num_keys < 1:
+        raise AttackError(f"num_keys must be a positive integer (the mean and maximum need a key), got {num_keys!r}")
     device = resolve_device(device)
     images, labels = as_tensors(dataset)
     num_classes = num_classes_of(dataset, labels)
