@@ -88,10 +88,11 @@ class ProtectionReport:
 
     @property
     def wrong_key_accuracy_std(self) -> float:
-        """Sample standard deviation of the wrong-key accuracies."""
+        """Sample standard deviation of the wrong-key accuracies (undefined,
+        NaN, for fewer than two keys: null in report.json)."""
         values = self.wrong_key_accuracies
         if len(values) < 2:
-            return 0.0 if values else float("nan")
+            return float("nan")
         mean = self.wrong_key_accuracy_mean
         return float(math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)))
 
