@@ -71,3 +71,17 @@ def test_report_marks_a_missed_target_with_its_margin(tmp_path):
     assert any(name.startswith("best of 32 random keys") for name in targets)
     for t in targets.values():
         assert ("yes" if t.met else f"**no** (by {-t.margin:.1f})") in text
+
+
+def test_positions_recovered_is_no_target_for_a_scheme_without_shuffling():
+    # Without pixel shuffling the permutation is the identity for the key and
+    # any guess: weight matching "recovered 100%" and the report said the
+    # target was missed by 90 points, while its accuracy stayed at chance.
+    from types import SimpleNamespace
+
+    from kp_plugin.attacks.suite import AttackReport
+
+    matched = {"weight_matching": SimpleNamespace(recovered_fraction=1.0)}
+    names = {scheme: [t.name for t in AttackReport(meta={"scheme": scheme}, results=matched).targets()]
+             for scheme in ("np+shift", "shuffle+np")}
+    assert names == {"np+shift": [], "shuffle+np": ["weight matching: key positions recovered"]}
