@@ -30,6 +30,9 @@ class WrongKeyResult:
 
     ``accuracies[i]`` / ``least_likely[i]``: key ``i``'s top-1 and
     least-likely-class accuracy; keys are reproducible from ``seed``.
+    ``chance``: the largest class's share of the test labels (what always
+    answering one class scores); the evaluation report's ``chance`` is
+    ``1 / num_classes``, the same on a balanced test set.
     """
 
     key_accuracy: float
@@ -140,7 +143,8 @@ def wrong_key_attack(
     key_acc, _ = run(CandidateKey.from_secret_key(key, image_size=size))
     plain_acc, plain_ll = run(None)
     # The same keys as `kp evaluate` (kp_plugin.evaluate.wrong_keys, same
-    # seed), so the top-1 figures agree with the evaluation report; both
+    # seed), so the top-1 figures agree with the evaluation report (its
+    # chance is 1 / num_classes, this one the largest class's share); both
     # readouts come from one pass per key.
     accs, lls = [], []
     for wrong in tqdm(wrong_keys(key, num_keys, seed=seed), desc="wrong keys", disable=not progress, leave=False):
