@@ -184,3 +184,16 @@ def test_a_wrong_key_attack_without_keys_is_refused(protected, test_set):
     # num_keys=0 ran to a ZeroDivisionError in the result's mean.
     with pytest.raises(AttackError, match="num_keys"):
         wrong_key_attack(protected, test_set, num_keys=0, progress=False)
+
+
+def test_finetune_attack_counts_the_steps_fit_takes(protected, test_set):
+    # 70 images in batches of 23: fit takes 3 steps an epoch (it skips a last
+    # batch of one image); the row said 4, and min_steps was overstated alike.
+    from kp_plugin.train import TrainConfig
+
+    config = TrainConfig(epochs=1, batch_size=23, lr=1e-3, augment=False, amp=False)
+    few = torch.utils.data.Subset(test_set, range(40))
+    result = finetune_attack(protected, digits("train"), few, public_base=public_patchnet(), fractions=(0.05,),
+                             config=config, min_steps=6, progress=False)
+    row = result.rows[0]
+    assert row.images == 70 and row.steps == 6

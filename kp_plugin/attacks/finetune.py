@@ -131,7 +131,7 @@ def finetune_attack(
     """
     from ..data import TensorImageDataset
     from ..objectives import CROSS_ENTROPY_ONLY
-    from ..train import TrainConfig, evaluate_accuracy, fit, plain_model
+    from ..train import TrainConfig, _steps_per_epoch, evaluate_accuracy, fit, plain_model
 
     if not isinstance(model, ProtectedModel):
         raise AttackError(f"expected a ProtectedModel, got {type(model).__name__}")
@@ -161,7 +161,7 @@ def finetune_attack(
         for run_seed in range(seed, seed + repeats):
             idx = class_balanced_indices(labels, float(fraction), seed=run_seed)
             subset = TensorImageDataset(images[idx], labels[idx], classes=classes, name="attacker", split="train")
-            steps_per_epoch = math.ceil(len(idx) / config.batch_size)
+            steps_per_epoch = _steps_per_epoch(len(idx), config.batch_size)  # as fit counts them
             epochs = max(config.epochs, math.ceil(min_steps / steps_per_epoch))
             stolen.append(train_and_score(copy.deepcopy(model.model), subset, epochs, run_seed))
             base.append(train_and_score(fresh_base(), subset, epochs, run_seed))
