@@ -56,7 +56,12 @@ class PartialKeyResult:
 
 def partial_candidate(truth: CandidateKey, other: CandidateKey, fraction: float, generator: torch.Generator) -> CandidateKey:
     """``truth`` on a random ``fraction`` of positions, ``other``'s value maps
-    and a random assignment of the remaining sources elsewhere."""
+    and a random assignment of the remaining sources elsewhere.
+
+    The block order (block scrambling) is the true one at every fraction,
+    0 included: the curve gives the attacker the scramble for free, so it
+    errs on the attacker's side (an attack that must also find the block
+    order, such as weight matching, starts from less)."""
     if not 0 <= fraction <= 1:
         raise AttackError(f"fraction must be in [0, 1], got {fraction}")
     length = truth.length
