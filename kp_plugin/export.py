@@ -31,7 +31,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from .checkpoint import ProtectionConfig, find_key_material
+from .checkpoint import WEIGHTS_FILE, ProtectionConfig, find_key_material
 from .errors import CheckpointError, ConfigurationError, KeyLeakError, first_line
 from .keys import SecretKey
 from .module import KeyedInput, ProtectedModel, require_protected, wrap_model
@@ -94,7 +94,7 @@ def _inference_mode_of(model: nn.Module):
 def _export_onnx(wrapper: nn.Module, example: torch.Tensor, path: Path, dynamic_shapes: Any,
                  opset_version: Optional[int]) -> None:
     try:
-        import onnx  # noqa: F401
+        import onnx
         import onnxscript  # noqa: F401
     except ImportError:
         raise ConfigurationError(
@@ -108,6 +108,16 @@ def _export_onnx(wrapper: nn.Module, example: torch.Tensor, path: Path, dynamic_
             wrapper, (example,), str(path), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
             dynamic_shapes=dynamic_shapes, external_data=False, verbose=False, **kwargs,
         )
+    if opset_version is not None:
+        # The exporter writes its own opset when it cannot convert to the one
+        # asked for (a warning only): the file would not be what was asked.
+        written = next((entry.version for entry in onnx.load(str(path), load_external_data=False).opset_import
+                        if entry.domain in ("", "ai.onnx")), None)
+        if written != opset_version:
+            raise ConfigurationError(
+                f"the ONNX exporter wrote opset {written}, not the {opset_version} asked for (it cannot convert this "
+                f"model to that opset); pass opset_version={written} (kp export --opset {written}) or leave it out"
+            )
 
 
 def export_protected(
@@ -173,6 +183,11 @@ def export_protected(
     dynamic_shapes = None if batch_size is not None else ({0: torch.export.Dim("batch")},)
 
     directory = Path(directory)
+    if (directory / WEIGHTS_FILE).exists():
+        raise ConfigurationError(
+            f"{directory} holds a checkpoint ({WEIGHTS_FILE}); export into another folder (e.g. "
+            f"{directory / 'deploy'}): the export's protection.json would replace the checkpoint's"
+        )
     _check_other_export(directory, format, config)
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / EXPORT_FORMATS[format]

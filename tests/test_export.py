@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from kp_plugin import KeyedInput, KeyLeakError, KeyMismatchError, SecretKey, wrap_model
+from kp_plugin import KeyedInput, KeyLeakError, KeyMismatchError, SecretKey, save_protected, wrap_model
 from kp_plugin.checkpoint import CheckpointError, ProtectionConfig, find_key_material
 from kp_plugin.errors import ConfigurationError
 from kp_plugin.export import export_protected, load_exported, load_keyed_input
@@ -204,3 +204,22 @@ def test_both_formats_of_one_model_share_a_folder_but_another_models_export_is_r
     # onnx over onnx replaces the model and its protection.json together
     export_protected(wrap_model(tiny_timm_model, another_key, input_size=SIZE), other, format="onnx")
     assert ProtectionConfig.load(other).fingerprint == another_key.fingerprint
+
+
+def test_an_opset_the_exporter_cannot_write_is_an_error_not_another_file(protected, tmp_path):
+    # The dynamo exporter fell back to its own opset (18) with a warning for
+    # opset_version=17 or 999, and the file claimed to be what was asked.
+    pytest.importorskip("onnxscript")
+    with pytest.raises(ConfigurationError, match="not the 999 asked for"):
+        export_protected(protected, tmp_path / "far", format="onnx", opset_version=999)
+    assert not (tmp_path / "far" / "model.onnx").exists()
+
+
+def test_exporting_into_the_checkpoint_folder_itself_is_refused(protected, tmp_path):
+    # Its protection.json (with the weights' digest) was replaced by the
+    # export's, turning the checkpoint's consistency check off.
+    save_protected(protected, tmp_path)
+    before = (tmp_path / "protection.json").read_bytes()
+    with pytest.raises(ConfigurationError, match="another folder"):
+        export_protected(protected, tmp_path, format="pt2")
+    assert (tmp_path / "protection.json").read_bytes() == before
