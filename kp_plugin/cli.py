@@ -86,6 +86,19 @@ def _number(kind: type, test, expected: str, name: str):
 
 _positive_int = _number(int, lambda v: v >= 1, "an integer >= 1", "positive integer")
 _count = _number(int, lambda v: v >= 0, "an integer >= 0", "count")
+# Upper bounds, so that a stray digit is a usage error rather than a
+# 120 GB allocation, a hang or a machine full of threads.
+MAX_IMAGE_SIZE = 4096
+MAX_WRONG_KEYS = 100_000
+MAX_BATCH_SIZE = 65_536
+MAX_THREADS = 4 * (os.cpu_count() or 1)
+_image_size = _number(int, lambda v: 1 <= v <= MAX_IMAGE_SIZE, f"an image side from 1 to {MAX_IMAGE_SIZE}",
+                      "image size")
+_wrong_keys = _number(int, lambda v: 0 <= v <= MAX_WRONG_KEYS, f"a count from 0 to {MAX_WRONG_KEYS}", "count")
+_batch_size = _number(int, lambda v: 1 <= v <= MAX_BATCH_SIZE, f"a batch size from 1 to {MAX_BATCH_SIZE}",
+                      "batch size")
+_threads = _number(int, lambda v: 1 <= v <= MAX_THREADS,
+                   f"a thread count from 1 to {MAX_THREADS} (4 per core of this machine)", "thread count")
 _positive = _number(float, lambda v: 0 < v < math.inf, "a number > 0", "positive number")
 _weight = _number(float, lambda v: 0 <= v < math.inf, "a number >= 0 (0 turns it off)", "weight")
 _rate = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)", "rate")
@@ -94,7 +107,7 @@ _decay = _number(float, lambda v: 0 < v < 1, "a number in (0, 1)", "decay")
 
 def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
-    parser.add_argument("--threads", type=_positive_int, default=None,
+    parser.add_argument("--threads", type=_threads, default=None,
                         help="CPU threads for torch (default: the cores not busy with other work)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -107,7 +120,7 @@ def _add_data_option(parser: argparse.ArgumentParser, *, required: bool) -> None
              "splits if present)"
              + ("" if required else "; default: the dataset the model was trained on"),
     )
-    parser.add_argument("--image-size", type=_positive_int, default=None,
+    parser.add_argument("--image-size", type=_image_size, default=None,
                         help="image side in pixels (a multiple of the key's block size)")
 
 
@@ -172,7 +185,7 @@ def _register_protect(subparsers) -> None:
                         help="also fine-tune an unprotected copy with the same recipe (the cost of protection); "
                              "with --distill it is the teacher and costs nothing more")
     parser.add_argument("--epochs", type=_positive_int, default=DEMO_EPOCHS, help=f"default {DEMO_EPOCHS}")
-    parser.add_argument("--batch-size", type=_positive_int, default=None)
+    parser.add_argument("--batch-size", type=_batch_size, default=None)
     parser.add_argument("--lr", type=_positive, default=None, help="peak learning rate (AdamW)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--wrong-key-weight", type=_weight, default=None,
@@ -213,9 +226,9 @@ def _register_evaluate(subparsers) -> None:
     parser.add_argument("--key", default=None, help=f"the owner's key file (default: {KEY_ENV})")
     _add_data_option(parser, required=False)
     parser.add_argument("--split", default="test", choices=("test", "train"))
-    parser.add_argument("--wrong-keys", type=_count, default=100, help="random wrong keys to try (default 100)")
+    parser.add_argument("--wrong-keys", type=_wrong_keys, default=100, help="random wrong keys to try (default 100)")
     parser.add_argument("--seed", type=int, default=0, help="picks the wrong keys (default 0)")
-    parser.add_argument("--batch-size", type=_positive_int, default=None, help="default 64 on CPU, 256 on a GPU")
+    parser.add_argument("--batch-size", type=_batch_size, default=None, help="default 64 on CPU, 256 on a GPU")
     parser.add_argument("-o", "--output", default=None, help="report directory (default CHECKPOINT/report)")
     _add_runtime_options(parser)
 
@@ -228,7 +241,7 @@ def _register_show(subparsers) -> None:
     parser.add_argument("image", help="an image file (PNG, JPEG, ...)")
     parser.add_argument("--key", default=None, help=f"the key file (default: {KEY_ENV})")
     parser.add_argument("-o", "--output", required=True, help="PNG file to write")
-    parser.add_argument("--image-size", type=_positive_int, default=None,
+    parser.add_argument("--image-size", type=_image_size, default=None,
                         help="resize to this side first (default: keep the size, rounded to a multiple "
                              "of the block size)")
     parser.add_argument("--invert", action="store_true", help="undo the transform instead (decrypt)")
@@ -255,7 +268,7 @@ def _register_export(subparsers) -> None:
     parser.add_argument("-o", "--output", required=True, help="directory for the exported model and protection.json")
     parser.add_argument("--format", default="onnx", choices=tuple(EXPORT_FORMATS),
                         help="onnx (needs onnx + onnxscript) or pt2 (torch.export); default onnx")
-    parser.add_argument("--batch-size", type=_positive_int, default=None,
+    parser.add_argument("--batch-size", type=_batch_size, default=None,
                         help="a fixed batch size (default: any batch size)")
     parser.add_argument("--opset", type=_positive_int, default=None, help="ONNX opset version (default: the exporter's)")
 

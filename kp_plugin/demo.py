@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ._cli_handlers import auto_threads
-from .cli import _count, _positive_int
+from .cli import _image_size, _positive_int, _wrong_keys
 from .cli import main as kp_main
 from .errors import ConfigurationError, KPError
 
@@ -186,9 +186,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--epochs", type=_positive_int, default=None, help="default: the measured recipe")
     parser.add_argument("--block-size", type=_positive_int, default=None, help="default: the measured recipe")
     parser.add_argument("--scheme", default=None, help="default: the library's default scheme")
-    parser.add_argument("--image-size", type=_positive_int, default=None)
+    parser.add_argument("--image-size", type=_image_size, default=None)
     parser.add_argument("--no-pretrained", action="store_true", help="start from random weights")
-    parser.add_argument("--wrong-keys", type=_count, default=100)
+    parser.add_argument("--wrong-keys", type=_wrong_keys, default=100)
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=_positive_int, default=None,
                         help="CPU threads for torch (default: the cores not busy with other work)")

@@ -455,23 +455,32 @@ def test_protect_mixes_batches_for_the_protected_model_and_the_baseline(tmp_path
 
 @pytest.mark.parametrize("argv, complaint", [
     (["protect", "--epochs", "0"], "--epochs: expected an integer >= 1, got 0"),
-    (["protect", "--batch-size", "0"], "--batch-size: expected an integer >= 1"),
-    (["protect", "--threads", "-2"], "--threads: expected an integer >= 1, got -2"),
+    (["protect", "--batch-size", "0"], "--batch-size: expected a batch size from 1 to 65536"),
+    (["protect", "--batch-size", "100000000000000000000"], "--batch-size: expected a batch size from 1 to 65536"),
+    (["protect", "--threads", "-2"], "--threads: expected a thread count from 1 to"),
+    (["protect", "--threads", "100000"], "--threads: expected a thread count from 1 to"),
     (["protect", "--lr", "0"], "--lr: expected a number > 0"),
     (["protect", "--lr", "inf"], "--lr: expected a number > 0"),
     (["protect", "--mixup", "nan"], "--mixup: expected a number >= 0"),
     (["protect", "--ema-decay", "1"], "--ema-decay: expected a number in (0, 1)"),
     (["protect", "--wrong-key-weight", "-1"], "--wrong-key-weight: expected a number >= 0"),
-    (["protect", "--image-size", "0"], "--image-size: expected an integer >= 1"),
-    (["evaluate", "out", "--wrong-keys", "-3"], "--wrong-keys: expected an integer >= 0, got -3"),
-    (["evaluate", "out", "--threads", "0"], "--threads: expected an integer >= 1, got 0"),
-    (["export", "out", "-o", "deploy", "--batch-size", "0"], "--batch-size: expected an integer >= 1"),
-    (["show", "image.png", "-o", "s.png", "--image-size", "-1"], "--image-size: expected an integer >= 1"),
-    (["attack", "out", "--threads", "0"], "--threads: expected an integer >= 1"),
+    (["protect", "--image-size", "0"], "--image-size: expected an image side from 1 to 4096"),
+    (["protect", "--image-size", "100000"], "--image-size: expected an image side from 1 to 4096"),
+    (["evaluate", "out", "--wrong-keys", "-3"], "--wrong-keys: expected a count from 0 to 100000, got -3"),
+    (["evaluate", "out", "--wrong-keys", "100000000000"], "--wrong-keys: expected a count from 0 to 100000"),
+    (["evaluate", "out", "--threads", "0"], "--threads: expected a thread count from 1 to"),
+    (["evaluate", "out", "--image-size", "100000"], "--image-size: expected an image side from 1 to 4096"),
+    (["export", "out", "-o", "deploy", "--batch-size", "0"], "--batch-size: expected a batch size from 1 to 65536"),
+    (["show", "image.png", "-o", "s.png", "--image-size", "-1"], "--image-size: expected an image side from 1"),
+    (["show", "image.png", "-o", "s.png", "--image-size", "100000"], "--image-size: expected an image side from 1"),
+    (["attack", "out", "--threads", "0"], "--threads: expected a thread count from 1 to"),
+    (["attack", "out", "--threads", "100000"], "--threads: expected a thread count from 1 to"),
 ])
 def test_numbers_out_of_range_are_usage_errors_before_anything_loads(argv, complaint, tmp_path, capsys, monkeypatch):
     # A negative thread count used to end in a RuntimeError traceback from
-    # torch, and a zero epoch count in exit code 1 after the data had loaded.
+    # torch, and a zero epoch count in exit code 1 after the data had loaded;
+    # --image-size 100000 in a 120 GB allocation traceback, --threads 5000 in
+    # a machine full of threads, --wrong-keys 1e11 in a silent hang.
     monkeypatch.chdir(tmp_path)  # nothing here: any loading would fail differently
     command = argv[0]
     required = {"protect": ["--key", "k.key", "-o", "out", "--model", "test_efficientnet"]}.get(command, [])

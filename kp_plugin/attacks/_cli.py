@@ -18,7 +18,7 @@ kp attack out/ --key owner.key --attacks wrong_keys,random_search --budget paper
 
 def register(subparsers) -> None:
     """Add ``kp attack`` to the ``kp`` command."""
-    from ..cli import _positive_int
+    from ..cli import _image_size, _threads
     from .suite import ATTACKS, BUDGETS
 
     parser = subparsers.add_parser(
@@ -34,7 +34,7 @@ def register(subparsers) -> None:
                         help="the owner's key file (used to score the attacks, never by them; default: KP_KEY)")
     parser.add_argument("--data", default=None,
                         help="'digits', 'photos' or an ImageFolder directory (default: the checkpoint's dataset)")
-    parser.add_argument("--image-size", type=_positive_int, default=None, help="image side (default: the checkpoint's)")
+    parser.add_argument("--image-size", type=_image_size, default=None, help="image side (default: the checkpoint's)")
     parser.add_argument("--attacks", default="all", type=_attack_list, help=f"'all' or a comma list of: {', '.join(ATTACKS)}")
     parser.add_argument("--budget", default="quick", choices=tuple(BUDGETS),
                         help="how hard to try: smoke (seconds), quick, standard, paper (20,000 random keys)")
@@ -47,7 +47,7 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-o", "--output", default=None, help="report directory (default CHECKPOINT/attack)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA if available)")
-    parser.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch")
+    parser.add_argument("--threads", type=_threads, default=None, help="CPU threads for torch")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=attack)
 
