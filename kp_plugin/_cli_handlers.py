@@ -257,6 +257,12 @@ def protect(args: argparse.Namespace) -> int:
     resume_dir = out / RESUME_DIR
     if args.resume and not (resume_dir / TRAINING_STATE_FILE).is_file():
         raise CheckpointError(f"cannot resume: {resume_dir / TRAINING_STATE_FILE} is missing (start without --resume)")
+    if args.resume and args.image_size is not None:
+        recorded = ProtectionConfig.load(resume_dir).input_size
+        trained = recorded[1] if recorded else None
+        if trained is not None and trained != args.image_size:
+            raise _UsageError(f"the run in {out} trains at {trained}x{trained}; resume it with --image-size {trained} "
+                              "(or leave the option out): the keyed transform depends on the size")
     if not args.resume and (out / PROTECTION_FILE).exists():
         raise ConfigurationError(
             f"{out} already holds a protected model; pass --resume to continue it, or choose another -o"
@@ -389,7 +395,13 @@ def open_checkpoint(args: argparse.Namespace, device: torch.device) -> tuple:
     data = args.data or protection.extra.get("dataset")
     if not data:
         raise ConfigurationError(f"{checkpoint} does not record its dataset; pass --data")
-    size = args.image_size or (protection.input_size[1] if protection.input_size else None)
+    saved = protection.input_size[1] if protection.input_size else None
+    size = args.image_size or saved
+    if saved is not None and size != saved:
+        scrambled = "scramble" in key.scheme
+        print(f"warning: the model was trained at {saved}x{saved}; at {size}x{size} "
+              + ("the key's block scrambling orders the blocks differently, so even the right key scores near chance"
+                 if scrambled else "its accuracy is not the one it was trained for"), file=sys.stderr)
     return model, key, protection, data, size
 
 

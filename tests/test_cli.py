@@ -322,6 +322,19 @@ def test_resume_continues_an_interrupted_run_to_more_epochs(protected, tmp_path,
     assert "reusing the unprotected teacher" in capsys.readouterr().err
 
 
+def test_resume_at_another_image_size_is_refused_and_evaluate_warns(protected, tmp_path, capsys):
+    # --resume --image-size 24 trained epoch 2 of a 16x16 run at 24 (another
+    # keyed transform with block scrambling) and exited 0; kp evaluate at 24
+    # reported the right key at chance without a word.
+    key_path, checkpoint = protected
+    argv = [{"16": "24", "1": "2"}.get(a, a) for a in TINY]
+    assert main(["protect", *argv, "--key", str(key_path), "-o", str(checkpoint), "--resume"]) == 2
+    assert "--image-size 16" in capsys.readouterr().err
+    assert main(["evaluate", str(checkpoint), "--key", str(key_path), "--image-size", "24", "--wrong-keys", "1",
+                 "--quiet", "-o", str(tmp_path / "report24")]) == 0
+    assert "trained at 16x16" in capsys.readouterr().err
+
+
 def test_protect_distils_from_an_unprotected_teacher_kept_private(protected, tmp_path):
     """--distill trains the unprotected model first and distils from it; its
     weights stay in training/, which push_protected never uploads."""
