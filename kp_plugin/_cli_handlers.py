@@ -495,6 +495,9 @@ def show(args: argparse.Namespace) -> int:
         )
     if Path(args.output).exists() and Path(args.image).exists() and Path(args.output).samefile(args.image):
         raise _UsageError(f"-o {args.output} is the input image, which it would replace; name another output file")
+    if Path(args.output).is_dir():
+        raise _UsageError(f"-o {args.output} is a folder; name the PNG file to write (e.g. "
+                          f"{Path(args.output) / 'protected.png'})")
     if _is_key_file(Path(args.output)):
         raise _UsageError(f"-o {args.output} is a key file, which it would replace (losing the key loses the "
                           "models trained with it); name another output file")

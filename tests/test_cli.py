@@ -534,6 +534,7 @@ def test_show_replaces_an_existing_output_whole(tmp_path):
     output.write_bytes(b"an older picture")
     assert main(["show", "--key", str(key_path), str(image), "-o", str(output)]) == 0
     assert output.read_bytes().startswith(b"\x89PNG") and not list(tmp_path.glob(".*.tmp"))
+    assert main(["show", "--key", str(key_path), str(image), "-o", str(tmp_path)]) == 2  # a folder: named, no temp
 
 
 def test_an_output_path_that_cannot_be_written_is_a_one_line_error(tmp_path, capsys):
