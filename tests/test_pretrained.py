@@ -69,7 +69,8 @@ def test_foreign_weight_names_are_rejected():
         rename_lukemelas_state_dict({"_blocks.16._bn0.weight": torch.zeros(1)})
 
 
-@pytest.mark.parametrize("content, problem", [(b"", "ends early"), (b"garbage", "torch.load"), ("list", "holds a list")])
+@pytest.mark.parametrize("content, problem",
+                         [(b"", "ends early"), (b"garbage", "torch.load"), ("list", "holds a list")])
 def test_a_weights_file_that_is_not_a_state_dict_is_a_checkpoint_error(tmp_path, content, problem):
     # An empty file raised torch's bare EOFError, garbage its UnpicklingError,
     # and a pickled list an AttributeError from the renaming.

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from ..module import ProtectedModel
-from ._candidate import (CandidateKey, CandidateModel, blocks_to_image, image_to_blocks, leaves_model_as_found, logits_of,
-                         seeded_key)
+from ._candidate import (CandidateKey, CandidateModel, blocks_to_image, image_to_blocks, leaves_model_as_found,
+                         logits_of, seeded_key)
 from ._data import as_tensors, candidate_accuracy, resolve_device
 
 __all__ = ["KeyEstimationResult", "estimate_key", "sinkhorn"]
