@@ -275,6 +275,12 @@ def protect(args: argparse.Namespace) -> int:
     size = int(train_set.image_size)
     _check_size_for_key(size, key)
     num_classes = len(train_set.classes)
+    if num_classes < 2:
+        # Every model, key or no key, would score 100%: nothing to protect or measure.
+        raise ConfigurationError(
+            f"{args.data} has one class ({train_set.classes[0] if train_set.classes else '?'}); a classifier needs "
+            "at least two (one folder per class, e.g. root/cat/1.jpg, root/dog/2.jpg)"
+        )
 
     overrides = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr), ("ema_decay", args.ema_decay))
                  if v is not None}

@@ -202,12 +202,6 @@ class ImageFolderDataset(ImageDataset):
                 f"{root} has no class sub-folders; an ImageFolder directory holds one folder per class "
                 "(e.g. root/cat/1.jpg, root/dog/2.jpg)"
             )
-        if len(self.classes) == 1:
-            # Every model, key or no key, would score 100%: nothing to protect or measure.
-            raise DatasetError(
-                f"{root} has one class folder ({self.classes[0]}); a classifier needs at least two "
-                "(one folder per class, e.g. root/cat/1.jpg, root/dog/2.jpg)"
-            )
         self.samples = [
             (path, label)
             for label, cls in enumerate(self.classes)

@@ -280,6 +280,17 @@ def test_a_key_file_inside_the_output_folder_is_refused_before_any_work(protecte
     assert sorted(p.name for p in out.iterdir()) == ["owner.key"]
 
 
+def test_protect_refuses_a_dataset_with_one_class(protected, tmp_path, capsys):
+    # It trained, then reported 100% with the key, with every wrong key, on
+    # plain images and as chance: nothing protected, nothing measured.
+    key_path, _ = protected
+    (tmp_path / "data" / "cat").mkdir(parents=True)
+    Image.fromarray(np.zeros((20, 20, 3), dtype=np.uint8)).save(tmp_path / "data" / "cat" / "0.png")
+    argv = [{"digits": str(tmp_path / "data")}.get(a, a) for a in TINY]
+    assert main(["protect", *argv, "--key", str(key_path), "-o", str(tmp_path / "out")]) == 1
+    assert "at least two" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_resume_without_a_training_state_exits_with_the_checkpoint_code(protected, tmp_path):
     key_path, _ = protected
     assert main(["protect", *TINY, "--key", str(key_path), "-o", str(tmp_path / "fresh"), "--resume"]) == 5

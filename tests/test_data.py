@@ -77,17 +77,6 @@ def test_image_folder_reads_class_subfolders(tmp_path):
     assert [b[0].shape[0] for b in batches] == [3, 1]
 
 
-def test_an_image_folder_with_one_class_is_refused(tmp_path):
-    # kp protect trained on it and reported 100% with the key, with every
-    # wrong key, on plain images and as chance: nothing protected, nothing measured.
-    from PIL import Image
-
-    (tmp_path / "cat").mkdir()
-    Image.fromarray(np.zeros((20, 20, 3), dtype=np.uint8)).save(tmp_path / "cat" / "0.png")
-    with pytest.raises(DatasetError, match="one class folder.*at least two"):
-        load_dataset(str(tmp_path), image_size=16)
-
-
 def test_split_folders_share_one_class_list(tmp_path):
     # A class missing from one split must not shift the labels of the others.
     from PIL import Image
