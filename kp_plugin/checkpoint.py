@@ -287,14 +287,17 @@ def _temporary_beside(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def replacing(path: Union[str, os.PathLike]) -> Iterator[Path]:
+def replacing(path: Union[str, os.PathLike], *, durable: bool = False) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to; renamed over ``path``
     when the block succeeds, removed when it fails, so a failed write (a full
-    disk) leaves the file that was there whole."""
+    disk) leaves the file that was there whole. ``durable``: the file is
+    fsynced before the rename (a power loss keeps the old file or the new)."""
     path = Path(path)
     tmp = _temporary_beside(path)
     try:
         yield tmp
+        if durable:
+            _fsync_file(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -309,16 +312,8 @@ def _fsync_file(path: Path) -> None:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = _temporary_beside(path)
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with replacing(path, durable=True) as tmp:
+        tmp.write_bytes(data)
 
 
 def save_weights_atomic(module: nn.Module, path: Path, metadata: dict) -> None:
@@ -328,19 +323,14 @@ def save_weights_atomic(module: nn.Module, path: Path, metadata: dict) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import save_model
 
-    tmp = _temporary_beside(path)
     try:
-        save_model(module, str(tmp), metadata=metadata)
-        _fsync_file(tmp)  # on disk before the rename makes it the checkpoint (a power loss keeps one or the other)
-        os.replace(tmp, path)
+        with replacing(path, durable=True) as tmp:
+            save_model(module, str(tmp), metadata=metadata)
     except SafetensorError as exc:  # the disk full among them: safetensors' own error, not an OSError
         raise CheckpointError(
             f"cannot write {path} ({first_line(exc)}); the file there before, if any, is unchanged: free some "
             "space or choose another folder"
         ) from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _native_config(base: nn.Module) -> Optional[dict]:

@@ -38,6 +38,7 @@ from .checkpoint import (
     find_key_material,
     load_error_summary,
     read_weights_header,
+    replacing,
     save_protected,
     usable_device,
 )
@@ -457,20 +458,14 @@ def _save_checkpoint(model: nn.Module, directory: Path, state: dict) -> None:
         # Which weights this state continues: a crash between the two files
         # leaves new weights beside the previous epoch's state (see _load_checkpoint).
         state = {**state, "weights_digest": ProtectionConfig.load(directory).weights_digest}
-    tmp = directory / f".{TRAINING_STATE_FILE}.tmp"
     try:
-        with open(tmp, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, directory / TRAINING_STATE_FILE)
+        with replacing(directory / TRAINING_STATE_FILE, durable=True) as tmp:
+            torch.save(state, tmp)
     except (OSError, RuntimeError) as exc:  # torch reports a full disk as RuntimeError("... unexpected pos ...")
         raise CheckpointError(
             f"cannot write the training state into {directory} ({first_line(exc)[:200]}); free some space or "
             "choose another checkpoint folder"
         ) from None
-    finally:
-        tmp.unlink(missing_ok=True)
     if isinstance(model, ProtectedModel):
         leaks = find_key_material(directory, model.key)
         if leaks:
@@ -523,8 +518,9 @@ def _load_checkpoint(model: nn.Module, directory: Path, groups: Optional[list] =
     state_path = directory / TRAINING_STATE_FILE
     if not state_path.is_file():
         raise CheckpointError(f"cannot resume: {state_path} is missing")
-    if isinstance(model, ProtectedModel):
-        ProtectionConfig.load(directory).check_key(model.key)
+    config = ProtectionConfig.load(directory) if isinstance(model, ProtectedModel) else None
+    if config is not None:
+        config.check_key(model.key)
     base = model.unwrap() if hasattr(model, "unwrap") else model
     # The state first: a corrupt one must not leave the model half-loaded.
     try:  # tensors, numbers, strings and containers only: loading runs no code from the file
@@ -537,8 +533,7 @@ def _load_checkpoint(model: nn.Module, directory: Path, groups: Optional[list] =
             f"({torch_load_failure(exc)}); start a new run"
         ) from None
     _check_training_state(state, state_path, groups)
-    if isinstance(model, ProtectedModel):
-        config = ProtectionConfig.load(directory)
+    if config is not None:
         read_weights_header(directory / WEIGHTS_FILE, config)  # whole, and from the same save as protection.json
         written = config.weights_digest
         if state.get("weights_digest") and written and state["weights_digest"] != written:
