@@ -28,8 +28,8 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import (KEY_FILE_MARKERS, PROTECTION_FILE, ProtectionConfig, find_key_material, save_protected,
-                         usable_device)
+from .checkpoint import (KEY_FILE_MARKERS, PROTECTION_FILE, ProtectionConfig, file_contains_any, find_key_material,
+                         replacing, save_protected, usable_device)
 from .cli import KEY_ENV, _UsageError
 from .errors import (
     CheckpointError,
@@ -537,12 +537,8 @@ def show(args: argparse.Namespace) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     # Written beside it and renamed: a failed write leaves the old file whole,
     # and a symlink at -o is replaced, not written through.
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    try:
+    with replacing(output) as tmp:
         Image.fromarray(pixels).save(tmp, format="PNG")
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
     print(f"wrote {args.output} ({'decrypted' if args.invert else 'protected'}, {target[0]}x{target[1]})")
     return 0
 
@@ -550,11 +546,9 @@ def show(args: argparse.Namespace) -> int:
 def _is_key_file(path: Path) -> bool:
     """Whether ``path`` (or what a symlink there points to) is a kp key file."""
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(4096)
+        return path.is_file() and file_contains_any(path, list(KEY_FILE_MARKERS))
     except OSError:
         return False
-    return any(marker in head for marker in KEY_FILE_MARKERS)
 
 
 def cli_key(path: Optional[str], *, required: bool = True) -> Optional[SecretKey]:
@@ -606,6 +600,5 @@ def _check_no_key_material(directory: Path, key: SecretKey, key_file: Optional[s
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
