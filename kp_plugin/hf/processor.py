@@ -31,7 +31,7 @@ from ..errors import (BlockSizeError, CheckpointError, ConfigurationError, Input
                       first_line)
 from ..keys import SecretKey, parse_scheme, require_key
 from ..module import KeyedInput
-from ..transforms import check_image_size, invert_transform, nearest_valid_size
+from ..transforms import invert_transform, nearest_valid_size
 
 __all__ = ["KeyedImageProcessor", "KeyRequiredError", "PROTECTION_FIELD"]
 
@@ -95,18 +95,25 @@ def _probe_output_size(processor: BaseImageProcessor) -> Union[tuple, None, bool
     when the processor cannot run on them."""
     import numpy as np
 
-    extra = {"include_top": False} if hasattr(processor, "include_top") else {}
     sizes = set()
     for shape in ((40, 56, 3), (56, 40, 3)):
         try:
-            out = processor(np.zeros(shape, dtype=np.uint8), do_rescale=False, do_normalize=False,
-                            return_tensors="pt", **extra)["pixel_values"]
+            out = _resized_by(processor, np.zeros(shape, dtype=np.uint8))["pixel_values"]
         except Exception:  # noqa: BLE001 - any failure: fall back to reading the settings
             return False
         if not isinstance(out, torch.Tensor) or out.dim() != 4:
             return False
         sizes.add(tuple(out.shape[-2:]))
     return sizes.pop() if len(sizes) == 1 else None
+
+
+def _resized_by(processor: BaseImageProcessor, images: Any, **kwargs: Any) -> BatchFeature:
+    """``processor``'s output before rescale and normalization (and
+    EfficientNet's second division by std, ``include_top``): what the keyed
+    transform is applied to."""
+    if hasattr(processor, "include_top"):
+        kwargs["include_top"] = False
+    return processor(images, do_rescale=False, do_normalize=False, return_tensors="pt", **kwargs)
 
 
 def _size_pair(size: Any) -> tuple:
@@ -281,9 +288,7 @@ class KeyedImageProcessor(BaseImageProcessor):
     @key.setter
     def key(self, key: SecretKey) -> None:
         require_key(key)
-        size = processor_output_size(self.image_processor)
-        if size is not None:
-            check_image_size(size[0], size[1], key.block_size)
+        _checked_settings(self.image_processor, key)  # its block size must fit the output size, as at construction
         self._keyed.key = key
 
     # ------------------------------------------------------------ settings
@@ -338,10 +343,8 @@ class KeyedImageProcessor(BaseImageProcessor):
         base = self.image_processor
         if images is None or (hasattr(images, "__len__") and len(images) == 0):
             raise BlockSizeError("no images were given (an empty list or batch); pass at least one image")
-        if hasattr(base, "include_top"):
-            kwargs["include_top"] = False  # EfficientNet's second division by std: done in the normalization here
         try:
-            out = base(images, do_rescale=False, do_normalize=False, return_tensors="pt", **kwargs)
+            out = _resized_by(base, images, **kwargs)
         except ValueError as exc:
             first = first_line(exc)[:200]
             if "equal size" in first:  # torch.stack of images the base left at different sizes
@@ -564,8 +567,12 @@ class KeyedImageProcessor(BaseImageProcessor):
             raise CheckpointError(f"transformers has no image processor class {base_type!r}")
         # transformers saves both backends under the torchvision class's name;
         # backend="pil" picks the PIL one, as AutoImageProcessor does.
-        other = {"pil": base_type + "Pil", "torchvision": base_type[:-3]}.get(backend)
-        if other and other != base_type and (backend == "pil") != base_type.endswith("Pil"):
+        other = None
+        if backend == "pil" and not base_type.endswith("Pil"):
+            other = base_type + "Pil"
+        elif backend == "torchvision" and base_type.endswith("Pil"):
+            other = base_type[:-len("Pil")]
+        if other is not None:
             base_cls = get_image_processor_class_from_name(other) or base_cls
         check_range = kwargs.pop("check_range", True)
         kwargs.pop("return_unused_kwargs", None)
