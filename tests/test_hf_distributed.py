@@ -37,3 +37,6 @@ def test_two_process_trainer_run_builds_the_same_transform_on_both_ranks(tmp_pat
     # DDP keeps the replicas identical, and the callback's counts are summed over ranks.
     assert reports[0]["classifier_sum"] == reports[1]["classifier_sum"]
     assert reports[0]["eval_key_accuracy"] == reports[1]["eval_key_accuracy"]
+    # The callback counts each of the 33 examples once, as Trainer's own
+    # metrics do, not the examples that pad the ranks' last batches.
+    assert reports[0]["eval_key_accuracy"] == reports[0]["eval_accuracy"]

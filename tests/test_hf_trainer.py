@@ -213,6 +213,47 @@ def test_small_margin_warns_and_can_stop_training(key, data, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::kp_plugin.hf.ProtectionMarginWarning")  # one step: no margin yet
+def test_callback_refuses_eval_data_keyed_with_another_key_before_the_first_step(key, data, tmp_path):
+    # Before, KeyedTrainer trained until its first evaluation before the eval
+    # set's transform (another key) was looked at.
+    other = KeyedImageProcessor(vit_processor(), SecretKey.generate_like(key))
+    processor = KeyedImageProcessor(vit_processor(), key)
+    train = data[0].select(range(64)).with_transform(KeyedExampleTransform(processor))
+    test = data[1].select(range(32)).with_transform(KeyedExampleTransform(other))
+    trainer = KeyedTrainer(model=tiny_vit(), args=_args(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=4),
+                           train_dataset=train, eval_dataset={"test": test}, callbacks=[KeyProtectionCallback(key)])
+    with pytest.raises(KeyMismatchError):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+class _MetricsReader(TrainerCallback):
+    """Reads the evaluation's metrics in on_evaluate, as EarlyStoppingCallback does."""
+
+    def __init__(self):
+        self.found = []
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.found.append("eval_protection_margin" in (metrics or {}))
+
+
+@pytest.mark.parametrize("trainer_class", [KeyedTrainer, Trainer])
+@pytest.mark.filterwarnings("ignore::kp_plugin.hf.ProtectionMarginWarning")
+def test_protection_metrics_are_there_for_callbacks_listed_before_it(key, data, trainer_class, tmp_path):
+    # Before, a callback listed before KeyProtectionCallback (e.g.
+    # EarlyStoppingCallback with metric_for_best_model="protection_margin")
+    # ran its on_evaluate before the metrics existed.
+    processor = KeyedImageProcessor(vit_processor(), key)
+    reader = _MetricsReader()
+    trainer = trainer_class(model=tiny_vit(), args=_args(tmp_path, max_steps=2, eval_strategy="steps", eval_steps=1,
+                                                         remove_unused_columns=False),
+                            train_dataset=data[0].select(range(32)), eval_dataset=data[1].select(range(16)),
+                            data_collator=KeyedImageCollator(processor),
+                            callbacks=[reader, KeyProtectionCallback(key, wrong_keys=1)])
+    trainer.train()
+    assert reader.found == [True, True]
+
+
 def test_unbound_callback_on_a_plain_trainer_writes_the_eval_entry(key, data, tmp_path):
     train, test = data[0].select(range(32)), data[1].select(range(64))
     processor = KeyedImageProcessor(vit_processor(), key)
@@ -299,6 +340,9 @@ def test_each_evaluation_set_and_prefix_gets_its_own_protection_metrics(key, dat
     trainer = KeyedTrainer(model=tiny_vit(), args=_args(tmp_path, max_steps=1),
                            train_dataset=train, data_collator=KeyedImageCollator(processor),
                            eval_dataset={"early": test.select(range(32)), "late": test.select(range(32, 96))},
+                           # A metric of the user's that ends in _runtime must not be taken
+                           # for the evaluation's prefix (it came before eval_early_runtime).
+                           compute_metrics=lambda prediction: {"model_runtime": 0.5},
                            callbacks=[KeyProtectionCallback(key, wrong_keys=2, min_margin=0.0)])
     trainer.train()
     metrics = trainer.evaluate()
@@ -337,6 +381,45 @@ def test_model_style_resume_and_best_model_load_the_protected_checkpoints(key, d
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     saved = load_protected(tmp_path / "checkpoint-2", tiny_vit(seed=5), key).unwrap().classifier.weight
     torch.testing.assert_close(resumed.model.unwrap().classifier.weight, saved)
+
+
+def test_evaluation_reports_the_models_own_loss_with_an_objective(key, data, tmp_path):
+    # Before, evaluation ran the objective too: eval_loss held the wrong-key
+    # term under a fresh random key (different on every call) and the eval
+    # batches were averaged into the next training log's objective_ce.
+    processor = KeyedImageProcessor(vit_processor(), key)
+    test = data[1].select(range(48))
+
+    def evaluate(objective):
+        trainer = KeyedTrainer(model=tiny_vit(seed=2), args=_args(tmp_path, per_device_eval_batch_size=16),
+                               eval_dataset=test, data_collator=KeyedImageCollator(processor), objective=objective)
+        losses = [trainer.evaluate()["eval_loss"] for _ in range(2)]
+        assert trainer._objective_steps == 0
+        return losses
+
+    with_objective = evaluate(ProtectionObjective(wrong_key_weight=1.0))
+    assert with_objective[0] == with_objective[1]
+    assert with_objective[0] == pytest.approx(evaluate(None)[0], rel=1e-6)
+
+
+def test_label_smoothing_factor_applies_to_the_objectives_cross_entropy(key, data, tmp_path):
+    # Before, TrainingArguments(label_smoothing_factor=...) was silently
+    # ignored whenever an objective was given.
+    processor = KeyedImageProcessor(vit_processor(), key)
+    collator = KeyedImageCollator(processor)
+    batch = collator([data[0][i] for i in range(16)])
+    model = tiny_vit(seed=2).train()
+    trainer = KeyedTrainer(model=model, args=_args(tmp_path, label_smoothing_factor=0.5),
+                           data_collator=collator, objective=ProtectionObjective())
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(batch))
+        logits = model(pixel_values=batch["pixel_values"]).logits
+    expected = torch.nn.functional.cross_entropy(logits, batch["labels"], label_smoothing=0.5)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert loss.item() != pytest.approx(torch.nn.functional.cross_entropy(logits, batch["labels"]).item(), rel=1e-3)
+    with pytest.raises(ConfigurationError, match="two label smoothings"):
+        KeyedTrainer(model=model, args=_args(tmp_path, label_smoothing_factor=0.5), data_collator=collator,
+                     objective=ProtectionObjective(label_smoothing=0.1))
 
 
 @pytest.mark.parametrize("release", ["current", "without loss_is_scaled_for_ga"])

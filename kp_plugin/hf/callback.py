@@ -61,11 +61,33 @@ PROTECTION_METRICS = (
 def _metric_prefix(metrics: Optional[dict]) -> str:
     """The prefix of this evaluation's metrics: ``eval``, ``eval_<name>``
     with several eval datasets, or ``evaluate(metric_key_prefix=...)``'s
-    (Trainer always reports ``<prefix>_runtime``)."""
-    for name in metrics or ():
-        if name.endswith("_runtime"):
-            return name[: -len("_runtime")]
+    (Trainer always reports ``<prefix>_runtime``, ``_samples_per_second``
+    and ``_steps_per_second``; ``compute_metrics`` may add names ending in
+    ``_runtime`` too, which come first)."""
+    names = set(metrics or ())
+    prefixes = [name[: -len("_runtime")] for name in names if name.endswith("_runtime")]
+    timed = [p for p in prefixes if f"{p}_samples_per_second" in names and f"{p}_steps_per_second" in names]
+    if timed or prefixes:
+        return min(timed or prefixes, key=len)
     return "eval"
+
+
+def _over_ranks(counts: torch.Tensor, seen: int, last: torch.Tensor, device: torch.device) -> tuple:
+    """Sum ``counts`` and ``seen`` over ranks, and put every rank's ``last``
+    rows together in rank order (ranks may hold different numbers)."""
+    dist = torch.distributed
+    where = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    summed = torch.cat([counts, torch.tensor([float(seen), float(len(last))], dtype=torch.float64)]).to(where)
+    sizes = [torch.zeros(1, dtype=torch.float64, device=where) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, summed[-1:].clone())
+    dist.all_reduce(summed)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, last.shape[1], dtype=torch.float64, device=where)
+    padded[: len(last)] = last.to(where)
+    rows = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(rows, padded)
+    last = torch.cat([r[: int(n.item())] for r, n in zip(rows, sizes)]).cpu()
+    return summed[: len(counts)].cpu(), int(summed[-2].item()), last
 
 
 class ProtectionMarginWarning(UserWarning):
@@ -168,8 +190,13 @@ class KeyProtectionCallback(TrainerCallback):
     # ---------------------------------------------------------- set-up
     def on_train_begin(self, args, state, control, model=None, processing_class=None,
                        train_dataloader=None, eval_dataloader=None, **kwargs):
+        self._run_first()
+        # A bound trainer shows its evaluation data before the first
+        # evaluation (the handler's eval_dataloader is None until then).
+        eval_sets = getattr(self._trainer, "eval_dataset", None)
+        eval_sets = list(eval_sets.values()) if isinstance(eval_sets, dict) else [eval_sets]
         self.check_setup(model, processing_class=processing_class,
-                         dataloaders=[train_dataloader, eval_dataloader])
+                         dataloaders=[train_dataloader, eval_dataloader], datasets=eval_sets)
         # Resumed (the state was loaded): the checkpoint this run continues
         # must be this key's. KeyedTrainer checks before loading; a plain
         # Trainer never does, so look where it saves checkpoints.
@@ -177,11 +204,23 @@ class KeyProtectionCallback(TrainerCallback):
         if state.global_step > 0 and resumed.is_file():
             ProtectionConfig.load(resumed).check_key(self.key)
 
-    def check_setup(self, model: nn.Module, *, processing_class: Any = None, dataloaders=()) -> str:
+    def _run_first(self) -> None:
+        """Come first in the trainer's callback list, so that the protection
+        metrics are in ``metrics`` before any other callback's
+        ``on_evaluate`` reads them (``EarlyStoppingCallback`` with
+        ``metric_for_best_model="protection_margin"`` found nothing when it
+        came first). Moving a callback to an earlier place while the handler
+        goes through the list neither skips nor repeats any other."""
+        handler = self._trainer.callback_handler if self._trainer is not None else _calling_handler(self)
+        if handler is not None and self in handler.callbacks:
+            handler.callbacks.remove(self)
+            handler.callbacks.insert(0, self)
+
+    def check_setup(self, model: nn.Module, *, processing_class: Any = None, dataloaders=(), datasets=()) -> str:
         """Check that exactly one of the model and the data path applies the
         key, and that it is this key. Returns ``"model"`` or ``"processor"``."""
         model = base_module(model)
-        batchers = batchers_in(dataloaders=dataloaders)
+        batchers = batchers_in(dataloaders=dataloaders, datasets=[d for d in datasets if d is not None])
         processors = [b.image_processor for b in batchers]
         if isinstance(processing_class, KeyedImageProcessor):
             processors.append(processing_class)
@@ -254,7 +293,10 @@ class KeyProtectionCallback(TrainerCallback):
     @torch.no_grad()
     def measure(self, model: nn.Module, dataloader: Any) -> Optional[dict]:
         """Accuracy with the key and with each wrong key on ``dataloader``'s
-        batches (summed over ranks when distributed)."""
+        batches. Distributed, the counts are summed over ranks, and the
+        examples that pad the ranks' last batches to one size (accelerate's
+        ``even_batches``) are left out as ``gather_for_metrics`` leaves them
+        out: the numbers do not depend on the number of processes."""
         model = base_module(model)
         if isinstance(model, ProtectedModel):
             base, mean, std = model.unwrap(), model.keyed.mean, model.keyed.std
@@ -269,10 +311,16 @@ class KeyProtectionCallback(TrainerCallback):
         was_training = base.training
         base.eval()
         device = next(base.parameters()).device
-        counts = torch.zeros(len(self.wrong_keys) + 2, dtype=torch.float64)
+        # Per example: right with the key, with each wrong key. All batches
+        # but the last are summed as they come; the last is kept whole.
+        counts = torch.zeros(len(self.wrong_keys) + 1, dtype=torch.float64)
+        seen = 0
+        last: Optional[torch.Tensor] = None
+        reached_end = True
         try:
             for index, batch in enumerate(dataloader):
                 if self.max_eval_batches is not None and index >= self.max_eval_batches:
+                    reached_end = False
                     break
                 if "labels" not in batch or "pixel_values" not in batch:
                     logger.warning("evaluation batches lack pixel_values/labels; protection metrics skipped")
@@ -285,23 +333,32 @@ class KeyProtectionCallback(TrainerCallback):
                 else:
                     images01 = processor.recover_images01(pixels.float())
                     keyed_logits = logits_of(model(pixel_values=pixels))
-                counts[0] += (keyed_logits.argmax(-1) == labels).sum().item()
-                for i, wrong in enumerate(self.wrong_keys):
-                    keyed = self._wrong_input(wrong, mean, std)
-                    logits = logits_of(base(keyed(images01)))
-                    counts[i + 1] += (logits.argmax(-1) == labels).sum().item()
-                counts[-1] += labels.numel()
+                hits = [keyed_logits.argmax(-1) == labels]
+                for wrong in self.wrong_keys:
+                    logits = logits_of(base(self._wrong_input(wrong, mean, std)(images01)))
+                    hits.append(logits.argmax(-1) == labels)
+                if last is not None:
+                    counts += last.sum(0)
+                    seen += len(last)
+                last = torch.stack(hits, 1).to("cpu", torch.float64)
         finally:
             base.train(was_training)
+        if last is None:
+            last = torch.zeros(0, len(counts), dtype=torch.float64)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            reduced = counts.to(device if torch.distributed.get_backend() == "nccl" else "cpu")
-            torch.distributed.all_reduce(reduced)
-            counts = reduced.cpu()
-        total = counts[-1].item()
+            counts, seen, last = _over_ranks(counts, seen, last, device)
+            # Accelerate pads each rank's last batch with examples from the
+            # start; the real ones come first when the batches are put in
+            # rank order (what gather_for_metrics relies on too).
+            remainder = getattr(dataloader, "remainder", -1)
+            if reached_end and isinstance(remainder, int) and 0 < remainder < len(last):
+                last = last[:remainder]
+        counts += last.sum(0)
+        total = seen + len(last)
         if total == 0:
             return None
         key_acc = counts[0].item() / total
-        wrong = [c / total for c in counts[1:-1].tolist()]
+        wrong = [c / total for c in counts[1:].tolist()]
         return {
             "eval_key_accuracy": key_acc,
             "eval_wrong_key_accuracy_mean": sum(wrong) / len(wrong),

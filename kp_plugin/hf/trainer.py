@@ -9,8 +9,10 @@ What it changes, and why:
   the base model's signature and keeps the columns our collators and
   transforms declare.
 - loss: with ``objective=`` (a :class:`kp_plugin.objectives.ProtectionObjective`)
-  the loss is that objective's: cross-entropy with the key plus suppression
-  under random wrong keys. It needs the unkeyed [0, 1] images: in model style
+  the training loss is that objective's: cross-entropy with the key plus
+  suppression under random wrong keys (``label_smoothing_factor`` applies to
+  its cross-entropy); evaluation reports the model's own loss, as a plain
+  run does. It needs the unkeyed [0, 1] images: in model style
   they are the batch itself; in processor style they are recovered from the
   keyed batch with the key. The parts are logged as ``objective_<part>``.
 - saving: a ProtectedModel's checkpoints are written by
@@ -24,6 +26,7 @@ What it changes, and why:
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 from pathlib import Path
@@ -110,6 +113,7 @@ class KeyedTrainer(Trainer):
             raise TypeError(f"objective must be a ProtectionObjective, got {type(objective).__name__}")
         if objective is not None:
             objective.check_teacher(teacher)
+            objective = self._with_label_smoothing(objective)
         self.objective = objective
         self.teacher = teacher
         if teacher is not None:
@@ -129,6 +133,20 @@ class KeyedTrainer(Trainer):
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, KeyProtectionCallback):
                 callback.bind(self)
+
+    def _with_label_smoothing(self, objective: ProtectionObjective) -> ProtectionObjective:
+        """``TrainingArguments(label_smoothing_factor=...)`` applies to the
+        objective's cross-entropy (Trainer's own label smoother never sees
+        the objective's loss)."""
+        smoothing = float(getattr(self.args, "label_smoothing_factor", 0.0) or 0.0)
+        if not smoothing or objective.label_smoothing == smoothing:
+            return objective
+        if objective.label_smoothing:
+            raise ConfigurationError(
+                f"two label smoothings: TrainingArguments(label_smoothing_factor={smoothing:g}) and "
+                f"ProtectionObjective(label_smoothing={objective.label_smoothing:g}); set one of them"
+            )
+        return dataclasses.replace(objective, label_smoothing=smoothing)
 
     # ------------------------------------------------------------ columns
     def _set_signature_columns_if_needed(self) -> None:
@@ -150,7 +168,10 @@ class KeyedTrainer(Trainer):
 
     # ------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.objective is None:
+        # Evaluation (the model in eval mode) reports the model's own loss,
+        # as a plain run does: the objective's suppression terms draw random
+        # wrong keys, which would make eval_loss vary from call to call.
+        if self.objective is None or not model.training:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         labels = inputs.get("labels")
