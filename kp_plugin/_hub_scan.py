@@ -24,14 +24,23 @@ UPLOAD_PATTERNS = (
 )
 
 
+#: Folders of a ``kp protect`` / ``kp evaluate`` output that stay with the
+#: owner whatever ``include`` says: ``training/`` (optimizer state; with
+#: ``--distill`` the unprotected teacher) and ``private/`` (plain images
+#: beside keyed ones).
+OWNER_ONLY_DIRS = ("training", "private")
+
+
 def _files_to_upload(directory: Path, include: Iterable[str] = ()) -> dict:
     """``path_in_repo -> local path``: the folder's files matching
-    :data:`UPLOAD_PATTERNS` or ``include`` (globs on the relative path),
-    never hidden ones or an old model card."""
+    :data:`UPLOAD_PATTERNS` or ``include`` (globs on the relative path; a
+    ``*`` also crosses ``/``), never hidden ones, an old model card, or
+    anything under :data:`OWNER_ONLY_DIRS`."""
     patterns = tuple(UPLOAD_PATTERNS) + tuple(include)
     return {
         rel: path for rel, path in _folder_files(directory).items()
         if rel != CARD_FILE and not any(p.startswith(".") for p in rel.split("/"))
+        and not any(part in OWNER_ONLY_DIRS for part in rel.split("/")[:-1])
         and any(fnmatch.fnmatchcase(rel, pattern) for pattern in patterns)
     }
 

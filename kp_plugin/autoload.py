@@ -55,7 +55,18 @@ def build_transformers_model(directory: Union[str, os.PathLike]) -> torch.nn.Mod
 
     directory = Path(directory)
     try:
-        config = transformers.AutoConfig.from_pretrained(str(directory))
+        native = json.loads((directory / CONFIG_FILE).read_text("utf-8"))
+    except (OSError, ValueError):
+        native = None  # AutoConfig below says what is wrong
+    if isinstance(native, dict) and native.get("auto_map"):
+        # Never the repository's own code: transformers would ask on stdin
+        # (trust_remote_code) and run its .py files on "y".
+        raise CheckpointError(
+            f"{directory / CONFIG_FILE} names code of its own (auto_map); kp-plugin never runs a checkpoint's "
+            "code. Build the architecture yourself and pass it as model= (kp_plugin.load_protected)"
+        )
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{directory / CONFIG_FILE} is not a readable transformers config ({exc})") from None
     names = list(getattr(config, "architectures", None) or []) + [ProtectionConfig.load(directory).architecture]
@@ -63,7 +74,7 @@ def build_transformers_model(directory: Union[str, os.PathLike]) -> torch.nn.Mod
     candidates = (getattr(transformers, n, None) for n in names if isinstance(n, str) and not n.startswith("_"))
     cls = next((c for c in candidates if isinstance(c, type) and issubclass(c, transformers.PreTrainedModel)), None)
     if cls is None:
-        return transformers.AutoModelForImageClassification.from_config(config)
+        return transformers.AutoModelForImageClassification.from_config(config, trust_remote_code=False)
     return cls(config)
 
 

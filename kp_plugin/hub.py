@@ -143,7 +143,7 @@ def push_protected(
     models), ``protection.json``, the evaluation report (``report.json`` or
     ``report/``) and ``training.json`` when present, and a generated model
     card (``README.md``); other files only when ``include`` names them
-    (the per-epoch ``training/`` state stays home). Every file of the
+    (the per-epoch ``training/`` state and ``private/`` stay home). Every file of the
     folder is scanned for key material first.
 
     Args:
@@ -169,7 +169,8 @@ def push_protected(
             model from ``wrap_hf_model(..., image_processor=...)`` publishes
             that processor, keyed, by default.
         include: extra glob patterns (relative paths) of files to upload,
-            e.g. ``["samples/*.png"]``.
+            e.g. ``["samples/*.png"]``. ``training/`` and ``private/``
+            are never uploaded, whatever the patterns match.
         endpoint: the Hub URL (default: ``HF_ENDPOINT`` or huggingface.co).
 
     Returns:

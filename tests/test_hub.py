@@ -152,6 +152,15 @@ def test_folder_push_uploads_checkpoint_and_report_but_not_training_state(test_h
     assert {"model.safetensors", "config.json", "protection.json", "README.md", "report/report.json",
             "samples/a.png"} <= files
     assert not any(name.startswith("training/") for name in files)
+    # Owner-only folders stay home whatever include says (before, "*.png"
+    # matched private/examples.png: plain images beside keyed ones).
+    (folder / "private").mkdir()
+    (folder / "private" / "examples.png").write_bytes(b"plain beside keyed")
+    push_protected(folder, "org/everything", key=KEY, include=["*", "*.png"], token=test_hub.token,
+                   endpoint=test_hub.url)
+    everything = set(test_hub.head_files("org/everything"))
+    assert "samples/a.png" in everything
+    assert not any(name.startswith(("training/", "private/")) for name in everything)
     card = (test_hub.root / "blobs" / test_hub.head_files("org/selected")["README.md"]).read_text()
     assert "90.0%" in card
 

@@ -86,3 +86,25 @@ def test_wrap_hf_models_processor_is_published_keyed_without_processor_argument(
                           token=test_hub.token, endpoint=test_hub.url)
     assert "preprocessor_config.json" in test_hub.head_files("org/vit-saved-and-pushed")
     assert find_key_material(test_hub.root, KEY) == []
+
+
+def test_a_config_that_names_its_own_code_is_refused_without_a_prompt(tmp_path, monkeypatch):
+    # Before, AutoConfig.from_pretrained ran without trust_remote_code=False:
+    # transformers asked on stdin, and on "y" ran the repository's .py file
+    # (pull_protected, kp evaluate and kp attack all load through here).
+    from kp_plugin import CheckpointError, save_protected
+    from kp_plugin.autoload import load_protected_auto
+
+    folder = save_protected(wrap_model(_tiny_vit(), KEY, mean=0.5, std=0.5, input_size=(3, 32, 32)), tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="evil", auto_map={"AutoConfig": "evil.EvilConfig"})
+    (folder / "config.json").write_text(json.dumps(config))
+    marker = tmp_path / "ran"
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                    "from transformers import ViTConfig\n"
+                                    "class EvilConfig(ViTConfig):\n    model_type = 'evil'\n")
+    asked = []
+    monkeypatch.setattr("builtins.input", lambda *args: asked.append(args) or "y")
+    with pytest.raises(CheckpointError, match="never runs"):
+        load_protected_auto(folder, KEY)
+    assert asked == [] and not marker.exists()
