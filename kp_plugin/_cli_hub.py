@@ -77,6 +77,8 @@ def register(subparsers) -> None:
     pull.add_argument("-o", "--output", default=None,
                       help="copy the checkpoint here (weights, config, protection.json; usable with kp evaluate)")
     pull.add_argument("--cache-dir", default=None, help="Hub cache folder (default: HF_HUB_CACHE)")
+    pull.add_argument("--force-download", action="store_true",
+                      help="download every file again, even if cached (after a damaged download)")
     _common(pull, pushing=False)
 
 
@@ -105,7 +107,7 @@ def _pull(args: argparse.Namespace) -> int:
     if args.output:  # before downloading: the other model there would be replaced
         refuse_other_key_checkpoint(args.output, key.fingerprint, remedy="remove it first")
     folder = download_protected(args.repo_id, key=key, revision=args.revision, cache_dir=args.cache_dir,
-                                endpoint=args.endpoint)
+                                endpoint=args.endpoint, force_download=args.force_download)
     load_protected_auto(folder, key, source=args.repo_id)  # the weights fit the architecture
     protection = ProtectionConfig.load(folder)
     where = folder

@@ -16,6 +16,7 @@ __all__ = [
     "NotProtectedRepoError",
     "PublicRepoError",
     "HubUploadError",
+    "CorruptDownloadError",
 ]
 
 _DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -47,6 +48,12 @@ class PublicRepoError(HubError):
 class HubUploadError(HubError):
     """The upload itself failed (e.g. the Xet protocol against a self-hosted
     endpoint)."""
+
+
+class CorruptDownloadError(HubError, CheckpointError):
+    """A downloaded (or cached) file is not the file the Hub holds: cut
+    short, or changed in transfer or on disk. Pull again with
+    ``force_download=True``."""
 
 
 def _endpoint(endpoint: Optional[str]) -> str:

@@ -36,6 +36,7 @@ import torch
 
 from ._hub_card import build_model_card, read_report
 from ._hub_errors import (
+    CorruptDownloadError,
     HubError,
     HubUnreachableError,
     HubUploadError,
@@ -51,7 +52,7 @@ from .autoload import load_protected_auto, native_library
 from ._hub_scan import CARD_FILE, _files_to_upload, _folder_files, _refuse_key_material
 from .checkpoint import (CONFIG_FILE, PROTECTION_FILE, WEIGHTS_FILE, ProtectionConfig, read_weights_header,
                          save_protected)
-from .errors import CheckpointError, ConfigurationError, KeyMismatchError
+from .errors import CheckpointError, ConfigurationError, KeyMismatchError, first_line
 from .keys import SecretKey, require_key
 from .module import ProtectedModel, protected_model_of
 
@@ -65,6 +66,7 @@ __all__ = [
     "NotProtectedRepoError",
     "PublicRepoError",
     "HubUploadError",
+    "CorruptDownloadError",
 ]
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
@@ -103,13 +105,15 @@ def _base_model_of(model: ProtectedModel) -> Optional[str]:
 def _prepare_repo(api, repo_id: str, *, private: bool, revision: Optional[str], token) -> None:
     """Create the repository if needed; refuse a public one when private was
     asked; create the branch ``revision`` if it does not exist."""
+    from huggingface_hub import constants
     from huggingface_hub.errors import RepositoryNotFoundError
 
+    timeout = constants.HF_HUB_ETAG_TIMEOUT  # an endpoint that never answers must not hang the push
     try:
-        info = api.repo_info(repo_id, token=token)
+        info = api.repo_info(repo_id, token=token, timeout=timeout)
     except RepositoryNotFoundError:
         api.create_repo(repo_id, private=private, exist_ok=True, token=token)
-        info = api.repo_info(repo_id, token=token)
+        info = api.repo_info(repo_id, token=token, timeout=timeout)
     if private and info.private is not True:
         raise PublicRepoError(
             f"{repo_id!r} already exists and is public, but private=True was asked; nothing was uploaded. "
@@ -272,13 +276,18 @@ def download_protected(
     token: Union[str, bool, None] = None,
     cache_dir: Union[str, os.PathLike, None] = None,
     endpoint: Optional[str] = None,
+    force_download: bool = False,
 ) -> Path:
     """Download a protected model into the Hub cache and return its folder.
 
     ``protection.json`` comes first: with ``key`` given, the fingerprint is
-    checked before the weights are fetched. Token and revision go with every
-    download. With ``HF_HUB_OFFLINE=1``, or when the endpoint cannot be
-    reached, the cached copy is used.
+    checked before the weights are fetched. Every file comes from the one
+    commit the revision named when the pull began (a branch that moves
+    during the pull does not mix two commits), and each is checked against
+    the Hub's own hash of it (the name the cache stores it under: SHA-256
+    for LFS files, the git blob hash for others). With ``HF_HUB_OFFLINE=1``,
+    or when the endpoint cannot be reached (or does not answer within
+    ``HF_HUB_ETAG_TIMEOUT`` seconds), the cached copy is used.
 
     Args:
         repo_id: ``"org/name"``.
@@ -287,11 +296,18 @@ def download_protected(
         token: Hub token (default: ``HF_TOKEN`` or the saved login).
         cache_dir: Hub cache folder (default: ``HF_HUB_CACHE``).
         endpoint: the Hub URL (default: ``HF_ENDPOINT`` or huggingface.co).
+        force_download: download every file again, even if cached (after a
+            :class:`CorruptDownloadError`).
+
+    Raises:
+        CorruptDownloadError: a downloaded or cached file is not what the
+            Hub holds (cut short, or changed); pull again with
+            ``force_download=True``.
 
     Example:
         >>> folder = download_protected("org/name", key=SecretKey.load("owner.key"))  # doctest: +SKIP
     """
-    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub import HfApi, constants, hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
 
     if key is not None:
@@ -299,18 +315,25 @@ def download_protected(
     _check_repo_id(repo_id)
     endpoint = _endpoint(endpoint)
     offline = _offline()
+    why_offline = "is not used (HF_HUB_OFFLINE)"
     listed: Optional[set] = None
+    commit: Optional[str] = None
     if not offline:
         api = HfApi(endpoint=endpoint, token=token)
         try:
             with _hub_errors(endpoint, repo_id, revision):
                 # revision= always: read-only mirrors (olah) answer only that route.
-                info = api.model_info(repo_id, revision=revision or "main", token=token)
+                # A timeout: an endpoint that takes the connection and never
+                # answers (a wrong proxy) would otherwise hang the pull.
+                info = api.model_info(repo_id, revision=revision or "main", token=token,
+                                      timeout=constants.HF_HUB_ETAG_TIMEOUT)
             listed = {s.rfilename for s in (info.siblings or [])}
+            commit = info.sha
         except HubUnreachableError:
             if not _cached(repo_id, revision, cache_dir):
                 raise
             offline = True  # the endpoint is down but the model is cached: use the cache
+            why_offline = "cannot be reached"
     if listed is not None and PROTECTION_FILE not in listed:
         raise NotProtectedRepoError(
             f"{repo_id!r} at {endpoint} has no {PROTECTION_FILE}: it is not a kp-plugin protected model "
@@ -321,8 +344,18 @@ def download_protected(
         try:
             with _hub_errors(endpoint, repo_id, revision):
                 try:
-                    return Path(hf_hub_download(repo_id, filename, revision=revision, token=token,
-                                                cache_dir=cache_dir, endpoint=endpoint, local_files_only=offline))
+                    path = Path(hf_hub_download(repo_id, filename, revision=commit or revision, token=token,
+                                                cache_dir=cache_dir, endpoint=endpoint, local_files_only=offline,
+                                                force_download=force_download and not offline))
+                    _check_download(path, repo_id, filename)
+                    return path
+                except OSError as exc:
+                    if "Consistency check failed" not in str(exc):
+                        raise
+                    raise CorruptDownloadError(
+                        f"the download of {filename} from {repo_id!r} was cut short ({first_line(exc)}); pull again "
+                        "with force_download=True (kp pull --force-download)"
+                    ) from None
                 except RemoteEntryNotFoundError:
                     raise NotProtectedRepoError(
                         f"{repo_id!r} has no {filename}"
@@ -330,9 +363,15 @@ def download_protected(
                            if filename == PROTECTION_FILE else "; the protected model is incomplete")
                     ) from None
         except (LocalEntryNotFoundError, *transport_errors()) as exc:
+            status = _http_status(exc)
+            if status is not None and status >= 500:
+                raise HubError(
+                    f"the Hub at {endpoint} answered HTTP {status} (a server error) for {filename} of {repo_id!r} "
+                    "and it is not in the local cache: try again later"
+                ) from None
             raise HubUnreachableError(
                 f"{filename} of {repo_id!r} is not in the local cache and {endpoint} "
-                f"{'is not used (HF_HUB_OFFLINE)' if offline else 'cannot be reached'}: pull it once online "
+                f"{why_offline if offline else 'cannot be reached'}: pull it once online "
                 "(same cache_dir and revision), then offline works"
             ) from exc
         except RepoNotFoundError:
@@ -353,7 +392,66 @@ def download_protected(
         except (HubUnreachableError, NotProtectedRepoError):
             if filename == WEIGHTS_FILE or (listed is not None and filename in listed):
                 raise
+    if commit is not None and revision != commit:
+        _remember_revision(protection_path, revision or "main", commit)
     return protection_path.parent
+
+
+def _http_status(exc: BaseException) -> Optional[int]:
+    """The HTTP status of the error behind ``exc`` (huggingface_hub raises
+    LocalEntryNotFoundError from the failed call), if any."""
+    seen = 0
+    while exc is not None and seen < 5:
+        response = getattr(exc, "response", None)
+        status = getattr(response, "status_code", None)
+        if isinstance(status, int):
+            return status
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+def _check_download(path: Path, repo_id: str, filename: str) -> None:
+    """:class:`CorruptDownloadError` when the cached file is not what the Hub
+    holds. The cache stores each file under the Hub's hash of it (its ETag):
+    SHA-256 of the content for LFS files, the git blob hash for others."""
+    import hashlib
+    import re
+
+    blob = Path(os.path.realpath(path))
+    expected = blob.name
+    if re.fullmatch(r"[0-9a-f]{64}", expected):
+        digest = hashlib.sha256()
+    elif re.fullmatch(r"[0-9a-f]{40}", expected):
+        digest = hashlib.sha1(f"blob {blob.stat().st_size}\0".encode())
+    else:
+        return  # a mirror's own ETag: nothing to compare with
+    with open(blob, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != expected:
+        raise CorruptDownloadError(
+            f"{filename} of {repo_id!r} in the local cache ({blob}) is not the file the Hub holds (hash "
+            f"{digest.hexdigest()[:12]}..., expected {expected[:12]}...): it was damaged in transfer or on disk. "
+            "Pull again with force_download=True (kp pull --force-download)"
+        )
+
+
+def _remember_revision(protection_path: Path, revision: str, commit: str) -> None:
+    """Point the cache's ``refs/<revision>`` at ``commit``, as a download by
+    the revision's name does: the files were fetched by commit, and an
+    offline pull later looks the revision up there."""
+    storage = protection_path.parent.parent.parent  # <storage>/snapshots/<commit>/protection.json
+    if protection_path.parent.name != commit or protection_path.parent.parent.name != "snapshots":
+        return
+    ref = storage / "refs" / revision
+    try:
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        if not ref.is_file() or ref.read_text() != commit:
+            temporary = ref.with_name(f"{ref.name}.{os.getpid()}.tmp")
+            temporary.write_text(commit)
+            os.replace(temporary, ref)
+    except OSError:
+        pass  # a read-only cache: the pull itself succeeded
 
 
 def _cached(repo_id: str, revision: Optional[str], cache_dir) -> bool:
@@ -374,6 +472,7 @@ def pull_protected(
     model: Optional[torch.nn.Module] = None,
     allow_wrong_key: bool = False,
     device: Union[str, torch.device] = "cpu",
+    force_download: bool = False,
 ) -> ProtectedModel:
     """Download a protected model and return it ready to use with ``key``.
 
@@ -392,11 +491,14 @@ def pull_protected(
         model: the base architecture to load the weights into.
         allow_wrong_key: load even with another key (wrong-key evaluation).
         device: where to load the weights.
+        force_download: download every file again, even if cached.
 
     Raises:
         KeyMismatchError: ``key`` is not the model's key (checked before the
             weights are downloaded).
         NotProtectedRepoError: the repository has no ``protection.json``.
+        CorruptDownloadError: a file is not what the Hub holds; pull again
+            with ``force_download=True``.
         RepoNotFoundError, HubUnreachableError, HubError: see the message.
 
     Example:
@@ -406,7 +508,7 @@ def pull_protected(
     require_key(key)
     directory = download_protected(
         repo_id, key=None if allow_wrong_key else key, revision=revision, token=token, cache_dir=cache_dir,
-        endpoint=endpoint,
+        endpoint=endpoint, force_download=force_download,
     )
     return load_protected_auto(directory, key, model=model, allow_wrong_key=allow_wrong_key, device=device,
                                source=repo_id)

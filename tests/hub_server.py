@@ -29,6 +29,13 @@ listed in ``<root>/received.jsonl``. Stored files live in
 ``<root>/blobs/<sha256>`` and repository state in ``<root>/repos.json``, so a
 test can scan everything the server holds.
 
+Faults, for tests of what a client does when a download goes wrong: a
+``<root>/fault.json`` of ``{"repo": ..., "path": ..., "mode": ...}`` changes
+how that file is served: ``"damage"`` (same length, some bytes changed),
+``"cut"`` (half the body, the headers still announcing the whole size),
+``"error500"``, or ``"move_main"`` (served as usual, then the repository's
+``main`` moves to the commit in ``"to"``; the fault is then removed).
+
 Run: ``python tests/hub_server.py --root DIR --token TOKEN [--port 0]``;
 it prints ``listening on http://127.0.0.1:PORT`` once ready and serves until
 killed.
@@ -331,17 +338,34 @@ class Handler(BaseHTTPRequestHandler):
         self.store.put_blob(body)
         self._send(200, None)
 
+    def _fault(self, repo_id: str, path: str) -> dict:
+        fault_file = self.store.root / "fault.json"
+        fault = json.loads(fault_file.read_text()) if fault_file.is_file() else {}
+        return fault if (fault.get("repo"), fault.get("path")) == (repo_id, path) else {}
+
     def _resolve(self, repo_id: str, revision: str, path: str) -> None:
         repo = self.store.repo(repo_id, authorized=self._authorized())
         sha = self.store.resolve(repo, revision)
         oid = repo["commits"][sha]["files"].get(path)
         if oid is None:
             raise HubError(404, "EntryNotFound", f"{path} does not exist at {revision}")
+        fault = self._fault(repo_id, path).get("mode")
+        if fault == "error500":
+            raise HubError(500, None, "Internal Error (injected)")
         data = self.store.blob(oid)
         headers = {"X-Repo-Commit": sha, "ETag": f'"{oid}"', "Content-Type": "application/octet-stream"}
         if path.endswith(LFS_SUFFIXES):
             headers.update({"X-Linked-Etag": f'"{oid}"', "X-Linked-Size": str(len(data))})
+        if fault == "damage" and self.command == "GET":
+            data = data[:-64] + bytes(b ^ 0x55 for b in data[-64:])
+        if fault == "cut" and self.command == "GET":
+            data = data[: len(data) // 2]
         self._send(200, raw=data, headers=headers)
+        if self._fault(repo_id, path).get("mode") == "move_main" and self.command == "GET":
+            to = json.loads((self.store.root / "fault.json").read_text())["to"]
+            repo["branches"]["main"] = self.store.resolve(repo, to)
+            self.store.save()
+            (self.store.root / "fault.json").unlink()
 
 
 def serve(root: Path, token: str, port: int = 0) -> ThreadingHTTPServer:

@@ -355,3 +355,95 @@ def test_key_material_split_across_read_chunks_is_found(tmp_path):
     path.write_bytes(b"x" * 1000 + secret + b"y" * 1000)
     assert file_contains_any(path, [secret], chunk_size=1010)
     assert not file_contains_any(path, [SecretKey.generate_like(KEY).secret_forms()[5]], chunk_size=1010)
+
+
+def test_an_endpoint_that_takes_the_connection_and_never_answers_times_out(test_hub, pushed, model, monkeypatch,
+                                                                          isolate_hub_client):
+    # Before, model_info / repo_info waited without a timeout: pull and push
+    # hung for good (a wrong proxy, a firewall that swallows requests), even
+    # with the model in the cache.
+    import socket
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 1)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        with pytest.raises(HubUnreachableError, match="cannot reach"):
+            pull_protected(pushed, KEY, endpoint=url, cache_dir=isolate_hub_client)
+        with pytest.raises(HubUnreachableError, match="cannot reach"):
+            push_protected(model, "org/never", token="t", endpoint=url)
+        _pull(test_hub, pushed, KEY, isolate_hub_client)
+        assert pull_protected(pushed, KEY, endpoint=url, cache_dir=isolate_hub_client).key.fingerprint == KEY.fingerprint
+        assert time.monotonic() - started < 60
+
+
+def _fault(hub, **fault) -> None:
+    (hub.root / "fault.json").write_text(json.dumps(fault))
+
+
+def test_damaged_or_cut_weights_are_refused_and_force_download_repairs_the_cache(test_hub, pushed, model,
+                                                                               isolate_hub_client):
+    # Before, weights damaged in transfer (same length) loaded silently with
+    # wrong outputs and stayed in the cache; weights cut short raised a bare
+    # OSError suggesting an option pull_protected did not have.
+    from kp_plugin.hub import CorruptDownloadError
+
+    try:
+        _fault(test_hub, repo=pushed, path="model.safetensors", mode="damage")
+        with pytest.raises(CorruptDownloadError, match="force_download=True"):
+            _pull(test_hub, pushed, KEY, isolate_hub_client)
+        (test_hub.root / "fault.json").unlink()
+        with pytest.raises(CorruptDownloadError):  # the damaged file in the cache is found too
+            _pull(test_hub, pushed, KEY, isolate_hub_client)
+        pulled = _pull(test_hub, pushed, KEY, isolate_hub_client, force_download=True)
+        images = torch.rand(2, 3, 32, 32)
+        with torch.no_grad():
+            assert torch.equal(pulled(images), model(images))
+        _fault(test_hub, repo=pushed, path="model.safetensors", mode="cut")
+        with pytest.raises(CorruptDownloadError, match="cut short"):
+            _pull(test_hub, pushed, KEY, isolate_hub_client.parent / "fresh-cache")
+    finally:
+        (test_hub.root / "fault.json").unlink(missing_ok=True)
+
+
+def test_a_branch_that_moves_during_the_pull_does_not_mix_two_commits(test_hub, model, isolate_hub_client):
+    # Before, every file was downloaded by branch name: a commit landing
+    # between protection.json and the weights split the pull over two
+    # snapshot folders (and a misleading "no config.json" error).
+    torch.manual_seed(1)
+    later = wrap_model(timm.create_model("test_resnet", num_classes=3), KEY).eval()
+    push_protected(model, "org/moving", token=test_hub.token, endpoint=test_hub.url)
+    push_protected(later, "org/moving", revision="next", token=test_hub.token, endpoint=test_hub.url)
+    _fault(test_hub, repo="org/moving", path="protection.json", mode="move_main", to="next")
+    pulled = _pull(test_hub, "org/moving", KEY, isolate_hub_client)
+    assert not (test_hub.root / "fault.json").exists()  # main moved after protection.json was served
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(pulled(images), model(images))
+
+
+def test_a_server_error_is_not_reported_as_an_unreachable_hub(test_hub, pushed, isolate_hub_client):
+    from kp_plugin.hub import HubError
+
+    try:
+        _fault(test_hub, repo=pushed, path="protection.json", mode="error500")
+        with pytest.raises(HubError, match="HTTP 500") as raised:
+            _pull(test_hub, pushed, KEY, isolate_hub_client)
+        assert not isinstance(raised.value, HubUnreachableError)
+    finally:
+        (test_hub.root / "fault.json").unlink(missing_ok=True)
+
+
+def test_a_down_endpoint_with_a_partial_cache_does_not_blame_hf_hub_offline(test_hub, pushed, isolate_hub_client):
+    # A wrong-key pull caches protection.json only; with the endpoint down
+    # the message said the endpoint "is not used (HF_HUB_OFFLINE)".
+    with pytest.raises(KeyMismatchError):
+        _pull(test_hub, pushed, SecretKey.generate_like(KEY), isolate_hub_client)
+    with pytest.raises(HubUnreachableError, match="cannot (be )?reach") as raised:
+        pull_protected(pushed, KEY, endpoint=CLOSED_ENDPOINT, cache_dir=isolate_hub_client)
+    assert "HF_HUB_OFFLINE)" not in str(raised.value)
