@@ -91,7 +91,9 @@ def _push(args: argparse.Namespace) -> int:
         commit_message=args.message, key=key, report=args.report, base_model=args.base_model,
         include=args.include, endpoint=args.endpoint,
     )
-    visibility = "public" if args.public else "private"
+    # --public creates a new repository public; one that exists keeps its
+    # visibility (huggingface_hub ignores it there), so say only what is sure.
+    visibility = "public if it was new; an existing repository keeps its visibility" if args.public else "private"
     print(f"pushed {args.checkpoint} to {args.repo_id} ({visibility}): {info.commit_url}")
     if key is None:
         print(f"note: without --key (or {KEY_ENV}) the leak scan only looked for key files")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
 from .errors import KeyLeakError
-from .checkpoint import file_contains_any, leak_needles
+from .checkpoint import bytes_contain_any, file_contains_any, leak_needles
 from .keys import SecretKey
 
 CARD_FILE = "README.md"
@@ -54,10 +54,15 @@ def _folder_files(directory: Path) -> dict:
     }
 
 
-def _refuse_key_material(files: Mapping[str, Path], key: Optional[SecretKey]) -> None:
+def _refuse_key_material(files: Mapping[str, Path], key: Optional[SecretKey], *, commit_message: str = "") -> None:
     """Raise :class:`KeyLeakError` if a file holds key material or is a key
-    file. Without ``key`` only key files can be recognized."""
+    file, or if a file's name or the commit message holds key material (they
+    reach the Hub too). Without ``key`` only key files can be recognized."""
     needles = leak_needles(key)
+    if commit_message and bytes_contain_any(commit_message.encode("utf-8"), needles):
+        raise KeyLeakError("refusing to upload: the commit message holds key material. Nothing was sent")
+    if any(bytes_contain_any(name.encode("utf-8"), needles) for name in files):
+        raise KeyLeakError("refusing to upload: a file name holds key material. Nothing was sent; rename the file")
     leaks = [name for name, path in files.items() if name.endswith(".key") or file_contains_any(Path(path), needles)]
     if leaks:
         raise KeyLeakError(

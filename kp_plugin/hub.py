@@ -234,15 +234,22 @@ def push_protected(
                 read_weights_header(Path(path), protection)
         if PREPROCESSOR_FILE in files:
             _check_processor_key(Path(files[PREPROCESSOR_FILE]), protection)
+        evaluation = read_report(report if report is not None else directory)
+        if evaluation is not None and evaluation.get("fingerprint") not in (None, protection.fingerprint):
+            raise ConfigurationError(
+                f"the evaluation report is of a model protected with key {evaluation.get('fingerprint')}, not this "
+                f"one ({protection.fingerprint}); its accuracies would go on this model's card. Nothing was sent: "
+                "evaluate this model (kp evaluate) or pass the right report="
+            )
         card = build_model_card(
             protection, repo_id=repo_id, native_library=native_library(directory), base_model=base_model,
-            report=read_report(report if report is not None else directory),
+            report=evaluation,
         )
         card.save(staging / CARD_FILE)
         files[CARD_FILE] = staging / CARD_FILE
         # Everything in the folder is scanned, not only what is uploaded: a
         # key file next to the weights is a mistake worth stopping for.
-        _refuse_key_material({**_folder_files(directory), **files}, key)
+        _refuse_key_material({**_folder_files(directory), **files}, key, commit_message=commit_message or "")
 
         api = HfApi(endpoint=endpoint, token=token)
         with _hub_errors(endpoint, repo_id, revision, pushing=True):

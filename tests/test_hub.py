@@ -121,6 +121,27 @@ def test_folder_with_the_hex_key_is_refused_when_the_key_is_given(test_hub, mode
     _refused_and_nothing_sent(test_hub, folder, KeyLeakError, "notes.txt", key=KEY)
 
 
+def test_key_material_in_a_file_name_or_the_commit_message_is_refused(test_hub, model, tmp_path,
+                                                                     isolate_hub_client):
+    # Before, only file contents were scanned: the hex key as a file name
+    # (with include) or in the commit message reached the server.
+    folder = save_protected(model, tmp_path / "out")
+    _refused_and_nothing_sent(test_hub, folder, KeyLeakError, "commit message", key=KEY,
+                              commit_message=f"trained with {MATERIAL.hex()}")
+    (folder / "samples").mkdir()
+    (folder / "samples" / f"{MATERIAL.hex()}.txt").write_text("a sample")
+    _refused_and_nothing_sent(test_hub, folder, KeyLeakError, "file name", key=KEY, include=["samples/*"])
+
+
+def test_a_report_of_another_model_is_refused_for_the_card(test_hub, model, tmp_path, isolate_hub_client):
+    # Before, a report.json of another key's model put its accuracies on
+    # this model's card (and in its model-index).
+    folder = save_protected(model, tmp_path / "out")
+    other = SecretKey.generate_like(KEY)
+    (folder / "report.json").write_text(json.dumps({"key_accuracy": 0.99, "fingerprint": other.fingerprint}))
+    _refused_and_nothing_sent(test_hub, folder, ConfigurationError, "evaluation report", key=KEY)
+
+
 def test_folder_with_the_permutation_as_indented_json_is_refused(test_hub, model, tmp_path, isolate_hub_client):
     # training.json is uploaded by default; an indented dump of the
     # permutation in it went up before.
