@@ -401,6 +401,15 @@ def open_checkpoint(args: argparse.Namespace, device: torch.device) -> tuple:
     data = args.data or protection.extra.get("dataset")
     if not data:
         raise ConfigurationError(f"{checkpoint} does not record its dataset; pass --data")
+    from .data import EMBEDDED_DATASETS
+
+    if not args.data and data not in EMBEDDED_DATASETS and not Path(data).exists():
+        # Recorded as kp protect was given it: a relative path means the
+        # folder kp protect ran in.
+        raise ConfigurationError(
+            f"{checkpoint} was trained on {data!r}, which is not there from {Path.cwd()} (a relative path is "
+            "relative to where kp protect ran); pass --data with the dataset's path"
+        )
     saved = protection.input_size[1] if protection.input_size else None
     size = args.image_size or saved
     if saved is not None and size != saved:

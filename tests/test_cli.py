@@ -567,3 +567,25 @@ def test_show_names_a_png_output_and_refuses_another_format(tmp_path, capsys):
     assert "writes PNG" in capsys.readouterr().err and not (tmp_path / "seen.jpg").exists()
     assert main(["show", "--key", str(key_path), str(image), "-o", str(tmp_path / "seen.PNG")]) == 0
     assert (tmp_path / "seen.PNG").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_says_where_a_relative_recorded_dataset_is_missing(protected, tmp_path, monkeypatch, capsys):
+    # Before: "unknown dataset '../data'" from any folder other than the one
+    # kp protect ran in, with no hint that --data would do.
+    key_path, out = protected
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for name in ("cat", "dog"):
+            folder = tmp_path / "run" / "pets" / split / name
+            folder.mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    monkeypatch.chdir(tmp_path / "run")
+    args = [a if a != "digits" else "pets" for a in TINY]
+    assert main(["protect", *args, "--key", str(key_path), "-o", str(tmp_path / "pets_out")]) == 0
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    code = main(["evaluate", str(tmp_path / "pets_out"), "--key", str(key_path), "--wrong-keys", "1", "--quiet"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "'pets'" in err and "relative to where kp protect ran" in err and "--data" in err

@@ -9,7 +9,14 @@ a model-style run that writes a protected checkpoint.
 
 Writes ``$OUT/gpu_check.json``. Falls back to the CPU without a GPU.
 """
-import json, os, statistics, sys, tempfile, time
+import argparse, json, os, statistics, sys, tempfile, time
+
+_parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="example: OUT=results/ python "
+                                  "integrations/transformers/gpu_check.py quick",
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+_parser.add_argument("mode", nargs="?", choices=["full", "quick"], default="full",
+                     help="quick: seconds, for a smoke run (default: full)")
+_args = _parser.parse_args()  # before anything is imported, written or run: --help only prints
 import numpy as np, torch
 from PIL import Image
 import transformers
@@ -23,7 +30,7 @@ WORK = tempfile.mkdtemp(prefix="kp-gpu-check-")
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 res = {"transformers": transformers.__version__, "torch": torch.__version__,
        "device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "cpu_threads": torch.get_num_threads()}
-quick = len(sys.argv) > 1
+quick = _args.mode == "quick"
 
 # 1. processor on the GPU equals the CPU output
 rng = np.random.default_rng(0)
