@@ -92,6 +92,9 @@ def run(output_dir: str, *, model_id: Optional[str] = None, key_file: Optional[s
     out = Path(output_dir)
     if key_file and Path(key_file).exists():
         key = SecretKey.load(key_file)
+        if key.block_size != block_size:  # the key decides: the offline ViT's patch is one block
+            print(f"note: {key_file} has block size {key.block_size}; using it instead of --block-size {block_size}")
+            block_size = key.block_size
     else:
         key = SecretKey.generate(block_size=block_size)
         if key_file:
