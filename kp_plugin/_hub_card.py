@@ -123,15 +123,19 @@ def build_model_card(
     )
     size = protection.input_size
     size_text = f"{size[1]}x{size[2]}" if size and len(size) == 3 else "a multiple of the block size"
+    # Claims only as far as a report backs them.
+    measured = ("the owner's measurements are below" if eval_results else
+                "no evaluation report was published with it, so this card states no accuracy")
+    call = "model(images).logits" if native_library == "transformers" else "model(images)"
     body = f"""
 # {repo_id.split('/')[-1]} (key-protected)
 
 This {protection.architecture or 'image'} model is **protected with a secret key**
 ([kp-plugin](https://pypi.org/project/kp-plugin/), after AprilPyone & Kiya,
-"Transfer Learning-Based Model Protection With Secret Key", ICIP 2021). It was fine-tuned
-on images passed through a key-driven block-wise transform. With the owner's key it is
-accurate; with any other key, or none, it is close to chance. **The key is not in this
-repository** and the weights alone are of little use.
+"Transfer Learning-Based Model Protection With Secret Key", ICIP 2021). It expects images
+passed through a key-driven block-wise transform: it is meant to be accurate with the
+owner's key only, and close to chance with any other key or none; {measured}.
+**The key is not in this repository** and the weights alone are of little use.
 
 ## Protection
 
@@ -153,7 +157,7 @@ from kp_plugin.hub import pull_protected
 
 key = SecretKey.load("owner.key")          # or SecretKey.from_env("KP_KEY")
 model = pull_protected("{repo_id}", key)
-logits = model(images)                     # float images in [0, 1], shape (B, 3, H, W)
+logits = {call}{" " * (26 - len(call))}# float images in [0, 1], shape (B, 3, H, W)
 ```
 
 or from a shell: `kp pull {repo_id} --key owner.key --output model/`.

@@ -231,6 +231,18 @@ def test_model_card_has_tags_scheme_and_accuracy_from_the_report(test_hub, model
     assert "93.1%" in card.text and "11.2%" in card.text
     assert 'pull_protected("org/carded", key)' in card.text
     assert card.data.eval_results[0].metric_value == pytest.approx(0.931)
+    assert "measurements are below" in card.text
+
+
+def test_a_card_without_a_report_claims_no_accuracy(model, tmp_path):
+    # Before, every card said "It was fine-tuned ... With the owner's key it
+    # is accurate", with no report behind it (or next to 29% with the key).
+    from kp_plugin._hub_card import build_model_card
+
+    card = build_model_card(ProtectionConfig.load(save_protected(model, tmp_path / "out")), repo_id="org/plain",
+                            native_library="transformers")
+    assert "fine-tuned" not in card.text and "it is\naccurate" not in card.text
+    assert "states no accuracy" in card.text and "model(images).logits" in card.text
 
 
 def test_a_report_without_wrong_keys_gives_a_card_without_nan(model, tmp_path):
