@@ -443,6 +443,14 @@ def check_classes(protection, dataset, where: str) -> None:
             f"{where} has the classes {_class_list(dataset.classes)} but the model was trained on "
             f"{_class_list(trained_on)}; its labels would not line up. Use data with the same class folders"
         )
+    # Checkpoints not written by kp protect (Trainer, save_protected) record
+    # no class names, but their number of outputs.
+    outputs = protection.num_classes
+    if trained_on is None and isinstance(outputs, int) and outputs != len(dataset.classes):
+        raise ConfigurationError(
+            f"{where} has {len(dataset.classes)} classes but the model has {outputs} outputs; its labels would "
+            "not line up (and chance would be misstated). Use data with the classes the model was trained on"
+        )
 
 
 def evaluate(args: argparse.Namespace) -> int:

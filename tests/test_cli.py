@@ -589,3 +589,21 @@ def test_evaluate_says_where_a_relative_recorded_dataset_is_missing(protected, t
     assert code == 1
     err = capsys.readouterr().err
     assert "'pets'" in err and "relative to where kp protect ran" in err and "--data" in err
+
+
+def test_evaluate_refuses_data_with_another_number_of_classes_than_the_model(tmp_path, capsys):
+    # A checkpoint kp protect did not write records no class names: before,
+    # a 3-output model was evaluated on 10-class digits (labels out of its
+    # range, "chance 10%").
+    import timm
+
+    from kp_plugin import save_protected, wrap_model
+
+    key = SecretKey.generate(block_size=8)
+    key.save(tmp_path / "owner.key")
+    save_protected(wrap_model(timm.create_model("test_resnet", num_classes=3), key), tmp_path / "out")
+    code = main(["evaluate", str(tmp_path / "out"), "--key", str(tmp_path / "owner.key"), "--data", "digits",
+                 "--image-size", "16", "--wrong-keys", "1", "--quiet", "-o", str(tmp_path / "report")])
+    assert code == 1
+    assert "10 classes but the model has 3 outputs" in capsys.readouterr().err
+    assert not (tmp_path / "report").exists()
