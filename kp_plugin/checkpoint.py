@@ -35,7 +35,7 @@ from torch import nn
 from . import __version__
 from .errors import CheckpointError, ConfigurationError, KeyLeakError, KeyMismatchError, first_line
 from .keys import KEY_FILE_FORMAT, SecretKey, parse_scheme, require_key
-from .module import ProtectedModel, require_protected, wrap_model
+from .module import ProtectedModel, fixed_image_size, require_protected, wrap_model
 
 __all__ = [
     "ProtectionConfig",
@@ -333,6 +333,51 @@ def save_weights_atomic(module: nn.Module, path: Path, metadata: dict) -> None:
         ) from None
 
 
+#: timm.create_model arguments that are not architecture (where weights come
+#: from: refused when read back), or that config.json records at its top level.
+_NOT_MODEL_ARGS = frozenset({"pretrained", "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir",
+                             "num_classes"})
+
+
+def _current_global_pool(base: nn.Module) -> Optional[str]:
+    """The pooling ``base`` does now, read from the module that pools: timm
+    CNNs keep it in a ``SelectAdaptivePool2d`` (``pool_type``), some in their
+    head, and ``reset_classifier`` replaces that module; a model-level
+    string (ViT) can be all there is. ``""`` (no pooling) counts."""
+    head = getattr(base, "head", None)
+    for pool in (getattr(head, "global_pool", None), getattr(head, "pool_type", None),
+                 getattr(base, "global_pool", None)):
+        pool = getattr(pool, "pool_type", pool)
+        if isinstance(pool, str):
+            return pool
+    return None
+
+
+def _rebuild_args(base: nn.Module, pretrained_cfg: dict) -> dict:
+    """The arguments that rebuild ``base`` with ``timm.create_model``: those
+    kp_plugin.timm recorded, updated from timm's own record where timm keeps
+    one (``_model_args``, kept current through ``reset_classifier`` and
+    resizes: ViT's ``img_size``, ``patch_size``, ``fc_norm``), else a patch
+    embedding's image size when it differs from ``pretrained_cfg``'s: a ViT
+    made with ``img_size=32`` and wrapped would be rebuilt at timm's default
+    224, and its weights would not fit."""
+    args = dict(getattr(base, "kp_model_args", None) or {})  # set by kp_plugin.timm for its creation kwargs
+    recorded = getattr(base, "_model_args", None)
+    for name, value in (recorded.items() if isinstance(recorded, dict) else ()):
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):  # a layer class, say: a kp record, if any, stays
+            continue
+        if name not in _NOT_MODEL_ARGS:
+            args[name] = list(value) if isinstance(value, tuple) else value
+    size = fixed_image_size(base)
+    input_size = pretrained_cfg.get("input_size")
+    if size is not None and "img_size" not in args and (
+            not isinstance(input_size, (tuple, list)) or tuple(input_size[-2:]) != size):
+        args["img_size"] = size[0] if size[0] == size[1] else list(size)
+    return args
+
+
 def _native_config(base: nn.Module) -> Optional[dict]:
     """timm's hub ``config.json`` for timm models (duck-typed, no timm import)."""
     cfg = getattr(base, "pretrained_cfg", None)
@@ -345,12 +390,21 @@ def _native_config(base: nn.Module) -> Optional[dict]:
         "num_features": getattr(base, "num_features", None),
         "pretrained_cfg": pretrained_cfg,
     }
-    if getattr(base, "global_pool", None) is not None and isinstance(getattr(base, "global_pool"), str):
-        out["global_pool"] = base.global_pool
+    global_pool = _current_global_pool(base)
+    if global_pool is not None:
+        out["global_pool"] = global_pool
     out["pretrained_cfg"]["num_classes"] = out["num_classes"]
-    model_args = getattr(base, "kp_model_args", None)  # set by kp_plugin.timm for its creation kwargs
-    if isinstance(model_args, dict) and model_args:
-        out["model_args"] = dict(model_args)
+    size = fixed_image_size(base)
+    input_size = pretrained_cfg.get("input_size")
+    if size is not None and isinstance(input_size, (tuple, list)) and len(input_size) == 3:
+        # timm leaves pretrained_cfg at the weights' source size (224) when
+        # a ViT is made for another; the data pipeline must see the real one.
+        pretrained_cfg["input_size"] = (input_size[0], *size)
+    model_args = _rebuild_args(base, cfg)
+    if global_pool is not None and "global_pool" in model_args:  # the creation's, changed by reset_classifier
+        model_args["global_pool"] = global_pool
+    if model_args:
+        out["model_args"] = model_args
     return out
 
 

@@ -33,7 +33,7 @@ from .transforms import (
 )
 
 __all__ = ["KeyedInput", "ProtectedModel", "wrap_model", "unwrap", "protected_model_of", "require_protected",
-           "resolve_normalization"]
+           "resolve_normalization", "fixed_image_size"]
 
 
 #: Outputs at least this large (bytes, CPU) are written into a buffer the
@@ -539,6 +539,18 @@ def _for_channels(values: Optional[Sequence[float]], channels: Optional[int]) ->
     return tuple(values[i % len(values)] for i in range(channels))
 
 
+def fixed_image_size(model: nn.Module) -> Optional[tuple]:
+    """``(H, W)`` a model with a patch embedding was built for (timm ViT,
+    DeiT, Swin: ``img_size=32`` gives position embeddings for 32x32 and
+    refuses other sizes), unless it takes any size (``dynamic_img_size``);
+    ``None`` for other models. timm leaves ``pretrained_cfg["input_size"]``
+    at the weights' size (224) when a model is made for another."""
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if getattr(model, "dynamic_img_size", False) or not isinstance(size, (tuple, list)) or len(size) != 2:
+        return None
+    return tuple(size) if all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size) else None
+
+
 def resolve_normalization(
     model: nn.Module,
     mean: Optional[Sequence[float]] = None,
@@ -560,6 +572,9 @@ def resolve_normalization(
             input_size = tuple(cfg["input_size"])
             if isinstance(channels, int) and channels != input_size[0]:
                 input_size = (channels, *input_size[1:])
+            built_for = fixed_image_size(model)  # what the model says over what its weights' source said
+            if built_for is not None:
+                input_size = (input_size[0], *built_for)
     hf_config = getattr(model, "config", None)
     if hf_config is not None and not isinstance(hf_config, dict):
         mean = mean if mean is not None else getattr(hf_config, "image_mean", None)
@@ -770,11 +785,16 @@ def wrap_model(
         # key; images are resized by the caller, so compile on first use and
         # let a wrong size fail there with a BlockSizeError.
         input_size = None
-    if input_size is not None and input_size[0] != key.channels:
-        raise ConfigurationError(
-            f"the model takes {input_size[0]}-channel images but the key is for {key.channels} channels; "
-            f"generate a key with SecretKey.generate(channels={input_size[0]})"
-        )
+    # timm's in_chans first: an input_size given with the key's channel count
+    # says nothing about the model's first convolution.
+    in_chans = getattr(model, "in_chans", None)
+    model_channels = in_chans if isinstance(in_chans, int) and not isinstance(in_chans, bool) else None
+    for channels in (model_channels, input_size[0] if input_size is not None else None):
+        if channels is not None and channels != key.channels:
+            raise ConfigurationError(
+                f"the model takes {channels}-channel images but the key is for {key.channels} channels; "
+                f"generate a key with SecretKey.generate(channels={channels})"
+            )
     keyed = KeyedInput(key, mean=mean, std=std, input_size=input_size, check_range=check_range)
     return ProtectedModel(model, keyed)
 

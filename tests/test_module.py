@@ -625,6 +625,32 @@ def test_channel_count_must_match_the_key(tiny_cnn):
         wrap_model(tiny_cnn, key, mean=MEAN, std=STD, input_size=(3, 8, 8))
 
 
+def test_an_input_size_with_the_keys_channels_does_not_hide_the_models_in_chans():
+    # input_size=(3, 32, 32) matched the 3-channel key, so a model made for
+    # 1-channel images was wrapped and failed in its first convolution.
+    timm = pytest.importorskip("timm")
+    key = SecretKey(bytes(range(32)), block_size=8)
+    with pytest.raises(ConfigurationError, match="takes 1-channel images but the key is for 3"):
+        wrap_model(timm.create_model("test_resnet", in_chans=1, num_classes=3), key, input_size=(3, 32, 32))
+
+
+@pytest.mark.parametrize("how", ["wrap_model", "adapt_patch_embedding"])
+def test_a_vit_made_for_another_size_is_wrapped_for_that_size_not_timms_default(how):
+    # Its pretrained_cfg still says 224, which ViT refuses: that size was
+    # recorded, saved and exported until the model had been called.
+    timm = pytest.importorskip("timm")
+    from kp_plugin.adapt import adapt_patch_embedding
+
+    base = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3,
+                             num_classes=3)
+    key = SecretKey(bytes(range(32)), block_size=8, scheme="shuffle+np")
+    model = wrap_model(base, key) if how == "wrap_model" else adapt_patch_embedding(base, key)
+    assert model.keyed.input_size == (3, 32, 32)
+    dynamic = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=1,
+                                num_heads=3, dynamic_img_size=True)
+    assert wrap_model(dynamic, key).keyed.input_size == (3, 224, 224)  # any size fits: timm's default stands
+
+
 # ----------------------------------------------------------------------------
 # torch.compile and DDP
 # ----------------------------------------------------------------------------

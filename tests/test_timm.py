@@ -16,6 +16,8 @@ from kp_plugin.timm import (create_base_model, create_protected_model, create_tr
                             resolve_data_config)
 
 TINY = "test_efficientnet"  # a real timm architecture, ~0.1M parameters
+#: A ViT for 32x32 images that timm builds in no time.
+TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -231,3 +233,87 @@ def test_a_checkpoint_path_that_is_missing_or_not_a_checkpoint_is_named(tmp_path
     good = tmp_path / "good.pth"
     torch.save(timm.create_model(TINY, num_classes=3).state_dict(), good)
     create_protected_model(TINY, key, num_classes=3, checkpoint_path=str(good))
+
+
+def _same_outputs_after_reload(model, directory, key, images) -> None:
+    model.eval()
+    save_protected(model, directory)
+    with torch.no_grad():
+        torch.testing.assert_close(load_protected_timm(directory, key).eval()(images), model(images))
+
+
+@pytest.mark.parametrize("how", ["created with max", "reset to max", "reset to none"])
+def test_a_cnns_global_pool_is_recorded_and_rebuilt(tmp_path, key, how):
+    # timm keeps a CNN's pooling in a module (SelectAdaptivePool2d), not a
+    # string: it was not recorded, and the model came back with average
+    # pooling (other logits; with no pooling, (B, C) instead of (B, C, h, w)).
+    base = timm.create_model(TINY, num_classes=3, **({"global_pool": "max"} if how == "created with max" else {}))
+    if how == "reset to max":
+        base.reset_classifier(4, global_pool="max")
+    elif how == "reset to none":
+        base.reset_classifier(0, global_pool="")
+    _same_outputs_after_reload(wrap_model(base, key, input_size=(3, 64, 64)), tmp_path, key, torch.rand(2, 3, 64, 64))
+    recorded = json.loads((tmp_path / "config.json").read_text())["global_pool"]
+    assert recorded == ("" if how == "reset to none" else "max")
+
+
+def test_a_vits_pool_changed_by_reset_classifier_is_rebuilt(tmp_path, key):
+    # Average pooling moves ViT's final norm after the pool (fc_norm): the
+    # weights did not fit a ViT rebuilt with global_pool="avg" alone.
+    base = timm.create_model("vit_tiny_patch16_224", num_classes=3, **TINY_VIT)
+    base.reset_classifier(5, global_pool="avg")
+    _same_outputs_after_reload(wrap_model(base, key), tmp_path, key, torch.rand(2, 3, 32, 32))
+
+
+@pytest.mark.parametrize("timm_record", [True, False], ids=["timm's record", "no timm record"])
+def test_a_wrapped_vit_made_for_another_size_is_recorded_at_it_and_reloads(tmp_path, key, timm_record):
+    # timm's pretrained_cfg still says 224: the model was recorded (and
+    # exported) for 224, and its img_size was not in config.json, so the
+    # rebuilt ViT's position embeddings did not fit the weights.
+    # Without timm's record (older timm) only the image size is read off the
+    # patch embedding: the rest must be the architecture's own.
+    base = timm.create_model("vit_tiny_patch16_224", num_classes=3, **(TINY_VIT if timm_record else {"img_size": 32}))
+    if not timm_record:
+        del base._model_args
+    model = wrap_model(base, key)
+    assert model.keyed.input_size == (3, 32, 32)
+    _same_outputs_after_reload(model, tmp_path, key, torch.rand(2, 3, 32, 32))
+    assert json.loads((tmp_path / "protection.json").read_text())["input_size"] == [3, 32, 32]
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_args"]["img_size"] == 32 and config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+
+
+def test_a_key_for_other_channels_than_in_chans_is_refused_with_an_input_size_too(key):
+    # With input_size=32 the size was built from the key's 3 channels and
+    # accepted; the first batch then failed in the model's first convolution.
+    with pytest.raises(ConfigurationError, match="1-channel images but the key is for 3"):
+        create_protected_model(TINY, key, in_chans=1, num_classes=3, input_size=32)
+
+
+def test_pretrained_lite0_without_a_classifier_gives_the_pooled_features(key, tmp_path):
+    # timm's num_classes=0 was refused ("must be at least 1").
+    from kp_plugin.pretrained import load_efficientnet_lite0
+
+    model = create_protected_model("tf_efficientnet_lite0", key, pretrained=True, num_classes=0, input_size=32).eval()
+    imagenet = load_efficientnet_lite0()
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        features = imagenet.forward_head(imagenet.forward_features(model.keyed(images)), pre_logits=True)
+        torch.testing.assert_close(model(images), features)
+    _same_outputs_after_reload(model, tmp_path, key, images)
+
+
+def test_pretrained_lite0_as_a_feature_extractor_has_the_imagenet_backbone(key, tmp_path):
+    # features_only=True was a CheckpointError: the weights' head did not fit.
+    from kp_plugin.pretrained import load_efficientnet_lite0
+
+    model = create_protected_model("tf_efficientnet_lite0", key, pretrained=True, features_only=True,
+                                   out_indices=(1, 3), input_size=32).eval()
+    imagenet = load_efficientnet_lite0()
+    assert torch.equal(model.unwrap().blocks[3][0].conv_pw.weight, imagenet.blocks[3][0].conv_pw.weight)
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert [tuple(t.shape) for t in model(images)] == [(2, 24, 8, 8), (2, 112, 2, 2)]
+        save_protected(model, tmp_path)
+        for saved, loaded in zip(model(images), load_protected_timm(tmp_path, key).eval()(images)):
+            torch.testing.assert_close(loaded, saved)
