@@ -496,8 +496,10 @@ def export(args: argparse.Namespace) -> int:
                             opset_version=args.opset, metadata=protection.extra)
     _check_no_key_material(output, key, args.key)
     size = "x".join(str(s) for s in model.keyed.input_size or ())
+    names = ProtectionConfig.load(output).extra.get("output_names") or [OUTPUT_NAME]  # several: features_only
+    outputs = f"output '{names[0]}'" if len(names) == 1 else "outputs " + ", ".join(f"'{n}'" for n in names)
     print(f"wrote {path} and {output / PROTECTION_FILE} (no key): input '{INPUT_NAME}' = images {size} after the "
-          f"keyed transform and normalization, output '{OUTPUT_NAME}'")
+          f"keyed transform and normalization, {outputs}")
     print(f"to run it: keyed = kp_plugin.export.load_keyed_input({str(output)!r}, SecretKey.load(...)); "
           f"feed keyed(images01)")
     return 0

@@ -5,8 +5,10 @@ Exporting the whole :class:`~kp_plugin.ProtectedModel` would bake the
 key-derived permutation into the exported graph as a constant, so
 ``KeyedInput`` refuses to be exported or traced (:class:`KeyLeakError`).
 What is exported instead takes the keyed, normalized images (``pixel_values``,
-float32 ``(B, C, H, W)``) and returns the logits; the licensed user runs the
-keyed transform in front of it, from their key file:
+float32 ``(B, C, H, W)``) and returns the logits (or, for a model that returns
+several tensors, such as timm's ``features_only``, every one of them:
+``output_0``, ``output_1``, ...); the licensed user runs the keyed transform in
+front of it, from their key file:
 
     >>> from kp_plugin.export import export_protected, load_keyed_input
     >>> export_protected(model, "deploy/", format="onnx")              # doctest: +SKIP
@@ -45,16 +47,33 @@ INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
 
 
-class _Logits(nn.Module):
-    """The base model with one tensor in (``pixel_values``) and one out
-    (the logits, also from a transformers output object, dict or tuple)."""
+def _several_tensors(output: Any) -> bool:
+    """Whether ``output`` is a list or tuple of several tensors (timm's
+    ``features_only``: one feature map per stage), all of which are exported."""
+    return (isinstance(output, (list, tuple)) and len(output) > 1
+            and all(isinstance(item, torch.Tensor) for item in output))
+
+
+class _Outputs(nn.Module):
+    """The base model with one tensor in (``pixel_values``) and the logits
+    out (also from a transformers output object, dict or tuple), or every
+    tensor of a model that returns several: the first alone would be
+    served as if it were the model."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return logits_of(self.model(pixel_values))
+    def forward(self, pixel_values: torch.Tensor) -> Union[torch.Tensor, tuple]:
+        output = self.model(pixel_values)
+        return tuple(output) if _several_tensors(output) else logits_of(output)
+
+
+def output_names(count: int) -> list:
+    """The exported outputs' names: ``["logits"]`` for one output, else
+    ``output_0`` .. ``output_{count - 1}`` (e.g. a ``features_only`` model's
+    feature maps, in the model's order)."""
+    return [OUTPUT_NAME] if count == 1 else [f"output_{i}" for i in range(count)]
 
 
 class _ExportedProgram(nn.Module):
@@ -92,7 +111,7 @@ def _inference_mode_of(model: nn.Module):
 
 
 def _export_onnx(wrapper: nn.Module, example: torch.Tensor, path: Path, dynamic_shapes: Any,
-                 opset_version: Optional[int]) -> None:
+                 opset_version: Optional[int], names: list) -> None:
     try:
         import onnx
         import onnxscript  # noqa: F401
@@ -105,7 +124,7 @@ def _export_onnx(wrapper: nn.Module, example: torch.Tensor, path: Path, dynamic_
     # The exporter reports its progress on stdout; a library call keeps quiet.
     with contextlib.redirect_stdout(io.StringIO()):
         torch.onnx.export(
-            wrapper, (example,), str(path), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            wrapper, (example,), str(path), dynamo=True, input_names=[INPUT_NAME], output_names=names,
             dynamic_shapes=dynamic_shapes, external_data=False, verbose=False, **kwargs,
         )
     if opset_version is not None:
@@ -132,7 +151,10 @@ def export_protected(
     """Export ``model``'s base model (not its keyed input) for deployment.
 
     Writes ``model.onnx`` (or ``model.pt2``), whose input ``pixel_values`` is
-    the output of the keyed transform and normalization, and
+    the output of the keyed transform and normalization and whose output is
+    ``logits`` (a model returning a list or tuple of tensors, such as timm's
+    ``features_only``, has them all: ``output_0`` .. ``output_N``, named in
+    ``protection.json``'s ``extra.output_names``), and
     ``protection.json`` (scheme, block size, the key's fingerprint, mean/std,
     input size; never the key). Every written file is scanned for key
     material before this returns.
@@ -156,8 +178,8 @@ def export_protected(
 
     Raises:
         ConfigurationError: not a ProtectedModel, unknown format, unknown
-            input size, the ONNX exporter is not installed, or ``directory``
-            holds another model's export.
+            input size (or one the model fails on), the ONNX exporter is not
+            installed, or ``directory`` holds another model's export.
         KeyLeakError: a written file contains key material (it is removed).
     """
     model = require_protected(model, "export_protected")  # also through torch.compile / DDP
@@ -165,11 +187,8 @@ def export_protected(
         raise ConfigurationError(f"unknown export format {format!r}; choose from {', '.join(EXPORT_FORMATS)}")
     if batch_size is not None and batch_size < 1:
         raise ConfigurationError(f"batch_size must be at least 1, got {batch_size}")
-    extra = dict(metadata or {})
-    extra.update(exported_format=format, exported_file=EXPORT_FORMATS[format], input_name=INPUT_NAME,
-                 output_name=OUTPUT_NAME)
-    config = ProtectionConfig.from_model(model, **extra)
-    if not config.input_size:
+    size = ProtectionConfig.from_model(model).input_size
+    if not size:
         raise ConfigurationError(
             "the model does not know its input size: wrap it with input_size=(C, H, W), or call it once on "
             "images of the size it will serve, before exporting"
@@ -179,8 +198,25 @@ def export_protected(
     dtype = parameter.dtype if parameter is not None else torch.float32
     device = parameter.device if parameter is not None else torch.device("cpu")
     # Batch 2 as the example: torch.export specializes sizes 0 and 1.
-    example = torch.zeros((batch_size or 2, *config.input_size), dtype=dtype, device=device)
+    example = torch.zeros((batch_size or 2, *size), dtype=dtype, device=device)
     dynamic_shapes = None if batch_size is not None else ({0: torch.export.Dim("batch")},)
+    wrapper = _Outputs(base)
+    with _inference_mode_of(wrapper), torch.no_grad():  # how many outputs, before naming them
+        try:
+            produced = wrapper(example)
+        except (KeyLeakError, ConfigurationError):
+            raise
+        except Exception as exc:
+            raise ConfigurationError(
+                f"{type(base).__name__} fails on {size[1]}x{size[2]} images, the input size recorded for it "
+                f"({type(exc).__name__}: {first_line(exc)}); call the protected model once on images of the size "
+                "it will serve (or wrap it with input_size=(C, H, W)) before exporting"
+            ) from exc
+    names = output_names(len(produced) if isinstance(produced, tuple) else 1)
+    extra = dict(metadata or {})
+    extra.update(exported_format=format, exported_file=EXPORT_FORMATS[format], input_name=INPUT_NAME,
+                 **({"output_name": names[0]} if len(names) == 1 else {"output_names": names}))
+    config = ProtectionConfig.from_model(model, **extra)
 
     directory = Path(directory)
     if (directory / WEIGHTS_FILE).exists():
@@ -191,13 +227,12 @@ def export_protected(
     _check_other_export(directory, format, config)
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / EXPORT_FORMATS[format]
-    wrapper = _Logits(base)
     with tempfile.TemporaryDirectory(dir=directory, prefix=".export-") as scratch:
         staged = Path(scratch) / target.name
         with _inference_mode_of(wrapper), torch.no_grad():
             try:
                 if format == "onnx":
-                    _export_onnx(wrapper, example, staged, dynamic_shapes, opset_version)
+                    _export_onnx(wrapper, example, staged, dynamic_shapes, opset_version, names)
                 else:
                     program = torch.export.export(wrapper, (example,), dynamic_shapes=dynamic_shapes)
                     torch.export.save(program, str(staged))

@@ -223,3 +223,52 @@ def test_exporting_into_the_checkpoint_folder_itself_is_refused(protected, tmp_p
     with pytest.raises(ConfigurationError, match="another folder"):
         export_protected(protected, tmp_path, format="pt2")
     assert (tmp_path / "protection.json").read_bytes() == before
+
+
+def test_every_feature_map_of_a_features_only_model_is_exported(shuffle_np_key, tmp_path):
+    # Only the first feature map was exported, under the name "logits".
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    timm = pytest.importorskip("timm")
+    base = timm.create_model("test_resnet", features_only=True, out_indices=(1, 2))
+    model = wrap_model(base, shuffle_np_key, input_size=SIZE).eval()
+    x = torch.rand(2, *SIZE)
+    with torch.no_grad():
+        expected = model(x)
+    path = export_protected(model, tmp_path / "onnx", format="onnx")
+    session = ort.InferenceSession(str(path))
+    assert [o.name for o in session.get_outputs()] == ["output_0", "output_1"]
+    assert ProtectionConfig.load(tmp_path / "onnx").extra["output_names"] == ["output_0", "output_1"]
+    outputs = session.run(None, {"pixel_values": load_keyed_input(tmp_path / "onnx", shuffle_np_key)(x).numpy()})
+    assert len(outputs) == len(expected) == 2
+    for got, want in zip(outputs, expected):
+        torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-5)
+    export_protected(model, tmp_path / "pt2", format="pt2")
+    loaded = load_exported(tmp_path / "pt2", shuffle_np_key)(x)
+    assert len(loaded) == 2
+    for got, want in zip(loaded, expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_a_vit_made_for_another_size_exports_before_its_first_call(tmp_path):
+    # Recorded at timm's stale 224, the export failed with advice to fix
+    # the batch size.
+    timm = pytest.importorskip("timm")
+    key = SecretKey(bytes(range(32)), block_size=8, scheme="shuffle+np")
+    base = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3,
+                             num_classes=3)
+    model = wrap_model(base, key).eval()
+    export_protected(model, tmp_path, format="pt2")
+    assert ProtectionConfig.load(tmp_path).input_size == [3, 32, 32]
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(load_exported(tmp_path, key)(x), model(x))
+
+
+def test_a_size_the_model_cannot_take_is_named_before_exporting(shuffle_np_key, tmp_path):
+    # It surfaced from inside the exporter, with advice to fix the batch size.
+    too_small = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 5), torch.nn.Conv2d(4, 4, 5), torch.nn.Flatten())
+    model = wrap_model(too_small, shuffle_np_key, mean=0.5, std=0.5, input_size=(3, 4, 4))
+    with pytest.raises(ConfigurationError, match="fails on 4x4 images") as info:
+        export_protected(model, tmp_path, format="pt2")
+    assert "batch_size" not in str(info.value)
