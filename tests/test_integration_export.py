@@ -21,14 +21,27 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 RECIPE = Path(__file__).resolve().parents[1] / "integrations" / "export" / "serve_onnx.py"
 
 
-def test_serve_onnx_exports_without_the_key_and_serves_behind_it(tmp_path, capsys):
-    key_path, out, deploy = tmp_path / "owner.key", tmp_path / "out", tmp_path / "deploy"
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, one_thread):
+    """A tiny `kp protect` checkpoint and its key file."""
+    folder = tmp_path_factory.mktemp("protected")
+    key_path, out = folder / "owner.key", folder / "out"
     assert kp(["keygen", "--block-size", "4", "-o", str(key_path)]) == 0
     assert kp(["protect", "--model", "test_efficientnet", "--no-pretrained", "--data", "digits", "--image-size",
                "16", "--epochs", "1", "--quiet", "--device", "cpu", "--key", str(key_path), "-o", str(out)]) == 0
+    return key_path, out
+
+
+@pytest.fixture(scope="module")
+def recipe():
     spec = importlib.util.spec_from_file_location("serve_onnx", RECIPE)
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_serve_onnx_exports_without_the_key_and_serves_behind_it(checkpoint, recipe, tmp_path, capsys):
+    (key_path, out), deploy = checkpoint, tmp_path / "deploy"
     capsys.readouterr()
 
     assert recipe.main(["--checkpoint", str(out), "--key", str(key_path), "--deploy", str(deploy),
@@ -43,3 +56,40 @@ def test_serve_onnx_exports_without_the_key_and_serves_behind_it(tmp_path, capsy
     assert abs(rows["ONNX, with the key"] - rows["PyTorch checkpoint, with the key"]) <= 100 / 64 + 1e-9
     assert sorted(p.name for p in deploy.iterdir()) == ["model.onnx", "protection.json"]
     assert find_key_material(deploy, SecretKey.load(key_path)) == []
+
+
+def test_serve_onnx_with_no_images_prints_zeros_instead_of_dividing_by_zero(checkpoint, recipe, tmp_path, capsys):
+    # --limit 0: the ONNX rows raised ZeroDivisionError (the PyTorch row was guarded).
+    key_path, out = checkpoint
+    capsys.readouterr()
+    assert recipe.main(["--checkpoint", str(out), "--key", str(key_path), "--deploy", str(tmp_path / "deploy"),
+                        "--limit", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "digits test split, 0 images" in printed
+    assert [line.split()[-1] for line in printed.splitlines() if line.startswith("  ")] == ["0.0%"] * 4
+
+
+def test_serve_onnx_serves_an_imagefolder_test_split(checkpoint, recipe, tmp_path, capsys):
+    # Before: AttributeError ('ImageFolderDataset' object has no attribute
+    # 'images') for every folder dataset, after model.onnx was written.
+    import numpy as np
+    from PIL import Image
+
+    from kp_plugin.data import load_dataset
+
+    key_path, out = checkpoint
+    digits = load_dataset("digits", split="test", image_size=16)
+    for i in range(30):
+        image, label = digits[i]
+        folder = tmp_path / "folder" / "test" / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(array).save(folder / f"{i}.png")
+    for label in range(10):  # every class folder, as kp protect trained on ten
+        (tmp_path / "folder" / "test" / str(label)).mkdir(parents=True, exist_ok=True)
+    capsys.readouterr()
+    assert recipe.main(["--checkpoint", str(out), "--key", str(key_path), "--deploy", str(tmp_path / "deploy"),
+                        "--data", str(tmp_path / "folder"), "--limit", "20"]) == 0
+    printed = capsys.readouterr().out
+    assert "test split, 20 images" in printed
+    assert len([line for line in printed.splitlines() if line.startswith("  ")]) == 4

@@ -26,17 +26,32 @@ import torch
 from kp_plugin import SecretKey
 from kp_plugin.autoload import load_protected_auto
 from kp_plugin.checkpoint import ProtectionConfig
-from kp_plugin.data import load_dataset
+from kp_plugin.data import iterate_batches, load_dataset
+from kp_plugin.objectives import logits_of
 from kp_plugin.export import export_protected, load_keyed_input
 
 
-def _accuracy(session, images: torch.Tensor, labels: torch.Tensor, prepare, batch_size: int = 256) -> float:
-    correct = 0
-    for start in range(0, len(images), batch_size):
-        pixel_values = prepare(images[start:start + batch_size]).numpy()
-        logits = session.run(None, {"pixel_values": pixel_values})[0]
-        correct += int((torch.from_numpy(logits).argmax(1) == labels[start:start + batch_size]).sum())
-    return 100.0 * correct / len(images)
+def _accuracies(candidates: dict, batches) -> dict:
+    """Accuracy in % of each ``name -> predict(images) -> logits`` over the
+    ``(images, labels)`` batches, read once (an ImageFolder streams from disk)."""
+    correct, total = dict.fromkeys(candidates, 0), 0
+    for images, labels in batches:
+        for name, predict in candidates.items():
+            correct[name] += int((torch.as_tensor(predict(images)).argmax(1) == labels).sum())
+        total += len(labels)
+    # --limit 0: no images, 0% rather than a division by zero
+    return {name: 100.0 * hits / total if total else 0.0 for name, hits in correct.items()}
+
+
+def _limited(batches, limit):
+    """The first ``limit`` examples of ``batches`` (all with ``None``)."""
+    left = limit
+    for images, labels in batches:
+        if left is not None:
+            if left <= 0:
+                return
+            images, labels, left = images[:left], labels[:left], left - len(labels[:left])
+        yield images, labels
 
 
 def main(argv=None) -> int:
@@ -73,19 +88,23 @@ def main(argv=None) -> int:
     if not data:
         print("the checkpoint does not record its dataset; pass --data", file=sys.stderr)
         return 1
+    # Any dataset load_dataset reads (digits, photos, .npz, an ImageFolder), in batches.
     test = load_dataset(data, split="test", image_size=config.input_size[1])
-    images, labels = test.images[: args.limit], test.labels[: args.limit]
-    rows = [
-        ("ONNX, with the key", _accuracy(session, images, labels, keyed)),
-        ("ONNX, a random wrong key", _accuracy(session, images, labels, wrong)),
-        ("ONNX, plain images (no key)", _accuracy(session, images, labels, lambda x: (x - mean) / std)),
-    ]
+    count = len(test) if args.limit is None else max(0, min(args.limit, len(test)))
+
+    def onnx(prepare):
+        return lambda images: session.run(None, {"pixel_values": prepare(images).numpy()})[0]
+
+    model.eval()
     with torch.no_grad():
-        model.eval()
-        pytorch = 100.0 * float((model(images).argmax(1) == labels).float().mean()) if len(images) else 0.0
-    rows.append(("PyTorch checkpoint, with the key", pytorch))
-    print(f"{data} test split, {len(images)} images:")
-    for name, accuracy in rows:
+        rows = _accuracies({
+            "ONNX, with the key": onnx(keyed),
+            "ONNX, a random wrong key": onnx(wrong),
+            "ONNX, plain images (no key)": onnx(lambda x: (x - mean) / std),
+            "PyTorch checkpoint, with the key": lambda images: logits_of(model(images)),
+        }, _limited(iterate_batches(test, batch_size=256), count))
+    print(f"{data} test split, {count} images:")
+    for name, accuracy in rows.items():
         print(f"  {name:34s} {accuracy:5.1f}%")
     return 0
 
