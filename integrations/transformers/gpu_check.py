@@ -9,7 +9,7 @@ a model-style run that writes a protected checkpoint.
 
 Writes ``$OUT/gpu_check.json``. Falls back to the CPU without a GPU.
 """
-import argparse, json, os, statistics, sys, tempfile, time
+import argparse, json, os, statistics, tempfile, time
 
 _parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="example: OUT=results/ python "
                                   "integrations/transformers/gpu_check.py quick",
