@@ -601,6 +601,20 @@ def evaluate_accuracy(
     return correct / max(1, total)
 
 
+def _check_label_range(train_set: Any, labels: torch.Tensor, outputs: int) -> None:
+    """:class:`ConfigurationError` when the data has more classes (or a
+    label beyond) the model's ``outputs``: cross-entropy would fail with an
+    index error, or, for a model with more outputs, nothing would say so."""
+    classes = getattr(train_set, "num_classes", None)
+    if not isinstance(classes, int):
+        classes = int(labels.max()) + 1 if labels.numel() else 0
+    if classes > outputs:
+        raise ConfigurationError(
+            f"the training data has {classes} classes but the model has {outputs} outputs; create the model "
+            f"with num_classes={classes}"
+        )
+
+
 def fit(
     model: nn.Module,
     train_set: torch.utils.data.Dataset,
@@ -716,6 +730,7 @@ def fit(
 
         bar = tqdm(total=(config.epochs - start_epoch) * steps_per_epoch, desc="fine-tune", unit="step", leave=False)
     started = time.perf_counter()
+    outputs_checked = False
     try:
         for epoch in range(start_epoch, config.epochs):
             model.train()
@@ -743,6 +758,9 @@ def fit(
                         with torch.no_grad():
                             teacher_logits = logits_of(teacher(images))
                     logits = logits_of(model(images))
+                    if not outputs_checked:  # once: a label past the outputs fails deep in the loss
+                        _check_label_range(train_set, labels, logits.shape[-1])
+                        outputs_checked = True
                     targets = labels
                     if mixing is not None:
                         targets = mixed_targets(labels, mixing[0], mixing[1], logits.shape[-1])

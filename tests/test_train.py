@@ -465,3 +465,11 @@ def test_a_device_that_is_not_here_is_a_configuration_error_before_training(key)
         evaluate_accuracy(model, data, device="cdua")
     with pytest.raises(ConfigurationError, match="'cdua' is not a torch device"):
         evaluate_protection(model, data, num_wrong_keys=1, device="cdua", progress=False)
+
+
+def test_data_with_more_classes_than_the_model_has_outputs_is_a_clear_error(key):
+    # Before: an IndexError ("Target 3 is out of bounds") from the loss.
+    images, labels = torch.rand(16, 3, 16, 16), torch.arange(16) % 4
+    data = TensorImageDataset(images, labels, classes=["a", "b", "c", "d"], name="toy")
+    with pytest.raises(ConfigurationError, match="4 classes but the model has 2 outputs"):
+        fit(_model(key), data, config=TrainConfig(epochs=1, batch_size=8), progress=False)
