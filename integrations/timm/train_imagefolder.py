@@ -10,7 +10,7 @@ forward. Everything else is timm: ``timm.data.ImageDataset``,
 
     data/
       train/<class>/*.jpg
-      val/<class>/*.jpg        (optional; used for the protection report)
+      val/<class>/*.jpg        (optional, or test/; used for the protection report)
 
 Example:
     kp keygen --block-size 16 -o owner.key
@@ -41,7 +41,8 @@ from kp_plugin.timm import create_protected_model, create_transform
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="ImageFolder root (with train/ and optional val/)")
+    parser.add_argument("--data", required=True,
+                        help="ImageFolder root (with train/ and optional val/ or test/)")
     parser.add_argument("--model", default="resnet18", help="any timm model name")
     parser.add_argument("--pretrained", action="store_true", help="start from timm's pre-trained weights")
     parser.add_argument("--key", required=True, help="key file from `kp keygen`")
@@ -67,7 +68,8 @@ def main(argv=None) -> int:
     key = SecretKey.load(args.key)
     root = Path(args.data)
     train_root = root / "train" if (root / "train").is_dir() else root
-    val_root = root / "val" if (root / "val").is_dir() else None
+    # The held-out split under any name kp protect reads (timm's val/ first).
+    val_root = next((root / name for name in ("val", "validation", "valid", "test") if (root / name).is_dir()), None)
 
     classes = sorted(p.name for p in train_root.iterdir() if p.is_dir())
     model = create_protected_model(args.model, key, pretrained=args.pretrained, num_classes=len(classes),
@@ -106,7 +108,7 @@ def main(argv=None) -> int:
             scheduler.step_update(num_updates=step)
             seen += labels.numel()
             correct += int((logits.argmax(-1) == labels).sum())
-            loss_sum += float(loss) * labels.numel()
+            loss_sum += float(loss.detach()) * labels.numel()
             if args.max_steps and step >= args.max_steps:
                 break
         print(f"epoch {epoch + 1}: loss {loss_sum / max(seen, 1):.3f}, train accuracy "
