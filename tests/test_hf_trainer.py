@@ -512,3 +512,18 @@ def test_callback_settings_of_the_wrong_kind_are_configuration_errors(key, setti
 
     with pytest.raises(ConfigurationError, match=next(iter(settings))):
         KeyProtectionCallback(key, **settings)
+
+
+def test_the_objectives_wrong_key_pass_runs_in_the_trainers_mixed_precision(key, data, tmp_path):
+    # Model style with bf16: the keyed pass ran under accelerate's autocast,
+    # the objective's wrong-key pass (the base model called directly) in fp32.
+    processor = KeyedImageProcessor(vit_processor(), key)
+    model = wrap_hf_model(tiny_vit(), key, image_processor=processor)
+    dtypes = []
+    model.unwrap().classifier.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    trainer = KeyedTrainer(model=model, args=_args(tmp_path, max_steps=1, per_device_train_batch_size=8, bf16=True),
+                           train_dataset=data[0].select(range(8)),
+                           data_collator=KeyedImageCollator(processor, output="images01"),
+                           objective=ProtectionObjective(wrong_key_weight=0.5))
+    trainer.train()
+    assert len(dtypes) == 2 and set(dtypes) == {torch.bfloat16}

@@ -181,7 +181,11 @@ class KeyedTrainer(Trainer):
         view, images01 = self._objective_view(model, pixels)
         outputs = model(pixel_values=pixels)
         teacher_logits = self._teacher_logits(view, images01) if self.objective.distill_weight else None
-        loss, parts = self.objective(view, images01, labels, logits_of(outputs), teacher_logits)
+        # The objective's own passes (wrong keys, plain images) call the base
+        # model directly, not the forward accelerate wrapped in autocast: run
+        # them in the same mixed precision as the keyed pass.
+        with self.accelerator.autocast():
+            loss, parts = self.objective(view, images01, labels, logits_of(outputs), teacher_logits)
         for name, value in parts.items():
             self._objective_parts[name] = self._objective_parts.get(name, 0.0) + float(value)
         self._objective_steps += 1
