@@ -216,7 +216,17 @@ class _BaselineBeside:
         )
         self.process.start()
         self.total = total
+        self.reclaimed = False
         torch.set_num_threads(self.parent_threads)
+
+    def reclaim_threads(self) -> None:
+        """Called after each training step: once the baseline process has
+        ended, this one takes all the threads (set here, in the training
+        thread, where torch's OpenMP setting applies). The baseline ends
+        first (no wrong-key passes), and its core sat idle until then."""
+        if not self.reclaimed and not self.process.is_alive():
+            torch.set_num_threads(self.total)
+            self.reclaimed = True
 
     def result(self) -> dict:
         """Wait for the baseline; its record entries."""
@@ -327,7 +337,8 @@ def protect(args: argparse.Namespace) -> int:
                + (f", distilling from the unprotected model (weight {args.distill:g})" if args.distill else ""))
     try:
         result = fit(model, train_set, config=config, eval_set=test_set, checkpoint_dir=resume_dir,
-                     resume=args.resume, device=device, progress=not args.quiet, teacher=teacher)
+                     resume=args.resume, device=device, progress=not args.quiet, teacher=teacher,
+                     after_step=beside.reclaim_threads if beside is not None else None)
         key_accuracy = evaluate_accuracy(model, test_set, device=device)
         if beside is not None:
             record.update(beside.result())

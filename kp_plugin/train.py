@@ -25,7 +25,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -626,6 +626,7 @@ def fit(
     device: Union[None, str, torch.device] = None,
     progress: bool = True,
     teacher: Optional[nn.Module] = None,
+    after_step: Optional[Callable[[], None]] = None,
 ) -> TrainResult:
     """Fine-tune ``model`` on ``train_set`` (images in [0, 1]).
 
@@ -644,6 +645,9 @@ def fit(
         teacher: for an objective with ``distill_weight``: a model that takes
             the same [0, 1] images plain (e.g. the unprotected baseline from
             :func:`plain_model`); it runs in eval mode without gradients.
+        after_step: called after every optimizer step, in the training
+            thread (``kp protect`` gives itself the baseline's CPU threads
+            there once the baseline beside it has finished).
 
     Returns:
         :class:`TrainResult` with the per-epoch history.
@@ -771,6 +775,8 @@ def fit(
                 scheduler.step()
                 if average is not None:
                     average.update()
+                if after_step is not None:
+                    after_step()
                 n = labels.numel()
                 seen += n
                 correct += int((logits.detach().argmax(dim=-1) == labels).sum())

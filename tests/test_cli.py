@@ -607,3 +607,29 @@ def test_evaluate_refuses_data_with_another_number_of_classes_than_the_model(tmp
     assert code == 1
     assert "10 classes but the model has 3 outputs" in capsys.readouterr().err
     assert not (tmp_path / "report").exists()
+
+
+def test_protect_takes_the_baselines_threads_once_the_baseline_process_has_ended(tmp_path, monkeypatch):
+    # The baseline beside the protected run ends first (no wrong-key passes);
+    # its core sat idle for the rest of the protected fine-tune.
+    from kp_plugin._cli_handlers import _BaselineBeside
+    from kp_plugin.timm import create_protected_model
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the split needs two, whatever this machine has
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    key = SecretKey.generate(block_size=8)
+    args = build_parser().parse_args(["protect", *TINY, "--key", "unused", "-o", str(tmp_path / "out")])
+    keyed = create_protected_model("test_efficientnet", key, num_classes=10, input_size=16).keyed
+    from kp_plugin.train import TrainConfig
+
+    beside = _BaselineBeside(args, 10, keyed, TrainConfig(epochs=1))
+    try:
+        assert threads == [1]
+        beside.result()  # the baseline has finished
+        beside.process.join()
+        beside.reclaim_threads()
+        beside.reclaim_threads()
+        assert threads == [1, 2]
+    finally:
+        beside.stop()

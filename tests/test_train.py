@@ -473,3 +473,10 @@ def test_data_with_more_classes_than_the_model_has_outputs_is_a_clear_error(key)
     data = TensorImageDataset(images, labels, classes=["a", "b", "c", "d"], name="toy")
     with pytest.raises(ConfigurationError, match="4 classes but the model has 2 outputs"):
         fit(_model(key), data, config=TrainConfig(epochs=1, batch_size=8), progress=False)
+
+
+def test_after_step_is_called_after_every_optimizer_step(key):
+    calls = []
+    result = fit(_model(key), _separable_dataset(32), config=TrainConfig(epochs=2, batch_size=16), progress=False,
+                 after_step=lambda: calls.append(len(calls)))
+    assert len(result.history) == 2 and len(calls) == 4
