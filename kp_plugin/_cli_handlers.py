@@ -40,12 +40,12 @@ from .errors import (
     KeyMismatchError,
 )
 from .keys import SecretKey
+from .protection_report import PRIVATE_DIR  # kp evaluate's owner-only folder
 from .transforms import check_image_size, nearest_valid_size
 
 TRAINING_FILE = "training.json"
 RESUME_DIR = "training"
 REPORT_DIR = "report"
-PRIVATE_DIR = "private"
 
 
 def _busy_cores(window: float = 0.5) -> Optional[float]:

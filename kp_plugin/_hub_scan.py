@@ -8,9 +8,11 @@ import fnmatch
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
+from ._cli_handlers import RESUME_DIR
 from .errors import KeyLeakError
 from .checkpoint import bytes_contain_any, file_contains_any, leak_needles
 from .keys import SecretKey
+from .protection_report import PRIVATE_DIR
 
 CARD_FILE = "README.md"
 
@@ -28,7 +30,7 @@ UPLOAD_PATTERNS = (
 #: owner whatever ``include`` says: ``training/`` (optimizer state; with
 #: ``--distill`` the unprotected teacher) and ``private/`` (plain images
 #: beside keyed ones).
-OWNER_ONLY_DIRS = ("training", "private")
+OWNER_ONLY_DIRS = (RESUME_DIR, PRIVATE_DIR)
 
 
 def _files_to_upload(directory: Path, include: Iterable[str] = ()) -> dict:

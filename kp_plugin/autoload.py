@@ -36,15 +36,21 @@ def native_library(directory: Union[str, os.PathLike]) -> Optional[str]:
     """``"timm"`` or ``"transformers"`` from the checkpoint's ``config.json``
     (``model_type`` means transformers, ``pretrained_cfg`` timm); ``None``
     when there is no readable native config."""
-    try:
-        native = json.loads((Path(directory) / CONFIG_FILE).read_text("utf-8"))
-    except (OSError, ValueError):
-        return None
+    native = _read_native_config(directory)
     if isinstance(native, dict) and native.get("model_type"):
         return "transformers"
     if isinstance(native, dict) and isinstance(native.get("pretrained_cfg"), dict):
         return "timm"
     return None
+
+
+def _read_native_config(directory: Union[str, os.PathLike]) -> object:
+    """The checkpoint's ``config.json`` as parsed JSON; ``None`` when it is
+    missing or not JSON."""
+    try:
+        return json.loads((Path(directory) / CONFIG_FILE).read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def build_transformers_model(directory: Union[str, os.PathLike]) -> torch.nn.Module:
@@ -54,10 +60,7 @@ def build_transformers_model(directory: Union[str, os.PathLike]) -> torch.nn.Mod
     import transformers
 
     directory = Path(directory)
-    try:
-        native = json.loads((directory / CONFIG_FILE).read_text("utf-8"))
-    except (OSError, ValueError):
-        native = None  # AutoConfig below says what is wrong
+    native = _read_native_config(directory)  # None: AutoConfig below says what is wrong
     if isinstance(native, dict) and native.get("auto_map"):
         # Never the repository's own code: transformers would ask on stdin
         # (trust_remote_code) and run its .py files on "y".

@@ -353,14 +353,16 @@ def _current_global_pool(base: nn.Module) -> Optional[str]:
     return None
 
 
-def _rebuild_args(base: nn.Module, pretrained_cfg: dict) -> dict:
+def _rebuild_args(base: nn.Module, image_size: Optional[tuple], source_size: Any, global_pool: Optional[str]) -> dict:
     """The arguments that rebuild ``base`` with ``timm.create_model``: those
     kp_plugin.timm recorded, updated from timm's own record where timm keeps
     one (``_model_args``, kept current through ``reset_classifier`` and
     resizes: ViT's ``img_size``, ``patch_size``, ``fc_norm``), else a patch
-    embedding's image size when it differs from ``pretrained_cfg``'s: a ViT
-    made with ``img_size=32`` and wrapped would be rebuilt at timm's default
-    224, and its weights would not fit."""
+    embedding's image size (``image_size``) when it differs from
+    ``pretrained_cfg``'s (``source_size``): a ViT made with ``img_size=32``
+    and wrapped would be rebuilt at timm's default 224, and its weights would
+    not fit. A creation's ``global_pool`` becomes the pooling the model does
+    now (``reset_classifier`` changes it)."""
     args = dict(getattr(base, "kp_model_args", None) or {})  # set by kp_plugin.timm for its creation kwargs
     recorded = getattr(base, "_model_args", None)
     for name, value in (recorded.items() if isinstance(recorded, dict) else ()):
@@ -370,11 +372,11 @@ def _rebuild_args(base: nn.Module, pretrained_cfg: dict) -> dict:
             continue
         if name not in _NOT_MODEL_ARGS:
             args[name] = list(value) if isinstance(value, tuple) else value
-    size = fixed_image_size(base)
-    input_size = pretrained_cfg.get("input_size")
-    if size is not None and "img_size" not in args and (
-            not isinstance(input_size, (tuple, list)) or tuple(input_size[-2:]) != size):
-        args["img_size"] = size[0] if size[0] == size[1] else list(size)
+    if image_size is not None and "img_size" not in args and (
+            not isinstance(source_size, (tuple, list)) or tuple(source_size[-2:]) != image_size):
+        args["img_size"] = image_size[0] if image_size[0] == image_size[1] else list(image_size)
+    if global_pool is not None and "global_pool" in args:
+        args["global_pool"] = global_pool
     return args
 
 
@@ -395,14 +397,12 @@ def _native_config(base: nn.Module) -> Optional[dict]:
         out["global_pool"] = global_pool
     out["pretrained_cfg"]["num_classes"] = out["num_classes"]
     size = fixed_image_size(base)
-    input_size = pretrained_cfg.get("input_size")
+    input_size = cfg.get("input_size")
     if size is not None and isinstance(input_size, (tuple, list)) and len(input_size) == 3:
         # timm leaves pretrained_cfg at the weights' source size (224) when
         # a ViT is made for another; the data pipeline must see the real one.
         pretrained_cfg["input_size"] = (input_size[0], *size)
-    model_args = _rebuild_args(base, cfg)
-    if global_pool is not None and "global_pool" in model_args:  # the creation's, changed by reset_classifier
-        model_args["global_pool"] = global_pool
+    model_args = _rebuild_args(base, size, input_size, global_pool)
     if model_args:
         out["model_args"] = model_args
     return out

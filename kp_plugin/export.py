@@ -187,7 +187,8 @@ def export_protected(
         raise ConfigurationError(f"unknown export format {format!r}; choose from {', '.join(EXPORT_FORMATS)}")
     if batch_size is not None and batch_size < 1:
         raise ConfigurationError(f"batch_size must be at least 1, got {batch_size}")
-    size = ProtectionConfig.from_model(model).input_size
+    config = ProtectionConfig.from_model(model, **dict(metadata or {}))
+    size = config.input_size
     if not size:
         raise ConfigurationError(
             "the model does not know its input size: wrap it with input_size=(C, H, W), or call it once on "
@@ -213,10 +214,8 @@ def export_protected(
                 "it will serve (or wrap it with input_size=(C, H, W)) before exporting"
             ) from exc
     names = output_names(len(produced) if isinstance(produced, tuple) else 1)
-    extra = dict(metadata or {})
-    extra.update(exported_format=format, exported_file=EXPORT_FORMATS[format], input_name=INPUT_NAME,
-                 **({"output_name": names[0]} if len(names) == 1 else {"output_names": names}))
-    config = ProtectionConfig.from_model(model, **extra)
+    config.extra.update(exported_format=format, exported_file=EXPORT_FORMATS[format], input_name=INPUT_NAME,
+                        **({"output_name": names[0]} if len(names) == 1 else {"output_names": names}))
 
     directory = Path(directory)
     if (directory / WEIGHTS_FILE).exists():

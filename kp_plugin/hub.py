@@ -51,7 +51,7 @@ from ._hub_errors import (
 from .autoload import load_protected_auto, native_library
 from ._hub_scan import CARD_FILE, _files_to_upload, _folder_files, _refuse_key_material
 from .checkpoint import (CONFIG_FILE, PROTECTION_FILE, WEIGHTS_FILE, ProtectionConfig, read_weights_header,
-                         save_protected)
+                         replacing, save_protected)
 from .errors import CheckpointError, ConfigurationError, KeyMismatchError, first_line
 from .keys import SecretKey, require_key
 from .module import ProtectedModel, protected_model_of
@@ -454,9 +454,8 @@ def _remember_revision(protection_path: Path, revision: str, commit: str) -> Non
     try:
         ref.parent.mkdir(parents=True, exist_ok=True)
         if not ref.is_file() or ref.read_text() != commit:
-            temporary = ref.with_name(f"{ref.name}.{os.getpid()}.tmp")
-            temporary.write_text(commit)
-            os.replace(temporary, ref)
+            with replacing(ref) as tmp:  # readers see the old commit or the new, never half a name
+                tmp.write_text(commit)
     except OSError:
         pass  # a read-only cache: the pull itself succeeded
 
