@@ -12,10 +12,11 @@ from PIL import Image
 from transformers import AutoImageProcessor, ConvNextImageProcessor, ViTImageProcessor
 
 from hf_fixtures import BLOCK_SIZE, IMAGE_SIZE, digits_dataset, vit_processor
-from kp_plugin import (BlockSizeError, CheckpointError, ConfigurationError, KeyedInput, KeyLeakError, KeyMismatchError,
-                       SecretKey)
+from kp_plugin import (BlockSizeError, CheckpointError, ConfigurationError, InputRangeError, KeyedInput, KeyLeakError,
+                       KeyMismatchError, SecretKey)
 from kp_plugin.checkpoint import find_key_material
 from kp_plugin.hf import KeyedImageProcessor, KeyRequiredError
+from kp_plugin.transforms import invert_transform
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +136,8 @@ def test_numpy_and_pil_inputs_give_the_same_output(key):
 def test_settings_of_the_base_are_readable(key):
     processor = KeyedImageProcessor(vit_processor(), key)
     assert processor.size["height"] == IMAGE_SIZE
-    assert processor.image_mean == [0.5, 0.5, 0.5]
+    assert processor.image_mean == processor.image_processor.image_mean
+    assert list(processor.image_mean) == [0.5, 0.5, 0.5]
     assert key.fingerprint in repr(processor)
 
 
@@ -170,7 +172,7 @@ def test_efficientnet_processor_with_include_top_gives_the_base_normalization(ke
     keyed = KeyedImageProcessor(base, key)
     pixels = keyed(images, return_tensors="pt")["pixel_values"]
     plain = base(images, return_tensors="pt")["pixel_values"]
-    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (keyed.image_mean, keyed.image_std))
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in keyed.normalization)
     torch.testing.assert_close((keyed.recover_images01(pixels) - mean) / std, plain, atol=1e-4, rtol=0)
 
 
@@ -348,3 +350,99 @@ except OSError as exc:
     assert (tmp_path / "preprocessor_config.json").read_bytes() == before
     assert not list(tmp_path.glob(".*.tmp"))
     KeyedImageProcessor.from_pretrained(tmp_path, key=key)
+
+
+def test_rescale_and_normalize_settings_given_to_a_call_hold_for_that_call(key, images):
+    # They were dropped silently: do_normalize=False, image_mean / image_std
+    # and rescale_factor gave the default output, and do_rescale=False (the
+    # usual way to pass [0, 1] floats) was refused as a range error.
+    processor = KeyedImageProcessor(vit_processor(), key)
+    images01 = processor.images01(images)
+    keyed01 = KeyedInput(key, mean=[0.0] * 3, std=[1.0] * 3)(images01)
+    unnormalized = processor(images, do_normalize=False, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(unnormalized, keyed01, atol=1e-6, rtol=0)
+    identity = processor(images, image_mean=[0, 0, 0], image_std=[1, 1, 1], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(identity, keyed01, atol=1e-6, rtol=0)
+    halved = processor(images, rescale_factor=1 / 510, do_normalize=False, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(invert_transform(halved, key), images01 / 2, atol=1e-6, rtol=0)
+    floats = processor(list(images01), do_rescale=False, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(floats, processor(images, return_tensors="pt")["pixel_values"], atol=1e-5, rtol=0)
+    # The processor itself is unchanged.
+    assert processor.image_processor.do_normalize and processor.normalization == ([0.5] * 3, [0.5] * 3)
+    torch.testing.assert_close(processor.apply_key(images01), processor(images, return_tensors="pt")["pixel_values"])
+
+
+def test_a_segmentation_processors_labels_pass_through(key):
+    from transformers import SegformerImageProcessor
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (50, 40, 3), dtype=np.uint8))
+    seg = Image.fromarray(rng.integers(0, 5, (50, 40), dtype=np.uint8))
+    settings = dict(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_reduce_labels=True)
+    plain = SegformerImageProcessor(**settings)(image, segmentation_maps=seg, return_tensors="pt")
+    keyed = KeyedImageProcessor(SegformerImageProcessor(**settings), key)(image, segmentation_maps=seg,
+                                                                           return_tensors="pt")
+    assert set(keyed) == {"pixel_values", "labels"}
+    assert torch.equal(keyed["labels"], plain["labels"])
+
+
+@pytest.mark.parametrize("field", ["scheme", "channels"])
+def test_a_saved_processor_missing_scheme_or_channels_is_a_checkpoint_error(key, tmp_path, field):
+    # A bare KeyError('scheme') before.
+    KeyedImageProcessor(vit_processor(), key).save_pretrained(tmp_path)
+    path = tmp_path / "preprocessor_config.json"
+    config = json.loads(path.read_text())
+    del config["kp_protection"][field]
+    path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=f"kp_protection.{field}.*corrupt"):
+        KeyedImageProcessor.from_pretrained(tmp_path, key=key)
+
+
+def test_settings_read_through_are_the_bases_and_normalization_is_what_the_output_uses(key, images):
+    # EfficientNet's include_top divides by image_std a second time: image_std
+    # read the folded std (0.25) while assigning it wrote the base's, so
+    # `p.image_std = p.image_std` changed the output. default_to_square and
+    # valid_kwargs (class attributes of BaseImageProcessor) hid the base's.
+    from transformers import CLIPImageProcessor, EfficientNetImageProcessor
+
+    base = EfficientNetImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    processor = KeyedImageProcessor(base, key)
+    assert processor.image_std == base.image_std and processor.image_mean == base.image_mean
+    mean, std = processor.normalization
+    assert std == [float(s) ** 2 for s in base.image_std] and mean == list(base.image_mean)
+    before = processor(images, return_tensors="pt")["pixel_values"]
+    processor.image_std = processor.image_std
+    assert torch.equal(processor(images, return_tensors="pt")["pixel_values"], before)
+    for plain in (ConvNextImageProcessor(), CLIPImageProcessor(crop_size=224, size={"shortest_edge": 224})):
+        keyed = KeyedImageProcessor(plain, SecretKey.generate(block_size=16))
+        for name in dir(plain):
+            value = getattr(plain, name)
+            if name.startswith("_") or callable(value) and not isinstance(value, type):
+                continue
+            assert getattr(keyed, name) == value, name
+
+
+def test_a_processor_whose_output_follows_the_input_size_has_no_output_size(key):
+    # GLPN rounds sides down to a multiple of 32; the old probe images (40x56
+    # and 56x40) both came out 32x32, so the size was taken as fixed.
+    from transformers import GLPNImageProcessor
+
+    processor = KeyedImageProcessor(GLPNImageProcessor(), SecretKey.generate(block_size=16))
+    assert processor.output_size is None
+    image = Image.fromarray(np.zeros((300, 250, 3), dtype=np.uint8))
+    assert processor(image, return_tensors="pt")["pixel_values"].shape[-2:] == (288, 224)
+
+
+def test_the_size_error_names_the_setting_the_output_size_comes_from(key):
+    with pytest.raises(BlockSizeError, match=r"pad_size=\{'height': 208, 'width': 208\}"):
+        KeyedImageProcessor(ViTImageProcessor(size={"height": 192, "width": 192}, do_pad=True,
+                                              pad_size={"height": 200, "width": 200}), SecretKey.generate(block_size=16))
+
+
+def test_the_float_range_error_gives_the_images_range_and_check_range_false_turns_it_off(key, images):
+    processor = KeyedImageProcessor(vit_processor(), key)
+    dark = [image * 0.5 for image in processor.images01(images)]  # [0, 0.5]: already rescaled, half the range
+    with pytest.raises(InputRangeError, match=r"values in \[0, 0\.5\].*do_rescale=False"):
+        processor(dark, return_tensors="pt")
+    unchecked = KeyedImageProcessor(vit_processor(), key, check_range=False)
+    assert unchecked(dark, return_tensors="pt")["pixel_values"].shape[0] == len(images)

@@ -307,7 +307,7 @@ class KeyProtectionCallback(TrainerCallback):
                 raise ConfigurationError(
                     "the callback cannot tell how the data was keyed; pass image_processor= to KeyProtectionCallback"
                 )
-            base, mean, std = model, processor.image_mean, processor.image_std
+            base, (mean, std) = model, processor.normalization
         was_training = base.training
         base.eval()
         device = next(base.parameters()).device
@@ -397,7 +397,8 @@ def processor_protection_config(model: nn.Module, processor: KeyedImageProcessor
     """``protection.json`` for a plain model trained on ``processor``'s keyed
     output (processor style): the processor's key, mean, std and size."""
     key, size = processor.key, processor.output_size
-    keyed = KeyedInput(key, mean=processor.image_mean, std=processor.image_std,
+    mean, std = processor.normalization
+    keyed = KeyedInput(key, mean=mean, std=std,
                        input_size=(key.channels, *size) if size else None)
     view = ProtectedModel(model, keyed)
     return ProtectionConfig.from_model(view, trained_with="transformers.Trainer", style="processor")

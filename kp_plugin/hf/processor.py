@@ -18,6 +18,7 @@ key=...)`` and ``AutoImageProcessor.from_pretrained(path, key=...)`` (once
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -42,10 +43,10 @@ _BASE_TYPE_FIELD = "base_image_processor_type"
 _FORMAT = "kp-plugin-keyed-image-processor"
 _FORMAT_VERSION = 1
 
-# Arguments the keyed processor decides for the base: it rescales and
-# normalizes itself, after the keyed transform.
-_TAKEN_OVER = ("do_rescale", "do_normalize", "rescale_factor", "image_mean", "image_std", "return_tensors",
-               "include_top")
+# Settings the keyed processor applies itself (rescale before the keyed
+# transform, normalize after it) instead of passing them to the base; given
+# per call, they hold for that call, as they do for any image processor.
+_PER_CALL_SETTINGS = ("do_rescale", "do_normalize", "rescale_factor", "image_mean", "image_std", "include_top")
 
 
 #: Attributes of the keyed processor itself; any other name the base has is
@@ -90,13 +91,15 @@ def processor_output_size(processor: BaseImageProcessor) -> Optional[tuple]:
 
 
 def _probe_output_size(processor: BaseImageProcessor) -> Union[tuple, None, bool]:
-    """The output size of ``processor`` on a 40x56 and a 56x40 blank RGB
+    """The output size of ``processor`` on a 40x72 and a 72x40 blank RGB
     image: ``(h, w)`` when both give it, ``None`` when they differ, ``False``
-    when the processor cannot run on them."""
+    when the processor cannot run on them. (Sides that stay apart when
+    rounded down to a multiple of 32: processors that round the input size,
+    GLPN's ``size_divisor``, give two sizes.)"""
     import numpy as np
 
     sizes = set()
-    for shape in ((40, 56, 3), (56, 40, 3)):
+    for shape in ((40, 72, 3), (72, 40, 3)):
         try:
             out = _resized_by(processor, np.zeros(shape, dtype=np.uint8))["pixel_values"]
         except Exception:  # noqa: BLE001 - any failure: fall back to reading the settings
@@ -113,10 +116,23 @@ def _resized_by(processor: BaseImageProcessor, images: Any, **kwargs: Any) -> Ba
     transform is applied to."""
     if hasattr(processor, "include_top"):
         kwargs["include_top"] = False
+    kwargs.pop("return_tensors", None)
     return processor(images, do_rescale=False, do_normalize=False, return_tensors="pt", **kwargs)
 
 
+_MISSING = object()
+
+
+def _same(setting: Any, value: Any) -> bool:
+    try:
+        return setting is value or bool(setting == value)
+    except Exception:  # noqa: BLE001 - arrays and other values without one truth value
+        return False
+
+
 def _size_pair(size: Any) -> tuple:
+    if size is None:
+        return None, None
     get = size.get if hasattr(size, "get") else (lambda k, d=None: getattr(size, k, d))
     h, w = get("height", None), get("width", None)
     if h is not None and w is not None:
@@ -152,12 +168,21 @@ def _checked_settings(processor: BaseImageProcessor, key: SecretKey) -> tuple:
         h, w = nearest_valid_size(size[0], key.block_size), nearest_valid_size(size[1], key.block_size)
         setting = getattr(processor, "size", None)
         shortest = setting.get("shortest_edge") if hasattr(setting, "get") else getattr(setting, "shortest_edge", None)
-        example = (f"size={{'shortest_edge': {h}}}" if shortest is not None and h == w
-                   else f"size={{'height': {h}, 'width': {w}}}")
+        # The setting the output size comes from: the padding or the crop
+        # when it is theirs (a processor may crop first and resize after).
+        padded = getattr(processor, "do_pad", False) and _size_pair(getattr(processor, "pad_size", None)) == size
+        cropped = (getattr(processor, "do_center_crop", False)
+                   and _size_pair(getattr(processor, "crop_size", None)) == size)
+        if padded or cropped:
+            name = "pad_size" if padded else "crop_size"
+            example = f"{name}={{'height': {h}, 'width': {w}}} (the output size is its {name})"
+        elif shortest is not None and h == w:
+            example = f"size={{'shortest_edge': {h}}}"
+        else:
+            example = f"size={{'height': {h}, 'width': {w}}}"
         raise BlockSizeError(
             f"{type(processor).__name__} produces {size[0]}x{size[1]} images but the key's block_size "
-            f"is {key.block_size}; configure the processor for a multiple of it, e.g. "
-            f"{example} (and crop_size likewise when it center-crops)"
+            f"is {key.block_size}; configure the processor for a multiple of it, e.g. {example}"
         )
     if getattr(processor, "rescale_offset", False) and getattr(processor, "do_rescale", True):
         raise ConfigurationError(
@@ -298,19 +323,40 @@ class KeyedImageProcessor(BaseImageProcessor):
             raise AttributeError(name)
         return getattr(base, name)
 
+    # Class attributes of BaseImageProcessor that would hide the base's
+    # values from __getattr__.
     @property
-    def rescale_factor(self) -> float:  # a class attribute on BaseImageProcessor
+    def rescale_factor(self) -> float:
         return self.image_processor.rescale_factor
 
     @property
+    def default_to_square(self) -> bool:
+        return self.image_processor.default_to_square
+
+    @property
+    def valid_kwargs(self) -> Any:
+        return self.image_processor.valid_kwargs
+
+    @property
     def image_mean(self) -> Sequence[float]:
-        """The mean the output is normalized with (the base's)."""
-        return list(self._keyed.mean)
+        """The base's ``image_mean`` (what it reads and is assigned)."""
+        return self.image_processor.image_mean
 
     @property
     def image_std(self) -> Sequence[float]:
-        """The std the output is normalized with (the base's)."""
-        return list(self._keyed.std)
+        """The base's ``image_std`` (see :attr:`normalization` for what the
+        output is divided by)."""
+        return self.image_processor.image_std
+
+    @property
+    def normalization(self) -> tuple:
+        """``(mean, std)`` per channel that the keyed images are normalized
+        with: the base's ``image_mean`` / ``image_std`` when it normalizes,
+        ``0`` / ``1`` when it does not, and EfficientNet's ``include_top``
+        (a second division by ``image_std``) folded into ``std``. A
+        model-style :class:`kp_plugin.KeyedInput` with these gives the same
+        inputs as the processor."""
+        return list(self._keyed.mean), list(self._keyed.std)
 
     @property
     def fingerprint(self) -> str:
@@ -330,17 +376,33 @@ class KeyedImageProcessor(BaseImageProcessor):
         This is the input of a model-style :class:`kp_plugin.ProtectedModel`
         (and of the protection objective, which needs the unkeyed images).
         """
-        x = self._resized(images, **kwargs)
+        base, _ = self._for_call(kwargs)
+        x, _ = self._resized(base, images, **kwargs)
         if x.dtype == torch.uint8:
             return x.float().div_(255)
         return x.float()
 
-    def _resized(self, images: Any, **kwargs: Any) -> torch.Tensor:
-        """The base's output before rescale/normalize: uint8 0..255 when the
-        input was 8-bit and the base rescales by 1/255, else float [0, 1]."""
-        for name in _TAKEN_OVER:
-            kwargs.pop(name, None)
-        base = self.image_processor
+    def _for_call(self, kwargs: dict) -> tuple:
+        """The base and the keyed transform for one call. Rescale and
+        normalize settings given to the call (``do_rescale=False`` for
+        images already in [0, 1], ``do_normalize``, ``image_mean``, ...) are
+        taken out of ``kwargs`` and hold for this call only, as they do for
+        any image processor; the processor itself does not change."""
+        given = {name: kwargs.pop(name) for name in _PER_CALL_SETTINGS if name in kwargs}
+        given = {name: value for name, value in given.items()
+                 if not _same(getattr(self.image_processor, name, _MISSING), value)}
+        if not given:
+            return self.image_processor, self._keyed
+        base = copy.copy(self.image_processor)
+        for name, value in given.items():
+            setattr(base, name, value)
+        mean, std = _normalization(base)
+        return base, KeyedInput(self.key, mean=mean, std=std, check_range=self.check_range)
+
+    def _resized(self, base: BaseImageProcessor, images: Any, **kwargs: Any) -> tuple:
+        """``base``'s output before rescale/normalize: uint8 0..255 when the
+        input was 8-bit and the base rescales by 1/255, else float [0, 1];
+        and the base's other outputs (a segmentation processor's labels)."""
         if images is None or (hasattr(images, "__len__") and len(images) == 0):
             raise BlockSizeError("no images were given (an empty list or batch); pass at least one image")
         try:
@@ -359,10 +421,13 @@ class KeyedImageProcessor(BaseImageProcessor):
                     f"the base processor could not read the images ({first}): the key is for {self.key.channels} "
                     f"channels; {self._channel_hint()}"
                 ) from None
+            # The images or the base's own settings (a pad_size smaller than
+            # the resized images, ...): say both, keep the cause.
             raise BlockSizeError(
-                f"the base processor could not read the images ({first}); pass PIL images, or arrays / tensors "
-                "shaped (H, W, C) or (C, H, W), or a list of them, or a (B, C, H, W) batch"
-            ) from None
+                f"{type(base).__name__} could not read these images ({first}); pass PIL images, or arrays / "
+                "tensors shaped (H, W, C) or (C, H, W), or a list of them, or a (B, C, H, W) batch, and check its "
+                "settings (size, crop_size, pad_size)"
+            ) from exc
         x = out["pixel_values"]
         if not isinstance(x, torch.Tensor):
             raise BlockSizeError(
@@ -374,29 +439,30 @@ class KeyedImageProcessor(BaseImageProcessor):
                 f"the base processor gave {x.shape[1]}-channel images (grayscale or RGBA input?) but the key is "
                 f"for {self.key.channels} channels; {self._channel_hint()}"
             )
+        extras = {name: value for name, value in out.items() if name != "pixel_values"}
         if x.dtype == torch.uint8:
             if getattr(base, "do_rescale", True) and abs(base.rescale_factor - 1 / 255) > 1e-12:
-                return x.float() * base.rescale_factor
-            return x
+                return x.float() * base.rescale_factor, extras
+            return x, extras
         if getattr(base, "do_rescale", False):
             self._check_float_scale(x, base.rescale_factor)
             x = x.float() * base.rescale_factor
-        return x
+        return x, extras
 
-    @staticmethod
-    def _check_float_scale(x: torch.Tensor, factor: float) -> None:
+    def _check_float_scale(self, x: torch.Tensor, factor: float) -> None:
         """Float images the base is about to rescale that are already in
         [0, 1] or normalized (every value within +-3): they came out near
-        black, silently (the base processor alone only logs a warning)."""
-        if x.numel() == 0 or factor > 0.1:
+        black, silently (the base processor alone only logs a warning).
+        ``check_range=False`` turns the check off."""
+        if not self.check_range or x.numel() == 0 or factor > 0.1:
             return
-        largest = float(x.detach().abs().max())
-        if 0 < largest <= 3:
+        low, high = (float(v) for v in torch.aminmax(x.detach().float()))
+        if 0 < max(abs(low), abs(high)) <= 3:
             raise InputRangeError(
-                f"float images with values within [-{largest:.2f}, {largest:.2f}]: the base processor rescales by "
-                f"{factor:.6g}, so images already in [0, 1] (or normalized) would come out near black; pass uint8 "
-                "or PIL images or floats in 0..255, or build the base processor with do_rescale=False for [0, 1] "
-                "floats (normalization is done here, after the key)"
+                f"float images with values in [{low:.3g}, {high:.3g}]: the base processor rescales by "
+                f"{factor:.6g}, so images already in [0, 1] (or normalized) would come out near black; pass "
+                "do_rescale=False in the call (or build the base processor with it) for [0, 1] floats, or pass "
+                "uint8 or PIL images or floats in 0..255 (normalization is done here, after the key)"
             )
 
     def _channel_hint(self) -> str:
@@ -408,14 +474,19 @@ class KeyedImageProcessor(BaseImageProcessor):
     def preprocess(self, images: Any, *args: Any, return_tensors: Any = None, **kwargs: Any) -> BatchFeature:
         """Base resize / crop / rescale, then the keyed transform and the
         base's normalization. Returns a ``BatchFeature`` with ``pixel_values``
-        ``(B, C, H, W)`` float32."""
+        ``(B, C, H, W)`` float32 (and the base's other outputs, such as a
+        segmentation processor's ``labels``, as the base gives them).
+
+        Resize / crop settings given to the call pass to the base; rescale
+        and normalize settings (``do_rescale``, ``rescale_factor``,
+        ``do_normalize``, ``image_mean``, ``image_std``) hold for the call."""
         if args:
             raise TypeError("KeyedImageProcessor takes images and keyword arguments only")
-        x = self._resized(images, **kwargs)
+        base, keyed = self._for_call(kwargs)
+        x, extras = self._resized(base, images, **kwargs)
         if x.dtype != torch.uint8:
             x = x.float()
-        pixel_values = self._keyed(x)
-        return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=return_tensors)
+        return BatchFeature(data={"pixel_values": keyed(x), **extras}, tensor_type=return_tensors)
 
     def __call__(self, images: Any = None, *args: Any, **kwargs: Any) -> BatchFeature:
         return self.preprocess(images, *args, **kwargs)
@@ -621,7 +692,7 @@ def _check_protection_block(protection: Any) -> None:
         raise CheckpointError(f"preprocessor_config.json's {PROTECTION_FIELD} is a {type(protection).__name__}, not "
                               "an object: the file is corrupt; save the processor again")
     block = protection.get("block_size")
-    channels = protection.get("channels", 3)
+    channels = protection.get("channels")
     fingerprint = protection.get("fingerprint")
     for name, value in (("block_size", block), ("channels", channels),
                         ("format_version", protection.get("format_version", 1))):
@@ -631,6 +702,12 @@ def _check_protection_block(protection: Any) -> None:
     if not isinstance(fingerprint, str):
         raise CheckpointError(f"preprocessor_config.json's {PROTECTION_FIELD}.fingerprint is missing or not text: "
                               "the file is corrupt; save the processor again")
+    try:
+        parse_scheme(protection.get("scheme"))
+    except (KPError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"preprocessor_config.json's {PROTECTION_FIELD}.scheme is "
+                              f"{protection.get('scheme')!r} ({first_line(exc)}): the file is corrupt; save the "
+                              "processor again") from None
 
 
 class _KeyedImageProcessorRegistration(PretrainedConfig):

@@ -207,7 +207,8 @@ class KeyedTrainer(Trainer):
             return base, pixels
         processor = self._keying_processor()
         if self._keyed_view is None or self._keyed_view.unwrap() is not base:
-            keyed = KeyedInput(processor.key, mean=processor.image_mean, std=processor.image_std, check_range=False)
+            mean, std = processor.normalization
+            keyed = KeyedInput(processor.key, mean=mean, std=std, check_range=False)
             self._keyed_view = ProtectedModel(base, keyed.to(pixels.device))
         return self._keyed_view, processor.recover_images01(pixels.float())
 
