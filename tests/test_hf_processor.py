@@ -434,9 +434,10 @@ def test_a_processor_whose_output_follows_the_input_size_has_no_output_size(key)
 
 
 def test_the_size_error_names_the_setting_the_output_size_comes_from(key):
+    padding = ViTImageProcessor(size={"height": 192, "width": 192}, do_pad=True,
+                                pad_size={"height": 200, "width": 200})
     with pytest.raises(BlockSizeError, match=r"pad_size=\{'height': 208, 'width': 208\}"):
-        KeyedImageProcessor(ViTImageProcessor(size={"height": 192, "width": 192}, do_pad=True,
-                                              pad_size={"height": 200, "width": 200}), SecretKey.generate(block_size=16))
+        KeyedImageProcessor(padding, SecretKey.generate(block_size=16))
 
 
 def test_the_float_range_error_gives_the_images_range_and_check_range_false_turns_it_off(key, images):
