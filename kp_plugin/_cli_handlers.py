@@ -277,6 +277,13 @@ def protect(args: argparse.Namespace) -> int:
         raise ConfigurationError(
             f"{out} already holds a protected model; pass --resume to continue it, or choose another -o"
         )
+    if not args.resume and (resume_dir / TRAINING_STATE_FILE).exists():
+        # An interrupted run: a new one would train over its state (or, with
+        # another key, train a whole epoch before being refused).
+        raise ConfigurationError(
+            f"{resume_dir} holds an interrupted run; pass --resume to continue it, or choose another -o "
+            f"(or delete {resume_dir} to start again)"
+        )
     if args.image_size is not None:
         _check_size_for_key(args.image_size, key)
     train_set = load_dataset(args.data, split="train", image_size=args.image_size)
@@ -389,7 +396,9 @@ def open_protected(args: argparse.Namespace, device: torch.device) -> tuple:
     protection = ProtectionConfig.load(checkpoint)
     try:
         protection.check_key(key)
-    except KeyMismatchError:
+    except KeyMismatchError as exc:
+        if key.fingerprint == protection.fingerprint:  # the same key, other settings: say which
+            raise KeyMismatchError(f"{checkpoint}: {exc}") from None
         raise KeyMismatchError(
             f"{_key_source(args.key)} is not the key {checkpoint} was protected with (key fingerprint "
             f"{key.fingerprint}, checkpoint expects {protection.fingerprint}, {'+'.join(protection.scheme)}, "

@@ -238,6 +238,14 @@ def check_key_matches(key: SecretKey, *, fingerprint: str, block_size: int, sche
         problems.append(f"scheme {key.scheme_name} (expected {'+'.join(parse_scheme(scheme))})")
     if key.channels != channels:
         problems.append(f"channels {key.channels} (expected {channels})")
+    if problems and key.fingerprint == fingerprint:
+        # The same key material with other settings: one of the two files was
+        # edited (or the key was made again from its bytes), not another key.
+        raise KeyMismatchError(
+            f"the key given has the expected fingerprint {fingerprint} but other settings: " + "; ".join(problems)
+            + ". The key file or the saved protection settings were changed after saving; use the owner's key "
+            "file as it was written and the files as they were saved"
+        )
     if problems:
         raise KeyMismatchError(
             "this model was protected with another key: the key given has " + "; ".join(problems)

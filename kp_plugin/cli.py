@@ -99,6 +99,9 @@ _batch_size = _number(int, lambda v: 1 <= v <= MAX_BATCH_SIZE, f"a batch size fr
                       "batch size")
 _threads = _number(int, lambda v: 1 <= v <= MAX_THREADS,
                    f"a thread count from 1 to {MAX_THREADS} (4 per core of this machine)", "thread count")
+# torch.manual_seed's range; a larger number overflowed deep in a run.
+SEED_RANGE = (0, 2**63 - 1)
+_seed = _number(int, lambda v: SEED_RANGE[0] <= v <= SEED_RANGE[1], "a seed from 0 to 2**63 - 1", "seed")
 _positive = _number(float, lambda v: 0 < v < math.inf, "a number > 0", "positive number")
 _weight = _number(float, lambda v: 0 <= v < math.inf, "a number >= 0 (0 turns it off)", "weight")
 _rate = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)", "rate")
@@ -187,7 +190,7 @@ def _register_protect(subparsers) -> None:
     parser.add_argument("--epochs", type=_positive_int, default=DEMO_EPOCHS, help=f"default {DEMO_EPOCHS}")
     parser.add_argument("--batch-size", type=_batch_size, default=None)
     parser.add_argument("--lr", type=_positive, default=None, help="peak learning rate (AdamW)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=_seed, default=0)
     parser.add_argument("--wrong-key-weight", type=_weight, default=None,
                         help="weight of the wrong-key suppression term (default: the library's measured default; "
                              "0 = cross-entropy only, the paper's recipe)")
@@ -227,7 +230,7 @@ def _register_evaluate(subparsers) -> None:
     _add_data_option(parser, required=False)
     parser.add_argument("--split", default="test", choices=("test", "train"))
     parser.add_argument("--wrong-keys", type=_wrong_keys, default=100, help="random wrong keys to try (default 100)")
-    parser.add_argument("--seed", type=int, default=0, help="picks the wrong keys (default 0)")
+    parser.add_argument("--seed", type=_seed, default=0, help="picks the wrong keys (default 0)")
     parser.add_argument("--batch-size", type=_batch_size, default=None, help="default 64 on CPU, 256 on a GPU")
     parser.add_argument("-o", "--output", default=None, help="report directory (default CHECKPOINT/report)")
     _add_runtime_options(parser)

@@ -509,9 +509,11 @@ def _check_training_state(state: Any, state_path: Path, groups: Optional[list] =
         )
 
 
-def _load_checkpoint(model: nn.Module, directory: Path, groups: Optional[list] = None) -> dict:
+def _load_checkpoint(model: nn.Module, directory: Path, groups: Optional[list] = None,
+                     check: Optional[Callable[[dict, Path], None]] = None) -> dict:
     """Read the training state (checked against ``groups``, the sizes of the
-    optimizer's parameter groups), then load the weights into ``model``."""
+    optimizer's parameter groups, and by ``check``), then load the weights
+    into ``model``."""
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
@@ -533,6 +535,8 @@ def _load_checkpoint(model: nn.Module, directory: Path, groups: Optional[list] =
             f"({torch_load_failure(exc)}); start a new run"
         ) from None
     _check_training_state(state, state_path, groups)
+    if check is not None:
+        check(state, state_path)
     if config is not None:
         read_weights_header(directory / WEIGHTS_FILE, config)  # whole, and from the same save as protection.json
         written = config.weights_digest
@@ -603,16 +607,77 @@ def evaluate_accuracy(
 
 def _check_label_range(train_set: Any, labels: torch.Tensor, outputs: int) -> None:
     """:class:`ConfigurationError` when the data has more classes (or a
-    label beyond) the model's ``outputs``: cross-entropy would fail with an
-    index error, or, for a model with more outputs, nothing would say so."""
+    label beyond) the model's ``outputs``, or a negative label: cross-entropy
+    would fail with an index error (a device assert on CUDA), or ignore it
+    (-100), or, for a model with more outputs, nothing would say so. Checked
+    on every batch (the CPU labels, before they move)."""
     classes = getattr(train_set, "num_classes", None)
     if not isinstance(classes, int):
-        classes = int(labels.max()) + 1 if labels.numel() else 0
+        classes = 0
+    if labels.numel():
+        low, high = (int(v) for v in torch.aminmax(labels))
+        if low < 0:
+            raise ConfigurationError(f"the training data has label {low}; labels are class indices 0..N-1")
+        classes = max(classes, high + 1)
     if classes > outputs:
         raise ConfigurationError(
-            f"the training data has {classes} classes but the model has {outputs} outputs; create the model "
-            f"with num_classes={classes}"
+            f"the training data has {classes} classes but the model has {outputs} outputs (labels must be "
+            f"0..{outputs - 1}); create the model with num_classes={classes}"
         )
+
+
+#: Settings that may change when a run is resumed: the length of the run and
+#: how it runs on this machine (the same computation).
+RESUMABLE_CHANGES = ("epochs", "amp", "channels_last")
+
+
+def _data_identity(train_set: Any) -> dict:
+    """What a resumed run checks the training set against: its size and,
+    when it has them, its class names."""
+    identity = {"examples": len(train_set)}
+    classes = getattr(train_set, "classes", None)
+    if isinstance(classes, (list, tuple)):
+        identity["classes"] = [str(c) for c in classes]
+    return identity
+
+
+def _check_resumed_settings(state: dict, config: "TrainConfig", train_set: Any, state_path: Path) -> None:
+    """:class:`ConfigurationError` when a run is resumed with other settings
+    than it was saved with (only :data:`RESUMABLE_CHANGES` may differ), or on
+    other data: the optimizer state restores the saved learning rate, and the
+    record would describe the whole run with the new settings."""
+    saved, now = state.get("config"), config.to_dict()
+    problems = []
+    if isinstance(saved, dict):
+        pairs = [(name, value, saved[name]) for name, value in now.items() if name in saved and name != "objective"]
+        if isinstance(saved.get("objective"), dict):  # field by field: a newer release may add fields
+            pairs += [(f"objective.{name}", value, saved["objective"][name])
+                      for name, value in now["objective"].items() if name in saved["objective"]]
+        problems += [f"{name} {value!r} (saved: {before!r})" for name, value, before in pairs
+                     if name not in RESUMABLE_CHANGES and _differs(value, before)]
+    data = state.get("data")
+    if isinstance(data, dict):
+        identity = _data_identity(train_set)
+        for name in ("examples", "classes"):
+            if name in data and name in identity and data[name] != identity[name]:
+                problems.append(f"training data with {name} {_short(identity[name])} (saved: {_short(data[name])})")
+    if problems:
+        raise ConfigurationError(
+            f"cannot resume the run in {state_path.parent} with other settings: {'; '.join(problems)}. Resume "
+            f"with the settings and data it was started with (only {', '.join(RESUMABLE_CHANGES)} may change), "
+            "or start a new run in another folder"
+        )
+
+
+def _differs(value: Any, saved: Any) -> bool:
+    if isinstance(value, (list, tuple)) and isinstance(saved, (list, tuple)):
+        return list(value) != list(saved)
+    return value != saved
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def fit(
@@ -691,7 +756,8 @@ def fit(
         # Before the model moves: a checkpoint that cannot be resumed leaves
         # the model where and as it was (device and memory layout).
         groups = [len(group["params"]) for group in _optimizer(model, config).param_groups]
-        state = _load_checkpoint(model, checkpoint, groups)
+        state = _load_checkpoint(model, checkpoint, groups, lambda loaded, path: _check_resumed_settings(
+            loaded, config, train_set, path))
     if config.reinit_stem and not resume and isinstance(model, ProtectedModel):
         _reinit_stem(model, generator)  # a protection measure; the baseline keeps its stem
     model.to(device)
@@ -734,7 +800,25 @@ def fit(
 
         bar = tqdm(total=(config.epochs - start_epoch) * steps_per_epoch, desc="fine-tune", unit="step", leave=False)
     started = time.perf_counter()
-    outputs_checked = False
+    outputs = None  # the model's number of outputs, from the first batch
+
+    def save_checkpoint(epoch: int) -> None:
+        _save_checkpoint(
+            model,
+            checkpoint,
+            {
+                "epoch": epoch,
+                "optimizer": optimizer.state_dict(),
+                "generator": generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                "history": result.history,
+                "config": config.to_dict(),
+                "data": _data_identity(train_set),
+                "weight_average": None if average is None else average.state_dict(),
+            },
+        )
+
     try:
         for epoch in range(start_epoch, config.epochs):
             model.train()
@@ -744,6 +828,8 @@ def fit(
             for images, labels in iterate_batches(train_set, batch_size=config.batch_size, shuffle=True, generator=generator):
                 if labels.numel() == 1 and len(train_set) > 1:
                     continue  # a last batch of one image: batch norm cannot train on it (timm drops it too)
+                if outputs is not None:
+                    _check_label_range(train_set, labels, outputs)
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 if images.dtype == torch.uint8:  # augmentation and mixing work on [0, 1] floats
                     images = images.float().div_(255)
@@ -762,9 +848,9 @@ def fit(
                         with torch.no_grad():
                             teacher_logits = logits_of(teacher(images))
                     logits = logits_of(model(images))
-                    if not outputs_checked:  # once: a label past the outputs fails deep in the loss
-                        _check_label_range(train_set, labels, logits.shape[-1])
-                        outputs_checked = True
+                    if outputs is None:  # the first batch: a label past the outputs fails deep in the loss
+                        outputs = logits.shape[-1]
+                        _check_label_range(train_set, labels.cpu(), outputs)
                     targets = labels
                     if mixing is not None:
                         targets = mixed_targets(labels, mixing[0], mixing[1], logits.shape[-1])
@@ -791,26 +877,24 @@ def fit(
             if eval_set is not None:
                 if average is not None:
                     average.swap()
-                record["eval_accuracy"] = evaluate_accuracy(model, eval_set, device=device, amp=config.amp)
+                try:
+                    record["eval_accuracy"] = evaluate_accuracy(model, eval_set, device=device, amp=config.amp)
+                except BaseException:
+                    # An unreadable evaluation image (or a stop) must not lose
+                    # the epoch just trained: checkpoint it without the figure.
+                    if average is not None:
+                        average.swap()  # the training weights are what is checkpointed
+                    if checkpoint is not None:
+                        record["seconds"] = time.perf_counter() - epoch_start
+                        result.history.append(record)
+                        save_checkpoint(epoch + 1)
+                    raise
                 if average is not None:
                     average.swap()
             record["seconds"] = time.perf_counter() - epoch_start
             result.history.append(record)
             if checkpoint is not None:
-                _save_checkpoint(
-                    model,
-                    checkpoint,
-                    {
-                        "epoch": epoch + 1,
-                        "optimizer": optimizer.state_dict(),
-                        "generator": generator.get_state(),
-                        "torch_rng": torch.get_rng_state(),
-                        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                        "history": result.history,
-                        "config": config.to_dict(),
-                        "weight_average": None if average is None else average.state_dict(),
-                    },
-                )
+                save_checkpoint(epoch + 1)
     finally:
         if bar is not None:
             bar.close()

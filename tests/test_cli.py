@@ -498,6 +498,8 @@ def test_protect_mixes_batches_for_the_protected_model_and_the_baseline(tmp_path
     (["show", "image.png", "-o", "s.png", "--image-size", "-1"], "--image-size: expected an image side from 1"),
     (["show", "image.png", "-o", "s.png", "--image-size", "100000"], "--image-size: expected an image side from 1"),
     (["attack", "out", "--threads", "0"], "--threads: expected a thread count from 1 to"),
+    (["protect", "--seed", "99999999999999999999999"], "--seed: expected a seed from 0 to 2**63 - 1"),
+    (["evaluate", "out", "--seed", "-1"], "--seed: expected a seed from 0 to 2**63 - 1"),
     (["attack", "out", "--threads", "100000"], "--threads: expected a thread count from 1 to"),
 ])
 def test_numbers_out_of_range_are_usage_errors_before_anything_loads(argv, complaint, tmp_path, capsys, monkeypatch):
@@ -633,3 +635,41 @@ def test_protect_takes_the_baselines_threads_once_the_baseline_process_has_ended
         assert threads == [1, 2]
     finally:
         beside.stop()
+
+
+def test_a_new_run_over_an_interrupted_one_is_refused_before_training(protected, tmp_path, capsys):
+    # Without --resume, the interrupted run's training state was trained over
+    # (same key) or a whole epoch trained before a refusal (another key).
+    key_path, _ = protected
+    out = tmp_path / "run"
+    assert main(["protect", *TINY, "--key", str(key_path), "-o", str(out)]) == 0
+    (out / "protection.json").unlink()  # as a run stopped before its last save leaves it
+    state = out / "training" / "training_state.pt"
+    written = state.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["protect", *TINY, "--key", str(key_path), "-o", str(out)]) == 1
+    assert "holds an interrupted run; pass --resume" in capsys.readouterr().err
+    assert state.stat().st_mtime_ns == written
+    # Resuming it with another learning rate is refused (the saved one would
+    # apply while the record named the new one).
+    argv = [a if a != "1" else "2" for a in TINY]
+    assert main(["protect", *argv, "--key", str(key_path), "-o", str(out), "--resume", "--lr", "0.5"]) == 1
+    assert "lr 0.5 (saved: 0.002)" in capsys.readouterr().err
+
+
+def test_a_checkpoint_whose_block_size_was_edited_is_not_called_another_key(protected, tmp_path, capsys):
+    # The message said the key was not the checkpoint's and quoted two equal
+    # fingerprints.
+    import shutil
+
+    key_path, checkpoint = protected
+    edited = tmp_path / "edited"
+    shutil.copytree(checkpoint, edited)
+    config = json.loads((edited / "protection.json").read_text())
+    config["block_size"] = 4
+    (edited / "protection.json").write_text(json.dumps(config))
+    assert main(["evaluate", str(edited), "--key", str(key_path), "--wrong-keys", "1", "--quiet",
+                 "-o", str(tmp_path / "report")]) == 3
+    err = capsys.readouterr().err
+    assert "has the expected fingerprint" in err and "block_size 8 (expected 4)" in err
+    assert "is not the key" not in err

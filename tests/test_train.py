@@ -480,3 +480,71 @@ def test_after_step_is_called_after_every_optimizer_step(key):
     result = fit(_model(key), _separable_dataset(32), config=TrainConfig(epochs=2, batch_size=16), progress=False,
                  after_step=lambda: calls.append(len(calls)))
     assert len(result.history) == 2 and len(calls) == 4
+
+
+def test_resuming_with_other_settings_or_data_is_refused_and_epochs_may_grow(tmp_path, key):
+    # Resuming with another lr trained on with the saved lr (the optimizer
+    # state restores it) while the record said the new one; another
+    # objective or another dataset with as many classes went on silently.
+    data = _separable_dataset()
+    config = TrainConfig(epochs=1, batch_size=16, objective=ProtectionObjective(wrong_key_weight=0.5))
+    fit(_model(key), data, config=config, checkpoint_dir=tmp_path, progress=False)
+    changes = [(dict(lr=0.5), r"lr 0\.5 \(saved: 0\.002\)"),
+               (dict(objective=ProtectionObjective()), r"objective\.wrong_key_weight 0\.0 \(saved: 0\.5\)"),
+               (dict(seed=7), r"seed 7 \(saved: 0\)")]
+    for change, message in changes:
+        other = TrainConfig(**{**config.__dict__, "epochs": 2, **change})
+        with pytest.raises(ConfigurationError, match=message):
+            fit(_model(key), data, config=other, checkpoint_dir=tmp_path, resume=True, progress=False)
+    relabelled = TensorImageDataset(data.images, data.labels, classes=["car", "truck"], name="toy")
+    longer = TrainConfig(**{**config.__dict__, "epochs": 2, "channels_last": False})
+    with pytest.raises(ConfigurationError, match=r"classes \['car', 'truck'\] \(saved: \['dark', 'bright'\]\)"):
+        fit(_model(key), relabelled, config=longer, checkpoint_dir=tmp_path, resume=True, progress=False)
+    result = fit(_model(key), data, config=longer, checkpoint_dir=tmp_path, resume=True, progress=False)
+    assert [r["epoch"] for r in result.history] == [1, 2]
+
+
+class _FailingEval(torch.utils.data.Dataset):
+    """An evaluation set with an unreadable image."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, index):
+        from kp_plugin.data import DatasetError
+
+        if index == 3:
+            raise DatasetError("cannot read image test/b/3.png: image file is truncated")
+        return self.data[index]
+
+
+def test_an_evaluation_that_fails_keeps_the_epoch_just_trained(tmp_path, key):
+    # The checkpoint was written after the per-epoch evaluation: an
+    # unreadable test image lost the whole epoch (nothing to resume from).
+    from kp_plugin.data import DatasetError
+
+    data = _separable_dataset(16)
+    config = TrainConfig(epochs=2, batch_size=8, ema_decay=0.9)
+    model = _model(key)
+    with pytest.raises(DatasetError, match="3.png"):
+        fit(model, data, config=config, eval_set=_FailingEval(data), checkpoint_dir=tmp_path, progress=False)
+    state = torch.load(tmp_path / TRAINING_STATE_FILE, weights_only=True)
+    assert state["epoch"] == 1 and "eval_accuracy" not in state["history"][0]
+    result = fit(_model(key), data, config=config, eval_set=data, checkpoint_dir=tmp_path, resume=True,
+                 progress=False)
+    assert [r["epoch"] for r in result.history] == [1, 2] and "eval_accuracy" in result.final
+
+
+@pytest.mark.parametrize("bad", [2, -1, -100])
+def test_a_label_out_of_range_in_a_later_batch_is_a_clear_error(key, bad):
+    # Only the first batch was checked: a later one failed in the loss with
+    # "Target 2 is out of bounds" (a device assert on CUDA), and -100 was
+    # silently ignored by cross-entropy.
+    labels = [i % 2 for i in range(16)]
+    labels[12] = bad
+    data = [(torch.rand(3, SIZE, SIZE), label) for label in labels]  # as torchvision's datasets: no num_classes
+    with pytest.raises(ConfigurationError, match="label -|2 outputs"):
+        fit(_model(key), data, config=TrainConfig(epochs=1, batch_size=8, augment=False), progress=False)
