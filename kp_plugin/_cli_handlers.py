@@ -263,6 +263,7 @@ def protect(args: argparse.Namespace) -> int:
     device = _runtime(args)
     key = cli_key(args.key)
     out = Path(args.output)
+    check_output_folder(out)
     _refuse_key_file_inside(out, args.key)
     resume_dir = out / RESUME_DIR
     if args.resume and not (resume_dir / TRAINING_STATE_FILE).is_file():
@@ -480,6 +481,8 @@ def evaluate(args: argparse.Namespace) -> int:
 
     device = _runtime(args)
     checkpoint = Path(args.checkpoint)
+    out = Path(args.output) if args.output else checkpoint / REPORT_DIR
+    check_output_folder(out)
     model, key, protection, data, size = open_checkpoint(args, device)
     if size is not None:
         _check_size_for_key(size, key)
@@ -496,7 +499,6 @@ def evaluate(args: argparse.Namespace) -> int:
         device=device, progress=not args.quiet, dataset_name=f"{data} ({args.split})",
         unprotected_accuracy=protection.extra.get("unprotected_accuracy"),
     )
-    out = Path(args.output) if args.output else checkpoint / REPORT_DIR
     write_report(report, out, private_directory=checkpoint / PRIVATE_DIR)
     _check_no_key_material(out, key, args.key)
     print(format_summary(report))
@@ -510,6 +512,7 @@ def export(args: argparse.Namespace) -> int:
     from .export import INPUT_NAME, OUTPUT_NAME, export_protected
 
     output = Path(args.output)
+    check_output_folder(output)
     _refuse_key_file_inside(output, args.key)
     model, key, protection = open_protected(args, torch.device("cpu"))
     path = export_protected(model, output, format=args.format, batch_size=args.batch_size,
@@ -612,6 +615,13 @@ def cli_key(path: Optional[str], *, required: bool = True) -> Optional[SecretKey
 
 def _key_source(path: Optional[str]) -> str:
     return path or f"the key in {KEY_ENV}"
+
+
+def check_output_folder(directory: Path) -> None:
+    """A usage error, before any work, when the output folder ``-o`` names
+    an existing file (found, before, only when the results were written)."""
+    if directory.exists() and not directory.is_dir():
+        raise _UsageError(f"-o {directory} is a file; the command writes a folder there: name a folder")
 
 
 def _refuse_key_file_inside(directory: Path, key_file: Optional[str]) -> None:

@@ -673,3 +673,18 @@ def test_a_checkpoint_whose_block_size_was_edited_is_not_called_another_key(prot
     err = capsys.readouterr().err
     assert "has the expected fingerprint" in err and "block_size 8 (expected 4)" in err
     assert "is not the key" not in err
+
+
+@pytest.mark.parametrize("command", ["protect", "evaluate", "export"])
+def test_an_output_that_is_a_file_is_a_usage_error_before_any_work(protected, tmp_path, capsys, command):
+    # kp protect built the model and failed with "Not a directory
+    # (afile/training)"; kp evaluate ran the whole evaluation first.
+    key_path, checkpoint = protected
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    argv = {"protect": ["protect", *TINY, "--key", str(key_path)],
+            "evaluate": ["evaluate", str(checkpoint), "--key", str(key_path), "--wrong-keys", "1", "--quiet"],
+            "export": ["export", str(checkpoint), "--key", str(key_path)]}[command]
+    assert main([*argv, "-o", str(afile)]) == 2
+    assert f"-o {afile} is a file" in capsys.readouterr().err
+    assert afile.read_text() == "keep me"
