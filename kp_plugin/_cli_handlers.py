@@ -177,9 +177,10 @@ def _baseline_worker(options: dict, num_classes: int, normalization: tuple, conf
     try:
         from types import SimpleNamespace
 
-        from .data import load_dataset
+        from .data import DatasetNameWarning, load_dataset
 
         torch.set_num_threads(threads)
+        warnings.simplefilter("ignore", DatasetNameWarning)  # the parent process has said it
         args = argparse.Namespace(**options)
         train_set = load_dataset(args.data, split="train", image_size=args.image_size)
         test_set = load_dataset(args.data, split="test", image_size=train_set.image_size)
@@ -256,7 +257,7 @@ class _BaselineBeside:
 def protect(args: argparse.Namespace) -> int:
     """``kp protect``: fine-tune a keyed model (distilling from, or beside,
     the unprotected fine-tune), save the protected checkpoint and the history."""
-    from .data import load_dataset
+    from .data import DatasetNameWarning, load_dataset
     from .timm import create_protected_model
     from .train import TRAINING_STATE_FILE, TrainConfig, evaluate_accuracy, fit
 
@@ -288,7 +289,9 @@ def protect(args: argparse.Namespace) -> int:
     if args.image_size is not None:
         _check_size_for_key(args.image_size, key)
     train_set = load_dataset(args.data, split="train", image_size=args.image_size)
-    test_set = load_dataset(args.data, split="test", image_size=train_set.image_size)
+    with warnings.catch_warnings():  # said once, for the training split
+        warnings.simplefilter("ignore", DatasetNameWarning)
+        test_set = load_dataset(args.data, split="test", image_size=train_set.image_size)
     _warn_if_unsplit(test_set, args.data)
     size = int(train_set.image_size)
     _check_size_for_key(size, key)

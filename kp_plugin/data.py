@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -42,6 +43,7 @@ __all__ = [
     "TensorImageDataset",
     "ImageFolderDataset",
     "DatasetError",
+    "DatasetNameWarning",
     "load_dataset",
     "save_npz",
     "iterate_batches",
@@ -55,6 +57,12 @@ __all__ = [
 
 class DatasetError(KPError):
     """A dataset cannot be found or read, or a split/size is invalid."""
+
+
+class DatasetNameWarning(UserWarning):
+    """A folder in the working directory has the name of an embedded dataset
+    ("digits", "photos"): the bare name loads the embedded dataset, not the
+    folder; pass the folder as a path (``./photos``) to load it."""
 
 
 #: Image side per embedded dataset (a multiple of 2, 4, 8, 16 and 32, so
@@ -79,7 +87,8 @@ PHOTO_SOURCES = (
     "stereo_motorcycle",
 )
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+#: torchvision's ImageFolder extensions, plus .gif.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 _SPLITS = ("train", "test")
 #: Folder names an ImageFolder split may have, in the order they are tried
@@ -165,6 +174,29 @@ class TensorImageDataset(ImageDataset):
         return self.images[index], int(self.labels[index])
 
 
+def _image_files(folder: Path) -> Iterator[Path]:
+    """The image files under ``folder``, at any depth, through symlinked
+    folders too (as torchvision's ImageFolder reads them; ``Path.rglob``
+    does not follow them before Python 3.13). A folder reached twice (a
+    symlink loop, or two links to one folder) is read once."""
+    seen = set()
+    for parent, folders, files in os.walk(folder, followlinks=True):
+        try:
+            info = os.stat(parent)
+        except OSError:
+            folders[:] = []
+            continue
+        if (info.st_dev, info.st_ino) in seen:
+            folders[:] = []
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        folders.sort()  # which of two routes to one folder is read must not depend on the file system's order
+        for name in files:
+            path = Path(parent) / name
+            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+                yield path
+
+
 def _split_folder(root: Path, split: str) -> Optional[Path]:
     """The first folder of ``root`` that holds ``split`` (see _SPLIT_FOLDERS)."""
     return next((root / name for name in _SPLIT_FOLDERS[split] if (root / name).is_dir()), None)
@@ -179,7 +211,9 @@ class ImageFolderDataset(ImageDataset):
     name it, ``val/``, ``validation/``, ``valid/``); otherwise the whole
     folder is used (split "all"). The classes are the class folders of
     every split together, so a label means the same class in each split
-    even where one split lacks a class.
+    even where one split lacks a class; a class folder with no image in
+    any split is an error. Images are found at any depth of a class
+    folder, through symlinked folders too.
     """
 
     def __init__(self, root: Union[str, os.PathLike], *, image_size: int, split: Optional[str] = None) -> None:
@@ -203,13 +237,24 @@ class ImageFolderDataset(ImageDataset):
                 "(e.g. root/cat/1.jpg, root/dog/2.jpg)"
             )
         self.samples = [
-            (path, label)
-            for label, cls in enumerate(self.classes)
-            for path in sorted((root / cls).rglob("*"))
-            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+            (path, label) for label, cls in enumerate(self.classes) for path in sorted(_image_files(root / cls))
         ]
         if not self.samples:
             raise DatasetError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+        # A class folder without images in any split would still be a class
+        # (an output no image trains, and a wrong chance level);
+        # torchvision's ImageFolder refuses one too.
+        labelled = {label for _, label in self.samples}
+        empty = [
+            cls for label, cls in enumerate(self.classes)
+            if label not in labelled and not any(next(_image_files(folder / cls), None) for folder in class_roots)
+        ]
+        if empty:
+            folders = ", ".join(str(folder / cls) for cls in empty for folder in class_roots if (folder / cls).is_dir())
+            raise DatasetError(
+                f"the class folder(s) {folders} hold no images ({', '.join(IMAGE_EXTENSIONS)}), so "
+                f"{', '.join(empty)} would be a class with no image; remove the folder(s) or add images to them"
+            )
         self.image_size = int(image_size)
         self.name = str(root)
         self.split = split if (split is not None and found.get(split) == root) else "all"
@@ -227,6 +272,11 @@ class ImageFolderDataset(ImageDataset):
                 image = image_01(img)
         except OSError as exc:
             raise DatasetError(f"cannot read image {path}: {exc}") from None
+        except Image.DecompressionBombError as exc:
+            raise DatasetError(
+                f"cannot read image {path}: {str(exc).rstrip('.')}; shrink the image, or, if you trust the file, "
+                "raise PIL's limit PIL.Image.MAX_IMAGE_PIXELS (None lifts it) before loading the dataset"
+            ) from None
         except DatasetError as exc:
             raise DatasetError(f"{path}: {exc}") from None
         return _resize(image[None], self.image_size)[0], label
@@ -408,6 +458,13 @@ def load_dataset(
     if split not in _SPLITS:
         raise DatasetError(f"split must be 'train' or 'test', got {split!r}")
     if name in EMBEDDED_DATASETS:
+        if Path(name).is_dir():
+            warnings.warn(
+                f"{name!r} loads the embedded {name} dataset, so the folder ./{name} here is not used; to load "
+                f"the folder, pass it as a path: ./{name}",
+                DatasetNameWarning,
+                stacklevel=2,
+            )
         size = _check_size(image_size, DEFAULT_IMAGE_SIZE[name])
         return _load_digits(split, size, seed) if name == "digits" else _load_photos(split, size, seed)
     path = Path(name)

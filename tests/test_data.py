@@ -1,11 +1,15 @@
 """Datasets: images in [0, 1] before any key, fixed reproducible splits."""
 
+import os
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
 from kp_plugin.data import (
     DatasetError,
+    DatasetNameWarning,
     ImageFolderDataset,
     PHOTO_SOURCES,
     image_01,
@@ -113,6 +117,84 @@ def test_a_folder_with_a_train_split_only_names_the_folders_it_looked_for(tmp_pa
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "train" / "ant" / "0.png")
     with pytest.raises(DatasetError, match=r"has the split folder train/ but no test split \(test/ or val/"):
         load_dataset(str(tmp_path), split="test", image_size=8)
+
+
+def _write_images(folder, count=1, size=(8, 8)):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.fromarray(np.zeros((*size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+def test_an_empty_class_folder_is_rejected_by_name(tmp_path):
+    # It would be a class no image belongs to: one output too many and a
+    # misstated chance level (torchvision's ImageFolder refuses it too).
+    _write_images(tmp_path / "cat")
+    _write_images(tmp_path / "dog")
+    (tmp_path / "emu").mkdir()
+    with pytest.raises(DatasetError, match=r"emu hold no images .* remove the folder\(s\) or add images"):
+        load_dataset(str(tmp_path), image_size=8)
+
+
+def test_a_class_without_images_in_any_split_is_rejected_but_one_split_may_lack_it(tmp_path):
+    for split in ("train", "test"):
+        _write_images(tmp_path / split / "cat")
+        _write_images(tmp_path / split / "dog")
+    (tmp_path / "train" / "emu").mkdir()
+    (tmp_path / "test" / "emu").mkdir()
+    for split in ("train", "test"):
+        with pytest.raises(DatasetError, match=r"train/emu, .*test/emu hold no images"):
+            load_dataset(str(tmp_path), split=split, image_size=8)
+    _write_images(tmp_path / "test" / "emu")
+    train = load_dataset(str(tmp_path), split="train", image_size=8)
+    assert train.classes == ["cat", "dog", "emu"] and train.labels.tolist() == [0, 1]
+
+
+def test_an_image_over_pils_pixel_limit_is_a_dataset_error_naming_the_file(tmp_path, monkeypatch):
+    from PIL import Image
+
+    _write_images(tmp_path / "cat", size=(32, 32))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 32x32 is over twice the limit: DecompressionBombError
+    dataset = load_dataset(str(tmp_path), image_size=8)
+    with pytest.raises(DatasetError, match=r"cat/0\.png: .*PIL\.Image\.MAX_IMAGE_PIXELS"):
+        dataset[0]
+
+
+def test_a_folder_named_like_an_embedded_dataset_warns_and_loads_as_a_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _write_images(tmp_path / "digits" / "cat")
+    _write_images(tmp_path / "digits" / "dog")
+    with pytest.warns(DatasetNameWarning, match=r"folder \./digits here is not used; .* pass it as a path: \./digits"):
+        embedded = load_dataset("digits", split="test", image_size=8)
+    assert embedded.classes == [str(i) for i in range(10)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        folder = load_dataset("./digits", image_size=8)
+    assert isinstance(folder, ImageFolderDataset) and folder.classes == ["cat", "dog"]
+
+
+def test_ppm_and_pgm_images_are_read_as_torchvision_reads_them(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "cat").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "cat" / "0.ppm")
+    (tmp_path / "dog").mkdir()
+    Image.fromarray(np.full((8, 8), 255, dtype=np.uint8)).save(tmp_path / "dog" / "0.pgm")
+    dataset = load_dataset(str(tmp_path), image_size=8)
+    assert [path.name for path, _ in dataset.samples] == ["0.ppm", "0.pgm"]
+    assert float(dataset[1][0].min()) == 1.0
+
+
+@pytest.mark.skipif(os.name != "posix", reason="symlinks")
+def test_images_in_a_symlinked_folder_are_read_and_a_symlink_loop_ends(tmp_path):
+    _write_images(tmp_path / "elsewhere", count=2)
+    _write_images(tmp_path / "data" / "cat")
+    (tmp_path / "data" / "cat" / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "data" / "cat" / "loop").symlink_to(tmp_path / "data", target_is_directory=True)
+    dataset = load_dataset(str(tmp_path / "data"), image_size=8)
+    names = [str(path.relative_to(tmp_path / "data")) for path, _ in dataset.samples]
+    assert names == ["cat/0.png", "cat/linked/0.png", "cat/linked/1.png"]
 
 
 def _ramp(bits: int) -> np.ndarray:

@@ -71,7 +71,8 @@ def main(argv=None) -> int:
     # The held-out split under any name kp protect reads (timm's val/ first).
     val_root = next((root / name for name in ("val", "validation", "valid", "test") if (root / name).is_dir()), None)
 
-    classes = sorted(p.name for p in train_root.iterdir() if p.is_dir())
+    # Hidden folders (.ipynb_checkpoints, .git) are not classes, as in kp protect.
+    classes = sorted(p.name for p in train_root.iterdir() if p.is_dir() and not p.name.startswith("."))
     model = create_protected_model(args.model, key, pretrained=args.pretrained, num_classes=len(classes),
                                    input_size=args.image_size).to(device)
 
@@ -81,7 +82,16 @@ def main(argv=None) -> int:
     class_map = {name: index for index, name in enumerate(classes)}
     train_set = timm.data.ImageDataset(str(train_root), class_map=class_map,
                                        transform=create_transform(model, is_training=True))
-    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=False,
+    # drop_last, as timm's own training does: a last batch of one image
+    # stops batch norm ("Expected more than 1 value per channel").
+    if len(train_set) < 2:
+        raise SystemExit(f"error: {train_root} holds {len(train_set)} training image(s); batch norm needs batches of "
+                         "at least 2 images: add images")
+    batch_size = min(args.batch_size, len(train_set))
+    if batch_size < args.batch_size:
+        print(f"note: {len(train_set)} training images, fewer than --batch-size {args.batch_size}: "
+              f"training in batches of {batch_size}", flush=True)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True,
                                          num_workers=args.workers, persistent_workers=args.workers > 0)
 
     optimizer = timm.optim.create_optimizer_v2(model, opt="adamw", lr=args.lr, weight_decay=args.weight_decay)
@@ -112,7 +122,7 @@ def main(argv=None) -> int:
             if args.max_steps and step >= args.max_steps:
                 break
         print(f"epoch {epoch + 1}: loss {loss_sum / max(seen, 1):.3f}, train accuracy "
-              f"{100 * correct / max(seen, 1):.1f}% ({time.perf_counter() - start:.0f}s)", flush=True)
+              f"{100 * correct / max(seen, 1):.1f}% ({seen} images, {time.perf_counter() - start:.0f}s)", flush=True)
         if args.max_steps and step >= args.max_steps:
             break
 
