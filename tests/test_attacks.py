@@ -197,3 +197,33 @@ def test_finetune_attack_counts_the_steps_fit_takes(protected, test_set):
                              config=config, min_steps=6, progress=False)
     row = result.rows[0]
     assert row.images == 70 and row.steps == 6
+
+
+@pytest.mark.parametrize("call, allowed", [
+    (lambda m, d: random_key_search(m, d, num_keys=0, search_images=10, progress=False), "num_keys must be a positive"),
+    (lambda m, d: random_key_search(m, d, num_keys=4, keys_per_batch=0, search_images=10, progress=False),
+     "keys_per_batch must be a positive"),
+    (lambda m, d: heuristic_key_search(m, d, budget=4, parallel=0, search_images=10, progress=False),
+     "parallel must be a positive"),
+    (lambda m, d: partial_key_curve(m, d, fractions=(0.5,), repeats=0, progress=False), "repeats must be a positive"),
+    (lambda m, d: weight_matching_attack(m, None, d), "public_base must be the public pre-trained model"),
+], ids=["random_search num_keys", "random_search keys_per_batch", "heuristic_search parallel",
+        "partial_key repeats", "weight_matching without a base"])
+def test_attacks_refuse_counts_and_arguments_they_cannot_run_with(protected, test_set, call, allowed):
+    # These ran to IndexError, ValueError, ZeroDivisionError or AttributeError.
+    with pytest.raises(AttackError, match=allowed):
+        call(protected, test_set)
+
+
+@pytest.mark.parametrize("attack, field", [("wrong_keys", "wrong_keys"), ("random_search", "random_keys"),
+                                           ("heuristic_search", "swap_proposals"), ("partial_key", "partial_repeats"),
+                                           ("finetune", "finetune_repeats")])
+def test_run_attacks_refuses_a_budget_with_a_zero_count(protected, test_set, attack, field):
+    import dataclasses
+
+    from kp_plugin.attacks import BUDGETS, run_attacks
+
+    budget = dataclasses.replace(BUDGETS["smoke"], **{field: 0})
+    with pytest.raises(AttackError, match=f"budget.{field} must be an integer >= 1, got 0"):
+        run_attacks(protected, test_set, train_set=test_set, public_base=public_patchnet, attacks=attack,
+                    budget=budget, progress=False)

@@ -42,12 +42,20 @@ __all__ = [
     "image_to_blocks",
     "blocks_to_image",
     "seeded_key",
+    "check_count",
 ]
 
 
 class AttackError(KPError, ValueError):
     """An attack cannot run on this model, scheme or data as asked (the
     message says which setting to change)."""
+
+
+def check_count(name: str, value, why: str) -> None:
+    """:class:`AttackError` unless ``value`` is an integer >= 1 (``why``: what
+    the count is for, said in the message)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise AttackError(f"{name} must be a positive integer ({why}), got {value!r}")
 
 
 def seeded_key(like: SecretKey, seed: int, index: int) -> SecretKey:

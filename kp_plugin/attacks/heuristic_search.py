@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..module import ProtectedModel
-from ._candidate import CandidateKey, leaves_model_as_found, seeded_key
+from ._candidate import CandidateKey, check_count, leaves_model_as_found, seeded_key
 from .random_search import SearchSetup
 
 __all__ = ["HeuristicSearchResult", "heuristic_key_search"]
@@ -93,6 +93,7 @@ def heuristic_key_search(
     """
     from tqdm.auto import tqdm
 
+    check_count("parallel", parallel, "proposals scored in one forward pass")
     setup = SearchSetup(model, dataset, search_images, seed=seed, device=device)
     key = setup.key
     truth = setup.candidate(key)

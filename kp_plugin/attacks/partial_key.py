@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from ..module import ProtectedModel
-from ._candidate import AttackError, CandidateKey, CandidateModel, leaves_model_as_found, seeded_key
+from ._candidate import AttackError, CandidateKey, CandidateModel, check_count, leaves_model_as_found, seeded_key
 from ._data import as_tensors, candidate_accuracy, chance_of, num_classes_of, resolve_device
 
 __all__ = ["PartialKeyResult", "partial_key_curve", "partial_candidate", "DEFAULT_FRACTIONS"]
@@ -109,6 +109,7 @@ def partial_key_curve(
     """
     from tqdm.auto import tqdm
 
+    check_count("repeats", repeats, "random draws per fraction, whose mean is reported")
     device = resolve_device(device)
     images, labels = as_tensors(dataset)
     attacked = CandidateModel.from_protected(model).to(device).eval()

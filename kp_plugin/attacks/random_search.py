@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..module import ProtectedModel
-from ._candidate import AttackError, CandidateKey, CandidateModel, leaves_model_as_found, seeded_key
+from ._candidate import AttackError, CandidateKey, CandidateModel, check_count, leaves_model_as_found, seeded_key
 from ._data import as_tensors, candidate_accuracy, chance_of, num_classes_of, resolve_device
 
 __all__ = ["RandomSearchResult", "random_key_search", "search_split"]
@@ -142,6 +142,8 @@ def random_key_search(
     """
     from tqdm.auto import tqdm
 
+    check_count("num_keys", num_keys, "the search keeps the best of them")
+    check_count("keys_per_batch", keys_per_batch, "keys scored in one forward pass")
     setup = SearchSetup(model, dataset, search_images, seed=seed, device=device)
     key = setup.key
 

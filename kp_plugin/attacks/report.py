@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Optional, Union
 
 from ..checkpoint import replacing
-from .suite import AttackReport
+from .suite import KEY_ABOVE_CHANCE_POINTS, AttackReport
 
-__all__ = ["write_attack_report", "report_markdown", "REPORT_JSON", "REPORT_MD", "FIGURES"]
+__all__ = ["write_attack_report", "report_markdown", "report_files", "REPORT_JSON", "REPORT_MD", "FIGURES"]
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -26,6 +26,20 @@ FIGURES = {
     "partial_key": "partial_key.png",
     "random_search": "random_search.png",
 }
+
+
+def _figure_names(report: AttackReport) -> list:
+    """The entries of :data:`FIGURES` that ``report`` has a plot for."""
+    r = report.results
+    recovery = any(name in r for name in ("heuristic_search", "key_estimation", "weight_matching"))
+    present = {"finetune": "finetune" in r, "recovery": recovery, "partial_key": "partial_key" in r,
+               "random_search": "random_search" in r}
+    return [name for name in FIGURES if present[name]]
+
+
+def report_files(report: AttackReport, *, figures: bool = True) -> list:
+    """The file names :func:`write_attack_report` writes for ``report``."""
+    return [REPORT_JSON, REPORT_MD] + ([FIGURES[name] for name in _figure_names(report)] if figures else [])
 
 
 def _pct(value: Optional[float]) -> str:
@@ -52,7 +66,13 @@ def report_markdown(report: AttackReport, *, figures: Optional[dict] = None) -> 
         out += ["## Targets", "", _table(
             ["target", "measured", "limit", "met"],
             [[t.name, f"{t.measured:+.1f} {t.unit}", f"<= {t.limit:g} {t.unit}",
-              "yes" if t.met else f"**no** (by {-t.margin:.1f})"] for t in targets]), ""]
+              "n/a" if t.met is None else "yes" if t.met else f"**no** (by {-t.margin:.1f})"] for t in targets]), ""]
+        no_verdict = report.key_near_chance()
+        if no_verdict:
+            out += [f"Not applicable (n/a): {no_verdict}. A verdict needs the owner's key to score more than "
+                    f"{KEY_ABOVE_CHANCE_POINTS:g} points above chance; nearer, the key itself would pass as a wrong "
+                    "key, and a limit that holds shows only that the model does not work on this data or image "
+                    "size (check --data and --image-size). A missed target is still a finding.", ""]
 
     if "wrong_keys" in r:
         w = r["wrong_keys"]
@@ -146,7 +166,8 @@ def _figures(report: AttackReport, directory: Path) -> dict:
 
     written = {}
     r = report.results
-    if "finetune" in r:
+    names = _figure_names(report)
+    if "finetune" in names:
         f = r["finetune"]
         fig, ax = plt.subplots(figsize=(5, 3.5))
         xs = [100 * row.fraction for row in f.rows]
@@ -163,10 +184,10 @@ def _figures(report: AttackReport, directory: Path) -> dict:
             fig.savefig(tmp, format="png", dpi=120)
         plt.close(fig)
         written["finetune"] = FIGURES["finetune"]
-    bars = [(label, r[name].recovered_fraction) for name, label in
-            (("heuristic_search", "swap search"), ("key_estimation", "key estimation"),
-             ("weight_matching", "weight matching")) if name in r]
-    if bars:
+    if "recovery" in names:
+        bars = [(label, r[name].recovered_fraction) for name, label in
+                (("heuristic_search", "swap search"), ("key_estimation", "key estimation"),
+                 ("weight_matching", "weight matching")) if name in r]
         chance = next(getattr(r[n], "chance_fraction", None) for n in ("weight_matching", "key_estimation",
                                                                       "heuristic_search") if n in r)
         fig, ax = plt.subplots(figsize=(5, 3))
@@ -182,7 +203,7 @@ def _figures(report: AttackReport, directory: Path) -> dict:
             fig.savefig(tmp, format="png", dpi=120)
         plt.close(fig)
         written["recovery"] = FIGURES["recovery"]
-    if "partial_key" in r:
+    if "partial_key" in names:
         p = r["partial_key"]
         fig, ax = plt.subplots(figsize=(5, 3.5))
         ax.plot([100 * f for f in p.fractions], [100 * a for a in p.accuracies], "o-")
@@ -196,7 +217,7 @@ def _figures(report: AttackReport, directory: Path) -> dict:
             fig.savefig(tmp, format="png", dpi=120)
         plt.close(fig)
         written["partial_key"] = FIGURES["partial_key"]
-    if "random_search" in r:
+    if "random_search" in names:
         s = r["random_search"]
         fig, ax = plt.subplots(figsize=(5, 3))
         ax.hist([100 * a for a in s.search_accuracies], bins=30, color="tab:blue")
@@ -214,9 +235,29 @@ def _figures(report: AttackReport, directory: Path) -> dict:
     return written
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _remove_stale_figure(path: Path) -> None:
+    """Remove ``path`` if it is a link or a PNG (an earlier report's plot,
+    which report.md would no longer describe); anything else stays."""
+    try:
+        if not path.is_symlink():
+            if not path.is_file():
+                return
+            with open(path, "rb") as fh:
+                if fh.read(len(_PNG_SIGNATURE)) != _PNG_SIGNATURE:
+                    return
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
 def write_attack_report(report: AttackReport, directory: Union[str, os.PathLike], *, figures: bool = True) -> Path:
     """Write ``report.json``, ``report.md`` and (``figures=True``) the PNG
-    plots into ``directory``; returns the directory.
+    plots into ``directory``; returns the directory. A plot of an earlier
+    report there that this one does not have (a :data:`FIGURES` name, PNG
+    content) is removed; no other file is touched.
 
     Example:
         >>> write_attack_report(run_attacks(protected, test_set), "out/attack")   # doctest: +SKIP
@@ -224,6 +265,8 @@ def write_attack_report(report: AttackReport, directory: Union[str, os.PathLike]
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     written = _figures(report, directory) if figures else {}
+    for name in set(FIGURES.values()) - set(written.values()):
+        _remove_stale_figure(directory / name)
     with replacing(directory / REPORT_JSON) as tmp:
         tmp.write_text(json.dumps(report.summary(), indent=2, sort_keys=True) + "\n")
     with replacing(directory / REPORT_MD) as tmp:

@@ -75,6 +75,13 @@ BUDGETS = {
 }
 
 
+#: Verdicts need the owner's key to score more than this many points above
+#: chance: nearer, the key itself would pass the wrong-key target, and a
+#: target that looks met only says the model does not work in this run
+#: (wrong ``--image-size`` or data), not that it is protected.
+KEY_ABOVE_CHANCE_POINTS = 10.0
+
+
 @dataclass
 class Target:
     """One protection target and whether the measurement meets it."""
@@ -83,10 +90,18 @@ class Target:
     measured: float
     limit: float
     unit: str = "points"
+    #: why this run cannot show the target met (the key itself scores near
+    #: chance); ``None`` when it can
+    no_verdict: Optional[str] = None
 
     @property
-    def met(self) -> bool:
-        return self.measured <= self.limit
+    def met(self) -> Optional[bool]:
+        """``True`` / ``False``; ``None`` (no verdict) when the limit holds but
+        :attr:`no_verdict` says that shows nothing. A miss stays a miss: an
+        attack that beats the limit did so whatever the key scores."""
+        if self.measured > self.limit:
+            return False
+        return None if self.no_verdict else True
 
     @property
     def margin(self) -> float:
@@ -104,8 +119,30 @@ class AttackReport:
     skipped: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
 
+    def key_near_chance(self) -> Optional[str]:
+        """Why no target can be met, when the owner's key itself scores
+        within :data:`KEY_ABOVE_CHANCE_POINTS` of chance in this run (e.g. at
+        an image size the model was not trained at); else ``None``."""
+        for name in ATTACKS:
+            result = self.results.get(name)
+            key_accuracy, chance = getattr(result, "key_accuracy", None), getattr(result, "chance", None)
+            if key_accuracy is None or chance is None:
+                continue
+            if 100 * (key_accuracy - chance) > KEY_ABOVE_CHANCE_POINTS:
+                return None
+            return f"the key itself scores {100 * key_accuracy:.1f}%, near chance ({100 * chance:.1f}%)"
+        return None
+
     def targets(self) -> list:
-        """The protection targets (issue 6) this run can check."""
+        """The protection targets (issue 6) this run can check; each without a
+        verdict when :meth:`key_near_chance`."""
+        targets = self._targets()
+        no_verdict = self.key_near_chance()
+        for target in targets:
+            target.no_verdict = no_verdict
+        return targets
+
+    def _targets(self) -> list:
         out = []
         r = self.results
         if "wrong_keys" in r:
@@ -139,7 +176,7 @@ class AttackReport:
             "seconds": self.seconds,
             "targets": [
                 {"name": t.name, "measured": t.measured, "limit": t.limit, "unit": t.unit, "met": t.met,
-                 "margin": t.margin}
+                 "margin": t.margin, "no_verdict": t.no_verdict}
                 for t in self.targets()
             ],
         }
@@ -149,6 +186,32 @@ def _count(dataset) -> int:
     if isinstance(dataset, (tuple, list)) and len(dataset) == 2 and hasattr(dataset[1], "numel"):
         return int(dataset[1].numel())
     return len(dataset)
+
+
+#: The :class:`Budget` fields each attack uses.
+_BUDGET_FIELDS = {
+    "wrong_keys": ("wrong_keys",),
+    "random_search": ("random_keys", "search_images"),
+    "heuristic_search": ("swap_proposals", "search_images"),
+    "partial_key": ("partial_repeats", "partial_fractions"),
+    "key_estimation": ("estimation_steps",),
+    "finetune": ("finetune_epochs", "finetune_min_steps", "finetune_repeats", "finetune_fractions"),
+}
+
+
+def _check_budget(budget: Budget, names: list) -> None:
+    """:class:`AttackError` for a count the chosen attacks cannot run with
+    (0 keys, steps, repeats...), before any attack runs."""
+    for field_name in dict.fromkeys(f for name in names for f in _BUDGET_FIELDS.get(name, ())):
+        value = getattr(budget, field_name)
+        if field_name.endswith("_fractions"):
+            if not value:
+                raise AttackError(f"budget.{field_name} must name at least one fraction, got {value!r}")
+            continue
+        least = 0 if field_name == "finetune_min_steps" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise AttackError(f"budget.{field_name} must be an integer >= {least}, got {value!r}; "
+                              "it says how much an attack tries")
 
 
 def parse_attacks(spec: Union[str, Sequence[str]]) -> list:
@@ -200,6 +263,7 @@ def run_attacks(
         budget_name, budget = budget, BUDGETS[budget]
     else:
         budget_name = "custom"
+    _check_budget(budget, names)
     key = model.key
     num_test = _count(test_set)
     report = AttackReport(meta={

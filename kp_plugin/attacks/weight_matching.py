@@ -134,6 +134,9 @@ def weight_matching_attack(
     """
     if not isinstance(model, ProtectedModel):
         raise AttackError(f"expected a ProtectedModel, got {type(model).__name__}")
+    if not isinstance(public_base, nn.Module):
+        raise AttackError(f"public_base must be the public pre-trained model (an nn.Module of the protected model's "
+                          f"architecture) the attack compares the first layer with, got {type(public_base).__name__}")
     key = model.key
     c, m = key.channels, key.block_size
     name, conv = first_conv(model.model, c)
