@@ -410,8 +410,10 @@ class SecretKey:
 
     def __reduce__(self):
         raise KeyPicklingError(
-            "SecretKey cannot be pickled, so that torch.save(model) cannot leak it; "
-            "save the key with key.save(path) and the model with kp_plugin.save_protected"
+            "SecretKey cannot be pickled (nor what holds one: a protected model, a KeyedImageProcessor, a "
+            "keyed dataset transform), so that torch.save or pickle cannot leak it; save the key with "
+            "key.save(path), a model with kp_plugin.save_protected, a processor with save_pretrained, and load "
+            "them with the key file"
         )
 
     def __copy__(self) -> "SecretKey":

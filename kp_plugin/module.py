@@ -600,6 +600,27 @@ def resolve_normalization(
 IMAGE_METHODS = frozenset({"forward_features", "forward_intermediates", "get_image_features"})
 
 
+def _accept_base_names(module: "ProtectedModel", state_dict: dict, prefix: str, *args: Any) -> None:
+    """Load-state-dict pre-hook of :class:`ProtectedModel`: a state dict in
+    the base model's own names (``conv1.weight``, as the base's
+    ``state_dict()`` or a plain checkpoint has them) is renamed to the
+    wrapper's (``model.conv1.weight``), with its version metadata; one
+    already in the wrapper's names is left as it is."""
+    mine = [name for name in state_dict if name.startswith(prefix)]
+    base = set(module.model.state_dict())
+    if not mine or any(name[len(prefix):].startswith("model.") and name[len(prefix) + 6:] in base for name in mine):
+        return
+    if not any(name[len(prefix):] in base for name in mine):
+        return  # neither naming: the usual missing / unexpected keys report it
+    for name in mine:
+        state_dict[f"{prefix}model.{name[len(prefix):]}"] = state_dict.pop(name)
+    metadata = getattr(state_dict, "_metadata", None)  # module path (no trailing dot) -> version
+    if metadata is not None:
+        for path in [path for path in metadata if path.startswith(prefix) and path != prefix[:-1]]:
+            metadata.setdefault(f"{prefix}model.{path[len(prefix):]}", metadata[path])
+        metadata.setdefault(f"{prefix}model", metadata.get(prefix[:-1], {}))
+
+
 class ProtectedModel(nn.Module):
     """A model behind a :class:`KeyedInput`.
 
@@ -610,13 +631,16 @@ class ProtectedModel(nn.Module):
     image-taking methods, :data:`IMAGE_METHODS` such as timm's
     ``forward_features``, get keyed images as ``forward`` does); ``unwrap()``
     returns it. ``state_dict()`` has the base model's keys under ``model.``
-    and nothing derived from the key.
+    and nothing derived from the key; ``load_state_dict`` also takes the base
+    model's own state dict (its names without ``model.``), so a plain
+    checkpoint of the base loads into the protected model as it is.
     """
 
     def __init__(self, model: nn.Module, keyed: KeyedInput) -> None:
         super().__init__()
         self.keyed = keyed
         self.model = model
+        self.register_load_state_dict_pre_hook(_accept_base_names)
 
     @property
     def key(self) -> SecretKey:

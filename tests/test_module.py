@@ -399,6 +399,28 @@ def test_state_dict_holds_only_the_base_weights(tiny_cnn, any_key):
     assert {name for name, _ in model.keyed.named_buffers()} >= {"source_index"}
 
 
+def test_the_base_models_own_state_dict_loads_into_the_protected_model(any_key):
+    # Only the wrapper's names (model.conv1.weight) loaded: a plain checkpoint
+    # of the base, or base.state_dict(), failed with every key missing.
+    import timm
+
+    key = SecretKey.generate(block_size=8, scheme=any_key.scheme)
+    torch.manual_seed(0)
+    trained = timm.create_model("resnet18", num_classes=3).eval()
+    trained.bn1.running_mean.uniform_()  # a buffer too
+    protected = wrap_model(timm.create_model("resnet18", num_classes=3), key)
+    protected.load_state_dict(trained.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), protected.unwrap().state_dict().values()))
+    again = wrap_model(timm.create_model("resnet18", num_classes=3), key)
+    again.load_state_dict(protected.state_dict())  # the wrapper's own names, as before
+    assert torch.equal(again.unwrap().bn1.running_mean, trained.bn1.running_mean)
+    nested = torch.nn.Sequential(wrap_model(timm.create_model("resnet18", num_classes=3), key))  # as DDP's module.
+    nested.load_state_dict({f"0.{name}": value for name, value in trained.state_dict().items()})
+    assert torch.equal(nested[0].unwrap().conv1.weight, trained.conv1.weight)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        again.load_state_dict({"conv9.weight": torch.zeros(1)})
+
+
 def test_state_dict_bytes_contain_no_key_derived_tensor(tiny_cnn, any_key):
     model = wrap_model(tiny_cnn, any_key, mean=MEAN, std=STD, input_size=(3, 8, 8))
     data = _serialized(model)
