@@ -29,6 +29,7 @@ __all__ = [
     "KeyPicklingError",
     "KeyFilePermissionWarning",
     "InputSizeWarning",
+    "NormalizationWarning",
 ]
 
 
@@ -118,6 +119,12 @@ class InputSizeWarning(UserWarning):
     """Images of another size than a loaded model was saved for, with a key
     that scrambles blocks: the block order differs at every size, so a model
     trained at the saved size predicts wrongly even with the right key."""
+
+
+class NormalizationWarning(UserWarning):
+    """:func:`kp_plugin.wrap_model` took a transformers model's mean / std
+    from the default image processor of its architecture (its config holds
+    none, and no saved processor was found beside its weights)."""
 
 
 class KeyFilePermissionWarning(UserWarning):

@@ -21,7 +21,8 @@ from typing import Any, NamedTuple, Optional, Sequence
 import torch
 from torch import nn
 
-from .errors import BlockSizeError, ConfigurationError, InputDtypeError, InputSizeWarning, KeyLeakError
+from .errors import (BlockSizeError, ConfigurationError, InputDtypeError, InputSizeWarning, KeyLeakError,
+                     NormalizationWarning)
 from .keys import SecretKey, require_key
 from .transforms import (
     TransformPlan,
@@ -579,6 +580,11 @@ def resolve_normalization(
     if hf_config is not None and not isinstance(hf_config, dict):
         mean = mean if mean is not None else getattr(hf_config, "image_mean", None)
         std = std if std is not None else getattr(hf_config, "image_std", None)
+        if mean is None or std is None:
+            found = _transformers_processor_normalization(model, hf_config)
+            if found is not None:
+                mean = mean if mean is not None else found[0]
+                std = std if std is not None else found[1]
         if input_size is None:
             side = getattr(hf_config, "image_size", None)
             channels = getattr(hf_config, "num_channels", None)
@@ -588,9 +594,56 @@ def resolve_normalization(
         raise ConfigurationError(
             f"cannot tell the normalization of {type(model).__name__}: it has no timm pretrained_cfg "
             "or HF config with image_mean/image_std. Pass them, e.g. "
-            "wrap_model(model, key, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))"
+            "wrap_model(model, key, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)), or for a "
+            "transformers model its image processor: kp_plugin.hf.wrap_hf_model(model, key, image_processor=...)"
         )
     return mean, std, input_size
+
+
+def _transformers_processor_normalization(model: nn.Module, config: Any) -> Optional[tuple]:
+    """mean, std of a transformers model's image processor (transformers
+    keeps them there, not in the config): the ``preprocessor_config.json``
+    saved beside the weights it was loaded from, else the defaults of its
+    architecture's image processor class (with a
+    :class:`~kp_plugin.errors.NormalizationWarning`); ``None`` for other
+    models. Reads only files already on disk."""
+    import json
+
+    transformers = sys.modules.get("transformers")  # a transformers model means it is imported
+    if transformers is None or not isinstance(model, transformers.PreTrainedModel):
+        return None
+    source = Path(str(getattr(config, "_name_or_path", "") or ""))
+    saved = source / "preprocessor_config.json"
+    if source.parts and saved.is_file():
+        try:
+            settings = json.loads(saved.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            settings = {}
+        if settings.get("image_mean") is not None and settings.get("image_std") is not None:
+            return settings["image_mean"], settings["image_std"]
+    from transformers.models.auto.image_processing_auto import (IMAGE_PROCESSOR_MAPPING_NAMES,
+                                                                 get_image_processor_class_from_name)
+
+    names = IMAGE_PROCESSOR_MAPPING_NAMES.get(getattr(config, "model_type", None))
+    if isinstance(names, dict):
+        names = [names.get("torchvision"), *names.values()]
+    for name in [n for n in (names or ()) if n]:
+        cls = get_image_processor_class_from_name(name)
+        try:
+            processor = cls() if cls is not None else None
+        except Exception:  # noqa: BLE001 - a processor that needs arguments: try the next name
+            processor = None
+        mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+        if mean is not None and std is not None:
+            warnings.warn(
+                f"{type(model).__name__}'s config has no image_mean / image_std (transformers keeps them in the "
+                f"image processor); using {name}'s defaults, mean {tuple(mean)}, std {tuple(std)}. Pass "
+                "mean=/std= or use kp_plugin.hf.wrap_hf_model(model, key, image_processor=...) for the processor "
+                "the model was trained with",
+                NormalizationWarning, stacklevel=4,
+            )
+            return list(mean), list(std)
+    return None
 
 
 #: Base-model methods that take images, reached through

@@ -70,8 +70,12 @@ def test_saved_directory_loads_with_from_pretrained_as_a_plain_model(key, tmp_pa
 
 
 def test_wrapping_without_normalization_says_what_to_pass(key):
+    # An architecture without an image processor of its own in transformers:
+    # nothing to take the normalization from.
+    model = tiny_vit()
+    model.config.model_type = "kp-unknown"
     with pytest.raises(ConfigurationError, match="image_processor="):
-        wrap_hf_model(tiny_vit(), key)
+        wrap_hf_model(model, key)
 
 
 def test_wrapping_with_a_processor_keyed_with_another_key_is_rejected(key):
@@ -128,3 +132,28 @@ def test_weights_a_plain_trainer_saved_from_the_wrapper_load_or_fail_never_come_
     ProtectionConfig.from_model(trained).save(tmp_path / "other")
     with pytest.raises(CheckpointError, match="could not place"):
         load_protected(tmp_path / "other", tiny_vit(seed=7), key)
+
+
+def test_wrap_model_finds_a_transformers_models_normalization(key, batch, tmp_path):
+    # A transformers config has no image_mean / image_std, so wrap_model(vit,
+    # key) was a ConfigurationError. Now: the preprocessor_config.json saved
+    # beside the weights, else the architecture's processor defaults, said.
+    from kp_plugin import wrap_model
+    from kp_plugin.errors import NormalizationWarning
+
+    images, labels = batch
+    model = tiny_vit()
+    with pytest.warns(NormalizationWarning, match="ViTImageProcessor's defaults"):
+        protected = wrap_model(model, key)
+    assert (protected.keyed.mean, protected.keyed.std) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    out = protected(pixel_values=KeyedImageProcessor(vit_processor(), key).images01(images), labels=labels)
+    assert out.loss is not None and out.logits.shape == (len(images), model.config.num_labels)
+    model.save_pretrained(tmp_path)
+    vit_processor().__class__(image_mean=[0.25] * 3, image_std=[0.75] * 3).save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NormalizationWarning)  # found, not guessed: no warning
+        saved = wrap_model(reloaded, key)
+    assert (saved.keyed.mean, saved.keyed.std) == ((0.25, 0.25, 0.25), (0.75, 0.75, 0.75))

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 from torch import nn
 from transformers.image_processing_utils import BaseImageProcessor
 
-from ..errors import ConfigurationError, KPError
+from ..errors import KPError
 from ..keys import SecretKey
 from ..module import ProtectedModel, wrap_model
 from .processor import KeyedImageProcessor, _normalization, processor_output_size
@@ -69,14 +69,6 @@ def wrap_hf_model(
         size = processor_output_size(image_processor)
         if size is not None:
             input_size = (key.channels, *size)
-    if mean is None or std is None:
-        config = getattr(model, "config", None)
-        if getattr(config, "image_mean", None) is None:
-            raise ConfigurationError(
-                f"{type(model).__name__}'s config has no image_mean/image_std (transformers keeps them in the "
-                "image processor). Pass it: wrap_hf_model(model, key, image_processor="
-                "AutoImageProcessor.from_pretrained(model_id)), or mean=..., std=..."
-            )
     protected = wrap_model(model, key, mean=mean, std=std, input_size=input_size, check_range=check_range)
     if image_processor is not None:
         # push_protected publishes it as preprocessor_config.json (keyed,
