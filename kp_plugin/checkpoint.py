@@ -556,6 +556,10 @@ def save_protected(
         raise KeyLeakError("the metadata for protection.json contains key material; remove it (nothing was written)")
     hf_config = getattr(base, "config", None)
     hf_style = hf_config is not None and hasattr(hf_config, "to_json_string") and hasattr(hf_config, "save_pretrained")
+    if hf_style:
+        # As transformers' own save_pretrained does: name the class, so
+        # AutoModel-style loading rebuilds this architecture.
+        hf_config.architectures = [type(base).__name__]
     native = None if hf_style else _native_config(base)
     config_text = (hf_config.to_json_string() if hf_style else
                    None if native is None else json.dumps(native, indent=2, sort_keys=True, default=str) + "\n")
@@ -567,29 +571,45 @@ def save_protected(
     if not overwrite:
         refuse_other_key_checkpoint(directory, model.key.fingerprint)
     directory.mkdir(parents=True, exist_ok=True)
-
-    save_weights_atomic(
-        base,
-        directory / WEIGHTS_FILE,
-        metadata={
-            "format": "pt",
-            "kp_format": PROTECTION_FORMAT,
-            "kp_format_version": str(PROTECTION_FORMAT_VERSION),
-            "kp_fingerprint": model.key.fingerprint,
-            "kp_weights_digest": config.weights_digest,
-        },
-    )
-
-    if hf_style:
-        # As transformers' own save_pretrained does: name the class, so
-        # AutoModel-style loading rebuilds this architecture.
-        hf_config.architectures = [type(base).__name__]
-        hf_config.save_pretrained(directory)
-    elif config_text is not None:
-        _atomic_write(directory / CONFIG_FILE, config_text.encode())
-    config.save(directory)
+    metadata = {
+        "format": "pt",
+        "kp_format": PROTECTION_FORMAT,
+        "kp_format_version": str(PROTECTION_FORMAT_VERSION),
+        "kp_fingerprint": model.key.fingerprint,
+        "kp_weights_digest": config.weights_digest,
+    }
+    files = [(PROTECTION_FILE, text.encode())] + ([(CONFIG_FILE, config_text.encode())] if config_text else [])
+    _write_all(directory, files, weights=(base, metadata))
     refuse_key_material(directory, model.key)
     return directory
+
+
+def _write_all(directory: Path, files: list, *, weights: Optional[tuple] = None) -> None:
+    """Write ``files`` (name, bytes) and the weights ``(module, metadata)``
+    into ``directory``, each to a temporary file first; only when every one
+    is written are they renamed into place (the weights first,
+    ``protection.json`` last). A failed write (a full disk) leaves the
+    checkpoint that was there whole: :class:`CheckpointError` naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_model
+
+    name = None
+    try:
+        with contextlib.ExitStack() as stack:  # exits in reverse: renames the weights first
+            for name, data in files:
+                stack.enter_context(replacing(directory / name, durable=True)).write_bytes(data)
+            if weights is not None:
+                name = WEIGHTS_FILE
+                save_model(weights[0], str(stack.enter_context(replacing(directory / name, durable=True))),
+                           metadata=weights[1])
+            name = None  # the renames
+    except (SafetensorError, OSError) as exc:
+        where = directory / name if name else directory
+        raise CheckpointError(
+            f"cannot write {where} ({first_line(exc)}); "
+            + ("the checkpoint there before, if any, is unchanged: " if name else "")
+            + "free some space or choose another folder"
+        ) from None
 
 
 def usable_device(device: Union[None, str, torch.device], *, what: str = "device") -> torch.device:

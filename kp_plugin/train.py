@@ -35,15 +35,18 @@ from torch import nn
 from .checkpoint import (
     WEIGHTS_FILE,
     ProtectionConfig,
+    _uncompiled,
+    _write_all,
     find_key_material,
     load_error_summary,
     read_weights_header,
     replacing,
     save_protected,
     usable_device,
+    weights_digest,
 )
 from .data import iterate_batches
-from .errors import CheckpointError, ConfigurationError, KeyLeakError, first_line, torch_load_failure
+from .errors import CheckpointError, ConfigurationError, KeyLeakError, KPError, first_line, torch_load_failure
 from .keys import SecretKey
 from .module import KeyedInput, ProtectedModel, protected_model_of
 from .objectives import DEFAULT_OBJECTIVE, ProtectionObjective, logits_of
@@ -447,24 +450,28 @@ class _WeightAverage:
 
 
 def _save_checkpoint(model: nn.Module, directory: Path, state: dict) -> None:
+    """The weights and the training state of one epoch. The state is written
+    first and renamed into place last, after the weights: a failed write (a
+    full disk) leaves the previous epoch's files resumable, and a crash
+    between the renames leaves new weights beside an older state, which
+    ``weights_digest`` tells (see :func:`_load_checkpoint`)."""
     directory.mkdir(parents=True, exist_ok=True)
-    if isinstance(model, ProtectedModel):
-        save_protected(model, directory, metadata={"epoch": state["epoch"]})
-    else:
-        from safetensors.torch import save_model
-
-        save_model(model.unwrap() if hasattr(model, "unwrap") else model, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-    if isinstance(model, ProtectedModel):
-        # Which weights this state continues: a crash between the two files
-        # leaves new weights beside the previous epoch's state (see _load_checkpoint).
-        state = {**state, "weights_digest": ProtectionConfig.load(directory).weights_digest}
+    base = _uncompiled(model.unwrap() if hasattr(model, "unwrap") else model)
+    state = {**state, "weights_digest": weights_digest(base)}  # which weights this state continues
     try:
         with replacing(directory / TRAINING_STATE_FILE, durable=True) as tmp:
             torch.save(state, tmp)
+            if isinstance(model, ProtectedModel):
+                save_protected(model, directory, metadata={"epoch": state["epoch"]})
+            else:
+                header = {"format": "pt", "kp_weights_digest": state["weights_digest"]}
+                _write_all(directory, [], weights=(base, header))
+    except KPError:
+        raise
     except (OSError, RuntimeError) as exc:  # torch reports a full disk as RuntimeError("... unexpected pos ...")
         raise CheckpointError(
-            f"cannot write the training state into {directory} ({first_line(exc)[:200]}); free some space or "
-            "choose another checkpoint folder"
+            f"cannot write the training state into {directory} ({first_line(exc)[:200]}); the previous epoch's "
+            "checkpoint there, if any, is unchanged: free some space and resume"
         ) from None
     if isinstance(model, ProtectedModel):
         leaks = find_key_material(directory, model.key)
@@ -540,12 +547,14 @@ def _load_checkpoint(model: nn.Module, directory: Path, groups: Optional[list] =
     if config is not None:
         read_weights_header(directory / WEIGHTS_FILE, config)  # whole, and from the same save as protection.json
         written = config.weights_digest
-        if state.get("weights_digest") and written and state["weights_digest"] != written:
-            raise CheckpointError(
-                f"cannot resume: the weights in {directory} are from a later save than {state_path} (epoch "
-                f"{state['epoch']}): the run stopped while writing that checkpoint, so the optimizer, schedule and "
-                "random state for those weights are lost; start a new run (the weights load with load_protected)"
-            )
+    else:
+        written = _plain_weights_digest(directory / WEIGHTS_FILE)
+    if state.get("weights_digest") and written and state["weights_digest"] != written:
+        raise CheckpointError(
+            f"cannot resume: the weights in {directory} are from a later save than {state_path} (epoch "
+            f"{state['epoch']}): the run stopped while writing that checkpoint, so the optimizer, schedule and "
+            "random state for those weights are lost; start a new run (the weights load with load_protected)"
+        )
     try:
         load_model(base, str(directory / WEIGHTS_FILE), strict=True)  # copied onto the model's device
     except SafetensorError as exc:
@@ -556,6 +565,19 @@ def _load_checkpoint(model: nn.Module, directory: Path, groups: Optional[list] =
     except (OSError, RuntimeError) as exc:
         raise CheckpointError(f"cannot resume from {directory}: {load_error_summary(exc)}") from None
     return state
+
+
+def _plain_weights_digest(path: Path) -> Optional[str]:
+    """The weights digest a plain (unprotected) model's checkpoint records in
+    its header, ``None`` when it records none or cannot be read (the load
+    that follows names the problem)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get("kp_weights_digest")
+    except (SafetensorError, OSError):
+        return None
 
 
 def _steps_per_epoch(examples: int, batch_size: int) -> int:

@@ -628,3 +628,39 @@ def test_replacing_keeps_the_old_file_when_the_write_fails(tmp_path):
     with replacing(target) as tmp:
         tmp.write_text("the new report")
     assert target.read_text() == "the new report" and list(tmp_path.iterdir()) == [target]
+
+
+@pytest.mark.parametrize("failing", ["protection.json", "model.safetensors"])
+def test_a_save_that_fails_midway_leaves_the_previous_checkpoint_whole(key, tmp_path, monkeypatch, failing):
+    # The weights were renamed into place before protection.json was written:
+    # a full disk at that small file left new weights beside the old
+    # protection.json (refused as a mix: the previous checkpoint was lost),
+    # with a bare OSError.
+    import errno
+
+    old = wrap_model(_fresh_cnn(), key, mean=MEAN, std=STD)
+    save_protected(old, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    torch.manual_seed(7)
+    new = wrap_model(_fresh_cnn(), key, mean=MEAN, std=STD)
+    torch.nn.init.normal_(new.unwrap()[0].weight)
+    real_write, real_save = Path.write_bytes, __import__("safetensors.torch").torch.save_model
+
+    def write_bytes(self, data):
+        if failing in self.name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
+
+    def save_model(module, filename, metadata=None):
+        if failing in filename:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(module, filename, metadata=metadata)
+
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    monkeypatch.setattr("safetensors.torch.save_model", save_model)
+    with pytest.raises(CheckpointError, match=f"cannot write .*{failing}.*unchanged"):
+        save_protected(new, tmp_path)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # and no temporary file left
+    loaded = load_protected(tmp_path, _fresh_cnn(), key)
+    assert torch.equal(loaded.unwrap()[0].weight, old.unwrap()[0].weight)

@@ -548,3 +548,47 @@ def test_a_label_out_of_range_in_a_later_batch_is_a_clear_error(key, bad):
     data = [(torch.rand(3, SIZE, SIZE), label) for label in labels]  # as torchvision's datasets: no num_classes
     with pytest.raises(ConfigurationError, match="label -|2 outputs"):
         fit(_model(key), data, config=TrainConfig(epochs=1, batch_size=8, augment=False), progress=False)
+
+
+def test_a_failed_training_state_write_leaves_the_previous_epoch_resumable(tmp_path, key, monkeypatch):
+    # The weights were replaced before the training state was written: a full
+    # disk at the state left new weights beside the old state, and --resume
+    # then refused the folder ("later save"): the run was lost.
+    import kp_plugin.train as train
+
+    data = _separable_dataset(16)
+    config = TrainConfig(epochs=2, batch_size=16)
+    fit(_model(key), data, config=TrainConfig(epochs=1, batch_size=16), checkpoint_dir=tmp_path, progress=False)
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and "optimizer" in obj:
+            raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos 555520 vs 555412")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(train.torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match="previous epoch's checkpoint there, if any, is unchanged"):
+        fit(_model(key), data, config=config, checkpoint_dir=tmp_path, resume=True, progress=False)
+    monkeypatch.setattr(train.torch, "save", real_save)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([WEIGHTS_FILE, PROTECTION_FILE, TRAINING_STATE_FILE,
+                                                                 "config.json"])
+    result = fit(_model(key), data, config=config, checkpoint_dir=tmp_path, resume=True, progress=False)
+    assert [r["epoch"] for r in result.history] == [1, 2]
+
+
+def test_a_plain_models_checkpoint_torn_between_weights_and_state_is_not_resumed(tmp_path):
+    # Only protected checkpoints recorded which weights a training state
+    # continues: a plain model resumed epoch-2 weights with epoch-1 state.
+    import shutil
+
+    data = _separable_dataset(16)
+    torch.manual_seed(0)
+    baseline = plain_model(timm.create_model("test_efficientnet", num_classes=2))
+    fit(baseline, data, config=TrainConfig(epochs=1, batch_size=16), checkpoint_dir=tmp_path, progress=False)
+    shutil.copy(tmp_path / TRAINING_STATE_FILE, tmp_path / "epoch1.pt")
+    fit(baseline, data, config=TrainConfig(epochs=2, batch_size=16), checkpoint_dir=tmp_path, resume=True,
+        progress=False)
+    shutil.copy(tmp_path / "epoch1.pt", tmp_path / TRAINING_STATE_FILE)  # the epoch-2 state never landed
+    with pytest.raises(CheckpointError, match="later save"):
+        fit(baseline, data, config=TrainConfig(epochs=3, batch_size=16), checkpoint_dir=tmp_path, resume=True,
+            progress=False)
