@@ -18,6 +18,7 @@ A ``kp protect`` output directory holds:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -38,6 +39,7 @@ from .errors import (
     KeyFilePermissionWarning,
     KeyLeakError,
     KeyMismatchError,
+    first_line,
 )
 from .keys import SecretKey
 from .protection_report import PRIVATE_DIR  # kp evaluate's owner-only folder
@@ -502,7 +504,8 @@ def evaluate(args: argparse.Namespace) -> int:
         device=device, progress=not args.quiet, dataset_name=f"{data} ({args.split})",
         unprotected_accuracy=protection.extra.get("unprotected_accuracy"),
     )
-    write_report(report, out, private_directory=checkpoint / PRIVATE_DIR)
+    with writing_into(out):
+        write_report(report, out, private_directory=checkpoint / PRIVATE_DIR)
     _check_no_key_material(out, key, args.key)
     print(format_summary(report))
     print(f"report written to {out}; example images (owner only, do not publish) in {checkpoint / PRIVATE_DIR}")
@@ -618,6 +621,21 @@ def cli_key(path: Optional[str], *, required: bool = True) -> Optional[SecretKey
 
 def _key_source(path: Optional[str]) -> str:
     return path or f"the key in {KEY_ENV}"
+
+
+@contextlib.contextmanager
+def writing_into(folder: Path):
+    """A failed write of a command's results (a full disk, a file-size
+    limit: errors that name no file) as a one-line error naming the folder
+    and what to do; each file there before is unchanged or replaced whole."""
+    try:
+        yield
+    except OSError as exc:
+        reason = exc.strerror or first_line(exc)
+        where = f"{exc.filename} in " if exc.filename else ""
+        raise ConfigurationError(
+            f"cannot write the results into {where}{folder} ({reason}); free some space, or choose another -o"
+        ) from None
 
 
 def check_output_folder(directory: Path) -> None:

@@ -649,16 +649,24 @@ class SecretKey:
             else:
                 # link() fails if the target appeared meanwhile: no race can
                 # make us replace another key.
+                exists = KeyFileExistsError(
+                    f"{path} already exists; refusing to overwrite a key file. Choose another path or pass "
+                    "overwrite=True"
+                )
                 try:
                     os.link(tmp, path)
                 except FileExistsError:
-                    raise KeyFileExistsError(
-                        f"{path} already exists; refusing to overwrite a key file. "
-                        "Choose another path or pass overwrite=True"
-                    ) from None
+                    raise exists from None
                 except OSError:
-                    if path.exists():
-                        raise
+                    # No hard links on this file system (FAT, some network
+                    # and FUSE mounts): claim the name with an exclusive
+                    # create, then rename the whole file over the claim. Two
+                    # savers cannot both claim it (checking, then renaming,
+                    # let both succeed and one key be lost).
+                    try:
+                        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                    except FileExistsError:
+                        raise exists from None
                     os.replace(tmp, path)
                 finally:
                     if os.path.exists(tmp):

@@ -688,3 +688,22 @@ def test_an_output_that_is_a_file_is_a_usage_error_before_any_work(protected, tm
     assert main([*argv, "-o", str(afile)]) == 2
     assert f"-o {afile} is a file" in capsys.readouterr().err
     assert afile.read_text() == "keep me"
+
+
+def test_a_report_that_cannot_be_written_is_one_line_naming_the_folder(protected, tmp_path, capsys, monkeypatch):
+    # A full disk (or a file-size limit) gave "kp evaluate: error: [Errno 27]
+    # File too large", naming no file and no remedy.
+    import errno
+
+    import kp_plugin.evaluate
+
+    def full(*args, **kwargs):
+        raise OSError(errno.EFBIG, "File too large")
+
+    monkeypatch.setattr(kp_plugin.evaluate, "write_report", full)
+    key_path, checkpoint = protected
+    out = tmp_path / "report"
+    assert main(["evaluate", str(checkpoint), "--key", str(key_path), "--wrong-keys", "1", "--quiet",
+                 "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot write the results into {out} (File too large); free some space, or choose another -o" in err

@@ -447,3 +447,22 @@ def test_the_float_range_error_gives_the_images_range_and_check_range_false_turn
         processor(dark, return_tensors="pt")
     unchecked = KeyedImageProcessor(vit_processor(), key, check_range=False)
     assert unchecked(dark, return_tensors="pt")["pixel_values"].shape[0] == len(images)
+
+
+def test_a_failed_save_is_a_checkpoint_error_and_keeps_the_saved_processor(key, tmp_path, monkeypatch):
+    import errno
+
+    processor = KeyedImageProcessor(vit_processor(), key)
+    processor.save_pretrained(tmp_path)
+    before = (tmp_path / "preprocessor_config.json").read_bytes()
+
+    def full(self, text, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(type(tmp_path), "write_text", full)
+    processor.size = {"height": IMAGE_SIZE + BLOCK_SIZE, "width": IMAGE_SIZE + BLOCK_SIZE}
+    with pytest.raises(CheckpointError, match="cannot write the image processor.*No space left"):
+        processor.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    assert (tmp_path / "preprocessor_config.json").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["preprocessor_config.json"]

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kp_plugin import KeyFileError, KeyFilePermissionWarning, KeyFileWriteError, SecretKey, parse_scheme
+from kp_plugin import (KeyFileError, KeyFileExistsError, KeyFilePermissionWarning, KeyFileWriteError, SecretKey,
+                       parse_scheme)
 from kp_plugin.keys import DEFAULT_SCHEME, PAPER_SCHEME
 
 from conftest import ALL_STEPS, GOLDEN_MATERIAL
@@ -497,3 +498,48 @@ def test_a_key_file_of_deeply_nested_json_is_a_key_file_error(tmp_path):
     path.write_text("[" * 100_000)
     with pytest.raises(KeyFileError, match="not valid JSON"):
         SecretKey.load(path)
+
+
+def test_saving_without_hard_links_never_replaces_a_key_another_saver_wrote(tmp_path, monkeypatch):
+    # On a file system without hard links (FAT, some network mounts) save()
+    # checked that the path was free, then renamed over it: a key written in
+    # between by another process was replaced, and both saves succeeded.
+    import errno
+
+    mine, theirs = SecretKey.generate(), SecretKey.generate()
+    target = tmp_path / "owner.key"
+    link_failed, raced = [], []
+
+    def no_link(src, dst, **kwargs):
+        link_failed.append(True)
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    def other_saver_now() -> None:  # the other process writes its key at this moment
+        if link_failed and not raced:
+            raced.append(True)
+            target.write_bytes(theirs.to_json().encode())
+
+    real_exists, real_open = Path.exists, os.open
+
+    def exists(self, *args, **kwargs):
+        if self == target and link_failed and not raced:
+            other_saver_now()
+            return False  # what the check saw just before
+        return real_exists(self, *args, **kwargs)
+
+    def open_(path, flags, *args, **kwargs):
+        if Path(path) == target:
+            other_saver_now()
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "link", no_link)
+    mine.save(tmp_path / "fresh.key")  # the fallback still saves
+    assert SecretKey.load(tmp_path / "fresh.key").fingerprint == mine.fingerprint
+    link_failed.clear()
+    monkeypatch.setattr(Path, "exists", exists)
+    monkeypatch.setattr(os, "open", open_)
+    with pytest.raises(KeyFileExistsError):
+        mine.save(target)
+    monkeypatch.undo()
+    assert raced and SecretKey.load(target).fingerprint == theirs.fingerprint
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh.key", "owner.key"]  # no temporary file left

@@ -189,7 +189,7 @@ def attack(args: argparse.Namespace) -> int:
     import torch
 
     from ..data import load_dataset
-    from .._cli_handlers import _runtime, _warn_if_unsplit, check_classes, open_checkpoint
+    from .._cli_handlers import _runtime, _warn_if_unsplit, check_classes, open_checkpoint, writing_into
     from .report import report_files, write_attack_report
     from .suite import parse_attacks, run_attacks
 
@@ -219,7 +219,8 @@ def attack(args: argparse.Namespace) -> int:
         meta={"model": protection.architecture, "dataset": str(data),
               "base": None if public_base is None else f"{args.base} ({args.base_weights})"},
     )
-    write_attack_report(report, out)
+    with writing_into(out):
+        write_attack_report(report, out)
     _refuse_key_material(out, report_files(report), key)
     for target in report.targets():
         status = ("met" if target.met else f"MISSED by {-target.margin:.1f}" if target.met is False

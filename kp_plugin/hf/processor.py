@@ -539,14 +539,17 @@ class KeyedImageProcessor(BaseImageProcessor):
             KeyLeakError: a file in ``save_directory`` holds key material
                 (e.g. a key file saved next to it); nothing is pushed.
         """
-        if push_to_hub:
-            # Scan before anything leaves the machine.
-            files = super().save_pretrained(save_directory, push_to_hub=False)
-            self._refuse_leaks(save_directory)
-            files = super().save_pretrained(save_directory, push_to_hub=True, **kwargs)
-            return files
-        files = super().save_pretrained(save_directory, push_to_hub=False, **kwargs)
+        try:  # written and scanned here first: before anything leaves the machine when pushing
+            files = super().save_pretrained(save_directory, push_to_hub=False, **({} if push_to_hub else kwargs))
+        except OSError as exc:  # a full disk: the file there before is whole (to_json_file)
+            raise CheckpointError(
+                f"cannot write the image processor into {save_directory} ({exc.strerror or first_line(exc)}); "
+                "the preprocessor_config.json there before, if any, is unchanged: free some space or choose "
+                "another folder"
+            ) from None
         self._refuse_leaks(save_directory)
+        if push_to_hub:
+            return super().save_pretrained(save_directory, push_to_hub=True, **kwargs)
         return files
 
     def to_json_file(self, json_file_path: Union[str, os.PathLike]) -> None:
