@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 from .errors import (  # noqa: E402
     BlockSizeError,
     CheckpointError,
+    CheckpointWriteError,
     ConfigurationError,
     InputDtypeError,
     InputRangeError,
@@ -60,6 +61,7 @@ __all__ = [
     "KeyFilePermissionWarning",
     "KeyMismatchError",
     "CheckpointError",
+    "CheckpointWriteError",
     "InputRangeError",
     "InputDtypeError",
     "BlockSizeError",

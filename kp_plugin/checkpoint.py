@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from . import __version__
-from .errors import CheckpointError, ConfigurationError, KeyLeakError, KeyMismatchError, first_line
+from .errors import (CheckpointError, CheckpointWriteError, ConfigurationError, KeyLeakError, KeyMismatchError,
+                     first_line)
 from .keys import KEY_FILE_FORMAT, SecretKey, parse_scheme, require_key
 from .module import ProtectedModel, fixed_image_size, require_protected, wrap_model
 
@@ -335,7 +336,7 @@ def save_weights_atomic(module: nn.Module, path: Path, metadata: dict) -> None:
         with replacing(path, durable=True) as tmp:
             save_model(module, str(tmp), metadata=metadata)
     except SafetensorError as exc:  # the disk full among them: safetensors' own error, not an OSError
-        raise CheckpointError(
+        raise CheckpointWriteError(
             f"cannot write {path} ({first_line(exc)}); the file there before, if any, is unchanged: free some "
             "space or choose another folder"
         ) from None
@@ -605,7 +606,7 @@ def _write_all(directory: Path, files: list, *, weights: Optional[tuple] = None)
             name = None  # the renames
     except (SafetensorError, OSError) as exc:
         where = directory / name if name else directory
-        raise CheckpointError(
+        raise CheckpointWriteError(
             f"cannot write {where} ({first_line(exc)}); "
             + ("the checkpoint there before, if any, is unchanged: " if name else "")
             + "free some space or choose another folder"

@@ -20,6 +20,7 @@ __all__ = [
     "KeyFileWriteError",
     "KeyMismatchError",
     "CheckpointError",
+    "CheckpointWriteError",
     "InputRangeError",
     "InputDtypeError",
     "BlockSizeError",
@@ -79,6 +80,12 @@ class KeyMismatchError(KPError):
 
 class CheckpointError(KPError):
     """A protected checkpoint is missing a file, or a file is corrupt."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint (or a saved image processor) cannot be written: a full
+    disk, a file-size limit, an unwritable folder. The files there before
+    are unchanged; an ``OSError`` too, as a failed ``save_pretrained`` is."""
 
 
 class InputRangeError(KPError, ValueError):

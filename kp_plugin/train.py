@@ -46,7 +46,8 @@ from .checkpoint import (
     weights_digest,
 )
 from .data import iterate_batches
-from .errors import CheckpointError, ConfigurationError, KeyLeakError, KPError, first_line, torch_load_failure
+from .errors import (CheckpointError, CheckpointWriteError, ConfigurationError, KeyLeakError, KPError, first_line,
+                     torch_load_failure)
 from .keys import SecretKey
 from .module import KeyedInput, ProtectedModel, protected_model_of
 from .objectives import DEFAULT_OBJECTIVE, ProtectionObjective, logits_of
@@ -469,7 +470,7 @@ def _save_checkpoint(model: nn.Module, directory: Path, state: dict) -> None:
     except KPError:
         raise
     except (OSError, RuntimeError) as exc:  # torch reports a full disk as RuntimeError("... unexpected pos ...")
-        raise CheckpointError(
+        raise CheckpointWriteError(
             f"cannot write the training state into {directory} ({first_line(exc)[:200]}); the previous epoch's "
             "checkpoint there, if any, is unchanged: free some space and resume"
         ) from None

@@ -585,7 +585,7 @@ except Exception as exc:
     print(type(exc).__name__, exc)
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert result.stdout.startswith("CheckpointError cannot write"), result.stdout + result.stderr
+    assert result.stdout.startswith("CheckpointWriteError cannot write"), result.stdout + result.stderr
     weights = tmp_path / "ckpt" / "model.safetensors"
     assert weights.stat().st_size > 1 << 20 and not list((tmp_path / "ckpt").glob(".*.tmp"))
 
@@ -658,8 +658,9 @@ def test_a_save_that_fails_midway_leaves_the_previous_checkpoint_whole(key, tmp_
 
     monkeypatch.setattr(Path, "write_bytes", write_bytes)
     monkeypatch.setattr("safetensors.torch.save_model", save_model)
-    with pytest.raises(CheckpointError, match=f"cannot write .*{failing}.*unchanged"):
+    with pytest.raises(CheckpointError, match=f"cannot write .*{failing}.*unchanged") as raised:
         save_protected(new, tmp_path)
+    assert isinstance(raised.value, OSError)  # as a failed save_pretrained: callers that catch OSError still do
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # and no temporary file left
     loaded = load_protected(tmp_path, _fresh_cnn(), key)

@@ -461,8 +461,9 @@ def test_a_failed_save_is_a_checkpoint_error_and_keeps_the_saved_processor(key, 
 
     monkeypatch.setattr(type(tmp_path), "write_text", full)
     processor.size = {"height": IMAGE_SIZE + BLOCK_SIZE, "width": IMAGE_SIZE + BLOCK_SIZE}
-    with pytest.raises(CheckpointError, match="cannot write the image processor.*No space left"):
+    with pytest.raises(CheckpointError, match="cannot write the image processor.*No space left") as raised:
         processor.save_pretrained(tmp_path)
+    assert isinstance(raised.value, OSError)  # what transformers' save_pretrained raises
     monkeypatch.undo()
     assert (tmp_path / "preprocessor_config.json").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["preprocessor_config.json"]

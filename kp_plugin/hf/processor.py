@@ -28,8 +28,8 @@ from transformers.image_processing_base import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 
 from ..checkpoint import check_key_matches, refuse_key_material, replacing
-from ..errors import (BlockSizeError, CheckpointError, ConfigurationError, InputRangeError, KeyMismatchError, KPError,
-                      first_line)
+from ..errors import (BlockSizeError, CheckpointError, CheckpointWriteError, ConfigurationError, InputRangeError,
+                      KeyMismatchError, KPError, first_line)
 from ..keys import SecretKey, parse_scheme, require_key
 from ..module import KeyedInput
 from ..transforms import invert_transform, nearest_valid_size
@@ -542,7 +542,7 @@ class KeyedImageProcessor(BaseImageProcessor):
         try:  # written and scanned here first: before anything leaves the machine when pushing
             files = super().save_pretrained(save_directory, push_to_hub=False, **({} if push_to_hub else kwargs))
         except OSError as exc:  # a full disk: the file there before is whole (to_json_file)
-            raise CheckpointError(
+            raise CheckpointWriteError(
                 f"cannot write the image processor into {save_directory} ({exc.strerror or first_line(exc)}); "
                 "the preprocessor_config.json there before, if any, is unchanged: free some space or choose "
                 "another folder"
