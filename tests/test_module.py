@@ -410,7 +410,8 @@ def test_the_base_models_own_state_dict_loads_into_the_protected_model(any_key):
     trained.bn1.running_mean.uniform_()  # a buffer too
     protected = wrap_model(timm.create_model("resnet18", num_classes=3), key)
     protected.load_state_dict(trained.state_dict())
-    assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), protected.unwrap().state_dict().values()))
+    loaded = protected.unwrap().state_dict().values()
+    assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), loaded))
     again = wrap_model(timm.create_model("resnet18", num_classes=3), key)
     again.load_state_dict(protected.state_dict())  # the wrapper's own names, as before
     assert torch.equal(again.unwrap().bn1.running_mean, trained.bn1.running_mean)
