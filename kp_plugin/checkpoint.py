@@ -541,10 +541,17 @@ def save_protected(
         >>> save_protected(model, "out/")                    # doctest: +SKIP
     """
     model = require_protected(model, "save_protected")  # also through torch.compile / DDP
-    directory = Path(directory)
+    return _save_protected(model, Path(directory), metadata, overwrite,
+                           weights_digest(_uncompiled(model.unwrap())))
+
+
+def _save_protected(model: ProtectedModel, directory: Path, metadata: Optional[dict], overwrite: bool,
+                    digest: str) -> Path:
+    """:func:`save_protected` with the weights' digest already computed (a
+    training checkpoint records it in its state too, hashing the weights once)."""
     base = _uncompiled(model.unwrap())
     config = ProtectionConfig.from_model(model, **(metadata or {}))
-    config.weights_digest = weights_digest(base)
+    config.weights_digest = digest
     try:  # before anything is written: bad metadata must not leave new weights beside an old protection.json
         text = config.to_json()
     except (TypeError, ValueError) as exc:

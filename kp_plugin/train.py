@@ -35,13 +35,13 @@ from torch import nn
 from .checkpoint import (
     WEIGHTS_FILE,
     ProtectionConfig,
+    _save_protected,
     _uncompiled,
     _write_all,
     find_key_material,
     load_error_summary,
     read_weights_header,
     replacing,
-    save_protected,
     usable_device,
     weights_digest,
 )
@@ -463,7 +463,7 @@ def _save_checkpoint(model: nn.Module, directory: Path, state: dict) -> None:
         with replacing(directory / TRAINING_STATE_FILE, durable=True) as tmp:
             torch.save(state, tmp)
             if isinstance(model, ProtectedModel):
-                save_protected(model, directory, metadata={"epoch": state["epoch"]})
+                _save_protected(model, directory, {"epoch": state["epoch"]}, False, state["weights_digest"])
             else:
                 header = {"format": "pt", "kp_weights_digest": state["weights_digest"]}
                 _write_all(directory, [], weights=(base, header))
