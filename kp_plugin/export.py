@@ -24,6 +24,7 @@ A ``pt2`` export loads back as a :class:`~kp_plugin.ProtectedModel` with
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import tempfile
@@ -33,7 +34,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from .checkpoint import WEIGHTS_FILE, ProtectionConfig, find_key_material
+from .checkpoint import PROTECTION_FILE, WEIGHTS_FILE, ProtectionConfig, find_key_material
 from .errors import CheckpointError, ConfigurationError, KeyLeakError, first_line
 from .keys import SecretKey
 from .module import KeyedInput, ProtectedModel, require_protected, wrap_model
@@ -43,6 +44,11 @@ __all__ = ["export_protected", "load_exported", "load_keyed_input", "EXPORT_FORM
 
 #: Formats and the file each writes.
 EXPORT_FORMATS = {"onnx": "model.onnx", "pt2": "model.pt2"}
+#: ``protection.json``'s ``extra`` entry with the SHA-256 of each exported
+#: file it describes: a folder whose files come from two exports (one
+#: interrupted between its renames, or files copied together) is refused on
+#: loading, not served with the other export's key and normalization.
+DIGESTS_FIELD = "exported_sha256"
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
 
@@ -156,8 +162,8 @@ def export_protected(
     ``features_only``, has them all: ``output_0`` .. ``output_N``, named in
     ``protection.json``'s ``extra.output_names``), and
     ``protection.json`` (scheme, block size, the key's fingerprint, mean/std,
-    input size; never the key). Every written file is scanned for key
-    material before this returns.
+    input size, the exported file's SHA-256, checked on loading; never the
+    key). Every written file is scanned for key material before this returns.
 
     Args:
         model: a :class:`ProtectedModel` that knows its input size (the
@@ -246,6 +252,7 @@ def export_protected(
                     f"({type(exc).__name__}: {first_line(exc)}); pass batch_size=N (kp export --batch-size N) for a "
                     "fixed batch size"
                 ) from exc
+        config.extra[DIGESTS_FIELD] = {**_kept_digests(directory, format), target.name: _sha256(staged)}
         config.save(scratch)
         leaks = find_key_material(scratch, model.key)
         if leaks:  # the staged files go with the scratch directory
@@ -284,10 +291,56 @@ def _check_other_export(directory: Path, format: str, config: ProtectionConfig) 
         )
 
 
-def _checked_config(directory: Path, key: SecretKey, allow_wrong_key: bool) -> ProtectionConfig:
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _kept_digests(directory: Path, format: str) -> dict:
+    """The recorded digests of the other format's file, which stays beside
+    this export (``_check_other_export`` found it is of the same model)."""
+    others = {name for fmt, name in EXPORT_FORMATS.items() if fmt != format and (directory / name).exists()}
+    if not others:
+        return {}
+    try:
+        recorded = ProtectionConfig.load(directory).extra.get(DIGESTS_FIELD)
+    except CheckpointError:
+        return {}
+    return {name: value for name, value in recorded.items() if name in others} if isinstance(recorded, dict) else {}
+
+
+def _check_exported_files(directory: Path, config: ProtectionConfig, names: tuple) -> None:
+    """Each of ``names`` present in ``directory`` is the file its
+    ``protection.json`` was written with (exports from before the digests
+    were recorded are not checked)."""
+    recorded = config.extra.get(DIGESTS_FIELD)
+    if recorded is None:
+        return
+    if not isinstance(recorded, dict):
+        raise CheckpointError(f"{directory / PROTECTION_FILE} is corrupt (its {DIGESTS_FIELD} is not a mapping); "
+                              "export the model again")
+    for name in names:
+        path = directory / name
+        if not path.is_file():
+            continue
+        if name not in recorded or _sha256(path) != recorded[name]:
+            raise CheckpointError(
+                f"{path} is not the file {PROTECTION_FILE} beside it was written with (SHA-256 differs"
+                f"{'' if name in recorded else ': not recorded there'}): the folder mixes two exports (one was "
+                "interrupted, or files were copied together) or the file was changed; export the model again "
+                "into an empty folder"
+            )
+
+
+def _checked_config(directory: Path, key: SecretKey, allow_wrong_key: bool,
+                    names: tuple = tuple(EXPORT_FORMATS.values())) -> ProtectionConfig:
     config = ProtectionConfig.load(directory)
     if not allow_wrong_key:
         config.check_key(key)
+    _check_exported_files(directory, config, names)
     return config
 
 
@@ -299,7 +352,9 @@ def load_keyed_input(directory: Union[str, os.PathLike], key: SecretKey, *,
 
     Raises:
         KeyMismatchError: ``key`` is not the export's key.
-        CheckpointError: ``protection.json`` is missing or corrupt.
+        CheckpointError: ``protection.json`` is missing or corrupt, or an
+            exported file beside it is not the one it was written with
+            (SHA-256 recorded at export).
     """
     config = _checked_config(Path(directory), key, allow_wrong_key)
     return KeyedInput(key, mean=config.mean, std=config.std, input_size=config.input_size_for(key))
@@ -315,11 +370,12 @@ def load_exported(directory: Union[str, os.PathLike], key: SecretKey, *,
     Raises:
         KeyMismatchError: ``key`` is not the export's key.
         CheckpointError: ``model.pt2`` or ``protection.json`` is missing or
-            corrupt (an ONNX export runs with onnxruntime and
+            corrupt, or ``model.pt2`` is not the file ``protection.json`` was
+            written with (an ONNX export runs with onnxruntime and
             :func:`load_keyed_input`).
     """
     directory = Path(directory)
-    config = _checked_config(directory, key, allow_wrong_key)
+    config = _checked_config(directory, key, allow_wrong_key, (EXPORT_FORMATS["pt2"],))
     path = directory / EXPORT_FORMATS["pt2"]
     if not path.is_file():
         raise CheckpointError(

@@ -3,6 +3,7 @@ protection.json, never the key; the wrapped model refuses to be exported."""
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -272,3 +273,37 @@ def test_a_size_the_model_cannot_take_is_named_before_exporting(shuffle_np_key, 
     with pytest.raises(ConfigurationError, match="fails on 4x4 images") as info:
         export_protected(model, tmp_path, format="pt2")
     assert "batch_size" not in str(info.value)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_a_folder_mixing_two_exports_is_refused_on_loading(protected, tiny_timm_model, shuffle_np_key, tmp_path):
+    pytest.importorskip("onnxscript")
+    deploy, other = tmp_path / "deploy", tmp_path / "other"
+    export_protected(protected, deploy, format="pt2")
+    export_protected(protected, deploy, format="onnx")  # the pt2's digest is kept beside the onnx's
+    load_exported(deploy, shuffle_np_key)
+    load_keyed_input(deploy, shuffle_np_key)
+    another_key = SecretKey.generate_like(shuffle_np_key)
+    retrained = wrap_model(copy.deepcopy(tiny_timm_model), another_key, input_size=SIZE)
+    with torch.no_grad():
+        next(retrained.parameters()).add_(1.0)
+    export_protected(retrained, other, format="pt2")
+    export_protected(retrained, other, format="onnx")
+    # An export interrupted between its renames: the new model file beside the
+    # old protection.json (another key's transform, served without an error).
+    for name in ("model.pt2", "model.onnx"):
+        mixed = tmp_path / f"mixed-{name}"
+        mixed.mkdir()
+        (mixed / "protection.json").write_bytes((deploy / "protection.json").read_bytes())
+        (mixed / name).write_bytes((other / name).read_bytes())
+        with pytest.raises(CheckpointError, match=rf"{name} is not the file protection.json .*export the model again"):
+            load_keyed_input(mixed, shuffle_np_key)
+        if name == "model.pt2":
+            with pytest.raises(CheckpointError, match="mixes two exports"):
+                load_exported(mixed, shuffle_np_key)
+    # a file the protection.json does not describe at all
+    (deploy / "model.pt2").unlink()
+    export_protected(protected, deploy, format="onnx")
+    (deploy / "model.pt2").write_bytes((other / "model.pt2").read_bytes())
+    with pytest.raises(CheckpointError, match="not recorded there"):
+        load_exported(deploy, shuffle_np_key)
