@@ -204,6 +204,22 @@ def test_grayscale_or_rgba_images_are_told_to_convert(key, mode):
     assert converted.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
 
 
+def test_a_grayscale_image_among_rgb_ones_is_told_to_convert_not_to_resize(key):
+    # Before: "different sizes; configure it to resize" for images of one
+    # size, from the base's torch.stack of 1- and 3-channel images.
+    from kp_plugin.hf import KeyedImageCollator
+
+    processor = KeyedImageProcessor(vit_processor(), key)
+    rgb = Image.fromarray(np.random.RandomState(0).randint(0, 256, (20, 20, 3), dtype=np.uint8))
+    gray = rgb.convert("L")
+    with pytest.raises(BlockSizeError, match=r"different channel counts \(1, 3; image 1 of this batch\).*convert"):
+        processor([rgb, gray, rgb], return_tensors="pt")
+    with pytest.raises(BlockSizeError, match=r"image 0 of this batch.*do_convert_rgb"):
+        KeyedImageCollator(processor)([{"image": gray, "label": 0}, {"image": rgb, "label": 1}])
+    out = processor([rgb, gray.convert("RGB")], return_tensors="pt")["pixel_values"]
+    assert out.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
+
+
 def test_float_images_already_in_unit_range_or_normalized_are_refused(key):
     # The base rescales by 1/255: they came out near black, with no error
     # (the base processor alone only logs a warning).

@@ -11,7 +11,8 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, pipeline
 
 from hf_fixtures import BLOCK_SIZE, digits_dataset, tiny_vit, vit_processor
-from kp_plugin import ConfigurationError, KeyMismatchError, ProtectedModel, ProtectionConfig, SecretKey, load_protected
+from kp_plugin import (CheckpointError, ConfigurationError, KeyMismatchError, ProtectedModel, ProtectionConfig, SecretKey,
+                       load_protected)
 from kp_plugin.autoload import load_protected_auto
 from kp_plugin.checkpoint import find_key_material
 from kp_plugin.evaluate import wrong_keys
@@ -299,6 +300,65 @@ class _Recorder(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         self.logs.append(dict(logs))
+
+
+@pytest.mark.filterwarnings("ignore::kp_plugin.hf.ProtectionMarginWarning")  # one step: no margin yet
+@pytest.mark.parametrize("style", ["model, KeyedTrainer", "processor, KeyedTrainer", "processor, plain Trainer"])
+def test_a_fresh_run_into_another_keys_output_dir_is_refused_before_training(key, data, tmp_path, style):
+    # Before: model style trained, then failed at its first save ("pass
+    # overwrite=True", which no Trainer takes); processor style replaced the
+    # other key's checkpoints one by one, leaving two keys' runs in one folder.
+    train = data[0].select(range(32))
+    other = SecretKey.generate_like(key)
+
+    def trainer(run_key):
+        processor = KeyedImageProcessor(vit_processor(), run_key)
+        callbacks = [KeyProtectionCallback(run_key, wrong_keys=2, min_margin=0.0)] if "plain" in style else []
+        args = _args(tmp_path, max_steps=1, save_strategy="steps", save_steps=1)
+        if style.startswith("model"):
+            return KeyedTrainer(model=wrap_hf_model(tiny_vit(), run_key, image_processor=processor), args=args,
+                                train_dataset=train, data_collator=KeyedImageCollator(processor, output="images01"),
+                                callbacks=callbacks)
+        if "plain" in style:
+            args.remove_unused_columns = False
+        trainer_class = Trainer if "plain" in style else KeyedTrainer
+        return trainer_class(model=tiny_vit(), args=args, train_dataset=train,
+                             data_collator=KeyedImageCollator(processor), callbacks=callbacks)
+
+    trainer(key).train()
+    saved = (tmp_path / "checkpoint-1" / "model.safetensors").read_bytes()
+    second = trainer(other)
+    with pytest.raises(CheckpointError, match=r"another key \(checkpoint-1\).*another output_dir") as caught:
+        second.train()
+    assert second.state.global_step == 0  # refused before the first step
+    assert other._material.hex() not in str(caught.value) and key._material.hex() not in str(caught.value)
+    assert (tmp_path / "checkpoint-1" / "model.safetensors").read_bytes() == saved
+    assert ProtectionConfig.load(tmp_path / "checkpoint-1").fingerprint == key.fingerprint
+    trainer(key).train()  # the same key: a fresh run replaces its own checkpoints, as Trainer does
+
+
+def test_a_streaming_dataset_keyed_by_map_counts_as_keyed(key, data, tmp_path):
+    # Before: "nothing applies the key ... the data path has no keyed
+    # collator or transform" for .map(KeyedExampleTransform) on an
+    # IterableDataset, the only way to key a streaming dataset's examples.
+    from transformers import default_data_collator
+
+    processor = KeyedImageProcessor(vit_processor(), key)
+    train = data[0].select(range(16)).to_iterable_dataset().shuffle(seed=0)
+    train = train.map(KeyedExampleTransform(processor), batched=True, remove_columns=["image", "label"])
+    callback = KeyProtectionCallback(key, wrong_keys=1, min_margin=0.0)
+    trainer = KeyedTrainer(model=tiny_vit(), args=_args(tmp_path, max_steps=1, per_device_train_batch_size=8),
+                           train_dataset=train, data_collator=default_data_collator, callbacks=[callback])
+    trainer.train()
+    assert trainer.state.global_step == 1
+    other = SecretKey.generate_like(key)
+    keyed_otherwise = data[0].select(range(16)).to_iterable_dataset().map(
+        KeyedExampleTransform(KeyedImageProcessor(vit_processor(), other)), batched=True,
+        remove_columns=["image", "label"])
+    with pytest.raises(KeyMismatchError):
+        KeyedTrainer(model=tiny_vit(), args=_args(tmp_path, max_steps=1, per_device_train_batch_size=8),
+                     train_dataset=keyed_otherwise, data_collator=default_data_collator,
+                     callbacks=[KeyProtectionCallback(key, wrong_keys=1, min_margin=0.0)]).train()
 
 
 @pytest.mark.filterwarnings("ignore::kp_plugin.hf.ProtectionMarginWarning")  # one step: no margin yet

@@ -23,6 +23,24 @@ def dataset_transform(dataset: Any) -> Optional[Any]:
     return None
 
 
+def _mapped_functions(dataset: Any) -> list:
+    """The functions a streaming ``datasets.IterableDataset`` applies as it
+    is read (``.map(fn)``; also through shuffle, filter, interleave and
+    concatenation): the only way to key its examples."""
+    found, pending, seen = [], [getattr(dataset, "_ex_iterable", None)], set()
+    while pending and len(seen) < 1000:
+        node = pending.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        function = getattr(node, "function", None)
+        if function is not None:
+            found.append(function)
+        pending.append(getattr(node, "ex_iterable", None))
+        pending.extend(getattr(node, "ex_iterables", None) or ())
+    return found
+
+
 def _collator(obj: Any) -> Any:
     # Trainer wraps collators in RemoveColumnsCollator (.data_collator).
     while obj is not None and not isinstance(obj, _ImageBatcher) and hasattr(obj, "data_collator"):
@@ -45,9 +63,16 @@ def batchers_in(*, dataloaders: Iterable[Any] = (), datasets: Iterable[Any] = ()
         if isinstance(c, _ImageBatcher) and c not in found:
             found.append(c)
     for dataset in datasets:
-        t = dataset_transform(dataset)
-        if isinstance(t, _ImageBatcher) and t not in found:
-            found.append(t)
+        # A Trainer's dataloader may hold the dataset inside a shard
+        # wrapper (accelerate's IterableDatasetShard: .dataset).
+        for _ in range(8):
+            if hasattr(dataset, "_ex_iterable") or dataset_transform(dataset) is not None \
+                    or getattr(dataset, "dataset", None) is None:
+                break
+            dataset = dataset.dataset
+        for t in [dataset_transform(dataset), *_mapped_functions(dataset)]:
+            if isinstance(t, _ImageBatcher) and t not in found:
+                found.append(t)
     return found
 
 

@@ -38,7 +38,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
 from ..checkpoint import PROTECTION_FILE, ProtectionConfig, refuse_key_material
-from ..errors import ConfigurationError
+from ..errors import CheckpointError, ConfigurationError
 from ..keys import SecretKey, require_key
 from ..module import KeyedInput, ProtectedModel
 from ..objectives import logits_of
@@ -203,6 +203,8 @@ class KeyProtectionCallback(TrainerCallback):
         resumed = Path(args.output_dir) / f"checkpoint-{state.global_step}" / PROTECTION_FILE
         if state.global_step > 0 and resumed.is_file():
             ProtectionConfig.load(resumed).check_key(self.key)
+        elif state.global_step == 0 and args.should_save:
+            refuse_other_key_output_dir(args.output_dir, self.key)
 
     def _run_first(self) -> None:
         """Come first in the trainer's callback list, so that the protection
@@ -391,6 +393,32 @@ class KeyProtectionCallback(TrainerCallback):
         if self._processor is None:
             raise ConfigurationError("cannot describe the protection: no KeyedImageProcessor known to the callback")
         return processor_protection_config(model, self._processor)
+
+
+def refuse_other_key_output_dir(output_dir: Any, key: SecretKey) -> None:
+    """Before a fresh (not resumed) run: :class:`CheckpointError` when
+    ``output_dir`` or one of its ``checkpoint-N`` folders holds a model
+    protected with another key. Trainer would replace them one by one as it
+    saves (a model-style save refused only after training), leaving one
+    folder with two keys' checkpoints that ``resume_from_checkpoint=True``
+    and ``load_best_model_at_end`` pick from."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return
+    others = []
+    for path in [root / PROTECTION_FILE, *sorted(root.glob(f"checkpoint-*/{PROTECTION_FILE}"))]:
+        try:
+            if path.is_file() and ProtectionConfig.load(path.parent).fingerprint != key.fingerprint:
+                others.append(path.parent.name if path.parent != root else str(root))
+        except CheckpointError:
+            continue  # a corrupt config describes no model to lose
+    if others:
+        raise CheckpointError(
+            f"{root} holds checkpoints of a model protected with another key ({', '.join(others[:5])}"
+            f"{', ...' if len(others) > 5 else ''}): this run would replace them as it saves; pass another "
+            "output_dir to TrainingArguments, or move those checkpoints away first (or resume the run they "
+            "belong to with its key)"
+        )
 
 
 def processor_protection_config(model: nn.Module, processor: KeyedImageProcessor) -> ProtectionConfig:

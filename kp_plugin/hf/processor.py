@@ -410,6 +410,14 @@ class KeyedImageProcessor(BaseImageProcessor):
         except ValueError as exc:
             first = first_line(exc)[:200]
             if "equal size" in first:  # torch.stack of images the base left at different sizes
+                channels = self._channel_counts(base, images, kwargs)
+                if len(set(channels)) > 1:  # e.g. a grayscale image among RGB ones
+                    odd = [i for i, count in enumerate(channels) if count != self.key.channels]
+                    raise BlockSizeError(
+                        f"the images have different channel counts ({', '.join(map(str, sorted(set(channels))))}; "
+                        f"image{'s' if len(odd) > 1 else ''} {', '.join(map(str, odd[:10]))} of this batch) but "
+                        f"the key is for {self.key.channels} channels; {self._channel_hint()}"
+                    ) from None
                 raise BlockSizeError(
                     "the images came out of the base processor with different sizes; configure it to resize "
                     "(or center-crop) to one size that is a multiple of the key's block size"
@@ -448,6 +456,21 @@ class KeyedImageProcessor(BaseImageProcessor):
             self._check_float_scale(x, base.rescale_factor)
             x = x.float() * base.rescale_factor
         return x, extras
+
+    @staticmethod
+    def _channel_counts(base: BaseImageProcessor, images: Any, kwargs: dict) -> list:
+        """Each image's channel count out of ``base`` (one at a time; only on
+        the error path), where that can be told."""
+        if not isinstance(images, (list, tuple)):
+            return []
+        counts = []
+        for image in images:
+            try:
+                shape = _resized_by(base, [image], **kwargs)["pixel_values"].shape
+            except Exception:  # this image's own error shows when it is processed alone
+                return []
+            counts.append(shape[1] if len(shape) == 4 else 0)
+        return counts
 
     def _check_float_scale(self, x: torch.Tensor, factor: float) -> None:
         """Float images the base is about to rescale that are already in

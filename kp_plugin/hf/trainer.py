@@ -36,14 +36,14 @@ import torch
 from transformers import Trainer
 
 from ..checkpoint import (PROTECTION_FILE, WEIGHTS_FILE, ProtectionConfig, load_protected, refuse_key_material,
-                          save_protected)
+                          refuse_other_key_checkpoint, save_protected)
 from ..errors import CheckpointError, ConfigurationError
 from ..keys import SecretKey
 from ..module import KeyedInput, ProtectedModel
 from ..objectives import ProtectionObjective, logits_of
 from ..train import Normalize
 from ._datapath import base_module, batchers_in
-from .callback import KeyProtectionCallback, processor_protection_config
+from .callback import KeyProtectionCallback, processor_protection_config, refuse_other_key_output_dir
 from .processor import KeyedImageProcessor
 
 __all__ = ["KeyedTrainer"]
@@ -240,6 +240,8 @@ class KeyedTrainer(Trainer):
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
+        refuse_other_key_checkpoint(output_dir, model.key.fingerprint,
+                                    remedy="save into another folder, or move that folder's model away first")
         save_protected(model, output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
@@ -275,6 +277,14 @@ class KeyedTrainer(Trainer):
         # the stock loader would match them against the wrapper's, silently.
         device = next(wrapped.parameters()).device
         load_protected(self.state.best_model_checkpoint, wrapped.unwrap(), wrapped.key, device=device)
+
+    def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if not resume_from_checkpoint and self.args.should_save:
+            wrapped = base_module(self.model)
+            key = wrapped.key if isinstance(wrapped, ProtectedModel) else self._run_key()
+            if key is not None:  # before training: a refused save would lose the run
+                refuse_other_key_output_dir(self.args.output_dir, key)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         wrapped = base_module(self.model)
