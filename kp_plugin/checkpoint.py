@@ -755,6 +755,34 @@ def read_weights_header(weights: Path, config: "ProtectionConfig") -> tuple:
     return meta, saved
 
 
+def _check_loaded_digest(base: nn.Module, weights: Path, config: "ProtectionConfig") -> None:
+    """The weights loaded are the ones ``protection.json`` was saved with.
+    The header's digest only shows which save a file claims to come from:
+    a file written by other code (no header) or one whose header was copied
+    passes that check with other weights. Not comparable, so not compared:
+    a model of other dtypes than the file's (the values were converted)."""
+    from safetensors import safe_open
+
+    if weights_digest(base) == config.weights_digest:
+        return
+    state = base.state_dict()
+    with safe_open(str(weights), framework="pt") as fh:
+        if any(name in state and str(fh.get_slice(name).get_dtype()) != _SAFETENSORS_DTYPES.get(state[name].dtype)
+               for name in fh.keys()):
+            return
+    raise CheckpointError(
+        f"the weights in {weights} are not the ones {PROTECTION_FILE} beside it was saved with (their digest differs "
+        f"from its weights_digest {config.weights_digest}): the file was replaced or changed after the save (e.g. "
+        "other weights uploaded over it); save the model again, or restore the file from that save"
+    )
+
+
+#: torch dtypes as safetensors names them.
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+
+
 def load_protected(
     directory: Union[str, os.PathLike],
     model: nn.Module,
@@ -812,6 +840,8 @@ def load_protected(
         else:
             _materialize_meta(base, saved, weights, device)
             load_model(base, str(weights), strict=strict, device=str(device))
+            if strict and config.weights_digest:
+                _check_loaded_digest(base, weights, config)
     except SafetensorError as exc:
         raise CheckpointError(f"{weights} is corrupt or not a safetensors file ({exc})") from None
     except (OSError, ValueError) as exc:

@@ -665,3 +665,34 @@ def test_a_save_that_fails_midway_leaves_the_previous_checkpoint_whole(key, tmp_
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # and no temporary file left
     loaded = load_protected(tmp_path, _fresh_cnn(), key)
     assert torch.equal(loaded.unwrap()[0].weight, old.unwrap()[0].weight)
+
+
+def test_weights_replaced_after_the_save_are_detected_whatever_their_header_says(saved, key):
+    # The header's digest only names the save a file claims to come from:
+    # other weights written without kp's header (a plain safetensors file
+    # uploaded over the checkpoint), or with the header copied, loaded.
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model, directory = saved
+    weights = directory / "model.safetensors"
+    with safe_open(str(weights), framework="pt") as fh:
+        header = fh.metadata()
+    original = {name: t.clone().contiguous() for name, t in model.unwrap().state_dict().items()}
+    other = {name: tensor.contiguous() for name, tensor in _retrained(model).unwrap().state_dict().items()}
+    for metadata in (None, header):
+        save_file(other, str(weights), metadata=metadata)
+        with pytest.raises(CheckpointError, match="not the ones protection.json beside it was saved with"):
+            load_protected(directory, _fresh_cnn(), key)
+    save_file(original, str(weights))
+    load_protected(directory, _fresh_cnn(), key)  # the saved weights, written again by other code: the same digest
+
+
+def test_a_half_precision_checkpoint_loads_into_a_float32_model(tmp_path, tiny_cnn, key):
+    # The loaded values are converted to the model's dtypes: their digest
+    # cannot match the saved one, which is no sign of other weights.
+    model = wrap_model(tiny_cnn.half(), key, mean=MEAN, std=STD, input_size=(3, 8, 8))
+    directory = save_protected(model, tmp_path / "half")
+    loaded = load_protected(directory, _fresh_cnn(), key)
+    assert next(loaded.parameters()).dtype == torch.float32
+    torch.testing.assert_close(loaded.unwrap()[0].weight, tiny_cnn[0].weight.float())
