@@ -522,7 +522,7 @@ def export(args: argparse.Namespace) -> int:
     _refuse_key_file_inside(output, args.key)
     model, key, protection = open_protected(args, torch.device("cpu"))
     path = export_protected(model, output, format=args.format, batch_size=args.batch_size,
-                            opset_version=args.opset, metadata=protection.extra)
+                            opset_version=args.opset, metadata=protection.extra, overwrite=args.force)
     _check_no_key_material(output, key, args.key)
     size = "x".join(str(s) for s in model.keyed.input_size or ())
     names = ProtectionConfig.load(output).extra.get("output_names") or [OUTPUT_NAME]  # several: features_only

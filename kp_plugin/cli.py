@@ -274,6 +274,8 @@ def _register_export(subparsers) -> None:
     parser.add_argument("--batch-size", type=_batch_size, default=None,
                         help="a fixed batch size (default: any batch size)")
     parser.add_argument("--opset", type=_positive_int, default=None, help="ONNX opset version (default: the exporter's)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an export of another key's model in the output folder (it is lost)")
 
 
 class _UsageError(Exception):

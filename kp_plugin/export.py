@@ -34,8 +34,9 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from .checkpoint import PROTECTION_FILE, WEIGHTS_FILE, ProtectionConfig, find_key_material
-from .errors import CheckpointError, ConfigurationError, KeyLeakError, first_line
+from .checkpoint import (PROTECTION_FILE, WEIGHTS_FILE, ProtectionConfig, _uncompiled, find_key_material,
+                         refuse_other_key_checkpoint, weights_digest)
+from .errors import BlockSizeError, CheckpointError, CheckpointWriteError, ConfigurationError, KeyLeakError, first_line
 from .keys import SecretKey
 from .module import KeyedInput, ProtectedModel, require_protected, wrap_model
 from .objectives import logits_of
@@ -87,11 +88,18 @@ class _ExportedProgram(nn.Module):
     keeps that behaviour, so ``train()`` / ``eval()`` (which the program's own
     module refuses) only set the flag."""
 
-    def __init__(self, program_module: nn.Module) -> None:
+    def __init__(self, program_module: nn.Module, input_size: Optional[tuple] = None) -> None:
         super().__init__()
         self.program = program_module
+        self.input_size = tuple(input_size) if input_size else None
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # The program's own guard fails with a bare AssertionError.
+        if self.input_size and tuple(pixel_values.shape[1:]) != self.input_size:
+            raise BlockSizeError(
+                f"this export takes images of {'x'.join(map(str, self.input_size))} (C x H x W), the size it was "
+                f"exported at, got {'x'.join(map(str, pixel_values.shape[1:]))}; resize them to that size"
+            )
         return self.program(pixel_values)
 
     def train(self, mode: bool = True) -> "_ExportedProgram":
@@ -153,6 +161,7 @@ def export_protected(
     batch_size: Optional[int] = None,
     opset_version: Optional[int] = None,
     metadata: Optional[dict] = None,
+    overwrite: bool = False,
 ) -> Path:
     """Export ``model``'s base model (not its keyed input) for deployment.
 
@@ -169,15 +178,18 @@ def export_protected(
         model: a :class:`ProtectedModel` that knows its input size (the
             size it was last called at; else ``input_size=``, the checkpoint's,
             or timm's ``pretrained_cfg``).
-        directory: created if needed; files of the same names are replaced.
-            Both formats of one model may share a folder; a folder holding
-            the other format's export of another model (another key,
+        directory: created if needed. An export of this key's model there
+            is replaced; one of another key's is refused unless
+            ``overwrite=True`` (that model would be lost). Both formats of
+            one model may share a folder; a folder holding the other
+            format's export of another model (another key, weights,
             architecture, classes, input size or normalization) is refused,
             since its one ``protection.json`` describes the last export.
         format: ``"onnx"`` or ``"pt2"`` (``torch.export.save``).
         batch_size: a fixed batch size; default ``None``, any batch size.
         opset_version: ONNX opset (default: the exporter's).
         metadata: extra public values for ``protection.json``'s ``extra``.
+        overwrite: replace an export of another key's model in ``directory``.
 
     Returns:
         The path of the exported model file.
@@ -187,6 +199,10 @@ def export_protected(
             input size (or one the model fails on), the ONNX exporter is not
             installed, or ``directory`` holds another model's export.
         KeyLeakError: a written file contains key material (it is removed).
+        CheckpointError: ``directory`` holds an export of another key's model
+            (and ``overwrite`` is not set).
+        CheckpointWriteError: the files cannot be written (a full disk);
+            the export there before, if any, is unchanged.
     """
     model = require_protected(model, "export_protected")  # also through torch.compile / DDP
     if format not in EXPORT_FORMATS:
@@ -194,6 +210,7 @@ def export_protected(
     if batch_size is not None and batch_size < 1:
         raise ConfigurationError(f"batch_size must be at least 1, got {batch_size}")
     config = ProtectionConfig.from_model(model, **dict(metadata or {}))
+    config.weights_digest = weights_digest(_uncompiled(model.unwrap()))
     size = config.input_size
     if not size:
         raise ConfigurationError(
@@ -230,42 +247,75 @@ def export_protected(
             f"{directory / 'deploy'}): the export's protection.json would replace the checkpoint's"
         )
     _check_other_export(directory, format, config)
-    directory.mkdir(parents=True, exist_ok=True)
+    if not overwrite:
+        refuse_other_key_checkpoint(directory, config.fingerprint,
+                                    remedy="pass overwrite=True (kp export --force) to replace that export")
     target = directory / EXPORT_FORMATS[format]
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".export-") as scratch:
-        staged = Path(scratch) / target.name
-        with _inference_mode_of(wrapper), torch.no_grad():
-            try:
-                if format == "onnx":
-                    _export_onnx(wrapper, example, staged, dynamic_shapes, opset_version, names)
-                else:
-                    program = torch.export.export(wrapper, (example,), dynamic_shapes=dynamic_shapes)
-                    torch.export.save(program, str(staged))
-            except (KeyLeakError, ConfigurationError):
-                raise
-            except Exception as exc:
-                if dynamic_shapes is None:
-                    raise
-                # Some architectures fix the batch size in their graph.
-                raise ConfigurationError(
-                    f"exporting {type(base).__name__} for any batch size failed "
-                    f"({type(exc).__name__}: {first_line(exc)}); pass batch_size=N (kp export --batch-size N) for a "
-                    "fixed batch size"
-                ) from exc
-        config.extra[DIGESTS_FIELD] = {**_kept_digests(directory, format), target.name: _sha256(staged)}
-        config.save(scratch)
-        leaks = find_key_material(scratch, model.key)
-        if leaks:  # the staged files go with the scratch directory
-            raise KeyLeakError(f"the export contained key material ({', '.join(p.name for p in leaks)}); "
-                               "nothing was written")
-        for produced in sorted(Path(scratch).iterdir()):
-            os.replace(produced, directory / produced.name)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=directory, prefix=".export-") as scratch:
+            staged = Path(scratch) / target.name
+            _stage(wrapper, example, staged, format, dynamic_shapes, opset_version, names, type(base).__name__)
+            config.extra[DIGESTS_FIELD] = {**_kept_digests(directory, format), target.name: _sha256(staged)}
+            config.save(scratch)
+            leaks = find_key_material(scratch, model.key)
+            if leaks:  # the staged files go with the scratch directory
+                raise KeyLeakError(f"the export contained key material ({', '.join(p.name for p in leaks)}); "
+                                   "nothing was written")
+            for produced in sorted(Path(scratch).iterdir()):
+                os.replace(produced, directory / produced.name)
+    except OSError as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointWriteError(
+            f"cannot write the export into {directory} ({first_line(exc)}); the export there before, if any, is "
+            "unchanged: free some space or choose another folder"
+        ) from None
     return target
+
+
+def _stage(wrapper: nn.Module, example: torch.Tensor, staged: Path, format: str, dynamic_shapes: Any,
+           opset_version: Optional[int], names: list, architecture: str) -> None:
+    """Export ``wrapper`` into the file ``staged`` (in the scratch folder)."""
+    with _inference_mode_of(wrapper), torch.no_grad():
+        try:
+            if format == "onnx":
+                _export_onnx(wrapper, example, staged, dynamic_shapes, opset_version, names)
+            else:
+                program = torch.export.export(wrapper, (example,), dynamic_shapes=dynamic_shapes)
+                # Into memory first: a failed write inside torch's archive
+                # writer (a full disk) aborts the process.
+                buffer = io.BytesIO()
+                torch.export.save(program, buffer)
+                staged.write_bytes(buffer.getvalue())
+        except (KeyLeakError, ConfigurationError):
+            raise
+        except Exception as exc:
+            if _caused_by_os_error(exc):
+                raise OSError(first_line(_caused_by_os_error(exc))) from None
+            if dynamic_shapes is None:
+                raise
+            # Some architectures fix the batch size in their graph.
+            raise ConfigurationError(
+                f"exporting {architecture} for any batch size failed ({type(exc).__name__}: {first_line(exc)}); "
+                "pass batch_size=N (kp export --batch-size N) for a fixed batch size"
+            ) from exc
+
+
+def _caused_by_os_error(exc: BaseException) -> Optional[BaseException]:
+    """The ``OSError`` (a failed write) in ``exc``'s chain, if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 #: What must agree for two exports to share one protection.json.
 _SAME_MODEL_FIELDS = ("scheme", "block_size", "channels", "fingerprint", "mean", "std", "input_size", "architecture",
-                      "num_classes")
+                      "num_classes", "weights_digest")
 
 
 def _check_other_export(directory: Path, format: str, config: ProtectionConfig) -> None:
@@ -388,6 +438,6 @@ def load_exported(directory: Union[str, os.PathLike], key: SecretKey, *,
         raise CheckpointError(
             f"{path} is corrupt or not a torch.export program ({type(exc).__name__}: {exc})"
         ) from None
-    model = wrap_model(_ExportedProgram(program.module()), key, mean=config.mean, std=config.std,
+    model = wrap_model(_ExportedProgram(program.module(), config.input_size), key, mean=config.mean, std=config.std,
                        input_size=config.input_size_for(key))
     return model.eval()

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from kp_plugin import KeyedInput, KeyLeakError, KeyMismatchError, SecretKey, save_protected, wrap_model
+from kp_plugin import BlockSizeError, KeyedInput, KeyLeakError, KeyMismatchError, SecretKey, save_protected, wrap_model
 from kp_plugin.checkpoint import CheckpointError, ProtectionConfig, find_key_material
 from kp_plugin.errors import ConfigurationError
 from kp_plugin.export import export_protected, load_exported, load_keyed_input
@@ -98,6 +98,8 @@ def test_pt2_export_loads_back_with_the_key_and_holds_no_key(protected, shuffle_
         x = torch.rand(batch, *SIZE)
         with torch.no_grad():
             torch.testing.assert_close(loaded(x), protected(x))
+    with pytest.raises(BlockSizeError, match=r"takes images of 3x16x16.*got 3x32x32"):
+        loaded(torch.rand(2, 3, 32, 32))  # the program's guard: a bare AssertionError
     with pytest.raises(KeyMismatchError):
         load_exported(path.parent, SecretKey.generate_like(shuffle_np_key))
     wrong = load_exported(path.parent, SecretKey.generate_like(shuffle_np_key), allow_wrong_key=True)
@@ -202,9 +204,19 @@ def test_both_formats_of_one_model_share_a_folder_but_another_models_export_is_r
         export_protected(wrap_model(tiny_timm_model, another_key, input_size=SIZE), other, format="pt2")
     assert another_key._material.hex() not in str(caught.value)
     assert {p.name: p.read_bytes() for p in other.iterdir()} == before  # nothing written, nothing lost
-    # onnx over onnx replaces the model and its protection.json together
-    export_protected(wrap_model(tiny_timm_model, another_key, input_size=SIZE), other, format="onnx")
+    # onnx over another key's onnx: refused (that model would be lost) unless asked
+    with pytest.raises(CheckpointError, match=r"another key.*overwrite=True \(kp export --force\)"):
+        export_protected(wrap_model(tiny_timm_model, another_key, input_size=SIZE), other, format="onnx")
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == before
+    export_protected(wrap_model(tiny_timm_model, another_key, input_size=SIZE), other, format="onnx", overwrite=True)
     assert ProtectionConfig.load(other).fingerprint == another_key.fingerprint
+    # the same key's model with other weights in the other format: two models under one protection.json
+    retrained = wrap_model(copy.deepcopy(tiny_timm_model), another_key, input_size=SIZE)
+    with torch.no_grad():
+        next(retrained.parameters()).add_(1.0)
+    with pytest.raises(ConfigurationError, match="weights_digest differs"):
+        export_protected(retrained, other, format="pt2")
+    export_protected(retrained, other, format="onnx")  # this key's own export is replaced, as a save is
 
 
 def test_an_opset_the_exporter_cannot_write_is_an_error_not_another_file(protected, tmp_path):
@@ -307,3 +319,42 @@ def test_a_folder_mixing_two_exports_is_refused_on_loading(protected, tiny_timm_
     (deploy / "model.pt2").write_bytes((other / "model.pt2").read_bytes())
     with pytest.raises(CheckpointError, match="not recorded there"):
         load_exported(deploy, shuffle_np_key)
+
+
+_FAILING_WRITE = """
+import resource, sys, torch, timm
+from kp_plugin import SecretKey, wrap_model
+from kp_plugin.errors import CheckpointWriteError
+from kp_plugin.export import export_protected
+torch.manual_seed(0)
+model = wrap_model(timm.create_model("test_resnet", num_classes=3), SecretKey.generate(block_size=4),
+                   input_size=(3, 16, 16))
+# Writes past 100 kB fail with EFBIG, as on a full disk (Python ignores SIGXFSZ).
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+try:
+    export_protected(model, sys.argv[1], format=sys.argv[2], overwrite=True, **eval(sys.argv[3]))
+except CheckpointWriteError as exc:
+    print("CheckpointWriteError:", exc)
+"""
+
+
+@pytest.mark.parametrize("format", ["onnx", "pt2"])
+@pytest.mark.parametrize("batch_size", [None, 2])
+def test_a_failed_write_during_export_is_a_write_error_and_keeps_the_previous_export(
+        protected, tmp_path, format, batch_size):
+    # Before: "pass batch_size=N" for a full disk, a bare OSError with a fixed
+    # batch size, and for pt2 torch's archive writer aborted the process.
+    import subprocess
+    import sys
+
+    if format == "onnx":
+        pytest.importorskip("onnxscript")
+    deploy = tmp_path / "deploy"
+    export_protected(protected, deploy, format=format)
+    before = {p.name: p.read_bytes() for p in deploy.iterdir()}
+    done = subprocess.run([sys.executable, "-c", _FAILING_WRITE, str(deploy), format,
+                           repr({"batch_size": batch_size})], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "CheckpointWriteError: cannot write the export into" in done.stdout
+    assert "free some space" in done.stdout and "batch_size" not in done.stdout
+    assert {p.name: p.read_bytes() for p in deploy.iterdir()} == before  # unchanged, no scratch folder left
