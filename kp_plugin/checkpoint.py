@@ -807,6 +807,11 @@ def load_protected(
         strict: require the weights to match the architecture exactly.
         device: where to load the weights.
 
+    Returns:
+        The :class:`ProtectedModel`, in eval mode (dropout off, batch-norm
+        running statistics), as transformers' ``from_pretrained`` returns
+        models; call ``.train()`` before fine-tuning it further.
+
     Raises:
         ConfigurationError: ``device`` is not a device of this machine.
         KeyMismatchError: ``key`` is not the checkpoint's key.
@@ -856,4 +861,7 @@ def load_protected(
     protected = wrap_model(given, key, mean=config.mean, std=config.std, input_size=input_size)
     if input_size is not None:
         protected.keyed.trained_size = tuple(input_size[1:])
-    return protected
+    # As transformers' from_pretrained: a model called in training mode right
+    # after loading gave batch-statistics outputs and moved its running
+    # statistics for good.
+    return protected.eval()

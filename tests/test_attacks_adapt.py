@@ -82,3 +82,21 @@ def test_weight_matching_recovers_the_whole_key_of_an_adapted_vit():
     keyed = adapt_patch_embedding(plain, key)
     result = weight_matching_attack(keyed, plain)
     assert (result.recovered_fraction, result.flip_agreement, result.block_recovered_fraction) == (1.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("patch_size, block_size", [(16, 4), (8, 16)])
+def test_weight_matching_measures_a_vit_whose_patch_is_not_the_block(patch_size, block_size):
+    # Before: a RuntimeError from the impulse (a 4x4 block under a 16x16
+    # kernel), or from matching 16 patch positions against 4 scrambled blocks.
+    from kp_plugin import wrap_model
+
+    plain = tiny_vit(patch_size=patch_size)
+    key = SecretKey(bytes(range(5, 37)), block_size=block_size, scheme="shuffle+np+scramble")
+    stolen = tiny_vit(patch_size=patch_size)
+    with torch.no_grad():
+        stolen.patch_embed.proj.weight.add_(0.01 * torch.randn_like(stolen.patch_embed.proj.weight))
+    images = torch.rand(8, 3, 32, 32)
+    result = weight_matching_attack(wrap_model(stolen, key), plain, (images, torch.arange(8) % 10))
+    assert result.layer_kind == f"conv {patch_size}x{patch_size} stride {patch_size}"
+    assert result.block_recovered_fraction is None and 0 <= result.recovered_fraction <= 1
+    assert result.accuracy is not None and result.key_accuracy is not None

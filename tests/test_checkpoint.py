@@ -696,3 +696,17 @@ def test_a_half_precision_checkpoint_loads_into_a_float32_model(tmp_path, tiny_c
     loaded = load_protected(directory, _fresh_cnn(), key)
     assert next(loaded.parameters()).dtype == torch.float32
     torch.testing.assert_close(loaded.unwrap()[0].weight, tiny_cnn[0].weight.float())
+
+
+def test_a_loaded_model_is_in_eval_mode_so_its_first_call_changes_nothing(saved, key):
+    # Before, it came back in training mode (a fresh base's): its first call
+    # used batch statistics and moved the running statistics for good.
+    model, directory = saved
+    fresh = _fresh_cnn().train()
+    loaded = load_protected(directory, fresh, key)
+    assert not loaded.training and not any(m.training for m in loaded.modules())
+    running = loaded.unwrap()[1].running_mean.clone()
+    x = torch.rand(4, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    torch.testing.assert_close(loaded.unwrap()[1].running_mean, running)

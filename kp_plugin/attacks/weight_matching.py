@@ -53,7 +53,8 @@ class WeightMatchingResult:
         mean_similarity: mean |cosine| of the matched column pairs (1.0:
             the layer is an exact permuted copy of the base).
         block_recovered_fraction: block-scramble entries recovered from the
-            position embeddings (``None`` without scrambling).
+            position embeddings (``None`` without scrambling, or where a
+            position is not one block: a patch size other than the block size).
         accuracy: accuracy with the recovered key (``None`` without data).
         key_accuracy: accuracy with the true key (``None`` without data).
     """
@@ -76,13 +77,16 @@ class WeightMatchingResult:
 def impulse_responses(conv: nn.Conv2d, block_size: int) -> torch.Tensor:
     """``(L, F)``: row ``p`` is the layer's response (bias removed, flattened)
     to a unit impulse at block position ``p`` of an otherwise zero block
-    (normalized input space)."""
+    (normalized input space). A kernel larger than the block (a ViT patch of
+    16 under a key of block size 4) sees the block as the top-left one of
+    a zero canvas it fits on."""
     c, m = conv.in_channels, block_size
+    height, width = (m * math.ceil(max(k, m) / m) for k in conv.kernel_size)
     length = m * m * c
     p = torch.arange(length)
-    impulses = torch.zeros(length, c, m, m, dtype=conv.weight.dtype, device=conv.weight.device)
+    impulses = torch.zeros(length, c, height, width, dtype=conv.weight.dtype, device=conv.weight.device)
     impulses[p, p % c, p // (m * c), (p // c) % m] = 1  # (row, column, channel) order
-    zero = torch.zeros(1, c, m, m, dtype=conv.weight.dtype, device=conv.weight.device)
+    zero = torch.zeros(1, c, height, width, dtype=conv.weight.dtype, device=conv.weight.device)
     return (conv(impulses) - conv(zero)).reshape(length, -1).double().cpu()
 
 
@@ -155,7 +159,7 @@ def weight_matching_attack(
     if dataset is not None:
         images, labels = as_tensors(dataset)
     size = tuple(images.shape[-2:]) if images is not None else None
-    if "scramble" in key.scheme and size is None:
+    if "scramble" in key.scheme and size is None and patchify:  # one position per block only then
         found = position_embedding(model.model)
         if found is not None:
             side = int(math.isqrt(found[0].shape[1] - found[1]))
@@ -174,7 +178,11 @@ def weight_matching_attack(
     block_fraction = None
     if truth.block_permutation is not None:
         ours, theirs = position_embedding(model.model), position_embedding(public_base)
-        if ours is not None and theirs is not None:
+        blocks_count = truth.block_permutation.numel()
+        # Matched only where each position is one block (patch = block size);
+        # a ViT of another patch size has as many positions as patches.
+        if ours is not None and theirs is not None and patchify \
+                and ours[0].shape[1] - ours[1] == blocks_count == theirs[0].shape[1] - theirs[1]:
             prefix = ours[1]
             blocks, _, _ = match_columns(ours[0][0, prefix:].detach().double().cpu(),
                                          theirs[0][0, prefix:].detach().double().cpu())

@@ -276,7 +276,9 @@ class KeyedTrainer(Trainer):
         # The checkpoint holds the base model's own names (save_protected);
         # the stock loader would match them against the wrapper's, silently.
         device = next(wrapped.parameters()).device
+        training = wrapped.training
         load_protected(self.state.best_model_checkpoint, wrapped.unwrap(), wrapped.key, device=device)
+        wrapped.train(training)  # load_protected returns the model in eval mode
 
     def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
         if not resume_from_checkpoint and self.args.should_save:
