@@ -587,3 +587,25 @@ def test_the_objectives_wrong_key_pass_runs_in_the_trainers_mixed_precision(key,
                            objective=ProtectionObjective(wrong_key_weight=0.5))
     trainer.train()
     assert len(dtypes) == 2 and set(dtypes) == {torch.bfloat16}
+
+
+def test_keyed_trainer_evaluates_without_the_collators_training_augmentation(key, data, tmp_path):
+    # Trainer has one collator for every split: evaluation, prediction and
+    # the callback's wrong-key measurements saw randomly augmented images.
+    calls = []
+
+    def augment(x):
+        calls.append(x.shape[0])
+        return x.flip(-1)
+
+    processor = KeyedImageProcessor(vit_processor(), key)
+    collator = KeyedImageCollator(processor, augment=augment)
+    trainer = KeyedTrainer(model=tiny_vit(), args=_args(tmp_path, max_steps=1, per_device_train_batch_size=8),
+                           train_dataset=data[0].select(range(8)), eval_dataset=data[1].select(range(16)),
+                           data_collator=collator, callbacks=[KeyProtectionCallback(key, wrong_keys=1)])
+    trainer.evaluate()
+    trainer.predict(data[1].select(range(8)))
+    assert calls == []
+    trainer.train()
+    assert calls == [8] and trainer.data_collator is collator
+    assert collator.without_augmentation().augment is None and collator.augment is augment

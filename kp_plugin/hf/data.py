@@ -103,6 +103,16 @@ class _ImageBatcher:
         """True when the output is keyed (processor style)."""
         return self.output == "keyed"
 
+    def without_augmentation(self) -> "_ImageBatcher":
+        """This helper with ``augment=None`` (itself when it has none): for
+        evaluation batches. ``KeyedTrainer`` builds its evaluation and test
+        dataloaders with it, since ``Trainer`` has one collator for all."""
+        if self.augment is None:
+            return self
+        helper = type(self).__new__(type(self))
+        helper.__dict__.update(self.__dict__, augment=None)
+        return helper
+
     def _pixel_values(self, images: Sequence[Any]) -> torch.Tensor:
         x = self.image_processor.images01(list(images))
         if self.augment is not None:
@@ -160,6 +170,9 @@ class KeyedImageCollator(_ImageBatcher):
         output: ``"keyed"`` (plain model) or ``"images01"`` (wrapped model).
         augment: optional function on a float ``(B, C, H, W)`` batch in
             [0, 1], applied before the key (e.g. a torchvision v2 transform).
+            ``KeyedTrainer`` leaves it out of evaluation batches; a plain
+            ``Trainer`` uses one collator for every split, so there pass
+            ``data_collator=collator.without_augmentation()`` to evaluate.
 
     Example:
         >>> collator = KeyedImageCollator(processor)                              # doctest: +SKIP

@@ -26,6 +26,7 @@ What it changes, and why:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import os
@@ -44,6 +45,7 @@ from ..objectives import ProtectionObjective, logits_of
 from ..train import Normalize
 from ._datapath import base_module, batchers_in
 from .callback import KeyProtectionCallback, processor_protection_config, refuse_other_key_output_dir
+from .data import _ImageBatcher
 from .processor import KeyedImageProcessor
 
 __all__ = ["KeyedTrainer"]
@@ -165,6 +167,28 @@ class KeyedTrainer(Trainer):
         for batcher in batchers_in(datasets=datasets, collators=[self.data_collator]):
             columns += [c for c in batcher.input_columns if c not in columns]
         self._signature_columns = columns
+
+    # ---------------------------------------------------- evaluation data
+    def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
+        with self._collator_without_augmentation():
+            return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset: Any) -> Any:
+        with self._collator_without_augmentation():
+            return super().get_test_dataloader(test_dataset)
+
+    @contextlib.contextmanager
+    def _collator_without_augmentation(self):
+        """Evaluation and prediction batches without the keyed collator's
+        training augmentation (``Trainer`` has one collator for every split:
+        evaluation saw randomly augmented images)."""
+        collator = self.data_collator
+        if isinstance(collator, _ImageBatcher):
+            self.data_collator = collator.without_augmentation()
+        try:
+            yield
+        finally:
+            self.data_collator = collator
 
     # ------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
