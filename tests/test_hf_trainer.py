@@ -213,6 +213,34 @@ def test_small_margin_warns_and_can_stop_training(key, data, tmp_path):
     assert trainer.state.global_step == 1
 
 
+def test_patience_stops_after_that_many_small_margins_and_none_only_logs(key, data, tmp_path):
+    # Before: stop_on_small_margin stopped at the first evaluation (the margin
+    # of a young run is near 0), and min_margin=None was refused.
+    import warnings
+
+    train, test = data[0].select(range(64)), data[1].select(range(64))
+    processor = KeyedImageProcessor(vit_processor(), key)
+
+    def trainer(**settings):
+        return KeyedTrainer(model=tiny_vit(), args=_args(tmp_path, max_steps=5, eval_strategy="steps", eval_steps=1),
+                            train_dataset=train, eval_dataset=test, data_collator=KeyedImageCollator(processor),
+                            callbacks=[KeyProtectionCallback(key, wrong_keys=2, **settings)])
+
+    patient = trainer(min_margin=0.9, stop_on_small_margin=True, patience=3)
+    with pytest.warns(ProtectionMarginWarning):
+        patient.train()
+    assert patient.state.global_step == 3
+    quiet = trainer(min_margin=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ProtectionMarginWarning)
+        quiet.train()
+    assert quiet.state.global_step == 5
+    assert sum("eval_protection_margin" in entry for entry in quiet.state.log_history) == 5
+    for settings in ({"patience": 0}, {"min_margin": None, "stop_on_small_margin": True}):
+        with pytest.raises(ConfigurationError):
+            KeyProtectionCallback(key, **settings)
+
+
 @pytest.mark.filterwarnings("ignore::kp_plugin.hf.ProtectionMarginWarning")  # one step: no margin yet
 def test_callback_refuses_eval_data_keyed_with_another_key_before_the_first_step(key, data, tmp_path):
     # Before, KeyedTrainer trained until its first evaluation before the eval

@@ -93,3 +93,20 @@ def test_serve_onnx_serves_an_imagefolder_test_split(checkpoint, recipe, tmp_pat
     printed = capsys.readouterr().out
     assert "test split, 20 images" in printed
     assert len([line for line in printed.splitlines() if line.startswith("  ")]) == 4
+
+
+def test_serve_onnx_with_another_key_is_one_line_and_the_kp_exit_code(checkpoint, recipe, tmp_path, capsys,
+                                                                         monkeypatch):
+    # Before: a KeyMismatchError traceback and exit 1 (kp says one line, exit 3).
+    from kp_plugin import SecretKey
+
+    key_path, out = checkpoint
+    other = tmp_path / "other.key"
+    SecretKey.generate_like(SecretKey.load(key_path)).save(other)
+    monkeypatch.setattr("sys.argv", ["serve_onnx.py", "--checkpoint", str(out), "--key", str(other),
+                                     "--deploy", str(tmp_path / "deploy")])
+    capsys.readouterr()
+    assert recipe._run() == 3
+    printed = capsys.readouterr()
+    assert printed.err.startswith("serve_onnx: KeyMismatchError: ") and "Traceback" not in printed.err
+    assert not (tmp_path / "deploy").exists()

@@ -121,8 +121,13 @@ class KeyProtectionCallback(TrainerCallback):
         key: the owner's key.
         wrong_keys: how many wrong keys to try at each evaluation.
         min_margin: warn (:class:`ProtectionMarginWarning`) when
-            ``key_accuracy - max(wrong_key_accuracy)`` is below it.
+            ``key_accuracy - max(wrong_key_accuracy)`` is below it
+            (``None``: measure and log only, never warn).
         stop_on_small_margin: also stop training then.
+        patience: with ``stop_on_small_margin``, stop only after this many
+            evaluations in a row below ``min_margin`` (the margin starts
+            near 0 before the model has learnt anything: 1 stops at the
+            first evaluation of a young run).
         seed: selects the wrong keys (the same ones at every evaluation,
             on every rank).
         max_eval_batches: measure on at most this many evaluation batches
@@ -151,8 +156,9 @@ class KeyProtectionCallback(TrainerCallback):
         key: SecretKey,
         *,
         wrong_keys: int = 8,
-        min_margin: float = 0.25,
+        min_margin: Optional[float] = 0.25,
         stop_on_small_margin: bool = False,
+        patience: int = 1,
         seed: int = 0,
         max_eval_batches: Optional[int] = None,
         image_processor: Optional[KeyedImageProcessor] = None,
@@ -162,15 +168,22 @@ class KeyProtectionCallback(TrainerCallback):
         require_key(key)
         if not isinstance(wrong_keys, numbers.Integral) or isinstance(wrong_keys, bool) or wrong_keys < 1:
             raise ConfigurationError(f"wrong_keys must be an integer of at least 1, got {wrong_keys!r}")
-        if not isinstance(min_margin, numbers.Real) or isinstance(min_margin, bool) or min_margin != min_margin:
-            raise ConfigurationError(f"min_margin must be a number (an accuracy difference, e.g. 0.25), "
+        if min_margin is not None and (not isinstance(min_margin, numbers.Real) or isinstance(min_margin, bool)
+                                       or min_margin != min_margin):
+            raise ConfigurationError(f"min_margin must be a number (an accuracy difference, e.g. 0.25) or None, "
                                      f"got {min_margin!r}")
+        if not isinstance(patience, numbers.Integral) or isinstance(patience, bool) or patience < 1:
+            raise ConfigurationError(f"patience must be an integer of at least 1 (evaluations), got {patience!r}")
+        if stop_on_small_margin and min_margin is None:
+            raise ConfigurationError("stop_on_small_margin needs a min_margin to compare the margin with")
         if image_processor is not None:
             image_processor.check_key(key)
         self.key = key
         self.wrong_keys = draw_wrong_keys(key, wrong_keys, seed=seed)
-        self.min_margin = float(min_margin)
+        self.min_margin = None if min_margin is None else float(min_margin)
         self.stop_on_small_margin = stop_on_small_margin
+        self.patience = int(patience)
+        self._below: dict = {}  # per evaluation set (metric prefix): evaluations in a row below min_margin
         self.max_eval_batches = max_eval_batches
         self.image_processor = image_processor
         self._trainer = None
@@ -280,7 +293,9 @@ class KeyProtectionCallback(TrainerCallback):
             if handler is not None:  # the loggers (TensorBoard, W&B, ...) saw the metrics before this
                 handler.on_log(args, state, control, dict(result))
         margin = result[f"{prefix}_protection_margin"]
-        if margin < self.min_margin:
+        below = self._below.get(prefix, 0) + 1 if self.min_margin is not None and margin < self.min_margin else 0
+        self._below[prefix] = below
+        if below:
             warnings.warn(
                 f"protection margin {margin:.3f} (key accuracy {result[f'{prefix}_key_accuracy']:.3f}, best of "
                 f"{len(self.wrong_keys)} wrong keys {result[f'{prefix}_wrong_key_accuracy_max']:.3f}) is below "
@@ -289,7 +304,7 @@ class KeyProtectionCallback(TrainerCallback):
                 ProtectionMarginWarning,
                 stacklevel=2,
             )
-            if self.stop_on_small_margin:
+            if self.stop_on_small_margin and below >= self.patience:
                 control.should_training_stop = True
 
     @torch.no_grad()
