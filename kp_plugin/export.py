@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -135,8 +136,15 @@ def _export_onnx(wrapper: nn.Module, example: torch.Tensor, path: Path, dynamic_
             "format='pt2' needs nothing more than torch"
         ) from None
     kwargs: dict = {"opset_version": opset_version} if opset_version is not None else {}
-    # The exporter reports its progress on stdout; a library call keeps quiet.
-    with contextlib.redirect_stdout(io.StringIO()):
+    # The exporter reports its progress on stdout, and onnxscript logs a
+    # failed opset conversion with a traceback at warning level (the opset is
+    # checked below, with an error that says what to do): a library call
+    # keeps quiet.
+    quiet = logging.getLogger("onnxscript")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.ExitStack() as restore:
+        restore.callback(quiet.setLevel, level)
         torch.onnx.export(
             wrapper, (example,), str(path), dynamo=True, input_names=[INPUT_NAME], output_names=names,
             dynamic_shapes=dynamic_shapes, external_data=False, verbose=False, **kwargs,
