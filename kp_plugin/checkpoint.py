@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import hmac
 import json
 import math
 import os
@@ -57,6 +58,12 @@ PROTECTION_FORMAT = "kp-plugin-protection"
 PROTECTION_FORMAT_VERSION = 1
 
 
+#: The fields of protection.json its ``mac`` covers: what the model computes
+#: with (the others, ``extra`` metadata among them, may be edited).
+MAC_FIELDS = ("format", "format_version", "scheme", "block_size", "channels", "fingerprint", "mean", "std",
+              "input_size", "weights_digest")
+
+
 @dataclass
 class ProtectionConfig:
     """What a protected checkpoint records about its protection: public
@@ -83,6 +90,11 @@ class ProtectionConfig:
     #: header (``kp_weights_digest``): when the two disagree the folder mixes
     #: two saves (one interrupted between its files, or files copied together).
     weights_digest: Optional[str] = None
+    #: HMAC of the fields the model computes with (:data:`MAC_FIELDS`),
+    #: keyed with the key (docs/key-format.md): checked by :meth:`check_key`,
+    #: so an edit by anyone without the key (another mean, std, input size
+    #: or weights digest, hence other weights) is refused, not loaded.
+    mac: Optional[str] = None
 
     @classmethod
     def from_model(cls, model: ProtectedModel, **extra: Any) -> "ProtectionConfig":
@@ -163,8 +175,9 @@ class ProtectionConfig:
                 raise ValueError(f"field {name!r} must list {self.channels} finite numbers, got {values!r}")
         if any(v == 0 for v in self.std):
             raise ValueError(f"field 'std' must not hold 0 (it divides), got {self.std!r}")
-        if self.weights_digest is not None and not isinstance(self.weights_digest, str):
-            raise ValueError(f"field 'weights_digest' must be text or null, got {self.weights_digest!r}")
+        for name in ("weights_digest", "mac"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"field {name!r} must be text or null, got {getattr(self, name)!r}")
         if self.input_size is not None and (
             not isinstance(self.input_size, list) or len(self.input_size) != 3
             or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in self.input_size)
@@ -212,9 +225,29 @@ class ProtectionConfig:
         return cls.from_dict(data, source=str(path))
 
     def check_key(self, key: SecretKey) -> None:
-        """Raise :class:`KeyMismatchError` unless ``key`` is the checkpoint's key."""
+        """Raise :class:`KeyMismatchError` unless ``key`` is the checkpoint's
+        key, and :class:`CheckpointError` when the config was changed after
+        it was signed (its ``mac`` does not verify with ``key``)."""
         check_key_matches(key, fingerprint=self.fingerprint, block_size=self.block_size,
                           scheme=self.scheme, channels=self.channels)
+        if self.mac is not None and not hmac.compare_digest(self.mac, self._mac_with(key)):
+            raise CheckpointError(
+                f"{PROTECTION_FILE} was changed after it was written: its mac does not verify with this key, so one "
+                f"of {', '.join(MAC_FIELDS)} (or an export's file digests) was edited; restore it from the save, or "
+                "save the model again"
+            )
+
+    def sign(self, key: SecretKey) -> "ProtectionConfig":
+        """Set :attr:`mac` for the current fields (call it last, before
+        writing); returns the config."""
+        self.mac = self._mac_with(key)
+        return self
+
+    def _mac_with(self, key: SecretKey) -> str:
+        body = {name: getattr(self, name) for name in MAC_FIELDS}
+        if isinstance(self.extra, dict) and "exported_sha256" in self.extra:
+            body["exported_sha256"] = self.extra["exported_sha256"]
+        return key._mac(body, label=b"protection")
 
     def input_size_for(self, key: SecretKey) -> Optional[tuple]:
         """The recorded ``(C, H, W)`` to compile ``key``'s plan for, or
@@ -552,6 +585,7 @@ def _save_protected(model: ProtectedModel, directory: Path, metadata: Optional[d
     base = _uncompiled(model.unwrap())
     config = ProtectionConfig.from_model(model, **(metadata or {}))
     config.weights_digest = digest
+    config.sign(model.key)
     try:  # before anything is written: bad metadata must not leave new weights beside an old protection.json
         text = config.to_json()
     except (TypeError, ValueError) as exc:

@@ -265,7 +265,7 @@ def export_protected(
             staged = Path(scratch) / target.name
             _stage(wrapper, example, staged, format, dynamic_shapes, opset_version, names, type(base).__name__)
             config.extra[DIGESTS_FIELD] = {**_kept_digests(directory, format), target.name: _sha256(staged)}
-            config.save(scratch)
+            config.sign(model.key).save(scratch)
             leaks = find_key_material(scratch, model.key)
             if leaks:  # the staged files go with the scratch directory
                 raise KeyLeakError(f"the export contained key material ({', '.join(p.name for p in leaks)}); "

@@ -514,9 +514,11 @@ class SecretKey:
             "fingerprint": self.fingerprint,
         }
 
-    def _mac(self, body: dict) -> str:
-        canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-        return hmac.new(self._material, _PRF_PREFIX + b"key-file\x00" + canonical, hashlib.sha256).hexdigest()
+    def _mac(self, body: dict, label: bytes = b"key-file") -> str:
+        """HMAC-SHA256 of ``body``'s canonical JSON under ``label`` (the key
+        file's and protection.json's integrity codes; docs/key-format.md)."""
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+        return hmac.new(self._material, _PRF_PREFIX + label + b"\x00" + canonical, hashlib.sha256).hexdigest()
 
     def to_json(self) -> str:
         """The key file content (JSON). It holds the key material: treat the

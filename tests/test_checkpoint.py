@@ -710,3 +710,45 @@ def test_a_loaded_model_is_in_eval_mode_so_its_first_call_changes_nothing(saved,
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
     torch.testing.assert_close(loaded.unwrap()[1].running_mean, running)
+
+
+def test_golden_protection_mac():
+    # docs/key-format.md, "protection.json mac": recomputed here from the
+    # spec's text with hmac alone, and pinned.
+    import hashlib
+    import hmac
+
+    key = SecretKey(bytes(range(32)), block_size=4, scheme="shuffle+np+scramble")
+    config = ProtectionConfig(scheme=["shuffle", "np", "scramble"], block_size=4, channels=3,
+                              fingerprint=key.fingerprint, mean=[0.5] * 3, std=[0.5] * 3, input_size=[3, 32, 32],
+                              weights_digest="0123456789abcdef", extra={"dataset": "digits"})
+    canonical = ('{"block_size":4,"channels":3,"fingerprint":"2cffb27bc8dd24fe499b7fff6eb80c75",'
+                 '"format":"kp-plugin-protection","format_version":1,"input_size":[3,32,32],"mean":[0.5,0.5,0.5],'
+                 '"scheme":["shuffle","np","scramble"],"std":[0.5,0.5,0.5],"weights_digest":"0123456789abcdef"}')
+    expected = hmac.new(bytes(range(32)), b"kp-plugin/v1/protection\x00" + canonical.encode(),
+                        hashlib.sha256).hexdigest()
+    assert expected == "4964f44cd678799d0108f02d22ef7521f5c672eb262b0f9e206ffbc272f0e766"
+    assert config.sign(key).mac == expected
+
+
+@pytest.mark.parametrize("edit", [("mean", [0.0, 0.0, 0.0]), ("std", [1.0, 1.0, 1.0]), ("input_size", [3, 16, 16]),
+                                  ("weights_digest", None), ("extra", {"dataset": "edited"})])
+def test_a_protection_json_edited_without_the_key_is_refused(saved, key, edit):
+    # Before: another mean / std loaded silently and gave other logits; with
+    # the weights digest rewritten, so did other weights. Metadata may change.
+    _, directory = saved
+    path = directory / "protection.json"
+    data = json.loads(path.read_text())
+    assert data["mac"] and key._material.hex() not in path.read_text()
+    name, value = edit
+    data[name] = value
+    path.write_text(json.dumps(data))
+    if name == "extra":
+        assert load_protected(directory, _fresh_cnn(), key) is not None
+        return
+    with pytest.raises(CheckpointError, match="changed after it was written.*restore it"):
+        load_protected(directory, _fresh_cnn(), key)
+    load_protected(directory, _fresh_cnn(), key, allow_wrong_key=True)  # evaluation and attacks: no key to check
+    del data["mac"]  # a config without a mac (written before it existed) is not checked
+    path.write_text(json.dumps(data))
+    ProtectionConfig.load(directory).check_key(key)

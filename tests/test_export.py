@@ -358,3 +358,25 @@ def test_a_failed_write_during_export_is_a_write_error_and_keeps_the_previous_ex
     assert "CheckpointWriteError: cannot write the export into" in done.stdout
     assert "free some space" in done.stdout and "batch_size" not in done.stdout
     assert {p.name: p.read_bytes() for p in deploy.iterdir()} == before  # unchanged, no scratch folder left
+
+
+def test_an_exports_digests_edited_to_fit_another_file_are_refused(protected, tiny_timm_model, shuffle_np_key,
+                                                                    tmp_path):
+    # Whoever swaps model.pt2 could rewrite its SHA-256 in protection.json too;
+    # the mac, keyed with the key, covers the digests.
+    import hashlib
+    import json
+
+    export_protected(protected, tmp_path / "deploy", format="pt2")
+    retrained = wrap_model(copy.deepcopy(tiny_timm_model), shuffle_np_key, input_size=SIZE)
+    with torch.no_grad():
+        next(retrained.parameters()).add_(1.0)
+    export_protected(retrained, tmp_path / "other", format="pt2")
+    swapped = (tmp_path / "other" / "model.pt2").read_bytes()
+    (tmp_path / "deploy" / "model.pt2").write_bytes(swapped)
+    path = tmp_path / "deploy" / "protection.json"
+    data = json.loads(path.read_text())
+    data["extra"]["exported_sha256"]["model.pt2"] = hashlib.sha256(swapped).hexdigest()
+    path.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="changed after it was written"):
+        load_exported(tmp_path / "deploy", shuffle_np_key)

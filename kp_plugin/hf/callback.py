@@ -397,7 +397,15 @@ class KeyProtectionCallback(TrainerCallback):
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if not checkpoint.is_dir():
             return
-        self.protection_config(model).save(checkpoint)
+        config = self.protection_config(model)
+        try:  # the one save_protected wrote (model style): keep its weights digest and metadata
+            written = ProtectionConfig.load(checkpoint)
+        except CheckpointError:
+            written = None
+        if written is not None and written.fingerprint == config.fingerprint:
+            config.weights_digest = written.weights_digest
+            config.extra = {**written.extra, **config.extra}
+        config.sign(self.key).save(checkpoint)
         refuse_key_material(checkpoint, self.key, remedy="delete the checkpoint before sharing")
 
     def protection_config(self, model: nn.Module) -> ProtectionConfig:

@@ -282,7 +282,7 @@ class KeyedTrainer(Trainer):
             return  # nothing keyed here: a plain Trainer run
         if not self.args.should_save or not os.path.isdir(output_dir):
             return
-        processor_protection_config(model, processor).save(output_dir)
+        processor_protection_config(model, processor).sign(processor.key).save(output_dir)
         refuse_key_material(output_dir, processor.key)
 
     def _load_best_model(self) -> None:
