@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import sys
 import threading
 import warnings
@@ -612,18 +613,25 @@ def _transformers_processor_normalization(model: nn.Module, config: Any) -> Opti
     transformers = sys.modules.get("transformers")  # a transformers model means it is imported
     if transformers is None or not isinstance(model, transformers.PreTrainedModel):
         return None
+    from transformers.models.auto.image_processing_auto import (IMAGE_PROCESSOR_MAPPING_NAMES,
+                                                                 get_image_processor_class_from_name)
+
+    from .hf.processor import _normalization  # what the processor normalizes with: none, or EfficientNet's twice
+
     source = Path(str(getattr(config, "_name_or_path", "") or ""))
     saved = source / "preprocessor_config.json"
     if source.parts and saved.is_file():
         try:
             settings = json.loads(saved.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            settings = {}
-        if settings.get("image_mean") is not None and settings.get("image_std") is not None:
-            return settings["image_mean"], settings["image_std"]
-    from transformers.models.auto.image_processing_auto import (IMAGE_PROCESSOR_MAPPING_NAMES,
-                                                                 get_image_processor_class_from_name)
-
+            cls = get_image_processor_class_from_name(str(settings.get("image_processor_type") or ""))
+            processor = cls.from_dict(settings) if cls is not None else None
+        except Exception:  # noqa: BLE001 - unreadable or of an unknown class: its values as written
+            processor = None
+        if processor is None and settings.get("image_mean") is not None and settings.get("image_std") is not None:
+            processor = _SavedSettings(settings)
+        if processor is not None:
+            mean, std = _normalization(processor)
+            return _as_list(mean), _as_list(std)
     names = IMAGE_PROCESSOR_MAPPING_NAMES.get(getattr(config, "model_type", None))
     if isinstance(names, dict):
         names = [names.get("torchvision"), *names.values()]
@@ -631,26 +639,54 @@ def _transformers_processor_normalization(model: nn.Module, config: Any) -> Opti
         cls = get_image_processor_class_from_name(name)
         try:
             processor = cls() if cls is not None else None
+            mean, std = _normalization(processor) if processor is not None else (None, None)
         except Exception:  # noqa: BLE001 - a processor that needs arguments: try the next name
-            processor = None
-        mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+            mean = std = None
         if mean is not None and std is not None:
+            mean, std = _as_list(mean), _as_list(std)
             warnings.warn(
                 f"{type(model).__name__}'s config has no image_mean / image_std (transformers keeps them in the "
-                f"image processor); using {name}'s defaults, mean {tuple(mean)}, std {tuple(std)}. Pass "
+                f"image processor); using {name}'s defaults, mean {tuple(mean)}, std {tuple(std)}"
+                f"{'' if getattr(processor, 'do_normalize', False) else ' (it does not normalize)'}. Pass "
                 "mean=/std= or use kp_plugin.hf.wrap_hf_model(model, key, image_processor=...) for the processor "
                 "the model was trained with",
                 NormalizationWarning, stacklevel=4,
             )
-            return list(mean), list(std)
+            return mean, std
     return None
 
+
+class _SavedSettings:
+    """A saved processor's settings read as attributes (a processor class
+    transformers does not know here): normalizes unless it says not to."""
+
+    def __init__(self, settings: dict) -> None:
+        self.do_normalize = settings.get("do_normalize", True)
+        self.image_mean, self.image_std = settings["image_mean"], settings["image_std"]
+        self.include_top = settings.get("include_top", False)
+
+
+def _as_list(values: Any) -> list:
+    return [float(v) for v in values] if isinstance(values, (list, tuple)) else [float(values)]
+
+
+def _takes_pixel_values_later(model: nn.Module) -> bool:
+    """Whether ``model.forward`` names ``pixel_values`` but not as its first
+    parameter (a transformers model that takes text first): the images
+    must then go by keyword."""
+    try:
+        names = [p.name for p in inspect.signature(model.forward).parameters.values()
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    except (TypeError, ValueError, AttributeError):
+        return False
+    return "pixel_values" in names and names[0] != "pixel_values"
 
 #: Base-model methods that take images, reached through
 #: :class:`ProtectedModel`'s attribute fall-through: they get the keyed,
 #: normalized images as ``forward`` does (timm's feature / embedding
 #: extraction, transformers' ``get_image_features``).
-IMAGE_METHODS = frozenset({"forward_features", "forward_intermediates", "get_image_features"})
+IMAGE_METHODS = frozenset({"forward_features", "forward_intermediates", "get_intermediate_layers", "forward_train",
+                           "get_image_features"})
 
 
 def _accept_base_names(module: "ProtectedModel", state_dict: dict, prefix: str, *args: Any) -> None:
@@ -693,6 +729,7 @@ class ProtectedModel(nn.Module):
         super().__init__()
         self.keyed = keyed
         self.model = model
+        self._pixel_values_by_keyword = _takes_pixel_values_later(model)
         self.register_load_state_dict_pre_hook(_accept_base_names)
 
     @property
@@ -713,6 +750,9 @@ class ProtectedModel(nn.Module):
             raise InputDtypeError("ProtectedModel expects images as the first argument or as pixel_values=")
         if labels is not None:
             kwargs["labels"] = labels
+        if not args and self._pixel_values_by_keyword:
+            # CLIPModel / SiglipModel: forward(input_ids, pixel_values, ...)
+            return self.model(pixel_values=self._prepare(pixel_values), **kwargs)
         return self.model(self._prepare(pixel_values), *args, **kwargs)
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:

@@ -157,3 +157,59 @@ def test_wrap_model_finds_a_transformers_models_normalization(key, batch, tmp_pa
         warnings.simplefilter("error", NormalizationWarning)  # found, not guessed: no warning
         saved = wrap_model(reloaded, key)
     assert (saved.keyed.mean, saved.keyed.std) == ((0.25, 0.25, 0.25), (0.75, 0.75, 0.75))
+
+
+def test_wrap_model_takes_what_the_processor_really_normalizes_with(key, tmp_path):
+    # Before: MobileViT (its processor does not normalize) got mean = std =
+    # 0.5 and EfficientNet (include_top divides by std twice) std 0.5 instead
+    # of 0.25, saved folder or class defaults alike: other inputs than
+    # wrap_hf_model(image_processor=...) gave the same model.
+    import warnings
+
+    import transformers
+
+    from kp_plugin import wrap_model
+    from kp_plugin.errors import NormalizationWarning
+
+    cases = {
+        "mobilevit": (transformers.MobileViTForImageClassification(transformers.MobileViTConfig(
+            image_size=32, hidden_sizes=[16, 24, 32], neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64], num_labels=5)),
+            transformers.MobileViTImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})),
+        "efficientnet": (transformers.EfficientNetForImageClassification(transformers.EfficientNetConfig(
+            image_size=32, depth_coefficient=0.5, hidden_dim=1280, num_labels=5)),
+            transformers.EfficientNetImageProcessor(size={"height": 32, "width": 32})),
+    }
+    for name, (model, processor) in cases.items():
+        model.eval()
+        expected = wrap_hf_model(model, key, image_processor=processor).keyed
+        with pytest.warns(NormalizationWarning):
+            guessed = wrap_model(model, key).keyed
+        folder = tmp_path / name
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", NormalizationWarning)
+            saved = wrap_model(type(model).from_pretrained(folder), key).keyed
+        for keyed in (guessed, saved):
+            assert (keyed.mean, keyed.std) == (expected.mean, expected.std), name
+
+
+def test_a_model_taking_text_first_gets_the_keyed_images_by_keyword(key):
+    # CLIPModel.forward(input_ids, pixel_values, ...): the keyed images went
+    # in as input_ids ("got multiple values for argument 'input_ids'").
+    import transformers
+
+    from kp_plugin.transforms import apply_transform
+
+    torch.manual_seed(0)
+    clip = transformers.CLIPModel(transformers.CLIPConfig(
+        text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                         vocab_size=100, bos_token_id=0, eos_token_id=2),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=64), projection_dim=16)).eval()
+    wrapped = wrap_hf_model(clip, key, mean=0.5, std=0.5)
+    x, ids = torch.rand(2, 3, 32, 32), torch.tensor([[0, 5, 2], [0, 7, 2]])
+    with torch.no_grad():
+        expected = clip(input_ids=ids, pixel_values=(apply_transform(x, key) - 0.5) / 0.5).logits_per_image
+        for out in (wrapped(pixel_values=x, input_ids=ids), wrapped(input_ids=ids, pixel_values=x), wrapped(x, input_ids=ids)):
+            torch.testing.assert_close(out.logits_per_image, expected)

@@ -91,6 +91,21 @@ def test_timm_feature_methods_see_keyed_images_as_forward_does(key):
         model.forward_features()
 
 
+def test_a_vits_get_intermediate_layers_sees_keyed_images(key):
+    # timm's DINO-style feature API ran the base on raw pixels.
+    import timm
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=48,
+                            depth=2, num_heads=2, num_classes=3).eval()
+    model = wrap_model(vit, key)
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = vit.get_intermediate_layers(model.keyed(images), n=2)
+        for got, want in zip(model.get_intermediate_layers(images, n=2), expected):
+            torch.testing.assert_close(got, want)
+
+
 def test_input_size_not_a_multiple_of_the_block_size_is_a_block_size_error(key):
     with pytest.raises(BlockSizeError, match="multiple of 8"):
         create_protected_model(TINY, key, num_classes=4, input_size=30)
