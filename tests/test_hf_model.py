@@ -211,5 +211,7 @@ def test_a_model_taking_text_first_gets_the_keyed_images_by_keyword(key):
     x, ids = torch.rand(2, 3, 32, 32), torch.tensor([[0, 5, 2], [0, 7, 2]])
     with torch.no_grad():
         expected = clip(input_ids=ids, pixel_values=(apply_transform(x, key) - 0.5) / 0.5).logits_per_image
-        for out in (wrapped(pixel_values=x, input_ids=ids), wrapped(input_ids=ids, pixel_values=x), wrapped(x, input_ids=ids)):
+        calls = (wrapped(pixel_values=x, input_ids=ids), wrapped(input_ids=ids, pixel_values=x),
+                 wrapped(x, input_ids=ids))
+        for out in calls:
             torch.testing.assert_close(out.logits_per_image, expected)

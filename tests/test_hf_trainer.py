@@ -11,8 +11,8 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, pipeline
 
 from hf_fixtures import BLOCK_SIZE, digits_dataset, tiny_vit, vit_processor
-from kp_plugin import (CheckpointError, ConfigurationError, KeyMismatchError, ProtectedModel, ProtectionConfig, SecretKey,
-                       load_protected)
+from kp_plugin import (CheckpointError, ConfigurationError, KeyMismatchError, ProtectedModel, ProtectionConfig,
+                       SecretKey, load_protected)
 from kp_plugin.autoload import load_protected_auto
 from kp_plugin.checkpoint import find_key_material
 from kp_plugin.evaluate import wrong_keys
