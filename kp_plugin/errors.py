@@ -45,6 +45,16 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def exception_chain(exc: BaseException, limit: int = 16) -> list:
+    """``exc`` and the errors behind it (``__cause__``, else
+    ``__context__``), at most ``limit``, without repeats."""
+    chain: list = []
+    while exc is not None and len(chain) < limit and all(exc is not seen for seen in chain):
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return chain
+
+
 def torch_load_failure(exc: BaseException) -> str:
     """Why ``torch.load(..., weights_only=True)`` failed, in a few words: its
     unpickler's refusal (whose text suggests ``weights_only=False``, which

@@ -37,7 +37,8 @@ from torch import nn
 
 from .checkpoint import (PROTECTION_FILE, WEIGHTS_FILE, ProtectionConfig, _uncompiled, find_key_material,
                          refuse_other_key_checkpoint, weights_digest)
-from .errors import BlockSizeError, CheckpointError, CheckpointWriteError, ConfigurationError, KeyLeakError, first_line
+from .errors import (BlockSizeError, CheckpointError, CheckpointWriteError, ConfigurationError, KeyLeakError,
+                     exception_chain, first_line)
 from .keys import SecretKey
 from .module import KeyedInput, ProtectedModel, require_protected, wrap_model
 from .objectives import logits_of
@@ -312,13 +313,7 @@ def _stage(wrapper: nn.Module, example: torch.Tensor, staged: Path, format: str,
 
 def _caused_by_os_error(exc: BaseException) -> Optional[BaseException]:
     """The ``OSError`` (a failed write) in ``exc``'s chain, if any."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, OSError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
+    return next((error for error in exception_chain(exc) if isinstance(error, OSError)), None)
 
 
 #: What must agree for two exports to share one protection.json.

@@ -11,7 +11,7 @@ import torch
 
 from kp_plugin import BlockSizeError, KeyedInput, KeyLeakError, KeyMismatchError, SecretKey, save_protected, wrap_model
 from kp_plugin.checkpoint import CheckpointError, ProtectionConfig, find_key_material
-from kp_plugin.errors import ConfigurationError
+from kp_plugin.errors import ConfigurationError, exception_chain
 from kp_plugin.export import export_protected, load_exported, load_keyed_input
 from kp_plugin.transforms import apply_transform
 
@@ -21,13 +21,7 @@ SIZE = (3, 16, 16)
 
 
 def _caused_by(exc: BaseException, error_type: type) -> bool:
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, error_type):
-            return True
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return False
+    return any(isinstance(error, error_type) for error in exception_chain(exc))
 
 
 def _keyed_reference(x: torch.Tensor, key: SecretKey, keyed: KeyedInput) -> torch.Tensor:

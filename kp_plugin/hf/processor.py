@@ -29,7 +29,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 
 from ..checkpoint import check_key_matches, refuse_key_material, replacing
 from ..errors import (BlockSizeError, CheckpointError, CheckpointWriteError, ConfigurationError, InputRangeError,
-                      KeyMismatchError, KPError, first_line)
+                      KeyMismatchError, KPError, exception_chain, first_line)
 from ..keys import SecretKey, parse_scheme, require_key
 from ..module import KeyedInput
 from ..transforms import invert_transform, nearest_valid_size
@@ -695,10 +695,7 @@ def _loading_errors(source: Any) -> Iterator[None]:
     except (OSError, ValueError) as exc:
         if isinstance(exc, KPError):
             raise
-        chain, cause = [], exc
-        while cause is not None and len(chain) < 8:
-            chain.append(cause)
-            cause = cause.__cause__ or cause.__context__
+        chain = exception_chain(exc, limit=8)
         first = first_line(exc)
         if any(isinstance(c, transport_errors()) for c in chain):
             raise HubUnreachableError(
