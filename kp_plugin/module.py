@@ -621,12 +621,14 @@ def _transformers_processor_normalization(model: nn.Module, config: Any) -> Opti
     source = Path(str(getattr(config, "_name_or_path", "") or ""))
     saved = source / "preprocessor_config.json"
     if source.parts and saved.is_file():
+        settings: dict = {}
         try:
             settings = json.loads(saved.read_text(encoding="utf-8"))
             cls = get_image_processor_class_from_name(str(settings.get("image_processor_type") or ""))
             processor = cls.from_dict(settings) if cls is not None else None
         except Exception:  # noqa: BLE001 - unreadable or of an unknown class: its values as written
             processor = None
+        settings = settings if isinstance(settings, dict) else {}
         if processor is None and settings.get("image_mean") is not None and settings.get("image_std") is not None:
             processor = _SavedSettings(settings)
         if processor is not None:
@@ -680,6 +682,7 @@ def _takes_pixel_values_later(model: nn.Module) -> bool:
     except (TypeError, ValueError, AttributeError):
         return False
     return "pixel_values" in names and names[0] != "pixel_values"
+
 
 #: Base-model methods that take images, reached through
 #: :class:`ProtectedModel`'s attribute fall-through: they get the keyed,

@@ -215,3 +215,16 @@ def test_a_model_taking_text_first_gets_the_keyed_images_by_keyword(key):
                  wrapped(x, input_ids=ids))
         for out in calls:
             torch.testing.assert_close(out.logits_per_image, expected)
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]"])
+def test_an_unreadable_saved_processor_config_falls_back_to_the_class_defaults(key, tmp_path, text):
+    from kp_plugin import wrap_model
+    from kp_plugin.errors import NormalizationWarning
+
+    model = tiny_vit()
+    model.save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(text)
+    loaded = type(model).from_pretrained(tmp_path)
+    with pytest.warns(NormalizationWarning, match="ViTImageProcessor's defaults"):
+        assert wrap_model(loaded, key).keyed.mean == (0.5, 0.5, 0.5)
