@@ -67,15 +67,27 @@ class _Outputs(nn.Module):
     """The base model with one tensor in (``pixel_values``) and the logits
     out (also from a transformers output object, dict or tuple), or every
     tensor of a model that returns several: the first alone would be
-    served as if it were the model."""
+    served as if it were the model. A headless transformers model (an
+    output object without logits, e.g. ``ViTModel``'s ``last_hidden_state``
+    and ``pooler_output``) exports each of its tensors under its own name."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.named_outputs: Optional[list] = None  # a headless model's output names, from the first call
 
     def forward(self, pixel_values: torch.Tensor) -> Union[torch.Tensor, tuple]:
         output = self.model(pixel_values)
-        return tuple(output) if _several_tensors(output) else logits_of(output)
+        if _several_tensors(output):
+            return tuple(output)
+        if isinstance(output, dict) and not isinstance(output.get("logits"), torch.Tensor):
+            named = {name: value for name, value in output.items() if isinstance(value, torch.Tensor)}
+            if named:
+                if self.named_outputs is None:  # the eager first call; an export's trace finds it set
+                    self.named_outputs = list(named)
+                values = tuple(named.values())
+                return values if len(values) > 1 else values[0]
+        return logits_of(output)
 
 
 def output_names(count: int) -> list:
@@ -178,7 +190,9 @@ def export_protected(
     the output of the keyed transform and normalization and whose output is
     ``logits`` (a model returning a list or tuple of tensors, such as timm's
     ``features_only``, has them all: ``output_0`` .. ``output_N``, named in
-    ``protection.json``'s ``extra.output_names``), and
+    ``protection.json``'s ``extra.output_names``; a headless transformers
+    model, such as ``ViTModel``, its output's tensors under their own names,
+    e.g. ``last_hidden_state`` and ``pooler_output``), and
     ``protection.json`` (scheme, block size, the key's fingerprint, mean/std,
     input size, the exported file's SHA-256, checked on loading; never the
     key). Every written file is scanned for key material before this returns.
@@ -245,7 +259,7 @@ def export_protected(
                 f"({type(exc).__name__}: {first_line(exc)}); call the protected model once on images of the size "
                 "it will serve (or wrap it with input_size=(C, H, W)) before exporting"
             ) from exc
-    names = output_names(len(produced) if isinstance(produced, tuple) else 1)
+    names = wrapper.named_outputs or output_names(len(produced) if isinstance(produced, tuple) else 1)
     config.extra.update(exported_format=format, exported_file=EXPORT_FORMATS[format], input_name=INPUT_NAME,
                         **({"output_name": names[0]} if len(names) == 1 else {"output_names": names}))
 

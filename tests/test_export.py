@@ -374,3 +374,34 @@ def test_an_exports_digests_edited_to_fit_another_file_are_refused(protected, ti
     path.write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match="changed after it was written"):
         load_exported(tmp_path / "deploy", shuffle_np_key)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_a_headless_transformers_model_exports_each_of_its_outputs_by_name(shuffle_np_key, tmp_path):
+    # Before: "cannot find logits in a model output of type
+    # BaseModelOutputWithPooling", with no way to export a feature model.
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    transformers = pytest.importorskip("transformers")
+    from kp_plugin.hf import wrap_hf_model
+
+    torch.manual_seed(0)
+    vit = transformers.ViTModel(transformers.ViTConfig(image_size=16, patch_size=4, hidden_size=16,
+                                                       num_hidden_layers=1, num_attention_heads=2,
+                                                       intermediate_size=32)).eval()
+    protected = wrap_hf_model(vit, shuffle_np_key, mean=0.5, std=0.5)
+    x = torch.rand(3, *SIZE)
+    with torch.no_grad():
+        expected = protected(x)
+    path = export_protected(protected, tmp_path / "onnx", format="onnx")
+    assert ProtectionConfig.load(path.parent).extra["output_names"] == ["last_hidden_state", "pooler_output"]
+    session = ort.InferenceSession(str(path))
+    assert [o.name for o in session.get_outputs()] == ["last_hidden_state", "pooler_output"]
+    hidden, pooled = session.run(None, {"pixel_values": load_keyed_input(path.parent, shuffle_np_key)(x).numpy()})
+    torch.testing.assert_close(torch.from_numpy(hidden), expected.last_hidden_state, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(pooled), expected.pooler_output, rtol=1e-4, atol=1e-5)
+    export_protected(protected, tmp_path / "pt2", format="pt2")
+    with torch.no_grad():
+        hidden, pooled = load_exported(tmp_path / "pt2", shuffle_np_key)(x)
+    torch.testing.assert_close(hidden, expected.last_hidden_state)
+    torch.testing.assert_close(pooled, expected.pooler_output)
