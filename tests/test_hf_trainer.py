@@ -187,6 +187,10 @@ def test_model_style_with_transform_and_objective_trains_and_saves_protected_che
     assert any("objective_wrong" in entry for entry in trainer.state.log_history)
     checkpoint = tmp_path / "checkpoint-2"
     assert find_key_material(checkpoint, key) == []
+    # The callback rewrites protection.json after save_protected: it kept
+    # neither the weights digest nor, then, a mac over it.
+    config = ProtectionConfig.load(checkpoint)
+    assert config.weights_digest and config.mac and config.extra["style"] == "model"
     loaded = load_protected(checkpoint, tiny_vit(seed=3), key)
     torch.testing.assert_close(loaded.unwrap().classifier.weight, model.unwrap().classifier.weight)
 
