@@ -520,20 +520,35 @@ def refuse_key_material(directory: Union[str, os.PathLike], key: SecretKey, *,
         raise KeyLeakError(f"key material found in {names} under {directory}; {remedy}")
 
 
+def held_fingerprint(directory: Union[str, os.PathLike]) -> Optional[str]:
+    """The key fingerprint of the model saved in ``directory``; ``None``
+    when there is none, or its ``protection.json`` is corrupt (no model to
+    lose)."""
+    if not (Path(directory) / PROTECTION_FILE).is_file():
+        return None
+    try:
+        return ProtectionConfig.load(directory).fingerprint
+    except CheckpointError:
+        return None
+
+
+def hash_file(path: Union[str, os.PathLike], digest: Any) -> Any:
+    """``digest`` (a hashlib object) updated with the bytes of the file at
+    ``path``, read in 1 MiB pieces; returns it."""
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest
+
+
 def refuse_other_key_checkpoint(directory: Union[str, os.PathLike], fingerprint: str, *,
                                 remedy: str = "pass overwrite=True") -> None:
     """:class:`CheckpointError` when ``directory`` holds a checkpoint of a
     key other than ``fingerprint``: writing there would lose that model
     (its key would open nothing). A corrupt or absent ``protection.json`` is
     no model to lose."""
-    path = Path(directory) / PROTECTION_FILE
-    if not path.is_file():
-        return
-    try:
-        held = ProtectionConfig.load(directory).fingerprint
-    except CheckpointError:
-        return
-    if held != fingerprint:
+    held = held_fingerprint(directory)
+    if held is not None and held != fingerprint:
         raise CheckpointError(
             f"{directory} holds a model protected with another key (fingerprint {held}); writing this one "
             f"(fingerprint {fingerprint}) there would replace it: choose another folder, or {remedy}"

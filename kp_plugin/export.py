@@ -35,7 +35,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from .checkpoint import (PROTECTION_FILE, WEIGHTS_FILE, ProtectionConfig, _uncompiled, find_key_material,
+from .checkpoint import (PROTECTION_FILE, WEIGHTS_FILE, ProtectionConfig, _uncompiled, find_key_material, hash_file,
                          refuse_other_key_checkpoint, weights_digest)
 from .errors import (BlockSizeError, CheckpointError, CheckpointWriteError, ConfigurationError, KeyLeakError,
                      exception_chain, first_line)
@@ -269,7 +269,7 @@ def export_protected(
             f"{directory} holds a checkpoint ({WEIGHTS_FILE}); export into another folder (e.g. "
             f"{directory / 'deploy'}): the export's protection.json would replace the checkpoint's"
         )
-    _check_other_export(directory, format, config)
+    kept = _check_other_export(directory, format, config)
     if not overwrite:
         refuse_other_key_checkpoint(directory, config.fingerprint,
                                     remedy="pass overwrite=True (kp export --force) to replace that export")
@@ -279,7 +279,7 @@ def export_protected(
         with tempfile.TemporaryDirectory(dir=directory, prefix=".export-") as scratch:
             staged = Path(scratch) / target.name
             _stage(wrapper, example, staged, format, dynamic_shapes, opset_version, names, type(base).__name__)
-            config.extra[DIGESTS_FIELD] = {**_kept_digests(directory, format), target.name: _sha256(staged)}
+            config.extra[DIGESTS_FIELD] = {**kept, target.name: _sha256(staged)}
             config.sign(model.key).save(scratch)
             leaks = find_key_material(scratch, model.key)
             if leaks:  # the staged files go with the scratch directory
@@ -314,8 +314,9 @@ def _stage(wrapper: nn.Module, example: torch.Tensor, staged: Path, format: str,
         except (KeyLeakError, ConfigurationError):
             raise
         except Exception as exc:
-            if _caused_by_os_error(exc):
-                raise OSError(first_line(_caused_by_os_error(exc))) from None
+            failed_write = _caused_by_os_error(exc)
+            if failed_write is not None:
+                raise OSError(first_line(failed_write)) from None
             if dynamic_shapes is None:
                 raise
             # Some architectures fix the batch size in their graph.
@@ -335,14 +336,16 @@ _SAME_MODEL_FIELDS = ("scheme", "block_size", "channels", "fingerprint", "mean",
                       "num_classes", "weights_digest")
 
 
-def _check_other_export(directory: Path, format: str, config: ProtectionConfig) -> None:
+def _check_other_export(directory: Path, format: str, config: ProtectionConfig) -> dict:
     """Refuse to write beside the other format's export of another model:
     the folder has one protection.json, and it would then describe the new
     export only, so the old file would be served with another key's
-    transform (or another normalization) without any error."""
+    transform (or another normalization) without any error. Returns the
+    recorded digests of the other format's file, which stays beside this
+    export (of the same model)."""
     others = [directory / name for fmt, name in EXPORT_FORMATS.items() if fmt != format and (directory / name).exists()]
     if not others:
-        return
+        return {}
     try:
         existing = ProtectionConfig.load(directory).to_dict()
     except CheckpointError:
@@ -356,27 +359,14 @@ def _check_other_export(directory: Path, format: str, config: ProtectionConfig) 
             "protection.json would then describe only this export: export into a new folder, or remove "
             f"{others[0].name} first"
         )
+    extra = existing.get("extra")
+    recorded = extra.get(DIGESTS_FIELD) if isinstance(extra, dict) else None
+    names = {path.name for path in others}
+    return {name: value for name, value in recorded.items() if name in names} if isinstance(recorded, dict) else {}
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _kept_digests(directory: Path, format: str) -> dict:
-    """The recorded digests of the other format's file, which stays beside
-    this export (``_check_other_export`` found it is of the same model)."""
-    others = {name for fmt, name in EXPORT_FORMATS.items() if fmt != format and (directory / name).exists()}
-    if not others:
-        return {}
-    try:
-        recorded = ProtectionConfig.load(directory).extra.get(DIGESTS_FIELD)
-    except CheckpointError:
-        return {}
-    return {name: value for name, value in recorded.items() if name in others} if isinstance(recorded, dict) else {}
+    return hash_file(path, hashlib.sha256()).hexdigest()
 
 
 def _check_exported_files(directory: Path, config: ProtectionConfig, names: tuple) -> None:

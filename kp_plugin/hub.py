@@ -50,8 +50,8 @@ from ._hub_errors import (
 )
 from .autoload import load_protected_auto, native_library
 from ._hub_scan import CARD_FILE, _files_to_upload, _folder_files, _refuse_key_material
-from .checkpoint import (CONFIG_FILE, PROTECTION_FILE, WEIGHTS_FILE, ProtectionConfig, read_weights_header,
-                         replacing, save_protected)
+from .checkpoint import (CONFIG_FILE, PROTECTION_FILE, WEIGHTS_FILE, ProtectionConfig, hash_file,
+                         read_weights_header, replacing, save_protected)
 from .errors import CheckpointError, ConfigurationError, KeyMismatchError, first_line
 from .keys import SecretKey, require_key
 from .module import ProtectedModel, protected_model_of
@@ -432,10 +432,7 @@ def _check_download(path: Path, repo_id: str, filename: str) -> None:
         digest = hashlib.sha1(f"blob {blob.stat().st_size}\0".encode())
     else:
         return  # a mirror's own ETag: nothing to compare with
-    with open(blob, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    if digest.hexdigest() != expected:
+    if hash_file(blob, digest).hexdigest() != expected:
         raise CorruptDownloadError(
             f"{filename} of {repo_id!r} in the local cache ({blob}) is not the file the Hub holds (hash "
             f"{digest.hexdigest()[:12]}..., expected {expected[:12]}...): it was damaged in transfer or on disk. "

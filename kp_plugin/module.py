@@ -616,7 +616,7 @@ def _transformers_processor_normalization(model: nn.Module, config: Any) -> Opti
     from transformers.models.auto.image_processing_auto import (IMAGE_PROCESSOR_MAPPING_NAMES,
                                                                  get_image_processor_class_from_name)
 
-    from .hf.processor import _normalization  # what the processor normalizes with: none, or EfficientNet's twice
+    from .hf.processor import _as_list, _normalization  # what it normalizes with: none, or EfficientNet's twice
 
     source = Path(str(getattr(config, "_name_or_path", "") or ""))
     saved = source / "preprocessor_config.json"
@@ -666,10 +666,6 @@ class _SavedSettings:
         self.do_normalize = settings.get("do_normalize", True)
         self.image_mean, self.image_std = settings["image_mean"], settings["image_std"]
         self.include_top = settings.get("include_top", False)
-
-
-def _as_list(values: Any) -> list:
-    return [float(v) for v in values] if isinstance(values, (list, tuple)) else [float(values)]
 
 
 def _takes_pixel_values_later(model: nn.Module) -> bool:

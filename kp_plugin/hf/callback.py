@@ -37,7 +37,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
-from ..checkpoint import PROTECTION_FILE, ProtectionConfig, refuse_key_material
+from ..checkpoint import PROTECTION_FILE, ProtectionConfig, held_fingerprint, refuse_key_material
 from ..errors import CheckpointError, ConfigurationError
 from ..keys import SecretKey, require_key
 from ..module import KeyedInput, ProtectedModel
@@ -428,13 +428,9 @@ def refuse_other_key_output_dir(output_dir: Any, key: SecretKey) -> None:
     root = Path(output_dir)
     if not root.is_dir():
         return
-    others = []
-    for path in [root / PROTECTION_FILE, *sorted(root.glob(f"checkpoint-*/{PROTECTION_FILE}"))]:
-        try:
-            if path.is_file() and ProtectionConfig.load(path.parent).fingerprint != key.fingerprint:
-                others.append(path.parent.name if path.parent != root else str(root))
-        except CheckpointError:
-            continue  # a corrupt config describes no model to lose
+    folders = [root, *sorted(path.parent for path in root.glob(f"checkpoint-*/{PROTECTION_FILE}"))]
+    others = [folder.name if folder != root else str(root) for folder in folders
+              if held_fingerprint(folder) not in (None, key.fingerprint)]
     if others:
         raise CheckpointError(
             f"{root} holds checkpoints of a model protected with another key ({', '.join(others[:5])}"

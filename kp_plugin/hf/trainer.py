@@ -266,7 +266,7 @@ class KeyedTrainer(Trainer):
         os.makedirs(output_dir, exist_ok=True)
         refuse_other_key_checkpoint(output_dir, model.key.fingerprint,
                                     remedy="save into another folder, or move that folder's model away first")
-        save_protected(model, output_dir)
+        save_protected(model, output_dir, overwrite=True)  # the check above, with a remedy for Trainer users
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
