@@ -228,8 +228,16 @@ class ProtectionConfig:
         """Raise :class:`KeyMismatchError` unless ``key`` is the checkpoint's
         key, and :class:`CheckpointError` when the config was changed after
         it was signed (its ``mac`` does not verify with ``key``)."""
+        require_key(key)
+        if key.fingerprint == self.fingerprint:
+            # The owner's key: a block size or scheme that differs from the
+            # key's was edited in this file (the mac says so) or in the key
+            # file (it verifies); check the mac first to tell which.
+            self._check_mac(key)
         check_key_matches(key, fingerprint=self.fingerprint, block_size=self.block_size,
                           scheme=self.scheme, channels=self.channels)
+
+    def _check_mac(self, key: SecretKey) -> None:
         if self.mac is not None and not hmac.compare_digest(self.mac, self._mac_with(key)):
             raise CheckpointError(
                 f"{PROTECTION_FILE} was changed after it was written: its mac does not verify with this key, so one "

@@ -752,3 +752,26 @@ def test_a_protection_json_edited_without_the_key_is_refused(saved, key, edit):
     del data["mac"]  # a config without a mac (written before it existed) is not checked
     path.write_text(json.dumps(data))
     ProtectionConfig.load(directory).check_key(key)
+
+
+@pytest.mark.parametrize("edit", [("block_size", 8), ("scheme", ["shuffle"])])
+def test_an_edited_block_size_or_scheme_is_a_corrupt_file_not_another_key(saved, key, edit):
+    # At 7395215 these raised KeyMismatchError (the CLI's "wrong key", exit
+    # 3) though the key was the owner's: the settings were compared before
+    # the mac, which says the file was edited.
+    _, directory = saved
+    path = directory / "protection.json"
+    data = json.loads(path.read_text())
+    data[edit[0]] = edit[1]
+    path.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="changed after it was written"):
+        load_protected(directory, _fresh_cnn(), key)
+
+
+def test_the_owners_key_with_edited_settings_is_still_a_key_mismatch(saved, key):
+    # The same key material with another block size (an edited key file):
+    # protection.json's mac verifies, so the key is what differs.
+    _, directory = saved
+    edited = SecretKey(key._material, block_size=key.block_size * 2, scheme=key.scheme, channels=key.channels)
+    with pytest.raises(KeyMismatchError, match="expected fingerprint .* but other settings"):
+        load_protected(directory, _fresh_cnn(), edited)
