@@ -20,14 +20,19 @@ def machine_description() -> str:
     import torch
 
     cpu = platform.processor() or platform.machine()
+    info = {}
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                name, _, value = line.partition(":")
+                info.setdefault(name.strip(), value.strip())
     except OSError:
         pass
+    if "model name" in info:
+        # Two VMs named alike ran on different CPUs (with and without
+        # AVX-512), which changes which CPU kernels torch picks.
+        simd = "AVX-512" if "avx512f" in info.get("flags", "").split() else "no AVX-512"
+        cpu = f"{info['model name']} (family {info.get('cpu family', '?')} model {info.get('model', '?')}, {simd})"
     parts = [f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"]
     if torch.cuda.is_available():
         parts.append(f"GPU {torch.cuda.get_device_name(0)}")

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._depthwise import small_map_depthwise
 from .checkpoint import (
     WEIGHTS_FILE,
     ProtectionConfig,
@@ -116,6 +117,14 @@ class TrainConfig:
             (two) faster protected steps for EfficientNet-Lite0 at 32x32 on
             the dev CPU, 1.7x and 2.0x at 64x64 (docs/benchmarks.md).
             Only during training: the model comes back contiguous.
+        small_map_depthwise: on the CPU, compute the weight gradient of
+            depthwise convolutions whose feature map is no larger than
+            their kernel (EfficientNet's last stages at 32x32) with a
+            batched matrix product (:mod:`kp_plugin._depthwise`) instead
+            of oneDNN's, which on CPUs without AVX-512 took 25-150 ms a
+            layer there: 2x faster protected steps of the demo recipe on
+            such a CPU (docs/benchmarks.md). The same gradients up to float
+            rounding; ``False`` runs torch's own.
         ema_decay: keep an exponential moving average of the weights and
             batch-norm statistics (as timm's ``--model-ema``), with the
             usual warm-up ``min(decay, (1 + t) / (10 + t))`` at step ``t``;
@@ -149,6 +158,7 @@ class TrainConfig:
     stem_lr_scale: float = 1.0
     reinit_stem: bool = False
     channels_last: bool = True
+    small_map_depthwise: bool = True
     ema_decay: Optional[float] = None
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
@@ -360,6 +370,14 @@ def mixed_targets(labels: torch.Tensor, partner_labels: torch.Tensor, lam: float
 def _autocast(device: torch.device, enabled: bool):
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _depthwise_context(device: torch.device, config: TrainConfig):
+    """The forward of a CPU training step records depthwise convolutions on
+    small maps for the fast weight gradient (``TrainConfig.small_map_depthwise``)."""
+    if config.small_map_depthwise and device.type == "cpu":
+        return small_map_depthwise()
     return contextlib.nullcontext()
 
 
@@ -651,7 +669,7 @@ def _check_label_range(train_set: Any, labels: torch.Tensor, outputs: int) -> No
 
 #: Settings that may change when a run is resumed: the length of the run and
 #: how it runs on this machine (the same computation).
-RESUMABLE_CHANGES = ("epochs", "amp", "channels_last")
+RESUMABLE_CHANGES = ("epochs", "amp", "channels_last", "small_map_depthwise")
 
 
 def _data_identity(train_set: Any) -> dict:
@@ -865,7 +883,7 @@ def fit(
                         generator=generator,
                     )
                     mixing = (partners, lam)
-                with _autocast(device, config.amp):
+                with _autocast(device, config.amp), _depthwise_context(device, config):
                     teacher_logits = None
                     if teacher is not None:
                         with torch.no_grad():

@@ -641,3 +641,37 @@ def test_keyed_trainer_evaluates_without_the_collators_training_augmentation(key
     trainer.train()
     assert calls == [8] and trainer.data_collator is collator
     assert collator.without_augmentation().augment is None and collator.augment is augment
+
+
+def _tiny_mobilenet(seed: int = 0):
+    from transformers import MobileNetV2Config, MobileNetV2ForImageClassification
+
+    torch.manual_seed(seed)
+    return MobileNetV2ForImageClassification(MobileNetV2Config(
+        image_size=16, depth_multiplier=0.35, num_labels=10, classifier_dropout_prob=0.0))
+
+
+def test_a_cpu_training_step_takes_the_small_map_depthwise_gradient_with_the_same_result(key, data, tmp_path,
+                                                                                         monkeypatch):
+    # 16x16 images end on 1x1 and 2x2 maps under MobileNetV2's 3x3 depthwise
+    # convolutions: the step takes kp_plugin._depthwise's weight gradient
+    # (small_map_depthwise=False: torch's own), and trains to the same weights.
+    from kp_plugin import _depthwise
+
+    calls = []
+    original = _depthwise._SmallMapDepthwise.apply
+    monkeypatch.setattr(_depthwise._SmallMapDepthwise, "apply", lambda *a: calls.append(1) or original(*a))
+    train = data[0].select(range(32)).with_transform(
+        KeyedExampleTransform(KeyedImageProcessor(vit_processor(), key), output="images01"))
+    weights = {}
+    for small_maps in (False, True):
+        calls.clear()
+        model = wrap_hf_model(_tiny_mobilenet(), key, image_processor=KeyedImageProcessor(vit_processor(), key))
+        trainer = KeyedTrainer(model=model, args=_args(tmp_path / str(small_maps), max_steps=1, warmup_steps=0),
+                               train_dataset=train, objective=ProtectionObjective(wrong_key_weight=0.5),
+                               small_map_depthwise=small_maps)
+        trainer.train()
+        assert bool(calls) == small_maps
+        weights[small_maps] = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    for name, value in weights[False].items():
+        torch.testing.assert_close(weights[True][name], value, rtol=1e-3, atol=1e-5, msg=name)

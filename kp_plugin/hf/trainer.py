@@ -22,6 +22,11 @@ What it changes, and why:
   checking the key's fingerprint.
 - it binds every :class:`KeyProtectionCallback` so that its metrics go
   through ``Trainer.log`` to every logger.
+- speed: a training step on the CPU computes the weight gradient of
+  depthwise convolutions on feature maps no larger than their kernel as
+  :func:`kp_plugin.train.fit` does (:mod:`kp_plugin._depthwise`; oneDNN's
+  own is 5-350x slower there on CPUs without AVX-512);
+  ``small_map_depthwise=False`` turns it off.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from typing import Any, Optional
 import torch
 from transformers import Trainer
 
+from .._depthwise import small_map_depthwise
 from ..checkpoint import (PROTECTION_FILE, WEIGHTS_FILE, ProtectionConfig, load_protected, refuse_key_material,
                           refuse_other_key_checkpoint, save_protected)
 from ..errors import CheckpointError, ConfigurationError
@@ -108,9 +114,11 @@ class KeyedTrainer(Trainer):
         *args: Any,
         objective: Optional[ProtectionObjective] = None,
         teacher: Optional[torch.nn.Module] = None,
+        small_map_depthwise: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.small_map_depthwise = small_map_depthwise
         if objective is not None and not isinstance(objective, ProtectionObjective):
             raise TypeError(f"objective must be a ProtectionObjective, got {type(objective).__name__}")
         if objective is not None:
@@ -192,6 +200,13 @@ class KeyedTrainer(Trainer):
 
     # ------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        pixels = inputs.get("pixel_values") if hasattr(inputs, "get") else None
+        on_cpu = isinstance(pixels, torch.Tensor) and pixels.device.type == "cpu"
+        with small_map_depthwise() if self.small_map_depthwise and on_cpu and model.training \
+                else contextlib.nullcontext():
+            return self._compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _compute_loss(self, model, inputs, return_outputs, num_items_in_batch):
         # Evaluation (the model in eval mode) reports the model's own loss,
         # as a plain run does: the objective's suppression terms draw random
         # wrong keys, which would make eval_loss vary from call to call.
