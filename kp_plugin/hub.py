@@ -48,7 +48,7 @@ from ._hub_errors import (
     _offline,
     transport_errors,
 )
-from .autoload import load_protected_auto, native_library
+from .autoload import _read_native_config, load_protected_auto, native_library
 from ._hub_scan import CARD_FILE, _files_to_upload, _folder_files, _refuse_key_material
 from .checkpoint import (CONFIG_FILE, PROTECTION_FILE, WEIGHTS_FILE, ProtectionConfig, hash_file,
                          read_weights_header, replacing, save_protected)
@@ -74,6 +74,21 @@ PREPROCESSOR_FILE = "preprocessor_config.json"
 #: settings (kp_plugin.hf.processor.PROTECTION_FIELD; not imported: hub.py
 #: must not pull in transformers).
 _PROCESSOR_PROTECTION_FIELD = "kp_protection"
+
+
+def _default_processor(directory: Path, protection: ProtectionConfig, key: SecretKey) -> Any:
+    """For a transformers model pushed without an image processor: its
+    architecture's default processor set to the protection's input size and
+    normalization, keyed (so the repository holds a preprocessor_config.json
+    as transformers repositories do); ``None`` for other models, or when
+    there is no such processor."""
+    if native_library(directory) != "transformers" or not protection.input_size:
+        return None
+    from .hf.processor import default_keyed_processor  # a transformers model: transformers is installed
+
+    model_type = _read_native_config(directory).get("model_type")
+    return default_keyed_processor(model_type, key, mean=protection.mean, std=protection.std,
+                                   image_size=tuple(protection.input_size)[1:])
 
 
 def _check_processor_key(path: Path, protection: ProtectionConfig) -> None:
@@ -224,6 +239,8 @@ def push_protected(
         if key is not None:
             protection.check_key(key)
         files = _files_to_upload(directory, include)
+        if processor is None and key is not None and PREPROCESSOR_FILE not in files:
+            processor = _default_processor(directory, protection, key)
         if processor is not None:
             processor.save_pretrained(str(staging / "processor"))
             files[PREPROCESSOR_FILE] = staging / "processor" / PREPROCESSOR_FILE

@@ -613,10 +613,10 @@ def _transformers_processor_normalization(model: nn.Module, config: Any) -> Opti
     transformers = sys.modules.get("transformers")  # a transformers model means it is imported
     if transformers is None or not isinstance(model, transformers.PreTrainedModel):
         return None
-    from transformers.models.auto.image_processing_auto import (IMAGE_PROCESSOR_MAPPING_NAMES,
-                                                                 get_image_processor_class_from_name)
+    from transformers.models.auto.image_processing_auto import get_image_processor_class_from_name
 
-    from .hf.processor import _as_list, _normalization  # what it normalizes with: none, or EfficientNet's twice
+    # what it normalizes with: none, or EfficientNet's twice
+    from .hf.processor import _as_list, _normalization, image_processor_classes
 
     source = Path(str(getattr(config, "_name_or_path", "") or ""))
     saved = source / "preprocessor_config.json"
@@ -634,15 +634,12 @@ def _transformers_processor_normalization(model: nn.Module, config: Any) -> Opti
         if processor is not None:
             mean, std = _normalization(processor)
             return _as_list(mean), _as_list(std)
-    names = IMAGE_PROCESSOR_MAPPING_NAMES.get(getattr(config, "model_type", None))
-    if isinstance(names, dict):
-        names = [names.get("torchvision"), *names.values()]
-    for name in [n for n in (names or ()) if n]:
-        cls = get_image_processor_class_from_name(name)
+    for cls in image_processor_classes(getattr(config, "model_type", None)):
+        name = cls.__name__
         try:
-            processor = cls() if cls is not None else None
-            mean, std = _normalization(processor) if processor is not None else (None, None)
-        except Exception:  # noqa: BLE001 - a processor that needs arguments: try the next name
+            processor = cls()
+            mean, std = _normalization(processor)
+        except Exception:  # noqa: BLE001 - a processor that needs arguments: try the next class
             mean = std = None
         if mean is not None and std is not None:
             mean, std = _as_list(mean), _as_list(std)

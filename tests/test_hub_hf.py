@@ -108,3 +108,33 @@ def test_a_config_that_names_its_own_code_is_refused_without_a_prompt(tmp_path, 
     with pytest.raises(CheckpointError, match="never runs"):
         load_protected_auto(folder, KEY)
     assert asked == [] and not marker.exists()
+
+
+def test_a_transformers_model_pushed_without_a_processor_gets_its_architectures_keyed_one(test_hub, isolate_hub_client,
+                                                                                          tmp_path):
+    # Issue 5: the repository holds transformers' config.json and
+    # preprocessor_config.json for HF models. At 7395215 there was none
+    # unless a processor was given: the processor-style route (plain model
+    # + keyed processor, pipeline) had nothing to load.
+    from kp_plugin.hf import KeyedImageProcessor
+
+    model = wrap_model(_tiny_vit(), KEY, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3), input_size=(3, 32, 32)).eval()
+    push_protected(model, "org/vit-no-processor", token=test_hub.token, endpoint=test_hub.url)
+    files = test_hub.head_files("org/vit-no-processor")
+    assert "preprocessor_config.json" in files
+    assert find_key_material(test_hub.root, KEY) == []
+    folder = tmp_path / "pulled"
+    folder.mkdir()
+    for name in ("preprocessor_config.json", "config.json", "model.safetensors"):
+        (folder / name).write_bytes((test_hub.root / "blobs" / files[name]).read_bytes())
+    processor = KeyedImageProcessor.from_pretrained(str(folder), key=KEY)
+    assert type(processor.image_processor).__name__.startswith("ViTImageProcessor")
+    plain = transformers.ViTForImageClassification.from_pretrained(str(folder)).eval()
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        processor_style = plain(**processor(images, do_rescale=False)).logits
+        torch.testing.assert_close(processor_style, model(images).logits, rtol=1e-4, atol=1e-4)
+    # A directory pushed with its key gets one too; without the key there is nothing to key it with.
+    model.save_pretrained(tmp_path / "saved")
+    push_protected(tmp_path / "saved", "org/vit-folder", key=KEY, token=test_hub.token, endpoint=test_hub.url)
+    assert "preprocessor_config.json" in test_hub.head_files("org/vit-folder")

@@ -34,7 +34,7 @@ from ..keys import SecretKey, parse_scheme, require_key
 from ..module import KeyedInput
 from ..transforms import invert_transform, nearest_valid_size
 
-__all__ = ["KeyedImageProcessor", "KeyRequiredError", "PROTECTION_FIELD"]
+__all__ = ["KeyedImageProcessor", "KeyRequiredError", "PROTECTION_FIELD", "default_keyed_processor"]
 
 #: Name of the block in ``preprocessor_config.json`` that holds the public
 #: protection settings.
@@ -157,6 +157,65 @@ def _normalization(processor: BaseImageProcessor) -> tuple:
             first = first * len(top)
         std = [float(s) * float(t) for s, t in zip(first, top)]
     return mean, std
+
+
+def image_processor_classes(model_type: Any) -> list:
+    """The image processor classes transformers maps ``model_type`` to
+    (torchvision backend first), those it can import here."""
+    from transformers.models.auto.image_processing_auto import (IMAGE_PROCESSOR_MAPPING_NAMES,
+                                                                 get_image_processor_class_from_name)
+
+    names = IMAGE_PROCESSOR_MAPPING_NAMES.get(model_type) if isinstance(model_type, str) else None
+    if isinstance(names, dict):
+        names = [names.get("torchvision"), *names.values()]
+    elif isinstance(names, str):
+        names = [names]
+    classes = []
+    for name in [n for n in (names or ()) if n]:
+        cls = get_image_processor_class_from_name(name)
+        if cls is not None and cls not in classes:
+            classes.append(cls)
+    return classes
+
+
+def default_keyed_processor(model_type: Any, key: SecretKey, *, mean: Sequence[float], std: Sequence[float],
+                            image_size: Optional[tuple]) -> Optional["KeyedImageProcessor"]:
+    """A keyed processor for a transformers model saved without one: the
+    default image processor of its architecture, set to give ``image_size``
+    ``(H, W)`` images normalized with ``mean`` / ``std`` (what the model's
+    :class:`kp_plugin.KeyedInput` does); ``None`` when that architecture's
+    processor cannot be set so (no image processor, no fixed output size,
+    a size it will not give)."""
+    if not image_size:
+        return None
+    height, width = (int(v) for v in image_size)
+    for cls in image_processor_classes(model_type):
+        try:
+            base = cls()
+            size = getattr(base, "size", None)
+            size = dict(size) if size is not None else {}
+            if "height" in size or "width" in size:
+                base.size = {"height": height, "width": width}
+            elif "shortest_edge" in size and height == width:
+                base.size = {"shortest_edge": height}
+            if getattr(base, "do_center_crop", False) and getattr(base, "crop_size", None) is not None:
+                base.crop_size = {"height": height, "width": width}
+            base.do_normalize, base.image_mean, base.image_std = True, _as_list(mean), _as_list(std)
+            for name in ("include_top", "do_flip_channel_order"):  # the model's KeyedInput does neither
+                if hasattr(base, name):
+                    setattr(base, name, False)
+            if processor_output_size(base) != (height, width):
+                continue
+            got_mean, got_std = _normalization(base)
+            if not (torch.allclose(torch.tensor(_as_list(got_mean), dtype=torch.float64),
+                                   torch.tensor(_as_list(mean), dtype=torch.float64))
+                    and torch.allclose(torch.tensor(_as_list(got_std), dtype=torch.float64),
+                                       torch.tensor(_as_list(std), dtype=torch.float64))):
+                continue
+            return KeyedImageProcessor(base, key)
+        except Exception:  # noqa: BLE001 - a processor that cannot be set so: try the next one
+            continue
+    return None
 
 
 def _checked_settings(processor: BaseImageProcessor, key: SecretKey) -> tuple:
