@@ -706,6 +706,11 @@ def _accept_base_names(module: "ProtectedModel", state_dict: dict, prefix: str, 
         metadata.setdefault(f"{prefix}model", metadata.get(prefix[:-1], {}))
 
 
+#: KeyedInput settings a ProtectedModel answers for when its base model has
+#: no attribute of that name (``model.mean``, ``model.input_size``).
+_KEYED_SETTINGS = ("mean", "std", "input_size")
+
+
 class ProtectedModel(nn.Module):
     """A model behind a :class:`KeyedInput`.
 
@@ -714,8 +719,10 @@ class ProtectedModel(nn.Module):
     model keeps its calling convention (``labels=``, output objects with
     ``loss``). Attribute access falls through to the base model (its
     image-taking methods, :data:`IMAGE_METHODS` such as timm's
-    ``forward_features``, get keyed images as ``forward`` does); ``unwrap()``
-    returns it. ``state_dict()`` has the base model's keys under ``model.``
+    ``forward_features``, get keyed images as ``forward`` does); where the
+    base has no ``mean``, ``std`` or ``input_size`` of its own, those are the
+    keyed input's (what the images are normalized with, the size its plan is
+    compiled for). ``unwrap()`` returns it. ``state_dict()`` has the base model's keys under ``model.``
     and nothing derived from the key; ``load_state_dict`` also takes the base
     model's own state dict (its names without ``model.``), so a plain
     checkpoint of the base loads into the protected model as it is.
@@ -814,7 +821,12 @@ class ProtectedModel(nn.Module):
         except AttributeError:
             if name in ("model", "keyed"):
                 raise
-            attribute = getattr(self.model, name)
+            try:
+                attribute = getattr(self.model, name)
+            except AttributeError:
+                if name in _KEYED_SETTINGS:  # the base has none of its own: the normalization and size it gets
+                    return getattr(self.keyed, name)
+                raise
             if name in IMAGE_METHODS and callable(attribute):
                 return self._keyed_method(name, attribute)
             return attribute

@@ -332,3 +332,15 @@ def test_pretrained_lite0_as_a_feature_extractor_has_the_imagenet_backbone(key, 
         save_protected(model, tmp_path)
         for saved, loaded in zip(model(images), load_protected_timm(tmp_path, key).eval()(images)):
             torch.testing.assert_close(loaded, saved)
+
+
+def test_the_protected_model_says_its_mean_std_and_input_size():
+    # Issue 3: create_protected_model returns a ProtectedModel with mean, std
+    # and input size from pretrained_cfg; at 7395215 model.mean raised
+    # AttributeError (the fall-through reached the timm model, which has none).
+    model = create_protected_model("resnet18", SecretKey.generate(block_size=16), num_classes=3)
+    cfg = model.unwrap().pretrained_cfg
+    assert tuple(model.mean) == pytest.approx(cfg["mean"]) and tuple(model.std) == pytest.approx(cfg["std"])
+    assert tuple(model.input_size) == tuple(cfg["input_size"])
+    with pytest.raises(AttributeError):
+        model.no_such_setting
