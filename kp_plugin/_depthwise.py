@@ -5,10 +5,11 @@ Why: EfficientNet / MobileNet-style models at the small image sizes this
 library fine-tunes on (32x32 digits) end in depthwise 3x3 and 5x5
 convolutions on 1x1, 2x2 and 4x4 feature maps. For those shapes oneDNN's
 depthwise kernels on CPUs without AVX-512 hand the weight gradient to a
-general GEMM path ("x64:gemm:jit" in ``ONEDNN_VERBOSE``) that took 25-150 ms
-a layer for a batch of 64 on the dev CPU, most of a training step, where
-the forward and the input gradient of the same layers took under 1 ms
-(docs/benchmarks.md, "Depthwise convolutions on small maps").
+general GEMM path ("x64:gemm:jit" in ``ONEDNN_VERBOSE``) that took 15-39 ms
+a layer for a batch of 64 on the dev CPU (AMD EPYC, AVX2), where this
+module's weight gradient takes 0.4-2.6 ms (14-79x less); those layers were
+most of a training step at 32x32 (docs/benchmarks.md, "Depthwise
+convolutions on small maps", ``benchmarks/bench_depthwise.py``).
 
 How: inside :func:`small_map_depthwise`, a ``conv2d`` call that is a
 depthwise convolution (one filter per channel) on a CPU float tensor whose

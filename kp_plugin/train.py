@@ -121,10 +121,11 @@ class TrainConfig:
             depthwise convolutions whose feature map is no larger than
             their kernel (EfficientNet's last stages at 32x32) with a
             batched matrix product (:mod:`kp_plugin._depthwise`) instead
-            of oneDNN's, which on CPUs without AVX-512 took 25-150 ms a
-            layer there: 2x faster protected steps of the demo recipe on
-            such a CPU (docs/benchmarks.md). The same gradients up to float
-            rounding; ``False`` runs torch's own.
+            of oneDNN's, which on an AVX2 CPU took 15-39 ms a layer there
+            against 0.4-2.6: protected steps of the demo recipe 2.16x
+            (one thread) and 2.46x (two) faster at 32x32, 1.57x and 1.50x
+            at 64x64 on the dev CPU (docs/benchmarks.md). The same
+            gradients up to float rounding; ``False`` runs torch's own.
         ema_decay: keep an exponential moving average of the weights and
             batch-norm statistics (as timm's ``--model-ema``), with the
             usual warm-up ``min(decay, (1 + t) / (10 + t))`` at step ``t``;

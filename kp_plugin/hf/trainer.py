@@ -25,7 +25,7 @@ What it changes, and why:
 - speed: a training step on the CPU computes the weight gradient of
   depthwise convolutions on feature maps no larger than their kernel as
   :func:`kp_plugin.train.fit` does (:mod:`kp_plugin._depthwise`; oneDNN's
-  own is 5-350x slower there on CPUs without AVX-512);
+  own took 14-79x longer for those layers on the AVX2 dev CPU);
   ``small_map_depthwise=False`` turns it off.
 """
 
