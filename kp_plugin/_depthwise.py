@@ -152,7 +152,7 @@ def _small_map_call(args: tuple, kwargs: dict) -> Optional[tuple]:
 class _SmallMapDepthwiseMode(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
         kwargs = kwargs or {}
-        if func in _CONV2D:
+        if func in _CONV2D and not torch.compiler.is_compiling():  # compiled code: inductor's own kernels
             call = _small_map_call(args, kwargs)
             if call is not None:
                 return _SmallMapDepthwise.apply(*call)

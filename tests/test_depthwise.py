@@ -139,3 +139,20 @@ def test_fit_takes_the_path_on_the_cpu_and_trains_as_without_it(monkeypatch, cha
     assert (8, 1152, 1, 1) in calls
     for name, value in weights[False].items():
         torch.testing.assert_close(weights[True][name], value, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_a_compiled_model_runs_inside_the_context_with_torchs_values():
+    # KeyedTrainer steps a model compiled by TrainingArguments(torch_compile=True)
+    # inside the context: the compiled code keeps torch's own convolution.
+    torch.manual_seed(0)
+    conv = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 5, padding=2, groups=8), torch.nn.ReLU())
+    x = torch.randn(4, 8, 2, 2)
+    reference = conv(x)
+    reference.sum().backward()
+    grad = conv[0].weight.grad.clone()
+    conv.zero_grad()
+    with small_map_depthwise():
+        y = torch.compile(conv, backend="eager")(x)
+    y.sum().backward()
+    torch.testing.assert_close(y, reference)
+    torch.testing.assert_close(conv[0].weight.grad, grad)
