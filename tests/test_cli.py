@@ -659,7 +659,9 @@ def test_a_new_run_over_an_interrupted_one_is_refused_before_training(protected,
 
 def test_a_checkpoint_whose_block_size_was_edited_is_not_called_another_key(protected, tmp_path, capsys):
     # The message said the key was not the checkpoint's and quoted two equal
-    # fingerprints.
+    # fingerprints. Since protection.json carries a mac, the edit is a
+    # corrupt checkpoint (exit 5); the same key material saved with another
+    # block size is still the "expected fingerprint, other settings" case.
     import shutil
 
     key_path, checkpoint = protected
@@ -669,9 +671,16 @@ def test_a_checkpoint_whose_block_size_was_edited_is_not_called_another_key(prot
     config["block_size"] = 4
     (edited / "protection.json").write_text(json.dumps(config))
     assert main(["evaluate", str(edited), "--key", str(key_path), "--wrong-keys", "1", "--quiet",
-                 "-o", str(tmp_path / "report")]) == 3
+                 "-o", str(tmp_path / "report")]) == 5
     err = capsys.readouterr().err
-    assert "has the expected fingerprint" in err and "block_size 8 (expected 4)" in err
+    assert "changed after it was written" in err and "is not the key" not in err
+    key = SecretKey.load(key_path)
+    resized = SecretKey(key._material, block_size=4, scheme=key.scheme, channels=key.channels)
+    resized.save(tmp_path / "resized.key")
+    assert main(["evaluate", str(checkpoint), "--key", str(tmp_path / "resized.key"), "--wrong-keys", "1", "--quiet",
+                 "-o", str(tmp_path / "report2")]) == 3
+    err = capsys.readouterr().err
+    assert "has the expected fingerprint" in err and "block_size 4 (expected 8)" in err
     assert "is not the key" not in err
 
 
