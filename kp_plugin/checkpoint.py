@@ -24,6 +24,7 @@ import hmac
 import json
 import math
 import os
+import re
 import secrets
 import sys
 from dataclasses import dataclass, field
@@ -458,8 +459,26 @@ def _native_config(base: nn.Module) -> Optional[dict]:
     return out
 
 
-#: Byte strings that mark a kp-plugin key file, however it was serialized.
-KEY_FILE_MARKERS = (f'"format": "{KEY_FILE_FORMAT}"'.encode(), f'"format":"{KEY_FILE_FORMAT}"'.encode())
+class _KeyFileMarker:
+    """The ``format`` field of a kp-plugin key file, however the JSON was
+    laid out (any spacing around the colon, single quotes as Python prints
+    a dict) and however often it was escaped inside other JSON or text: a
+    scanner needle like :class:`~kp_plugin.keys.NumberSequence`."""
+
+    _regex = re.compile(rb"""\\*["']format\\*["']\s{0,16}:\s{0,16}\\*["']""" + re.escape(KEY_FILE_FORMAT.encode())
+                        + rb"""\\*["']""")
+    #: The longest text a match can span (scanners overlap chunks by it).
+    max_length = 256
+
+    def found_in(self, data: bytes) -> bool:
+        return self._regex.search(data) is not None
+
+    def __repr__(self) -> str:
+        return "KeyFileMarker()"
+
+
+#: Needles that mark a kp-plugin key file, however it was serialized.
+KEY_FILE_MARKERS = (_KeyFileMarker(),)
 _SCAN_CHUNK = 16 << 20
 
 

@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from .errors import BlockSizeError, InputDtypeError, InputRangeError, first_line
+from .errors import BlockSizeError, InputDtypeError, InputRangeError, KeyPicklingError, first_line
 from .keys import SecretKey
 
 __all__ = [
@@ -143,6 +143,24 @@ class TransformPlan:
     flip: Optional[torch.Tensor]
     value_table: Optional[torch.Tensor]
     _device_cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    # The index tensors are the key's permutation: never printed or pickled
+    # (a plan is compiled again from the key; copies share the one plan).
+    def __repr__(self) -> str:
+        return (f"TransformPlan(fingerprint={self.fingerprint}, scheme={'+'.join(self.scheme)}, "
+                f"block_size={self.block_size}, size=({self.channels}, {self.height}, {self.width}))")
+
+    def __reduce__(self):
+        raise KeyPicklingError(
+            "a TransformPlan holds the key's permutation and cannot be pickled; compile it again from the key "
+            "(kp_plugin.compile_plan(key, C, H, W))"
+        )
+
+    def __copy__(self) -> "TransformPlan":
+        return self
+
+    def __deepcopy__(self, memo) -> "TransformPlan":
+        return self
 
     # ---------------------------------------------------------- derived
     @property

@@ -227,3 +227,21 @@ def test_run_attacks_refuses_a_budget_with_a_zero_count(protected, test_set, att
     with pytest.raises(AttackError, match=f"budget.{field} must be an integer >= 1, got 0"):
         run_attacks(protected, test_set, train_set=test_set, public_base=public_patchnet, attacks=attack,
                     budget=budget, progress=False)
+
+
+def test_a_candidate_key_is_never_printed_or_pickled():
+    # from_secret_key's candidate printed the key's permutations in full and
+    # pickled them.
+    import copy
+    import pickle
+
+    from kp_plugin import KeyPicklingError
+
+    key = SecretKey.generate(block_size=4, scheme="shuffle+np+scramble")
+    candidate = CandidateKey.from_secret_key(key, image_size=(8, 8))
+    text = repr(candidate) + str(candidate)
+    assert "tensor" not in text and str(candidate.permutation.tolist()[:4])[1:-1] not in text
+    with pytest.raises(KeyPicklingError):
+        pickle.dumps(candidate)
+    clone = copy.deepcopy(candidate)
+    assert torch.equal(clone.permutation, candidate.permutation) and clone.permutation is not candidate.permutation

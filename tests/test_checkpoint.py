@@ -378,6 +378,23 @@ def test_the_scanner_finds_planted_key_material(tmp_path, key):
     assert found == {"notes.txt", "sub/perm.bin", "copy.key"}
 
 
+def test_the_scanner_finds_another_keys_file_in_any_json_layout_or_escaped(tmp_path, key, monkeypatch):
+    # Only two exact spellings of the format field were matched: a key file
+    # dumped with other separators, or kept escaped inside another JSON file,
+    # went up with `kp push --include` when no --key was given.
+    import kp_plugin.checkpoint as checkpoint
+
+    data = json.loads(SecretKey.generate().to_json())
+    (tmp_path / "spaced.json").write_text(json.dumps(data, separators=(", ", " : ")))
+    (tmp_path / "env.json").write_text(json.dumps({"env": {"KP_KEY": json.dumps(data)}}))
+    (tmp_path / "twice.json").write_text(json.dumps({"a": json.dumps({"b": json.dumps(data)})}))
+    (tmp_path / "repr.txt").write_text(repr(data))
+    (tmp_path / "processor.json").write_text(json.dumps({"format": "kp-plugin-keyed-image-processor"}))
+    monkeypatch.setattr(checkpoint, "_SCAN_CHUNK", 64)  # across read chunks too
+    found = {p.name for p in find_key_material(tmp_path, key)}
+    assert found == {"spaced.json", "env.json", "twice.json", "repr.txt"}
+
+
 def test_the_scanner_finds_the_permutation_written_as_text_in_any_layout(tmp_path, key, monkeypatch):
     # Only two exact JSON spellings were matched: an indented dump, a CSV or
     # one number per line got through, to the Hub too.

@@ -268,3 +268,21 @@ def test_lookup_with_a_table_too_large_for_float_indices_matches_the_small_path(
     large = torch.cat([small, torch.zeros((1 << 24) - small.numel())])
     assert torch.equal(lookup_table(values, offsets, large), lookup_table(values, offsets, small))
     assert torch.equal(lookup_table(values, offsets, small), small[values.mul(255).round().long() + offsets.long()])
+
+
+def test_a_compiled_plan_is_never_printed_or_pickled():
+    # Its repr was the dataclass's, the index tensors printed; pickle and
+    # torch.save wrote the permutation (the key refuses both).
+    import copy
+    import io
+    import pickle
+
+    from kp_plugin import KeyPicklingError
+
+    key = SecretKey.generate(block_size=4, scheme="shuffle+np+scramble")
+    plan = compile_plan(key, 3, 8, 8)
+    assert "tensor" not in repr(plan) and key.fingerprint in repr(plan)
+    for dump in (pickle.dumps, lambda p: torch.save(p, io.BytesIO())):
+        with pytest.raises(KeyPicklingError, match="compile it again"):
+            dump(plan)
+    assert copy.deepcopy(plan) is plan

@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..errors import KPError
+from ..errors import KeyPicklingError, KPError
 from ..keys import SecretKey
 from ..module import ProtectedModel
 from ..objectives import logits_of
@@ -115,6 +115,25 @@ class CandidateKey:
     @property
     def length(self) -> int:
         return self.block_size * self.block_size * self.channels
+
+    # A candidate may be the key's own (from_secret_key) or as good: its
+    # tensors are never printed or pickled.
+    def __repr__(self) -> str:
+        parts = [f"block_size={self.block_size}", f"channels={self.channels}", f"length={self.length}"]
+        parts += [f"{name}=<{tuple(getattr(self, name).shape)}>" for name in ("flip", "value_table", "block_permutation")
+                  if getattr(self, name) is not None]
+        return f"CandidateKey({', '.join(parts)})"
+
+    def __reduce__(self):
+        raise KeyPicklingError(
+            "a CandidateKey holds a key's permutation (the key's own for from_secret_key) and cannot be pickled; "
+            "keep the attack's report, or rebuild the candidate from the key"
+        )
+
+    def __deepcopy__(self, memo) -> "CandidateKey":
+        return replace(self, **{name: None if value is None else value.clone() for name, value in (
+            ("permutation", self.permutation), ("flip", self.flip), ("value_table", self.value_table),
+            ("block_permutation", self.block_permutation))})
 
     # ------------------------------------------------------------ build
     @classmethod
