@@ -26,6 +26,18 @@ def _tiny_vit():
     return transformers.ViTForImageClassification(config)
 
 
+def _published(test_hub, repo_id, folder, *names):
+    """``names`` of the repository's head, copied into ``folder`` (each
+    must be there); the Hub's files hold no key material."""
+    files = test_hub.head_files(repo_id)
+    assert set(names) <= set(files)
+    assert find_key_material(test_hub.root, KEY) == []
+    folder.mkdir()
+    for name in names:
+        (folder / name).write_bytes((test_hub.root / "blobs" / files[name]).read_bytes())
+    return folder
+
+
 def test_vit_round_trip_keeps_logits_and_native_files(test_hub, isolate_hub_client):
     from kp_plugin.hf import KeyedImageProcessor
 
@@ -72,13 +84,7 @@ def test_wrap_hf_models_processor_is_published_keyed_without_processor_argument(
     base = transformers.ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     model = wrap_hf_model(_tiny_vit(), KEY, image_processor=base)
     push_protected(model, "org/vit-processor", token=test_hub.token, endpoint=test_hub.url)
-    files = test_hub.head_files("org/vit-processor")
-    assert "preprocessor_config.json" in files
-    assert find_key_material(test_hub.root, KEY) == []
-    folder = tmp_path / "pulled"
-    folder.mkdir()
-    (folder / "preprocessor_config.json").write_bytes((test_hub.root / "blobs" / files["preprocessor_config.json"])
-                                                      .read_bytes())
+    folder = _published(test_hub, "org/vit-processor", tmp_path / "pulled", "preprocessor_config.json")
     processor = KeyedImageProcessor.from_pretrained(str(folder), key=KEY)
     assert processor.key.fingerprint == KEY.fingerprint
     # save_pretrained(push_to_hub=True) published the folder alone: no processor.
@@ -120,13 +126,8 @@ def test_a_transformers_model_pushed_without_a_processor_gets_its_architectures_
 
     model = wrap_model(_tiny_vit(), KEY, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3), input_size=(3, 32, 32)).eval()
     push_protected(model, "org/vit-no-processor", token=test_hub.token, endpoint=test_hub.url)
-    files = test_hub.head_files("org/vit-no-processor")
-    assert "preprocessor_config.json" in files
-    assert find_key_material(test_hub.root, KEY) == []
-    folder = tmp_path / "pulled"
-    folder.mkdir()
-    for name in ("preprocessor_config.json", "config.json", "model.safetensors"):
-        (folder / name).write_bytes((test_hub.root / "blobs" / files[name]).read_bytes())
+    folder = _published(test_hub, "org/vit-no-processor", tmp_path / "pulled", "preprocessor_config.json",
+                        "config.json", "model.safetensors")
     processor = KeyedImageProcessor.from_pretrained(str(folder), key=KEY)
     assert type(processor.image_processor).__name__.startswith("ViTImageProcessor")
     plain = transformers.ViTForImageClassification.from_pretrained(str(folder)).eval()

@@ -120,8 +120,8 @@ class CandidateKey:
     # tensors are never printed or pickled.
     def __repr__(self) -> str:
         parts = [f"block_size={self.block_size}", f"channels={self.channels}", f"length={self.length}"]
-        parts += [f"{name}=<{tuple(getattr(self, name).shape)}>" for name in ("flip", "value_table", "block_permutation")
-                  if getattr(self, name) is not None]
+        parts += [f"{name}=<{tuple(getattr(self, name).shape)}>"
+                  for name in ("flip", "value_table", "block_permutation") if getattr(self, name) is not None]
         return f"CandidateKey({', '.join(parts)})"
 
     def __reduce__(self):
