@@ -666,7 +666,11 @@ def _check_no_key_material(directory: Path, key: SecretKey, key_file: Optional[s
               "directory", file=sys.stderr)
     if leaks:
         names = ", ".join(str(p.relative_to(directory)) for p in leaks)
-        raise KeyLeakError(f"key material found in {names} under {directory}; delete these files")
+        raise KeyLeakError(
+            f"key material found in {names} under {directory}, a folder meant for sharing; move these files out "
+            "of it before sharing the folder (a key file: keep it safe, it is the only way to use its model), "
+            "or write the results to another folder with -o"
+        )
 
 
 def _write_json(path: Path, data: dict) -> None:

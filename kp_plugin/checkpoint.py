@@ -220,9 +220,9 @@ class ProtectionConfig:
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{path} is corrupt (invalid JSON at line {exc.lineno}); save the model again "
                                   "with save_protected, or download it again") from None
-        except RecursionError:
-            raise CheckpointError(f"{path} is corrupt (nested too deeply); save the model again with save_protected, "
-                                  "or download it again") from None
+        except (RecursionError, ValueError):  # nested too deeply; an integer of more digits than Python reads
+            raise CheckpointError(f"{path} is corrupt (nested too deeply, or a number too long to read); save the "
+                                  "model again with save_protected, or download it again") from None
         return cls.from_dict(data, source=str(path))
 
     def check_key(self, key: SecretKey) -> None:
@@ -843,15 +843,28 @@ def _check_loaded_digest(base: nn.Module, weights: Path, config: "ProtectionConf
         return
     state = base.state_dict()
     with safe_open(str(weights), framework="pt") as fh:
-        if any(name in state and str(fh.get_slice(name).get_dtype()) != _SAFETENSORS_DTYPES.get(state[name].dtype)
-               for name in fh.keys()):
-            return
+        stored = {name: str(fh.get_slice(name).get_dtype()) for name in fh.keys() if name in state}
+    # Integer or bool values loaded into float weights were truncated (all
+    # zero for most): not a conversion of the saved model.
+    truncated = sorted(name for name, dtype in stored.items()
+                       if state[name].is_floating_point() and dtype not in _FLOAT_DTYPES)
+    if truncated:
+        raise CheckpointError(
+            f"{weights} holds {stored[truncated[0]]} values for float weights ({', '.join(truncated[:3])}"
+            f"{', ...' if len(truncated) > 3 else ''}): not the saved model's; save the model again, or restore the "
+            "file from that save"
+        )
+    if any(dtype != _SAFETENSORS_DTYPES.get(state[name].dtype) for name, dtype in stored.items()):
+        return
     raise CheckpointError(
         f"the weights in {weights} are not the ones {PROTECTION_FILE} beside it was saved with (their digest differs "
         f"from its weights_digest {config.weights_digest}): the file was replaced or changed after the save (e.g. "
         "other weights uploaded over it); save the model again, or restore the file from that save"
     )
 
+
+#: safetensors' names of float dtypes.
+_FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 
 #: torch dtypes as safetensors names them.
 _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",

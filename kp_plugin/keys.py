@@ -540,7 +540,7 @@ class SecretKey:
             raise KeyFileError(f"{source} is empty; was the key file truncated? Restore it from your backup")
         try:
             body = json.loads(text)
-        except (json.JSONDecodeError, RecursionError):  # RecursionError: a deeply nested array
+        except (RecursionError, ValueError):  # invalid JSON, a deeply nested array, a number too long to read
             raise KeyFileError(
                 f"{source} is not valid JSON (corrupt or truncated key file); restore it from your backup"
             ) from None

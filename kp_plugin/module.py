@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 import sys
 import threading
 import warnings
@@ -134,7 +135,16 @@ class _Plan(NamedTuple):
 
 
 def _as_triple(values: Sequence[float], channels: int, name: str) -> tuple:
-    values = tuple(float(v) for v in (values if isinstance(values, (list, tuple)) else [values]))
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().reshape(-1).tolist()
+    try:
+        values = tuple(float(v) for v in (values if isinstance(values, (list, tuple)) else [values]))
+    except (TypeError, ValueError):
+        raise ConfigurationError(
+            f"{name} must be a number or one number per channel, e.g. {name}=(0.5, 0.5, 0.5); got {values!r}"
+        ) from None
+    if not all(math.isfinite(v) for v in values):
+        raise ConfigurationError(f"{name} must be finite numbers, got {values}")
     if len(values) == 1:
         values = values * channels
     if len(values) != channels:
@@ -146,6 +156,34 @@ def _as_triple(values: Sequence[float], channels: int, name: str) -> tuple:
     if name == "std" and any(v <= 0 for v in values):
         raise ConfigurationError(f"std must be positive, got {values}")
     return values
+
+
+#: Largest image side accepted as an input size (a plan holds an index per value).
+MAX_INPUT_SIDE = 16384
+
+
+def _checked_input_size(input_size: Any) -> tuple:
+    """``input_size`` as ``(C, H, W)`` of positive integers, or a
+    :class:`ConfigurationError` that says what is expected."""
+    try:
+        values = tuple(_as_int_value(v) for v in input_size)
+    except (TypeError, ValueError):
+        values = None
+    if values is None or len(values) != 3 or min(values) < 1 or max(values[1:]) > MAX_INPUT_SIDE:
+        raise ConfigurationError(
+            f"input_size must be (C, H, W), three positive integers with sides up to {MAX_INPUT_SIDE}, e.g. "
+            f"(3, 224, 224); got {input_size!r}"
+        )
+    return values
+
+
+def _as_int_value(value: Any) -> int:
+    if isinstance(value, bool) or isinstance(value, (str, bytes)):
+        raise TypeError(value)
+    result = int(value)
+    if result != value:
+        raise ValueError(value)
+    return result
 
 
 def _pieces(flat: torch.Tensor, out: torch.Tensor, source_index: torch.Tensor):
@@ -242,9 +280,7 @@ class KeyedInput(nn.Module):
         self.trained_size: Optional[tuple] = None
         self.input_size: Optional[tuple] = None
         if input_size is not None:
-            input_size = tuple(int(s) for s in input_size)
-            if len(input_size) != 3:
-                raise ConfigurationError(f"input_size must be (C, H, W), got {input_size}")
+            input_size = _checked_input_size(input_size)
             if input_size[0] != key.channels:
                 raise ConfigurationError(
                     f"input_size has {input_size[0]} channels but the key is for {key.channels}"
@@ -900,8 +936,15 @@ def wrap_model(
             "model inside torch.compile, DDP or a container); wrapping it would apply a key twice: wrap the base "
             "model instead (kp_plugin.unwrap(model))"
         )
+    if not isinstance(model, nn.Module):
+        raise ConfigurationError(
+            f"wrap_model takes an nn.Module, got {type(model).__name__}; build the model first (e.g. "
+            "timm.create_model(name), or kp_plugin.timm.create_protected_model(name, key))"
+        )
     require_key(key)
     explicit_size = input_size is not None
+    if explicit_size:
+        input_size = _checked_input_size(input_size)
     mean, std, input_size = resolve_normalization(model, mean, std, input_size)
     if input_size is not None and not explicit_size and (
         input_size[-1] % key.block_size or input_size[-2] % key.block_size

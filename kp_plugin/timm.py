@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CONFIG_FILE, ProtectionConfig, load_protected
-from .errors import BlockSizeError, CheckpointError, ConfigurationError, KPError, torch_load_failure
+from .errors import BlockSizeError, CheckpointError, ConfigurationError, KPError, first_line, torch_load_failure
 from .keys import SecretKey, require_key
 from .module import ProtectedModel, wrap_model
 from .transforms import check_image_size, nearest_valid_size
@@ -363,7 +363,7 @@ def _read_json(path: Path) -> dict:
         data = json.loads(path.read_text("utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing; the checkpoint is incomplete") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: invalid JSON, not UTF-8, a number too long
         raise CheckpointError(f"cannot read {path}: {exc}") from None
     if not isinstance(data, dict):  # "'list' object has no attribute 'get'" further on
         raise CheckpointError(f"{path} is corrupt: it holds a JSON {type(data).__name__}, not an object; "
@@ -402,12 +402,16 @@ def load_protected_timm(
         protection.check_key(key)
     native = _read_json(directory / CONFIG_FILE)
     architecture = native.get("architecture") or protection.architecture
-    if not architecture or not isinstance(native.get("pretrained_cfg"), dict):
+    if not isinstance(architecture, str) or not architecture or not isinstance(native.get("pretrained_cfg"), dict):
         raise CheckpointError(
             f"{directory / CONFIG_FILE} is not a timm config (no architecture / pretrained_cfg); "
             "for a transformers model use kp_plugin.load_protected with the model class"
         )
     num_classes = native.get("num_classes", protection.num_classes)
+    if num_classes is not None and (not isinstance(num_classes, int) or isinstance(num_classes, bool)
+                                    or num_classes < 0):
+        raise CheckpointError(f"{directory / CONFIG_FILE} is corrupt: num_classes is {num_classes!r}, not a "
+                              "number of classes; restore it from the save, or save the model again")
     kwargs: dict = dict(native["model_args"]) if isinstance(native.get("model_args"), dict) else {}
     kwargs.pop("num_classes", None)
     # config.json may come from the Hub: creation arguments that make timm
@@ -438,5 +442,12 @@ def load_protected_timm(
         raise CheckpointError(
             f"{directory} holds a {architecture!r} model, which this timm ({timm.__version__}) "
             f"cannot build: {exc}"
+        ) from None
+    except (TypeError, ValueError, AttributeError, AssertionError, KeyError) as exc:
+        # Settings of the wrong type or value (num_classes "ten", a string
+        # input size): the file was edited or damaged.
+        raise CheckpointError(
+            f"{directory / CONFIG_FILE} is corrupt: timm cannot build the model from its settings "
+            f"({type(exc).__name__}: {first_line(exc)[:200]}); restore it from the save, or save the model again"
         ) from None
     return load_protected(directory, base, key, allow_wrong_key=allow_wrong_key, strict=strict, device=device)

@@ -13,6 +13,7 @@ import torch
 from kp_plugin import (
     CheckpointError,
     ConfigurationError,
+    KeyFileError,
     KeyMismatchError,
     KeyLeakError,
     ProtectionConfig,
@@ -792,3 +793,55 @@ def test_the_owners_key_with_edited_settings_is_still_a_key_mismatch(saved, key)
     edited = SecretKey(key._material, block_size=key.block_size * 2, scheme=key.scheme, channels=key.channels)
     with pytest.raises(KeyMismatchError, match="expected fingerprint .* but other settings"):
         load_protected(directory, _fresh_cnn(), edited)
+
+
+def test_a_number_too_long_to_read_is_a_corrupt_file_not_a_bare_value_error(saved, key, tmp_path):
+    # Python refuses integers of more than 4300 digits inside json.loads with
+    # a ValueError that is not a JSONDecodeError: it escaped as itself (the
+    # CLI printed a traceback), for key files and protection.json alike.
+    _, directory = saved
+    path = directory / "protection.json"
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps(data).replace('"block_size": 4', '"block_size": ' + "9" * 5000))
+    with pytest.raises(CheckpointError, match="number too long"):
+        load_protected(directory, _fresh_cnn(), key)
+    key_file = tmp_path / "huge.key"
+    key_file.write_text(key.to_json().replace('"block_size": 4', '"block_size": ' + "9" * 5000))
+    with pytest.raises(KeyFileError, match="restore it from your backup"):
+        SecretKey.load(key_file)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool])
+def test_integer_values_for_float_weights_are_refused_not_loaded_as_zeros(saved, key, dtype):
+    # An int32 copy of the weights loaded silently, every weight truncated
+    # (the digest check skipped any dtype change).
+    from safetensors.torch import load_file, save_file
+
+    _, directory = saved
+    weights = directory / "model.safetensors"
+    state = load_file(str(weights))
+    save_file({name: value.to(dtype) for name, value in state.items()}, str(weights))
+    with pytest.raises(CheckpointError, match="values for float weights"):
+        load_protected(directory, _fresh_cnn(), key)
+
+
+@pytest.mark.parametrize("field, value", [("mean", float("nan")), ("std", float("inf")), ("mean", "abc")])
+def test_wrap_model_refuses_a_mean_or_std_that_is_not_finite_numbers(key, field, value):
+    # NaN gave NaN logits and later a bare ValueError from save_protected's JSON.
+    settings = {"mean": MEAN, "std": STD, field: value}
+    with pytest.raises(ConfigurationError, match=field):
+        wrap_model(_fresh_cnn(), key, **settings)
+
+
+@pytest.mark.parametrize("input_size", [(32, 32), "abc", (3, -4, -4), (3, 400000, 400000), (3, 8.5, 8)])
+def test_wrap_model_refuses_an_input_size_that_is_not_c_h_w(key, input_size):
+    # (32, 32) was read as 32 channels, "abc" as "a-channel images", and
+    # (3, 400000, 400000) reached the allocator.
+    with pytest.raises(ConfigurationError, match=r"input_size must be \(C, H, W\)"):
+        wrap_model(_fresh_cnn(), key, mean=MEAN, std=STD, input_size=input_size)
+
+
+@pytest.mark.parametrize("model", ["resnet18", None])
+def test_wrap_model_refuses_what_is_not_a_module(key, model):
+    with pytest.raises(ConfigurationError, match="takes an nn.Module"):
+        wrap_model(model, key, mean=MEAN, std=STD)

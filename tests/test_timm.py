@@ -344,3 +344,16 @@ def test_the_protected_model_says_its_mean_std_and_input_size():
     assert tuple(model.input_size) == tuple(cfg["input_size"])
     with pytest.raises(AttributeError):
         model.no_such_setting
+
+
+@pytest.mark.parametrize("field, value", [("num_classes", "ten"), ("architecture", 5),
+                                          ("model_args", {"in_chans": "x"})])
+def test_a_corrupt_timm_config_json_is_a_checkpoint_error(key, tmp_path, field, value):
+    # Each raised a bare TypeError / AttributeError / ValueError (a CLI
+    # traceback) from timm.create_model or the class count check.
+    save_protected(create_protected_model(TINY, key, num_classes=4), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config[field] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_protected_timm(tmp_path, key)
