@@ -716,3 +716,16 @@ def test_a_report_that_cannot_be_written_is_one_line_naming_the_folder(protected
                  "-o", str(out)]) == 1
     err = capsys.readouterr().err
     assert f"cannot write the results into {out} (File too large); free some space, or choose another -o" in err
+
+
+def test_a_key_file_in_the_report_folder_is_to_be_moved_not_deleted(protected, tmp_path, capsys):
+    # The remedy was "delete these files": for a key file, losing its model.
+    key_path, checkpoint = protected
+    report = tmp_path / "report"
+    report.mkdir()
+    SecretKey.generate().save(report / "other.key")
+    assert main(["evaluate", str(checkpoint), "--key", str(key_path), "--wrong-keys", "1", "--quiet",
+                 "-o", str(report)]) != 0
+    err = capsys.readouterr().err
+    assert "other.key" in err and "move these files out" in err and "delete" not in err
+    assert (report / "other.key").is_file()
