@@ -650,11 +650,17 @@ def _save_protected(model: ProtectedModel, directory: Path, metadata: Optional[d
     if config_text is not None and bytes_contain_any(config_text.encode(), needles):
         raise KeyLeakError(f"the model's configuration ({CONFIG_FILE}) contains key material; remove it from the "
                            "model's config (nothing was written)")
-    if directory.exists() and not directory.is_dir():
-        raise CheckpointError(f"{directory} is a file; save_protected writes a folder: pass a folder path")
-    if not overwrite:
-        refuse_other_key_checkpoint(directory, model.key.fingerprint)
-    directory.mkdir(parents=True, exist_ok=True)
+    try:  # a name too long, a folder under a file, a read-only place: OSError from the checks already
+        if directory.exists() and not directory.is_dir():
+            raise CheckpointError(f"{directory} is a file; save_protected writes a folder: pass a folder path")
+        if not overwrite:
+            refuse_other_key_checkpoint(directory, model.key.fingerprint)
+        directory.mkdir(parents=True, exist_ok=True)
+    except CheckpointError:
+        raise
+    except OSError as exc:
+        raise CheckpointWriteError(f"cannot create the folder {directory} ({first_line(exc)}); nothing was "
+                                   "written: choose another folder") from None
     metadata = {
         "format": "pt",
         "kp_format": PROTECTION_FORMAT,

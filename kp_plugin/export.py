@@ -274,6 +274,7 @@ def export_protected(
         refuse_other_key_checkpoint(directory, config.fingerprint,
                                     remedy="pass overwrite=True (kp export --force) to replace that export")
     target = directory / EXPORT_FORMATS[format]
+    renamed = 0  # files already moved into place
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=directory, prefix=".export-") as scratch:
@@ -287,9 +288,15 @@ def export_protected(
                                    "nothing was written")
             for produced in sorted(Path(scratch).iterdir()):
                 os.replace(produced, directory / produced.name)
+                renamed += 1
     except OSError as exc:
         if isinstance(exc, CheckpointError):
             raise
+        if renamed:  # some files already replaced: the folder mixes two exports (loads refuse it)
+            raise CheckpointWriteError(
+                f"cannot finish the export into {directory} ({first_line(exc)}): some of its files were already "
+                "replaced, so the folder now mixes two exports and loading it is refused; export again"
+            ) from None
         raise CheckpointWriteError(
             f"cannot write the export into {directory} ({first_line(exc)}); the export there before, if any, is "
             "unchanged: free some space or choose another folder"

@@ -613,14 +613,14 @@ class SecretKey:
                 ``OSError`` too; the previous file, if any, stays intact).
         """
         path = Path(path)
-        if path.is_dir():
-            raise KeyFileError(f"{path} is a directory; give the key file's own path, e.g. {path / 'owner.key'}")
-        if path.exists() and not overwrite:
-            raise KeyFileExistsError(
-                f"{path} already exists; refusing to overwrite a key file (the model it protects "
-                "would be lost). Choose another path or pass overwrite=True"
-            )
-        try:
+        try:  # the checks too: a name too long for the file system fails already there
+            if path.is_dir():
+                raise KeyFileError(f"{path} is a directory; give the key file's own path, e.g. {path / 'owner.key'}")
+            if path.exists() and not overwrite:
+                raise KeyFileExistsError(
+                    f"{path} already exists; refusing to overwrite a key file (the model it protects "
+                    "would be lost). Choose another path or pass overwrite=True"
+                )
             return self._write(path, overwrite)
         except KeyFileError:
             raise

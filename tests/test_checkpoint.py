@@ -845,3 +845,18 @@ def test_wrap_model_refuses_an_input_size_that_is_not_c_h_w(key, input_size):
 def test_wrap_model_refuses_what_is_not_a_module(key, model):
     with pytest.raises(ConfigurationError, match="takes an nn.Module"):
         wrap_model(model, key, mean=MEAN, std=STD)
+
+
+def test_an_impossible_folder_or_key_path_is_a_write_error(saved, key, tmp_path):
+    # A name too long for the file system, or a folder under a file, raised
+    # the bare OSError of the existence check or mkdir (not a KPError).
+    from kp_plugin.errors import CheckpointWriteError, KeyFileWriteError
+
+    model, _ = saved
+    (tmp_path / "afile").write_text("keep me")
+    for target in (tmp_path / ("x" * 300), tmp_path / "afile" / "ckpt"):
+        with pytest.raises(CheckpointWriteError, match="nothing was written"):
+            save_protected(model, target)
+    with pytest.raises(KeyFileWriteError, match="nothing was written"):
+        key.save(tmp_path / ("k" * 300))
+    assert (tmp_path / "afile").read_text() == "keep me"

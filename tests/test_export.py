@@ -11,7 +11,7 @@ import torch
 
 from kp_plugin import BlockSizeError, KeyedInput, KeyLeakError, KeyMismatchError, SecretKey, save_protected, wrap_model
 from kp_plugin.checkpoint import CheckpointError, ProtectionConfig, find_key_material
-from kp_plugin.errors import ConfigurationError, exception_chain
+from kp_plugin.errors import CheckpointWriteError, ConfigurationError, exception_chain
 from kp_plugin.export import export_protected, load_exported, load_keyed_input
 from kp_plugin.transforms import apply_transform
 
@@ -405,3 +405,29 @@ def test_a_headless_transformers_model_exports_each_of_its_outputs_by_name(shuff
         hidden, pooled = load_exported(tmp_path / "pt2", shuffle_np_key)(x)
     torch.testing.assert_close(hidden, expected.last_hidden_state)
     torch.testing.assert_close(pooled, expected.pooler_output)
+
+
+def test_a_failure_between_the_exports_renames_does_not_claim_the_old_export_is_unchanged(protected, tmp_path,
+                                                                                           monkeypatch):
+    # Its message said "the export there before, if any, is unchanged" when
+    # the model file had already been replaced (the folder then mixes two
+    # exports, which loading refuses).
+    import kp_plugin.export as export
+
+    deploy = tmp_path / "deploy"
+    export_protected(protected, deploy, format="pt2")
+    real_replace, calls = os.replace, []
+
+    def second_fails(src, dst):  # the second file moved into the folder itself (not the staging's own writes)
+        if os.path.dirname(os.fspath(dst)) == os.fspath(deploy):
+            calls.append(dst)
+            if len(calls) == 2:
+                raise OSError(5, "Input/output error")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(export.os, "replace", second_fails)
+    with torch.no_grad():
+        next(protected.parameters()).add_(1.0)
+    with pytest.raises(CheckpointWriteError, match="mixes two exports.*export again") as caught:
+        export_protected(protected, deploy, format="pt2")
+    assert "unchanged" not in str(caught.value)

@@ -483,3 +483,22 @@ def test_a_failed_save_is_a_checkpoint_error_and_keeps_the_saved_processor(key, 
     monkeypatch.undo()
     assert (tmp_path / "preprocessor_config.json").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["preprocessor_config.json"]
+
+
+def test_a_name_or_a_corrupt_saved_config_gives_a_typed_error_that_says_what_to_do(tmp_path):
+    # KeyedImageProcessor("google/vit", key) was a plain TypeError; a saved
+    # preprocessor_config.json holding a JSON list raised AttributeError, and
+    # one with image_mean "abc" a bare ValueError.
+    from kp_plugin import KPError
+
+    key = SecretKey.generate(block_size=8)
+    with pytest.raises(KPError, match=r"from_pretrained\('google/vit', key=key\)") as caught:
+        KeyedImageProcessor("google/vit", key)
+    assert isinstance(caught.value, TypeError)
+    saved = tmp_path / "saved"
+    KeyedImageProcessor(ViTImageProcessor(size={"height": 32, "width": 32}), key).save_pretrained(saved)
+    config = json.loads((saved / "preprocessor_config.json").read_text())
+    for corrupt in ([1, 2], {**config, "image_mean": "abc"}):
+        (saved / "preprocessor_config.json").write_text(json.dumps(corrupt))
+        with pytest.raises(CheckpointError, match="cannot load the image processor"):
+            KeyedImageProcessor.from_pretrained(saved, key=key)

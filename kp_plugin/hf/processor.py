@@ -58,6 +58,11 @@ class KeyRequiredError(KPError, TypeError):
     """A keyed image processor was loaded or built without its secret key."""
 
 
+class NotAProcessorError(ConfigurationError, TypeError):
+    """KeyedImageProcessor was given something other than a transformers
+    image processor to wrap (a name or path: use ``from_pretrained``)."""
+
+
 def _key_required(where: str) -> KeyRequiredError:
     return KeyRequiredError(
         f"{where} is a keyed image processor and needs the owner's secret key, which is never saved "
@@ -332,9 +337,11 @@ class KeyedImageProcessor(BaseImageProcessor):
             raise _key_required("KeyedImageProcessor")
         require_key(key)
         if not isinstance(image_processor, BaseImageProcessor) or isinstance(image_processor, KeyedImageProcessor):
-            raise TypeError(
+            hint = (f"; to load one by name or from a folder use KeyedImageProcessor.from_pretrained("
+                    f"{image_processor!r}, key=key)" if isinstance(image_processor, (str, os.PathLike)) else "")
+            raise NotAProcessorError(
                 "image_processor must be a transformers image processor (not already keyed), got "
-                f"{type(image_processor).__name__}"
+                f"{type(image_processor).__name__}{hint}"
             )
         mean, std = _checked_settings(image_processor, key)
         self.image_processor = image_processor
@@ -676,6 +683,8 @@ class KeyedImageProcessor(BaseImageProcessor):
         loading = dict(kwargs, backend=backend) if backend is not None else dict(kwargs)
         with _loading_errors(pretrained_model_name_or_path):
             config, kwargs = cls.get_image_processor_dict(pretrained_model_name_or_path, **kwargs)
+            if not isinstance(config, dict):  # a JSON list or number: "'list' object has no attribute 'get'"
+                raise ValueError(f"preprocessor_config.json holds a JSON {type(config).__name__}, not an object")
             if config.get("image_processor_type") != KeyedImageProcessor.__name__:
                 # A plain processor: let AutoImageProcessor resolve it (legacy
                 # names, feature extractors, backends), then key it.
@@ -683,8 +692,15 @@ class KeyedImageProcessor(BaseImageProcessor):
                                                                   return_unused_kwargs=True)
                 keyed = cls(base, key, check_range=check_range)
                 return (keyed, unused) if return_unused_kwargs else keyed
-        keyed = cls.from_dict(config, key=key, allow_wrong_key=allow_wrong_key, check_range=check_range,
-                              backend=backend, **kwargs)
+        try:
+            with _loading_errors(pretrained_model_name_or_path):  # settings of the wrong type (image_mean "abc")
+                keyed = cls.from_dict(config, key=key, allow_wrong_key=allow_wrong_key, check_range=check_range,
+                                      backend=backend, **kwargs)
+        except ConfigurationError as exc:  # the saved settings, not the caller's: a damaged file
+            raise CheckpointError(
+                f"cannot load the image processor of {str(pretrained_model_name_or_path)!r}: its saved settings are "
+                f"not usable ({first_line(exc)}); save the processor again with save_pretrained"
+            ) from None
         if return_unused_kwargs:  # as transformers' from_pretrained: (processor, the kwargs it did not use)
             return keyed, {name: value for name, value in kwargs.items() if not hasattr(keyed.image_processor, name)}
         return keyed
