@@ -26,6 +26,7 @@ import math
 import os
 import re
 import secrets
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -676,30 +677,70 @@ def _save_protected(model: ProtectedModel, directory: Path, metadata: Optional[d
 
 def _write_all(directory: Path, files: list, *, weights: Optional[tuple] = None) -> None:
     """Write ``files`` (name, bytes) and the weights ``(module, metadata)``
-    into ``directory``, each to a temporary file first; only when every one
-    is written are they renamed into place (the weights first,
+    into ``directory``, each to a temporary file first (fsynced); only when
+    every one is written are they renamed into place (the weights first,
     ``protection.json`` last). A failed write (a full disk) leaves the
-    checkpoint that was there whole: :class:`CheckpointError` naming the file."""
+    checkpoint that was there whole: :class:`CheckpointError` naming the
+    file; so does a failure or an interrupt (Ctrl-C) between the renames,
+    which puts the previous files back (:func:`_swap_in`)."""
     from safetensors import SafetensorError
     from safetensors.torch import save_model
 
     name = None
+    staged: list = []  # (temporary file, final path), in writing order
     try:
-        with contextlib.ExitStack() as stack:  # exits in reverse: renames the weights first
+        try:
             for name, data in files:
-                stack.enter_context(replacing(directory / name, durable=True)).write_bytes(data)
+                staged.append((_temporary_beside(directory / name), directory / name))
+                staged[-1][0].write_bytes(data)
+                _fsync_file(staged[-1][0])
             if weights is not None:
                 name = WEIGHTS_FILE
-                save_model(weights[0], str(stack.enter_context(replacing(directory / name, durable=True))),
-                           metadata=weights[1])
+                staged.append((_temporary_beside(directory / name), directory / name))
+                save_model(weights[0], str(staged[-1][0]), metadata=weights[1])
+                _fsync_file(staged[-1][0])
             name = None  # the renames
+            _swap_in(list(reversed(staged)))
+        finally:
+            for tmp, _ in staged:
+                tmp.unlink(missing_ok=True)
     except (SafetensorError, OSError) as exc:
         where = directory / name if name else directory
         raise CheckpointWriteError(
-            f"cannot write {where} ({first_line(exc)}); "
-            + ("the checkpoint there before, if any, is unchanged: " if name else "")
-            + "free some space or choose another folder"
+            f"cannot write {where} ({first_line(exc)}); the checkpoint there before, if any, is unchanged: "
+            "free some space or choose another folder"
         ) from None
+
+
+def _swap_in(moves: list) -> None:
+    """Rename each ``(temporary, final)`` pair in order. The files they
+    replace are kept (hard links) until all are in place; if one rename
+    fails or is interrupted, the ones done are undone, so the folder holds
+    the previous save, not a mix of two. (A process killed outright leaves
+    those links, named ``.NAME.PID.XXXX.tmp``, beside the files.)"""
+    done: list = []  # (final path, its previous file's link or None)
+    try:
+        for tmp, final in moves:
+            previous = None
+            if final.exists():
+                previous = _temporary_beside(final)
+                try:
+                    os.link(final, previous)
+                except OSError:  # a file system without hard links: a copy
+                    shutil.copy2(final, previous)
+            done.append((final, previous))
+            os.replace(tmp, final)
+    except BaseException:
+        for final, previous in reversed(done):
+            if previous is not None:
+                os.replace(previous, final)
+            else:
+                final.unlink(missing_ok=True)  # the previous save had no such file
+        raise
+    finally:
+        for _, previous in done:
+            if previous is not None:
+                previous.unlink(missing_ok=True)
 
 
 def usable_device(device: Union[None, str, torch.device], *, what: str = "device") -> torch.device:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -860,3 +861,32 @@ def test_an_impossible_folder_or_key_path_is_a_write_error(saved, key, tmp_path)
     with pytest.raises(KeyFileWriteError, match="nothing was written"):
         key.save(tmp_path / ("k" * 300))
     assert (tmp_path / "afile").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, lambda: OSError(5, "Input/output error")])
+def test_a_save_interrupted_between_its_renames_keeps_the_previous_checkpoint(saved, key, monkeypatch, failure):
+    # The files were renamed one at a time: a Ctrl-C or an error after the
+    # weights were in place left them beside the old protection.json, and
+    # the previous save no longer loaded ("come from different saves").
+    import kp_plugin.checkpoint as checkpoint
+
+    model, directory = saved
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+    real_replace, moved = os.replace, []
+
+    def second_fails(src, dst):
+        if os.path.dirname(os.fspath(dst)) == os.fspath(directory) and str(src).endswith(".tmp") \
+                and not os.path.basename(os.fspath(dst)).startswith("."):
+            moved.append(dst)
+            if len(moved) == 2:
+                raise failure()
+        real_replace(src, dst)
+
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    monkeypatch.setattr(checkpoint.os, "replace", second_fails)
+    with pytest.raises((KeyboardInterrupt, CheckpointError)):
+        save_protected(model, directory)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before  # no temporary files either
+    load_protected(directory, _fresh_cnn(), key)
