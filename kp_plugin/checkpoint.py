@@ -460,6 +460,9 @@ def _native_config(base: nn.Module) -> Optional[dict]:
     return out
 
 
+_KEY_FILE_FORMAT_BYTES = KEY_FILE_FORMAT.encode()
+
+
 class _KeyFileMarker:
     """The ``format`` field of a kp-plugin key file, however the JSON was
     laid out (any spacing around the colon, single quotes as Python prints
@@ -472,7 +475,9 @@ class _KeyFileMarker:
     max_length = 256
 
     def found_in(self, data: bytes) -> bool:
-        return self._regex.search(data) is not None
+        # The literal first (memmem, fast): the pattern has no literal prefix,
+        # so the regex alone tries every position of a weights file.
+        return _KEY_FILE_FORMAT_BYTES in data and self._regex.search(data) is not None
 
     def __repr__(self) -> str:
         return "KeyFileMarker()"
