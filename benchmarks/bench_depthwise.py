@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import machine_description, write_section  # noqa: E402
 from bench_transform import interleaved_medians  # noqa: E402
 
-from kp_plugin._depthwise import _CONV2D, _pair, _small_map_call, depthwise_weight_grad  # noqa: E402
+from kp_plugin._depthwise import _CONV2D, _small_map_call, depthwise_call, depthwise_weight_grad  # noqa: E402
 from kp_plugin.pretrained import load_efficientnet_lite0  # noqa: E402
 
 BATCH = 64
@@ -45,15 +45,12 @@ class _Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _CONV2D:
-            x, weight = args[0], args[1]
-            groups = args[6] if len(args) > 6 else kwargs.get("groups", 1)
-            if groups == x.shape[1] == weight.shape[0] and weight.shape[1] == 1:
-                settings = [_pair(args[i] if len(args) > i else kwargs.get(name, 1 if name != "padding" else 0))
-                            for i, name in ((3, "stride"), (4, "padding"), (5, "dilation"))]
-                entry = (tuple(x.shape[1:]), tuple(weight.shape[-2:]), *settings)
-                if entry not in self.calls:
-                    self.calls.append(entry)
+        call = depthwise_call(args, kwargs) if func in _CONV2D else None
+        if call is not None:
+            x, weight, _, stride, padding, dilation = call
+            entry = (tuple(x.shape[1:]), tuple(weight.shape[-2:]), stride, padding, dilation)
+            if entry not in self.calls:
+                self.calls.append(entry)
         return func(*args, **kwargs)
 
 

@@ -1,4 +1,4 @@
-"""The weight gradient of depthwise convolutions on feature maps smaller
+"""The weight gradient of depthwise convolutions on feature maps no larger
 than their kernel, computed on the CPU without oneDNN's slow path.
 
 Why: EfficientNet / MobileNet-style models at the small image sizes this
@@ -13,7 +13,8 @@ convolutions on small maps", ``benchmarks/bench_depthwise.py``).
 
 How: inside :func:`small_map_depthwise`, a ``conv2d`` call that is a
 depthwise convolution (one filter per channel) on a CPU float tensor whose
-height or width is smaller than the (dilated) kernel runs as
+map has no more positions than the kernel has taps (and at most
+:data:`MAX_POSITIONS`) runs as
 :class:`_SmallMapDepthwise`: the forward and the input gradient are
 torch's own (the same kernels as outside the context); the weight gradient
 is ``sum_n g[n, c, o] * x[n, c, i]`` for every (output, input) position
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["small_map_depthwise", "depthwise_weight_grad"]
+__all__ = ["small_map_depthwise", "depthwise_weight_grad", "depthwise_call"]
 
 _CONV2D = frozenset({F.conv2d, torch.conv2d})
 _DTYPES = (torch.float32, torch.float64)
@@ -54,9 +55,11 @@ def _pair(value: Union[int, Sequence[int]]) -> Optional[tuple]:
 
 
 @functools.lru_cache(maxsize=512)
-def _tap_matrix(size: tuple, kernel: tuple, stride: tuple, padding: tuple, dilation: tuple) -> torch.Tensor:
+def _tap_matrix(size: tuple, kernel: tuple, stride: tuple, padding: tuple, dilation: tuple,
+                dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``(kh*kw, OH*OW*H*W)`` 0/1 matrix: 1 where kernel tap ``t`` connects
-    output position ``o`` with input position ``i`` (flattened ``o*H*W + i``)."""
+    output position ``o`` with input position ``i`` (flattened ``o*H*W + i``);
+    one per layer shape, dtype and device (built once, not on every step)."""
     (h, w), (kh, kw), (sh, sw), (ph, pw), (dh, dw) = size, kernel, stride, padding, dilation
     oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
@@ -71,7 +74,7 @@ def _tap_matrix(size: tuple, kernel: tuple, stride: tuple, padding: tuple, dilat
                     col = b * sw + j * dw - pw
                     if 0 <= col < w:
                         taps[i * kw + j, a * ow + b, row * w + col] = 1
-    return taps.reshape(kh * kw, -1)
+    return taps.reshape(kh * kw, -1).to(device=device, dtype=dtype)
 
 
 def depthwise_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel: tuple, stride: tuple, padding: tuple,
@@ -85,7 +88,7 @@ def depthwise_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel: tuple
     inputs = x.permute(1, 0, 2, 3).reshape(c, n, h * w).contiguous()
     grads = grad_out.permute(1, 2, 3, 0).reshape(c, oh * ow, n).contiguous()
     pairs = torch.bmm(grads, inputs).reshape(c, -1)  # (C, OH*OW*H*W): sum over the batch of g[o] * x[i]
-    taps = _tap_matrix((h, w), kernel, stride, padding, dilation).to(device=x.device, dtype=x.dtype)
+    taps = _tap_matrix((h, w), kernel, stride, padding, dilation, x.dtype, x.device)
     return (pairs @ taps.T).reshape(c, 1, *kernel)
 
 
@@ -119,22 +122,20 @@ class _SmallMapDepthwise(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
-def _small_map_call(args: tuple, kwargs: dict) -> Optional[tuple]:
-    """The arguments of a ``conv2d`` call that takes the small-map path, or
-    ``None``."""
-    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-    bound = dict(zip(names, args))
-    if len(args) > len(names) or any(name not in names or name in bound for name in kwargs):
+_CONV2D_PARAMETERS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+
+
+def depthwise_call(args: tuple, kwargs: dict) -> Optional[tuple]:
+    """``(x, weight, bias, stride, padding, dilation)`` of a ``conv2d`` call
+    that is a depthwise convolution (4-D tensors, ``groups`` = channels,
+    one filter each, integer settings as pairs), else ``None``."""
+    bound = dict(zip(_CONV2D_PARAMETERS, args))
+    if len(args) > len(_CONV2D_PARAMETERS) or any(name not in _CONV2D_PARAMETERS or name in bound
+                                                  for name in kwargs):
         return None
     bound.update(kwargs)
     x, weight, bias = bound.get("input"), bound.get("weight"), bound.get("bias")
     if not (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor)) or x.dim() != 4 or weight.dim() != 4:
-        return None
-    if not torch.is_grad_enabled() or not weight.requires_grad:
-        return None  # nothing to speed up without a weight gradient
-    if x.device.type != "cpu" or x.dtype not in _DTYPES or weight.dtype != x.dtype or weight.device != x.device:
-        return None
-    if bias is not None and not (isinstance(bias, torch.Tensor) and bias.dtype == x.dtype):
         return None
     channels = x.shape[1]
     if bound.get("groups", 1) != channels or channels < 2 or tuple(weight.shape[:2]) != (channels, 1):
@@ -143,10 +144,26 @@ def _small_map_call(args: tuple, kwargs: dict) -> Optional[tuple]:
                                  (("stride", 1), ("padding", 0), ("dilation", 1)))
     if stride is None or padding is None or dilation is None:
         return None
+    return x, weight, bias, stride, padding, dilation
+
+
+def _small_map_call(args: tuple, kwargs: dict) -> Optional[tuple]:
+    """The arguments of a ``conv2d`` call that takes the small-map path, or
+    ``None``."""
+    call = depthwise_call(args, kwargs)
+    if call is None:
+        return None
+    x, weight, bias = call[:3]
+    if not torch.is_grad_enabled() or not weight.requires_grad:
+        return None  # nothing to speed up without a weight gradient
+    if x.device.type != "cpu" or x.dtype not in _DTYPES or weight.dtype != x.dtype or weight.device != x.device:
+        return None
+    if bias is not None and not (isinstance(bias, torch.Tensor) and bias.dtype == x.dtype):
+        return None
     h, w = x.shape[-2:]
     if h * w > min(MAX_POSITIONS, weight.shape[-2] * weight.shape[-1]):
         return None
-    return x, weight, bias, stride, padding, dilation
+    return call
 
 
 class _SmallMapDepthwiseMode(TorchFunctionMode):
@@ -161,7 +178,7 @@ class _SmallMapDepthwiseMode(TorchFunctionMode):
 
 def small_map_depthwise() -> TorchFunctionMode:
     """A context in which depthwise ``conv2d`` calls on CPU feature maps
-    smaller than their kernel compute their weight gradient with a batched
+    no larger than their kernel compute their weight gradient with a batched
     matrix product (see the module's docstring). Every other call, and the
     values computed, are as outside it (up to float rounding).
 

@@ -30,7 +30,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -693,17 +693,20 @@ def _write_all(directory: Path, files: list, *, weights: Optional[tuple] = None)
 
     name = None
     staged: list = []  # (temporary file, final path), in writing order
+
+    def stage(write: Callable[[Path], Any]) -> None:
+        tmp = _temporary_beside(directory / name)
+        staged.append((tmp, directory / name))
+        write(tmp)
+        _fsync_file(tmp)
+
     try:
         try:
             for name, data in files:
-                staged.append((_temporary_beside(directory / name), directory / name))
-                staged[-1][0].write_bytes(data)
-                _fsync_file(staged[-1][0])
+                stage(lambda tmp: tmp.write_bytes(data))
             if weights is not None:
                 name = WEIGHTS_FILE
-                staged.append((_temporary_beside(directory / name), directory / name))
-                save_model(weights[0], str(staged[-1][0]), metadata=weights[1])
-                _fsync_file(staged[-1][0])
+                stage(lambda tmp: save_model(weights[0], str(tmp), metadata=weights[1]))
             name = None  # the renames
             _swap_in(list(reversed(staged)))
         finally:

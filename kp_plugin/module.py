@@ -178,7 +178,7 @@ def _checked_input_size(input_size: Any) -> tuple:
 
 
 def _as_int_value(value: Any) -> int:
-    if isinstance(value, bool) or isinstance(value, (str, bytes)):
+    if isinstance(value, (bool, str, bytes)):
         raise TypeError(value)
     result = int(value)
     if result != value:
@@ -758,8 +758,8 @@ class ProtectedModel(nn.Module):
     ``forward_features``, get keyed images as ``forward`` does); where the
     base has no ``mean``, ``std`` or ``input_size`` of its own, those are the
     keyed input's (what the images are normalized with, the size its plan is
-    compiled for). ``unwrap()`` returns it. ``state_dict()`` has the base model's keys under ``model.``
-    and nothing derived from the key; ``load_state_dict`` also takes the base
+    compiled for). ``unwrap()`` returns it. ``state_dict()`` has the base
+    model's keys under ``model.`` and nothing derived from the key; ``load_state_dict`` also takes the base
     model's own state dict (its names without ``model.``), so a plain
     checkpoint of the base loads into the protected model as it is.
     """

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Optional, Sequence
 
 import torch
@@ -131,9 +131,8 @@ class CandidateKey:
         )
 
     def __deepcopy__(self, memo) -> "CandidateKey":
-        return replace(self, **{name: None if value is None else value.clone() for name, value in (
-            ("permutation", self.permutation), ("flip", self.flip), ("value_table", self.value_table),
-            ("block_permutation", self.block_permutation))})
+        return replace(self, **{f.name: getattr(self, f.name).clone() for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
 
     # ------------------------------------------------------------ build
     @classmethod

@@ -212,15 +212,18 @@ def default_keyed_processor(model_type: Any, key: SecretKey, *, mean: Sequence[f
             if processor_output_size(base) != (height, width):
                 continue
             got_mean, got_std = _normalization(base)
-            if not (torch.allclose(torch.tensor(_as_list(got_mean), dtype=torch.float64),
-                                   torch.tensor(_as_list(mean), dtype=torch.float64))
-                    and torch.allclose(torch.tensor(_as_list(got_std), dtype=torch.float64),
-                                       torch.tensor(_as_list(std), dtype=torch.float64))):
+            if not (_close(got_mean, mean) and _close(got_std, std)):
                 continue
             return KeyedImageProcessor(base, key)
         except Exception:  # noqa: BLE001 - a processor that cannot be set so: try the next one
             continue
     return None
+
+
+def _close(a: Any, b: Any) -> bool:
+    """Two normalization values (a number or one per channel) agree."""
+    first, second = (torch.tensor(_as_list(v), dtype=torch.float64) for v in (a, b))
+    return torch.allclose(first, second)
 
 
 def _checked_settings(processor: BaseImageProcessor, key: SecretKey) -> tuple:
