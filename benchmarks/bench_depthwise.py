@@ -132,7 +132,8 @@ def main(argv=None) -> int:
     text = "\n".join([
         "## Depthwise convolutions on small maps (`benchmarks/bench_depthwise.py`)",
         "",
-        f"Machine: {machine_description()}. The weight gradient of each depthwise convolution of "
+        f"Command: `.venv/bin/python benchmarks/bench_depthwise.py`. Machine: {machine_description()}. "
+        "The weight gradient of each depthwise convolution of "
         f"EfficientNet-Lite0 (one row per distinct shape; timm's same-padding layers are padded first), batch "
         f"{BATCH}, channels-last, median of {args.rounds} interleaved calls, ms: torch's own call (the oneDNN "
         "implementation it used, from `ONEDNN_VERBOSE`) and `kp_plugin._depthwise.depthwise_weight_grad`. "

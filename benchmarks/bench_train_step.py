@@ -114,6 +114,7 @@ def main(argv=None) -> int:
         "## One protected training step: memory layout and the small-map depthwise gradient "
         "(`benchmarks/bench_train_step.py`)",
         "",
+        f"Command: `.venv/bin/python benchmarks/bench_train_step.py --threads {args.threads}`. "
         f"Machine: {machine_description()}. EfficientNet-Lite0 (pre-trained) behind `wrap_model`, default scheme, "
         f"M={DEMO_BLOCK_SIZE}, the default objective (wrong-key pass on half the batch), backward, AdamW; the "
         f"candidates stepped in turn, median of {args.rounds} steps each. NCHW runs with the small-map depthwise "
