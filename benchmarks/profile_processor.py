@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     images = _images(args.images, 256)
     base = ViTImageProcessor()
     keyed = KeyedImageProcessor(ViTImageProcessor(), SecretKey.generate(block_size=16, scheme=args.scheme))
-    resized = keyed._resized(images)
+    resized, _ = keyed._resized(keyed.image_processor, images)
     keyed._keyed(resized)  # compiles the plan for this size
     flat = resized.flatten(1)
     index = keyed._keyed.source_index.expand(flat.shape[0], -1)
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
         ("base: resize + rescale + normalize", lambda: base(images, return_tensors="pt")),
         ("base: resize only", lambda: base(images, do_rescale=False, do_normalize=False, return_tensors="pt")),
         ("keyed: everything", lambda: keyed(images, return_tensors="pt")),
-        ("keyed: the base resize it reuses", lambda: keyed._resized(images)),
+        ("keyed: the base resize it reuses", lambda: keyed._resized(keyed.image_processor, images)),
         ("keyed: keyed step on the uint8 batch", lambda: keyed._keyed(resized)),
         ("keyed: uint8 gather alone", lambda: torch.gather(flat, 1, index)),
     ]
