@@ -110,8 +110,10 @@ def main(argv=None) -> int:
             weight.requires_grad_(True)
             takes = _small_map_call((x, weight, None) + tuple(layer[2:]) + (x.shape[1],), {}) is not None
             ours = depthwise_weight_grad(x, g, layer[1], *layer[2:])
-            theirs = _torch_weight_grad(x, weight.detach(), g, layer)
-            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-3)
+            # Against torch's gradient in float64: a float32 sum over up to 64 x 32 x 32 products differs
+            # from another float32 order by more than a fixed tolerance (both are rounding, not error).
+            exact = _torch_weight_grad(x.double(), weight.detach().double(), g.double(), layer)
+            torch.testing.assert_close(ours.double(), exact, rtol=0, atol=1e-5 * float(exact.abs().max()))
             t = interleaved_medians({
                 "torch": lambda: _torch_weight_grad(x, weight.detach(), g, layer),
                 "small-map": lambda: depthwise_weight_grad(x, g, layer[1], *layer[2:]),
