@@ -4,6 +4,9 @@ Every rank reads the same key file, builds the keyed processor, writes a
 hash of its compiled transform, then runs a few Trainer steps (gloo on CPU)
 with the protection objective and the callback. Usage:
     torchrun --nproc_per_node 2 tests/hf_ddp_worker.py KEY_FILE OUT_DIR
+
+KEY_FILE may hold ``{rank}``: each rank then loads its own file, which
+the run must refuse unless they hold the same key.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ def _accuracy(prediction) -> dict:
 def main(key_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
-    key = SecretKey.load(key_file)
+    key = SecretKey.load(key_file.format(rank=rank))  # "owner{rank}.key": a key file per rank (refused)
     processor = KeyedImageProcessor(vit_processor(), key)
     plan = compile_plan(key, 3, IMAGE_SIZE, IMAGE_SIZE)
     digest = hashlib.sha256(plan.source_index.numpy().tobytes())

@@ -91,3 +91,25 @@ def test_missing_image_column_names_the_trap(key):
     collator = KeyedImageCollator(KeyedImageProcessor(vit_processor(), key))
     with pytest.raises(Exception, match="remove_unused_columns"):
         collator([{"label": 1}])
+
+
+def test_an_unlabeled_split_gives_batches_without_labels(key, tmp_path):
+    # predict() on a test split without labels: the collator blamed Trainer's
+    # remove_unused_columns (and told a KeyedTrainer user to use KeyedTrainer).
+    from transformers import TrainingArguments
+
+    from hf_fixtures import tiny_vit
+    from kp_plugin.hf import KeyedTrainer
+
+    processor = KeyedImageProcessor(vit_processor(), key)
+    raw = digits_dataset("test", size=4).remove_columns("label")
+    batch = KeyedImageCollator(processor)([raw[i] for i in range(4)])
+    assert set(batch) == {"pixel_values"}
+    transformed = raw.with_transform(KeyedExampleTransform(processor))
+    assert set(transformed[0]) == {"pixel_values"}
+    args = TrainingArguments(str(tmp_path), report_to=[], use_cpu=True, per_device_eval_batch_size=2)
+    trainer = KeyedTrainer(model=tiny_vit(), args=args, data_collator=KeyedImageCollator(processor))
+    result = trainer.predict(raw)
+    assert result.predictions.shape == (4, 10) and result.label_ids is None
+    with pytest.raises(Exception, match="of the 2 examples in this batch have no 'label'"):
+        KeyedImageCollator(processor)([{"image": raw[0]["image"], "label": 1}, {"image": raw[1]["image"]}])

@@ -675,3 +675,49 @@ def test_a_cpu_training_step_takes_the_small_map_depthwise_gradient_with_the_sam
         weights[small_maps] = {name: value.detach().clone() for name, value in model.state_dict().items()}
     for name, value in weights[False].items():
         torch.testing.assert_close(weights[True][name], value, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_an_objective_and_a_compute_loss_func_together_are_refused(key, data, tmp_path):
+    # compute_loss_func was silently ignored next to an objective.
+    collator = KeyedImageCollator(KeyedImageProcessor(vit_processor(), key))
+    with pytest.raises(ConfigurationError, match="two losses"):
+        KeyedTrainer(model=tiny_vit(), args=_args(tmp_path), data_collator=collator,
+                     objective=ProtectionObjective(), compute_loss_func=lambda outputs, labels, **kw: outputs.loss)
+    trainer = KeyedTrainer(model=tiny_vit(), args=_args(tmp_path), data_collator=collator,
+                           compute_loss_func=lambda outputs, labels, **kw: outputs.logits.sum() * 0)
+    batch = collator([data[0][i] for i in range(4)])
+    assert trainer.compute_loss(trainer.model.train(), dict(batch)).item() == 0  # without an objective it is used
+
+
+class _CopiesTheKeyIntoCheckpoints(TrainerCallback):
+    """A careless callback: backs the key file up into every checkpoint."""
+
+    def __init__(self, key_file):
+        self.key_file = key_file
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        with open(self.key_file, "rb") as src, open(os.path.join(folder, "owner.key"), "wb") as dst:
+            dst.write(src.read())
+
+
+@pytest.mark.parametrize("trainer_class", [KeyedTrainer, Trainer])
+def test_the_checkpoint_scan_sees_what_other_callbacks_write_on_save(key, data, trainer_class, tmp_path):
+    # The callback moves itself first (for its metrics), so its scan ran
+    # before any other callback's on_save and missed the key written there.
+    from kp_plugin import KeyLeakError
+
+    key.save(tmp_path / "owner.key")
+    processor = KeyedImageProcessor(vit_processor(), key)
+    callback = KeyProtectionCallback(key, wrong_keys=1, min_margin=None)
+    trainer = trainer_class(
+        model=tiny_vit(), args=_args(tmp_path / "out", max_steps=1, save_strategy="steps", save_steps=1,
+                                     remove_unused_columns=False),
+        train_dataset=data[0].select(range(8)), data_collator=KeyedImageCollator(processor),
+        callbacks=[_CopiesTheKeyIntoCheckpoints(tmp_path / "owner.key"), callback],
+    )
+    with pytest.raises(KeyLeakError, match="owner.key"):
+        trainer.train()
+    names = [type(c).__name__ for c in trainer.callback_handler.callbacks]
+    assert names[0] == "KeyProtectionCallback" and names[-1] == "_ScanCheckpointLast"
+    assert names.count("_ScanCheckpointLast") == 1

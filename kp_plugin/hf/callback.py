@@ -38,7 +38,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
 from ..checkpoint import PROTECTION_FILE, ProtectionConfig, held_fingerprint, refuse_key_material
-from ..errors import CheckpointError, ConfigurationError
+from ..errors import CheckpointError, ConfigurationError, KeyMismatchError
 from ..keys import SecretKey, require_key
 from ..module import KeyedInput, ProtectedModel
 from ..objectives import logits_of
@@ -190,6 +190,7 @@ class KeyProtectionCallback(TrainerCallback):
         self._processor: Optional[KeyedImageProcessor] = image_processor
         self._wrong_inputs: dict = {}
         self.history: list = []
+        self._scanner = _ScanCheckpointLast(self)
 
     def bind(self, trainer: Any) -> "KeyProtectionCallback":
         """Log through ``trainer.log`` so that every logger (TensorBoard,
@@ -204,6 +205,7 @@ class KeyProtectionCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, processing_class=None,
                        train_dataloader=None, eval_dataloader=None, **kwargs):
         self._run_first()
+        refuse_other_keys_on_other_ranks(self.key)
         # A bound trainer shows its evaluation data before the first
         # evaluation (the handler's eval_dataloader is None until then).
         eval_sets = getattr(self._trainer, "eval_dataset", None)
@@ -227,9 +229,18 @@ class KeyProtectionCallback(TrainerCallback):
         came first). Moving a callback to an earlier place while the handler
         goes through the list neither skips nor repeats any other."""
         handler = self._trainer.callback_handler if self._trainer is not None else _calling_handler(self)
-        if handler is not None and self in handler.callbacks:
-            handler.callbacks.remove(self)
-            handler.callbacks.insert(0, self)
+        if handler is None or self not in handler.callbacks:
+            return
+        done = handler.callbacks.index(self)  # the handler has called the callbacks up to here
+        handler.callbacks.remove(self)
+        handler.callbacks.insert(0, self)
+        # The checkpoint scan goes last instead: another callback's on_save
+        # may write into the checkpoint too. Taking it from a place the
+        # handler has not reached yet shifts only what it has still to call.
+        if self._scanner in handler.callbacks[done + 1:]:
+            handler.callbacks.remove(self._scanner)
+        if self._scanner not in handler.callbacks:
+            handler.callbacks.append(self._scanner)
 
     def check_setup(self, model: nn.Module, *, processing_class: Any = None, dataloaders=(), datasets=()) -> str:
         """Check that exactly one of the model and the data path applies the
@@ -406,7 +417,9 @@ class KeyProtectionCallback(TrainerCallback):
             config.weights_digest = written.weights_digest
             config.extra = {**written.extra, **config.extra}
         config.sign(self.key).save(checkpoint)
-        refuse_key_material(checkpoint, self.key, remedy="delete the checkpoint before sharing")
+        handler = self._trainer.callback_handler if self._trainer is not None else _calling_handler(self)
+        if handler is None or self._scanner not in handler.callbacks:  # else the scanner, after the others
+            self._scanner.scan(checkpoint)
 
     def protection_config(self, model: nn.Module) -> ProtectionConfig:
         """The ``protection.json`` content for ``model`` trained with this key."""
@@ -416,6 +429,45 @@ class KeyProtectionCallback(TrainerCallback):
         if self._processor is None:
             raise ConfigurationError("cannot describe the protection: no KeyedImageProcessor known to the callback")
         return processor_protection_config(model, self._processor)
+
+
+class _ScanCheckpointLast(TrainerCallback):
+    """The key-material scan of each saved checkpoint, placed last in the
+    trainer's callbacks by :class:`KeyProtectionCallback` (which itself goes
+    first, for its metrics), so that it sees what every other callback's
+    ``on_save`` wrote into the checkpoint as well."""
+
+    def __init__(self, owner: KeyProtectionCallback) -> None:
+        self.owner = owner
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if args.should_save and checkpoint.is_dir():
+            self.scan(checkpoint)
+
+    def scan(self, checkpoint: Path) -> None:
+        refuse_key_material(checkpoint, self.owner.key, remedy="delete the checkpoint before sharing")
+
+    def __repr__(self) -> str:
+        return "KeyProtectionCallback.checkpoint_scan"
+
+
+def refuse_other_keys_on_other_ranks(key: SecretKey) -> None:
+    """Distributed (``torch.distributed`` initialized): :class:`KeyMismatchError`
+    on every rank unless every rank holds the same key. Each rank builds
+    its transform from its own key file; two files would train one model on
+    two keyings and record only rank 0's. Compares the public fingerprints
+    (a collective: every rank must call it)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    held = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(held, key.fingerprint)
+    if len(set(held)) > 1:
+        ranks = ", ".join(f"rank {rank}: {fingerprint}" for rank, fingerprint in enumerate(held))
+        raise KeyMismatchError(
+            f"the processes of this run hold different keys (fingerprints {ranks}); every rank must load the "
+            "same key file (copy the owner's key file to every machine, or set KP_KEY alike everywhere)"
+        )
 
 
 def refuse_other_key_output_dir(output_dir: Any, key: SecretKey) -> None:

@@ -135,6 +135,20 @@ class _ImageBatcher:
     def __deepcopy__(self, memo: dict):
         return self
 
+    def _labelled(self, examples: Sequence[dict]) -> bool:
+        """Whether the examples carry labels: all of them or none (an
+        unlabeled split; Trainer's column removal keeps ``label``, so a
+        missing label column is the data's, not the trap's)."""
+        if not self.label_column:
+            return False
+        have = [self.label_column in example for example in examples]
+        if any(have) and not all(have):
+            raise ConfigurationError(
+                f"{have.count(False)} of the {len(examples)} examples in this batch have no {self.label_column!r} "
+                "value: label every example of a split, or none (for predict)"
+            )
+        return all(have)
+
     def _missing(self, column: str, have: Sequence[str]) -> ConfigurationError:
         return ConfigurationError(f"examples have no {column!r} column (they have {sorted(have)}). {_TRAP_HINT}")
 
@@ -167,6 +181,8 @@ class KeyedImageCollator(_ImageBatcher):
         image_processor: a :class:`KeyedImageProcessor`.
         image_column: the column with PIL images / arrays.
         label_column: the column with int labels (``None``: no labels).
+            Examples without it (an unlabeled split for ``predict``) give
+            batches without ``labels``, as transformers' own collators do.
         output: ``"keyed"`` (plain model) or ``"images01"`` (wrapped model).
         augment: optional function on a float ``(B, C, H, W)`` batch in
             [0, 1], applied before the key (e.g. a torchvision v2 transform).
@@ -187,9 +203,7 @@ class KeyedImageCollator(_ImageBatcher):
         if self.image_column not in examples[0]:
             raise self._missing(self.image_column, have)
         batch = {"pixel_values": self._pixel_values([ex[self.image_column] for ex in examples])}
-        if self.label_column:
-            if self.label_column not in examples[0]:
-                raise self._missing(self.label_column, have)
+        if self._labelled(examples):
             batch["labels"] = torch.tensor([int(ex[self.label_column]) for ex in examples], dtype=torch.long)
         return batch
 
@@ -214,8 +228,6 @@ class KeyedExampleTransform(_ImageBatcher):
         if self.image_column not in batch:
             raise self._missing(self.image_column, list(batch.keys()))
         out = {"pixel_values": list(self._pixel_values(batch[self.image_column]).unbind(0))}
-        if self.label_column:
-            if self.label_column not in batch:
-                raise self._missing(self.label_column, list(batch.keys()))
+        if self.label_column and self.label_column in batch:  # else an unlabeled split (see the collator)
             out["labels"] = [int(v) for v in batch[self.label_column]]
         return out

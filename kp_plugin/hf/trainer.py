@@ -50,7 +50,8 @@ from ..module import KeyedInput, ProtectedModel
 from ..objectives import ProtectionObjective, logits_of
 from ..train import Normalize
 from ._datapath import base_module, batchers_in
-from .callback import KeyProtectionCallback, processor_protection_config, refuse_other_key_output_dir
+from .callback import (KeyProtectionCallback, processor_protection_config, refuse_other_key_output_dir,
+                       refuse_other_keys_on_other_ranks)
 from .data import _ImageBatcher
 from .processor import KeyedImageProcessor
 
@@ -124,6 +125,11 @@ class KeyedTrainer(Trainer):
         if objective is not None:
             objective.check_teacher(teacher)
             objective = self._with_label_smoothing(objective)
+        if objective is not None and getattr(self, "compute_loss_func", None) is not None:
+            raise ConfigurationError(
+                "two losses: objective= (the protection objective computes the training loss) and "
+                "compute_loss_func= (which it would replace); pass one of them"
+            )
         self.objective = objective
         self.teacher = teacher
         if teacher is not None:
@@ -320,10 +326,12 @@ class KeyedTrainer(Trainer):
         wrapped.train(training)  # load_protected returns the model in eval mode
 
     def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
-        if not resume_from_checkpoint and self.args.should_save:
-            wrapped = base_module(self.model)
-            key = wrapped.key if isinstance(wrapped, ProtectedModel) else self._run_key()
-            if key is not None:  # before training: a refused save would lose the run
+        wrapped = base_module(self.model)
+        key = wrapped.key if isinstance(wrapped, ProtectedModel) else self._run_key()
+        if key is not None:
+            refuse_other_keys_on_other_ranks(key)
+            if not resume_from_checkpoint and self.args.should_save:
+                # before training: a refused save would lose the run
                 refuse_other_key_output_dir(self.args.output_dir, key)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
