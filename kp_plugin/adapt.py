@@ -62,7 +62,8 @@ def first_conv(model: nn.Module, channels: Optional[int] = None) -> tuple[str, n
     ``channels`` input channels: a ViT's patch embedding or a CNN's stem.
 
     Example:
-        >>> name, conv = first_conv(timm.create_model("vit_tiny_patch16_224"))  # doctest: +SKIP
+        >>> import timm
+        >>> name, conv = first_conv(timm.create_model("vit_tiny_patch16_224"))
         >>> name
         'patch_embed.proj'
     """

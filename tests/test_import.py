@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 import kp_plugin
 
 HEAVY = ("timm", "transformers", "huggingface_hub", "torchvision", "datasets", "accelerate")
@@ -36,15 +38,26 @@ def test_every_error_is_a_kp_error():
     assert issubclass(kp_plugin.InputRangeError, ValueError)
 
 
-def test_docstring_examples_of_the_core_run(tmp_path, monkeypatch):
+def test_docstring_examples_of_every_module_run(tmp_path, monkeypatch):
+    # Every module, not only the core's: three examples elsewhere had gone
+    # stale (a name used without its skipped definition, an unshown result).
     import doctest
-
-    import kp_plugin.checkpoint
-    import kp_plugin.keys
-    import kp_plugin.module
-    import kp_plugin.transforms
+    import importlib
+    import pkgutil
 
     monkeypatch.chdir(tmp_path)  # examples that write files write here
-    for module in (kp_plugin.keys, kp_plugin.transforms, kp_plugin.module, kp_plugin.checkpoint):
+    names = [info.name for info in pkgutil.walk_packages(kp_plugin.__path__, "kp_plugin.")]
+    names = [name for name in names if not name.endswith("__main__")]
+    assert {"kp_plugin.keys", "kp_plugin.hf.callback", "kp_plugin.attacks.weight_matching"} <= set(names)
+    tried = 0
+    for name in ["kp_plugin", *names]:
+        try:
+            module = importlib.import_module(name)
+        except ImportError as exc:  # an adapter whose library is not installed (core-only install)
+            if (exc.name or "").split(".")[0] in HEAVY:
+                continue
+            raise
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
-        assert result.failed == 0, module.__name__
+        assert result.failed == 0, name
+        tried += result.attempted
+    assert tried > 0

@@ -144,6 +144,7 @@ class KeyProtectionCallback(TrainerCallback):
         KeyLeakError: on save, when a file in the checkpoint holds key material.
 
     Example:
+        >>> key = SecretKey.generate(block_size=16)
         >>> callback = KeyProtectionCallback(key, wrong_keys=8, min_margin=0.3)
         >>> trainer = KeyedTrainer(model=model, args=args, train_dataset=train, eval_dataset=val,
         ...                        data_collator=KeyedImageCollator(processor),

@@ -312,7 +312,7 @@ class KeyedImageProcessor(BaseImageProcessor):
         >>> key = SecretKey.generate(block_size=16)
         >>> processor = KeyedImageProcessor(ViTImageProcessor(), key)
         >>> batch = processor(images, return_tensors="pt")      # doctest: +SKIP
-        >>> processor.save_pretrained("out/")                   # no key in it
+        >>> written = processor.save_pretrained("out/")         # no key in it
         >>> same = KeyedImageProcessor.from_pretrained("out/", key=key)
     """
 
