@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import hashlib
 import hmac
 import json
@@ -30,7 +31,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -336,6 +337,23 @@ def _temporary_beside(path: Path) -> Path:
     """A temporary name in ``path``'s folder, its own per call: two
     processes saving into one folder do not rename each other's files."""
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def remove_stale_temporaries(directory: Path, names: Iterable[str]) -> None:
+    """Remove the temporaries (:func:`_temporary_beside`) of ``names`` in
+    ``directory`` that a process no longer running left behind (stopped
+    between a rename and its clean-up); those of a live process stay."""
+    for name in names:
+        for path in directory.glob(f".{glob.escape(name)}.*.*.tmp"):
+            pid = path.name[len(name) + 2:].split(".")[0]
+            if not pid.isdigit() or int(pid) == os.getpid():
+                continue
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                path.unlink(missing_ok=True)
+            except OSError:  # alive (another user's), or cannot tell
+                pass
 
 
 @contextlib.contextmanager

@@ -34,11 +34,14 @@ from torch import nn
 
 from ._depthwise import small_map_depthwise
 from .checkpoint import (
+    CONFIG_FILE,
+    PROTECTION_FILE,
     WEIGHTS_FILE,
     ProtectionConfig,
     _save_protected,
     _uncompiled,
     _write_all,
+    remove_stale_temporaries,
     find_key_material,
     load_error_summary,
     read_weights_header,
@@ -472,12 +475,15 @@ class _WeightAverage:
 def _save_checkpoint(model: nn.Module, directory: Path, state: dict) -> None:
     """The weights and the training state of one epoch. The state is written
     first and renamed into place last, after the weights: a failed write (a
-    full disk) leaves the previous epoch's files resumable, and a crash
-    between the renames leaves new weights beside an older state, which
-    ``weights_digest`` tells (see :func:`_load_checkpoint`)."""
+    full disk) leaves the previous epoch's files resumable. The state holds
+    its own copy of the weights, so a run stopped between the renames (a
+    Ctrl-C there, a kill) leaves a state that resumes whole, from its epoch,
+    beside the next epoch's published weights (:func:`_load_checkpoint`)."""
     directory.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(directory, (TRAINING_STATE_FILE, WEIGHTS_FILE, PROTECTION_FILE, CONFIG_FILE))
     base = _uncompiled(model.unwrap() if hasattr(model, "unwrap") else model)
-    state = {**state, "weights_digest": weights_digest(base)}  # which weights this state continues
+    # which weights this state continues, and those weights themselves
+    state = {**state, "weights_digest": weights_digest(base), "weights": base.state_dict()}
     try:
         with replacing(directory / TRAINING_STATE_FILE, durable=True) as tmp:
             torch.save(state, tmp)
@@ -519,6 +525,9 @@ def _check_training_state(state: Any, state_path: Path, groups: Optional[list] =
         elif not all(isinstance(state[name], torch.Tensor) and state[name].dtype == torch.uint8
                      for name in ("generator", "torch_rng")):
             problem = "its random generator states are not byte tensors"
+        elif "weights" in state and not (isinstance(state["weights"], dict) and all(
+                isinstance(name, str) and isinstance(value, torch.Tensor) for name, value in state["weights"].items())):
+            problem = "its weights are not a state dict"
         elif state.get("weight_average") is not None and not (
                 isinstance(state["weight_average"], dict) and isinstance(state["weight_average"].get("values"), dict)
                 and isinstance(state["weight_average"].get("updates"), int)):
@@ -564,6 +573,13 @@ def _load_checkpoint(model: nn.Module, directory: Path, groups: Optional[list] =
     _check_training_state(state, state_path, groups)
     if check is not None:
         check(state, state_path)
+    if "weights" in state:  # the state's own weights: whole even when the run stopped between the renames
+        try:
+            base.load_state_dict(state["weights"], strict=True)
+        except (RuntimeError, TypeError) as exc:
+            raise CheckpointError(f"cannot resume from {state_path}: {load_error_summary(exc)}") from None
+        return state
+    # A state written before it held the weights: those beside it must be its own.
     if config is not None:
         read_weights_header(directory / WEIGHTS_FILE, config)  # whole, and from the same save as protection.json
         written = config.weights_digest

@@ -1,11 +1,13 @@
 """Fine-tuning: augmentation before the key, checkpoints without the key,
 resume, rekeying, accuracy."""
 
+import os
+
 import pytest
 import timm
 import torch
 
-from kp_plugin import SecretKey, save_protected, wrap_model
+from kp_plugin import SecretKey, load_protected, save_protected, wrap_model
 from kp_plugin.checkpoint import PROTECTION_FILE, WEIGHTS_FILE, find_key_material
 from kp_plugin.data import TensorImageDataset
 from kp_plugin.errors import CheckpointError, ConfigurationError, KeyMismatchError
@@ -167,27 +169,66 @@ def test_a_training_state_that_does_not_fit_is_refused_before_the_weights_load(t
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_a_checkpoint_torn_between_weights_and_training_state_is_not_resumed(tmp_path, key):
-    # A run killed after writing an epoch's weights but before its training
-    # state resumed silently: that epoch's weights with the previous epoch's
-    # optimizer, schedule and random state (the epoch trained twice).
+def test_a_checkpoint_torn_between_weights_and_training_state_resumes_from_the_state(tmp_path, key):
+    # A run stopped after writing an epoch's weights but before its training
+    # state (a Ctrl-C at that moment, a kill) first resumed silently with
+    # mismatched parts, then was refused ("later save"): every epoch was lost.
+    # The state now holds its own weights and resumes whole from its epoch.
+    data = _separable_dataset(16)
+    first = _model(key, seed=1)
+    fit(first, data, config=TrainConfig(epochs=1, batch_size=16), checkpoint_dir=tmp_path, progress=False)
+    after_epoch_1 = {k: v.clone() for k, v in first.unwrap().state_dict().items()}
+    save_protected(_model(key, seed=2), tmp_path, metadata={"epoch": 2})  # the next epoch's weights, then the stop
+    resumed = _model(key, seed=3)
+    loaded = {}
+    original = resumed.unwrap().load_state_dict
+
+    def recording(state_dict, *args, **kwargs):
+        loaded.update({k: v.clone() for k, v in state_dict.items()})
+        return original(state_dict, *args, **kwargs)
+
+    resumed.unwrap().load_state_dict = recording
+    result = fit(resumed, data, config=TrainConfig(epochs=2, batch_size=16), checkpoint_dir=tmp_path, resume=True,
+                 progress=False)
+    assert [r["epoch"] for r in result.history] == [1, 2]
+    assert loaded.keys() == after_epoch_1.keys() and all(torch.equal(loaded[k], v) for k, v in after_epoch_1.items())
+
+
+def test_an_older_training_state_without_weights_is_checked_against_the_weights_beside_it(tmp_path, key):
+    # States written before they held the weights: the weights beside them
+    # must be their own (the digest), else the run is refused as before.
     data = _separable_dataset(16)
     fit(_model(key, seed=1), data, config=TrainConfig(epochs=1, batch_size=16), checkpoint_dir=tmp_path,
         progress=False)
-    later = _model(key, seed=2)
-    save_protected(later, tmp_path, metadata={"epoch": 2})  # the next epoch's weights, then the crash
+    state = torch.load(tmp_path / TRAINING_STATE_FILE, weights_only=True)
+    torch.save({k: v for k, v in state.items() if k != "weights"}, tmp_path / TRAINING_STATE_FILE)
+    result = fit(_model(key), data, config=TrainConfig(epochs=2, batch_size=16), checkpoint_dir=tmp_path,
+                 resume=True, progress=False)
+    assert [r["epoch"] for r in result.history] == [1, 2]
+    state = torch.load(tmp_path / TRAINING_STATE_FILE, weights_only=True)
+    torch.save({k: v for k, v in state.items() if k != "weights"}, tmp_path / TRAINING_STATE_FILE)
+    save_protected(_model(key, seed=2), tmp_path, metadata={"epoch": 3})
     with pytest.raises(CheckpointError, match="later save"):
         fit(_model(key), data, config=TrainConfig(epochs=3, batch_size=16), checkpoint_dir=tmp_path, resume=True,
             progress=False)
 
 
 @pytest.mark.parametrize("content", [b"", b"garbage", b"truncated"])
-def test_damaged_weights_are_a_checkpoint_error_on_resume(tmp_path, key, content):
-    # safetensors' own SafetensorError reached the caller (and kp printed a traceback).
+def test_damaged_weights_beside_the_training_state(tmp_path, key, content):
+    # A resume reads the state's own weights, and its next save rewrites the
+    # damaged file. An older state (without weights) needs the file: a
+    # damaged one is a CheckpointError naming it (safetensors' own
+    # SafetensorError reached the caller, and kp printed a traceback).
     data = _separable_dataset(16)
     fit(_model(key, seed=1), data, config=TrainConfig(epochs=1, batch_size=16), checkpoint_dir=tmp_path,
         progress=False)
     weights = tmp_path / WEIGHTS_FILE
+    state = torch.load(tmp_path / TRAINING_STATE_FILE, weights_only=True)
+    weights.write_bytes(weights.read_bytes()[:1000] if content == b"truncated" else content)
+    fit(_model(key), data, config=TrainConfig(epochs=2, batch_size=16), checkpoint_dir=tmp_path, resume=True,
+        progress=False)
+    load_protected(tmp_path, _model(key).unwrap(), key)  # whole again
+    torch.save({k: v for k, v in state.items() if k != "weights"}, tmp_path / TRAINING_STATE_FILE)
     weights.write_bytes(weights.read_bytes()[:1000] if content == b"truncated" else content)
     with pytest.raises(CheckpointError, match=WEIGHTS_FILE):
         fit(_model(key), data, config=TrainConfig(epochs=2, batch_size=16), checkpoint_dir=tmp_path, resume=True,
@@ -576,9 +617,10 @@ def test_a_failed_training_state_write_leaves_the_previous_epoch_resumable(tmp_p
     assert [r["epoch"] for r in result.history] == [1, 2]
 
 
-def test_a_plain_models_checkpoint_torn_between_weights_and_state_is_not_resumed(tmp_path):
+def test_a_plain_models_checkpoint_torn_between_weights_and_state_resumes_from_the_state(tmp_path):
     # Only protected checkpoints recorded which weights a training state
     # continues: a plain model resumed epoch-2 weights with epoch-1 state.
+    # Now its state holds its weights too (and an older one is refused).
     import shutil
 
     data = _separable_dataset(16)
@@ -589,6 +631,32 @@ def test_a_plain_models_checkpoint_torn_between_weights_and_state_is_not_resumed
     fit(baseline, data, config=TrainConfig(epochs=2, batch_size=16), checkpoint_dir=tmp_path, resume=True,
         progress=False)
     shutil.copy(tmp_path / "epoch1.pt", tmp_path / TRAINING_STATE_FILE)  # the epoch-2 state never landed
+    result = fit(baseline, data, config=TrainConfig(epochs=3, batch_size=16), checkpoint_dir=tmp_path, resume=True,
+                 progress=False)
+    assert [r["epoch"] for r in result.history] == [1, 2, 3]
+    state = torch.load(tmp_path / "epoch1.pt", weights_only=True)
+    torch.save({k: v for k, v in state.items() if k != "weights"}, tmp_path / TRAINING_STATE_FILE)
     with pytest.raises(CheckpointError, match="later save"):
-        fit(baseline, data, config=TrainConfig(epochs=3, batch_size=16), checkpoint_dir=tmp_path, resume=True,
+        fit(baseline, data, config=TrainConfig(epochs=4, batch_size=16), checkpoint_dir=tmp_path, resume=True,
             progress=False)
+
+
+def test_the_next_save_removes_temporaries_a_stopped_run_left(tmp_path, key):
+    # A Ctrl-C inside a save's clean-up left `.config.json.PID.XXXX.tmp` (and
+    # others) in the checkpoint folder for good.
+    import subprocess
+    import sys
+
+    data = _separable_dataset(16)
+    fit(_model(key), data, config=TrainConfig(epochs=1, batch_size=16), checkpoint_dir=tmp_path, progress=False)
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(ended.stdout)
+    stale = [tmp_path / f".{name}.{dead}.0a1b2c3d.tmp" for name in ("config.json", PROTECTION_FILE, WEIGHTS_FILE)]
+    live = tmp_path / f".{PROTECTION_FILE}.{os.getppid()}.0a1b2c3d.tmp"  # a running process's: kept
+    other = tmp_path / f".notes.{dead}.0a1b2c3d.tmp"  # not one of the checkpoint's files: kept
+    for path in [*stale, live, other]:
+        path.write_bytes(b"x")
+    fit(_model(key), data, config=TrainConfig(epochs=2, batch_size=16), checkpoint_dir=tmp_path, resume=True,
+        progress=False)
+    assert not any(path.exists() for path in stale)
+    assert live.exists() and other.exists()
