@@ -25,7 +25,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -35,6 +35,7 @@ from .cli import KEY_ENV, _UsageError
 from .errors import (
     CheckpointError,
     ConfigurationError,
+    InputSizeWarning,
     KeyFileError,
     KeyFilePermissionWarning,
     KeyLeakError,
@@ -195,6 +196,24 @@ def _baseline_worker(options: dict, num_classes: int, normalization: tuple, conf
         queue.put(("error", f"{type(exc).__name__}: {exc}"))
 
 
+def start_ignoring_interrupts(process: Any) -> None:
+    """Start a ``multiprocessing`` process with Ctrl-C (SIGINT) ignored in
+    it: the terminal sends it to the whole process group, and a spawned child
+    caught importing torch printed a traceback under ``kp protect:
+    interrupted``. This process handles the interrupt and ends the child."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        process.start()
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a spawned child keeps an ignored signal ignored
+    try:
+        process.start()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class _BaselineBeside:
     """The unprotected baseline fine-tuned in a second process while this
     one trains the protected model, each with half the CPU threads: on a
@@ -217,7 +236,7 @@ class _BaselineBeside:
             args=(options, num_classes, (list(keyed.mean), list(keyed.std), keyed.input_size), config,
                   child_threads, self.queue),
         )
-        self.process.start()
+        start_ignoring_interrupts(self.process)
         self.total = total
         self.reclaimed = False
         torch.set_num_threads(self.parent_threads)
@@ -440,6 +459,7 @@ def open_checkpoint(args: argparse.Namespace, device: torch.device) -> tuple:
     size = args.image_size or saved
     if saved is not None and size != saved:
         scrambled = "scramble" in key.scheme
+        warnings.filterwarnings("ignore", category=InputSizeWarning)  # said here, for this command (kp.main's scope)
         print(f"warning: the model was trained at {saved}x{saved}; at {size}x{size} "
               + ("the key's block scrambling orders the blocks differently, so even the right key scores near chance"
                  if scrambled else "its accuracy is not the one it was trained for"), file=sys.stderr)

@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import textwrap
+import warnings
 from typing import Callable, Optional, Sequence
 
 from .errors import CheckpointError, KeyFileError, KeyMismatchError, KPError
@@ -316,6 +317,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_show_warning = warnings.showwarning
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """kp-plugin's own warnings as one ``warning:`` line, as kp's errors are
+    (not Python's ``file:line: Category: ...`` and the echoed source line);
+    other libraries' warnings as Python shows them."""
+    if getattr(category, "__module__", "").split(".")[0] == "kp_plugin":
+        print(f"warning: {message}", file=sys.stderr if file is None else file)
+    else:
+        _show_warning(message, category, filename, lineno, file, line)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``kp`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code.
 
@@ -329,7 +343,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as exc:
         return int(exc.code or 0)
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            return int(args.func(args) or 0)
     except _UsageError as exc:  # found after parsing: the subcommand's usage, as argparse's own errors show
         commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         commands.choices[args.command].print_usage(sys.stderr)

@@ -729,3 +729,44 @@ def test_a_key_file_in_the_report_folder_is_to_be_moved_not_deleted(protected, t
     err = capsys.readouterr().err
     assert "other.key" in err and "move these files out" in err and "delete" not in err
     assert (report / "other.key").is_file()
+
+
+def _report_sigint(queue):
+    import signal
+
+    queue.put(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)
+
+
+def test_the_baseline_process_leaves_ctrl_c_to_kp_protect():
+    # The terminal's Ctrl-C reaches every process of the group: a baseline
+    # child still importing torch printed a 50-line traceback under
+    # "kp protect: interrupted". It starts with SIGINT ignored; kp protect
+    # ends it. This process keeps its own handler.
+    import multiprocessing
+    import signal
+
+    from kp_plugin._cli_handlers import start_ignoring_interrupts
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_report_sigint, args=(queue,))
+    before = signal.getsignal(signal.SIGINT)
+    start_ignoring_interrupts(process)
+    assert queue.get(timeout=60) is True
+    process.join(timeout=60)
+    assert process.exitcode == 0 and signal.getsignal(signal.SIGINT) is before
+
+
+def test_the_librarys_warnings_are_one_warning_line_each(protected, tmp_path, monkeypatch, capsys):
+    # They came as Python prints them: "/path/module.py:533: InputSizeWarning:
+    # ..." and the echoed source line, some after kp's own line saying the same.
+    key_path, out = protected
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "digits").mkdir()  # `--data digits` means the embedded set, not this folder: a DatasetNameWarning
+    assert main(["evaluate", str(out), "--key", str(key_path), "--data", "digits", "--image-size", "32",
+                 "--wrong-keys", "1", "--quiet", "-o", str(tmp_path / "report")]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert sum("'digits' loads the embedded digits dataset" in line for line in lines) == 1
+    assert sum("trained at 16x16" in line or "saved for 16x16" in line for line in lines) == 1
+    assert all(line.startswith("warning: ") for line in lines), err
