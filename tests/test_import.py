@@ -5,8 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
-
 import kp_plugin
 
 HEAVY = ("timm", "transformers", "huggingface_hub", "torchvision", "datasets", "accelerate")
