@@ -461,14 +461,21 @@ def test_a_branch_that_moves_during_the_pull_does_not_mix_two_commits(test_hub, 
         assert torch.equal(pulled(images), model(images))
 
 
-def test_a_server_error_is_not_reported_as_an_unreachable_hub(test_hub, pushed, isolate_hub_client):
+def test_a_server_error_is_not_reported_as_an_unreachable_hub(test_hub, pushed, isolate_hub_client, monkeypatch):
+    import huggingface_hub.utils._http as hub_http
+
     from kp_plugin.hub import HubError
 
+    # huggingface_hub retries a 500 five times, waiting 1+2+4+8+8 s: the
+    # same retries here, without the 23 s of waiting.
+    waits = []
+    monkeypatch.setattr(hub_http.time, "sleep", waits.append)
     try:
         _fault(test_hub, repo=pushed, path="protection.json", mode="error500")
         with pytest.raises(HubError, match="HTTP 500") as raised:
             _pull(test_hub, pushed, KEY, isolate_hub_client)
         assert not isinstance(raised.value, HubUnreachableError)
+        assert waits  # the client's retries ran (the error is what they end with)
     finally:
         (test_hub.root / "fault.json").unlink(missing_ok=True)
 
