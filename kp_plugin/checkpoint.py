@@ -709,6 +709,8 @@ def _write_all(directory: Path, files: list, *, weights: Optional[tuple] = None)
     from safetensors import SafetensorError
     from safetensors.torch import save_model
 
+    names = [name for name, _ in files] + ([WEIGHTS_FILE] if weights is not None else [])
+    remove_stale_temporaries(directory, names)  # those a stopped save into this folder left
     name = None
     staged: list = []  # (temporary file, final path), in writing order
 
@@ -743,7 +745,8 @@ def _swap_in(moves: list) -> None:
     replace are kept (hard links) until all are in place; if one rename
     fails or is interrupted, the ones done are undone, so the folder holds
     the previous save, not a mix of two. (A process killed outright leaves
-    those links, named ``.NAME.PID.XXXX.tmp``, beside the files.)"""
+    those links, named ``.NAME.PID.XXXX.tmp``, beside the files; the next
+    save into the folder removes them, :func:`remove_stale_temporaries`.)"""
     done: list = []  # (final path, its previous file's link or None)
     try:
         for tmp, final in moves:

@@ -34,8 +34,6 @@ from torch import nn
 
 from ._depthwise import small_map_depthwise
 from .checkpoint import (
-    CONFIG_FILE,
-    PROTECTION_FILE,
     WEIGHTS_FILE,
     ProtectionConfig,
     _save_protected,
@@ -480,7 +478,7 @@ def _save_checkpoint(model: nn.Module, directory: Path, state: dict) -> None:
     Ctrl-C there, a kill) leaves a state that resumes whole, from its epoch,
     beside the next epoch's published weights (:func:`_load_checkpoint`)."""
     directory.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(directory, (TRAINING_STATE_FILE, WEIGHTS_FILE, PROTECTION_FILE, CONFIG_FILE))
+    remove_stale_temporaries(directory, (TRAINING_STATE_FILE,))  # the other files': _write_all removes them
     base = _uncompiled(model.unwrap() if hasattr(model, "unwrap") else model)
     # which weights this state continues, and those weights themselves
     state = {**state, "weights_digest": weights_digest(base), "weights": base.state_dict()}

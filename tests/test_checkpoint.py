@@ -23,7 +23,7 @@ from kp_plugin import (
     save_protected,
     wrap_model,
 )
-from kp_plugin.checkpoint import find_key_material
+from kp_plugin.checkpoint import PROTECTION_FILE, find_key_material
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -890,3 +890,20 @@ def test_a_save_interrupted_between_its_renames_keeps_the_previous_checkpoint(sa
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in directory.iterdir()} == before  # no temporary files either
     load_protected(directory, _fresh_cnn(), key)
+
+
+def test_a_save_removes_the_temporaries_a_stopped_save_left(saved):
+    # A process killed between the renames of a save leaves the previous
+    # files' links (.NAME.PID.XXXX.tmp) beside the checkpoint; the next save
+    # into the folder removes those of a process no longer running.
+    import subprocess
+    import sys
+
+    model, directory = saved
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = directory / f".{PROTECTION_FILE}.{int(ended.stdout)}.0a1b2c3d.tmp"
+    live = directory / f".{PROTECTION_FILE}.{os.getppid()}.0a1b2c3d.tmp"
+    for path in (stale, live):
+        path.write_bytes(b"x")
+    save_protected(model, directory)
+    assert not stale.exists() and live.exists()
