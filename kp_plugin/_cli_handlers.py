@@ -626,11 +626,8 @@ def cli_key(path: Optional[str], *, required: bool = True) -> Optional[SecretKey
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", KeyFilePermissionWarning)
             key = SecretKey.load(path)
-        for warning in caught:
-            if issubclass(warning.category, KeyFilePermissionWarning):
-                print(f"warning: {warning.message}", file=sys.stderr)  # one plain line, as kp's errors are
-            else:
-                warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+        for warning in caught:  # kp.main's showwarning prints kp-plugin's as one plain "warning:" line
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
         return key
     if os.environ.get(KEY_ENV):
         return SecretKey.from_env(KEY_ENV)

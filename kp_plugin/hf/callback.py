@@ -222,6 +222,10 @@ class KeyProtectionCallback(TrainerCallback):
         elif state.global_step == 0 and args.should_save:
             refuse_other_key_output_dir(args.output_dir, self.key)
 
+    def _handler(self) -> Any:
+        """The calling trainer's ``CallbackHandler`` (``None`` outside one)."""
+        return self._trainer.callback_handler if self._trainer is not None else _calling_handler(self)
+
     def _run_first(self) -> None:
         """Come first in the trainer's callback list, so that the protection
         metrics are in ``metrics`` before any other callback's
@@ -229,7 +233,7 @@ class KeyProtectionCallback(TrainerCallback):
         ``metric_for_best_model="protection_margin"`` found nothing when it
         came first). Moving a callback to an earlier place while the handler
         goes through the list neither skips nor repeats any other."""
-        handler = self._trainer.callback_handler if self._trainer is not None else _calling_handler(self)
+        handler = self._handler()
         if handler is None or self not in handler.callbacks:
             return
         done = handler.callbacks.index(self)  # the handler has called the callbacks up to here
@@ -418,7 +422,7 @@ class KeyProtectionCallback(TrainerCallback):
             config.weights_digest = written.weights_digest
             config.extra = {**written.extra, **config.extra}
         config.sign(self.key).save(checkpoint)
-        handler = self._trainer.callback_handler if self._trainer is not None else _calling_handler(self)
+        handler = self._handler()
         if handler is None or self._scanner not in handler.callbacks:  # else the scanner, after the others
             self._scanner.scan(checkpoint)
 
