@@ -420,7 +420,7 @@ def open_protected(args: argparse.Namespace, device: torch.device) -> tuple:
     checkpoint = Path(args.checkpoint)
     protection = ProtectionConfig.load(checkpoint)
     try:
-        protection.check_key(key)
+        protection.check_key(key, unsigned="ignore")  # load_protected_auto warns
     except KeyMismatchError as exc:
         if key.fingerprint == protection.fingerprint:  # the same key, other settings: say which
             raise KeyMismatchError(f"{checkpoint}: {exc}") from None

@@ -117,7 +117,7 @@ def load_protected_auto(
             return load_protected_timm(directory, key, allow_wrong_key=allow_wrong_key, device=device)
         if library == "transformers":
             if not allow_wrong_key:
-                ProtectionConfig.load(directory).check_key(key)  # before building anything
+                ProtectionConfig.load(directory).check_key(key, unsigned="ignore")  # before building anything
             model = build_transformers_model(directory)
         else:
             raise CheckpointError(

@@ -29,6 +29,7 @@ import re
 import secrets
 import shutil
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
@@ -38,7 +39,7 @@ from torch import nn
 
 from . import __version__
 from .errors import (CheckpointError, CheckpointWriteError, ConfigurationError, KeyLeakError, KeyMismatchError,
-                     first_line)
+                     UnsignedCheckpointWarning, first_line)
 from .keys import KEY_FILE_FORMAT, SecretKey, parse_scheme, require_key
 from .module import ProtectedModel, fixed_image_size, require_protected, wrap_model
 
@@ -227,21 +228,38 @@ class ProtectionConfig:
                                   "model again with save_protected, or download it again") from None
         return cls.from_dict(data, source=str(path))
 
-    def check_key(self, key: SecretKey) -> None:
+    def check_key(self, key: SecretKey, *, unsigned: str = "warn") -> None:
         """Raise :class:`KeyMismatchError` unless ``key`` is the checkpoint's
         key, and :class:`CheckpointError` when the config was changed after
-        it was signed (its ``mac`` does not verify with ``key``)."""
+        it was signed (its ``mac`` does not verify with ``key``). A config
+        without ``mac`` (``unsigned``): ``"warn"``, an
+        :class:`~kp_plugin.errors.UnsignedCheckpointWarning`; ``"error"`` (a
+        model from the Hub), a :class:`CheckpointError`; ``"ignore"`` (a
+        check before a load that warns itself)."""
         require_key(key)
         if key.fingerprint == self.fingerprint:
             # The owner's key: a block size or scheme that differs from the
             # key's was edited in this file (the mac says so) or in the key
             # file (it verifies); check the mac first to tell which.
-            self._check_mac(key)
+            self._check_mac(key, unsigned)
         check_key_matches(key, fingerprint=self.fingerprint, block_size=self.block_size,
                           scheme=self.scheme, channels=self.channels)
 
-    def _check_mac(self, key: SecretKey) -> None:
-        if self.mac is not None and not hmac.compare_digest(self.mac, self._mac_with(key)):
+    def _check_mac(self, key: SecretKey, unsigned: str) -> None:
+        if self.mac is None:
+            if unsigned == "ignore":
+                return
+            # Removing the mac must not pass for a signed file quietly: with it
+            # go the checks of the normalization, input size and weights digest.
+            why = (f"{PROTECTION_FILE} has no mac, so its settings ({', '.join(MAC_FIELDS)}) and the weights cannot "
+                   "be checked against the key (kp-plugin signs every one it writes: this one was written by hand or "
+                   "by an old release, or its mac was removed)")
+            if unsigned == "error":
+                raise CheckpointError(f"{why}; the owner can sign it by loading the model with load_protected, "
+                                      "saving it again with save_protected, and pushing that")
+            warnings.warn(f"{why}; if you did not write it, restore it from the save; to sign it, save the model "
+                          "again with save_protected", UnsignedCheckpointWarning, stacklevel=4)
+        elif not hmac.compare_digest(self.mac, self._mac_with(key)):
             raise CheckpointError(
                 f"{PROTECTION_FILE} was changed after it was written: its mac does not verify with this key, so one "
                 f"of {', '.join(MAC_FIELDS)} (or an export's file digests) was edited; restore it from the save, or "
@@ -325,8 +343,12 @@ def weights_digest(module: nn.Module) -> str:
     """A short public digest of ``module``'s state dict (names, shapes,
     dtypes and bytes; SHA-256, which CPUs accelerate, cut to 16 hex digits):
     the same weights always give the same one."""
+    return _digest_of(sorted(module.state_dict().items()))
+
+
+def _digest_of(named_tensors: Iterable[tuple]) -> str:
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    for name, tensor in named_tensors:
         tensor = tensor.detach()
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
         digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
@@ -911,8 +933,9 @@ def _check_loaded_digest(base: nn.Module, weights: Path, config: "ProtectionConf
     """The weights loaded are the ones ``protection.json`` was saved with.
     The header's digest only shows which save a file claims to come from:
     a file written by other code (no header) or one whose header was copied
-    passes that check with other weights. Not comparable, so not compared:
-    a model of other dtypes than the file's (the values were converted)."""
+    passes that check with other weights. A model of other dtypes than the
+    file's (the values were converted as they loaded) is checked by the
+    digest of the file's tensors as stored."""
     from safetensors import safe_open
 
     if weights_digest(base) == config.weights_digest:
@@ -920,23 +943,43 @@ def _check_loaded_digest(base: nn.Module, weights: Path, config: "ProtectionConf
     state = base.state_dict()
     with safe_open(str(weights), framework="pt") as fh:
         stored = {name: str(fh.get_slice(name).get_dtype()) for name in fh.keys() if name in state}
-    # Integer or bool values loaded into float weights were truncated (all
-    # zero for most): not a conversion of the saved model.
-    truncated = sorted(name for name, dtype in stored.items()
-                       if state[name].is_floating_point() and dtype not in _FLOAT_DTYPES)
-    if truncated:
-        raise CheckpointError(
-            f"{weights} holds {stored[truncated[0]]} values for float weights ({', '.join(truncated[:3])}"
-            f"{', ...' if len(truncated) > 3 else ''}): not the saved model's; save the model again, or restore the "
-            "file from that save"
-        )
-    if any(dtype != _SAFETENSORS_DTYPES.get(state[name].dtype) for name, dtype in stored.items()):
-        return
+        # Integer or bool values loaded into float weights were truncated (all
+        # zero for most): not a conversion of the saved model.
+        truncated = sorted(name for name, dtype in stored.items()
+                           if state[name].is_floating_point() and dtype not in _FLOAT_DTYPES)
+        if truncated:
+            raise CheckpointError(
+                f"{weights} holds {stored[truncated[0]]} values for float weights ({', '.join(truncated[:3])}"
+                f"{', ...' if len(truncated) > 3 else ''}): not the saved model's; save the model again, or restore "
+                "the file from that save"
+            )
+        converted = any(dtype != _SAFETENSORS_DTYPES.get(state[name].dtype) for name, dtype in stored.items())
+        if converted and _stored_digest(state, fh) == config.weights_digest:
+            return
     raise CheckpointError(
         f"the weights in {weights} are not the ones {PROTECTION_FILE} beside it was saved with (their digest differs "
         f"from its weights_digest {config.weights_digest}): the file was replaced or changed after the save (e.g. "
         "other weights uploaded over it); save the model again, or restore the file from that save"
     )
+
+
+def _stored_digest(state: dict, fh: Any) -> Optional[str]:
+    """:func:`weights_digest` of the module that wrote the open safetensors
+    file ``fh``, from the file's tensors as stored (names, shapes, dtypes,
+    bytes). A tensor the file left out as shared with another (tied
+    weights) is read under that name; ``None`` where one cannot be found."""
+    names = set(fh.keys())
+    by_storage = {}
+    for name, tensor in state.items():
+        if name in names and tensor.device.type != "meta":
+            by_storage.setdefault((tensor.untyped_storage().data_ptr(), tensor.storage_offset()), name)
+    sources = {}
+    for name, tensor in state.items():
+        sources[name] = name if name in names else by_storage.get((tensor.untyped_storage().data_ptr(),
+                                                                    tensor.storage_offset()))
+        if sources[name] is None:
+            return None
+    return _digest_of((name, fh.get_tensor(sources[name])) for name in sorted(state))
 
 
 #: safetensors' names of float dtypes.

@@ -31,6 +31,7 @@ __all__ = [
     "KeyFilePermissionWarning",
     "InputSizeWarning",
     "NormalizationWarning",
+    "UnsignedCheckpointWarning",
 ]
 
 
@@ -148,3 +149,11 @@ class KeyFilePermissionWarning(UserWarning):
     """A key file that other users of the machine can read (its group or
     others have permissions); ``chmod 600`` it. A warning, not an error:
     container secrets are often mounted readable by design."""
+
+
+class UnsignedCheckpointWarning(UserWarning):
+    """A ``protection.json`` without ``mac`` loaded with its key: kp-plugin
+    always signs the ones it writes, so this one was written by hand, by an
+    old release, or had its ``mac`` removed; its settings and weights digest
+    could not be checked against the key. Save the model again (with
+    :func:`kp_plugin.save_protected`) to sign it."""

@@ -237,7 +237,7 @@ def push_protected(
             )
         protection = ProtectionConfig.load(directory)
         if key is not None:
-            protection.check_key(key)
+            protection.check_key(key, unsigned="error")
         files = _files_to_upload(directory, include)
         if processor is None and key is not None and PREPROCESSOR_FILE not in files:
             processor = _default_processor(directory, protection, key)
@@ -405,7 +405,7 @@ def download_protected(
 
     protection_path = fetch(PROTECTION_FILE)
     if key is not None:
-        ProtectionConfig.load(protection_path).check_key(key)
+        ProtectionConfig.load(protection_path).check_key(key, unsigned="error")
     for filename in (CONFIG_FILE, PREPROCESSOR_FILE, WEIGHTS_FILE):
         if listed is not None and filename not in listed:
             if filename == WEIGHTS_FILE:

@@ -399,7 +399,7 @@ def load_protected_timm(
     directory = Path(directory)
     protection = ProtectionConfig.load(directory)
     if not allow_wrong_key:
-        protection.check_key(key)
+        protection.check_key(key, unsigned="ignore")  # load_protected warns
     native = _read_json(directory / CONFIG_FILE)
     architecture = native.get("architecture") or protection.architecture
     if not isinstance(architecture, str) or not architecture or not isinstance(native.get("pretrained_cfg"), dict):

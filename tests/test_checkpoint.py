@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,8 @@ from kp_plugin import (
     save_protected,
     wrap_model,
 )
-from kp_plugin.checkpoint import PROTECTION_FILE, find_key_material
+from kp_plugin.checkpoint import PROTECTION_FILE, find_key_material, weights_digest
+from kp_plugin.errors import UnsignedCheckpointWarning
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -717,6 +719,41 @@ def test_a_half_precision_checkpoint_loads_into_a_float32_model(tmp_path, tiny_c
     torch.testing.assert_close(loaded.unwrap()[0].weight, tiny_cnn[0].weight.float())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_other_weights_stored_in_another_dtype_are_refused(saved, key, dtype):
+    # The digest of the loaded (converted) weights cannot match, so the check
+    # used to stop there and the replacement loaded: the file's tensors as
+    # stored are compared instead.
+    from safetensors.torch import save_file
+
+    model, directory = saved
+    other = {name: (t.to(dtype) if t.is_floating_point() else t).contiguous()
+             for name, t in _retrained(model).unwrap().state_dict().items()}
+    save_file(other, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="not the ones protection.json beside it was saved with"):
+        load_protected(directory, _fresh_cnn(), key)
+
+
+class _TiedHead(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Conv2d(3, 4, 1)
+        self.head = torch.nn.Conv2d(3, 4, 1)
+        self.head.weight = self.embed.weight  # tied: safetensors stores it once
+
+    def forward(self, x):
+        return (self.embed(x) + self.head(x)).mean((2, 3))
+
+
+def test_a_half_precision_checkpoint_with_tied_weights_loads_into_a_float32_model(tmp_path, key):
+    model = wrap_model(_TiedHead().half(), key, mean=MEAN, std=STD, input_size=(3, 8, 8))
+    directory = save_protected(model, tmp_path / "tied")
+    loaded = load_protected(directory, _TiedHead(), key)
+    assert loaded.unwrap().head.weight is loaded.unwrap().embed.weight
+    torch.testing.assert_close(loaded.unwrap().head.weight, model.unwrap().head.weight.float())
+
+
 def test_a_loaded_model_is_in_eval_mode_so_its_first_call_changes_nothing(saved, key):
     # Before, it came back in training mode (a fresh base's): its first call
     # used batch statistics and moved the running statistics for good.
@@ -768,9 +805,34 @@ def test_a_protection_json_edited_without_the_key_is_refused(saved, key, edit):
     with pytest.raises(CheckpointError, match="changed after it was written.*restore it"):
         load_protected(directory, _fresh_cnn(), key)
     load_protected(directory, _fresh_cnn(), key, allow_wrong_key=True)  # evaluation and attacks: no key to check
-    del data["mac"]  # a config without a mac (written before it existed) is not checked
+    del data["mac"]  # a config without a mac (written before it existed, or by hand) cannot be checked
     path.write_text(json.dumps(data))
-    ProtectionConfig.load(directory).check_key(key)
+    with pytest.warns(UnsignedCheckpointWarning, match="has no mac"):
+        ProtectionConfig.load(directory).check_key(key)
+
+
+def test_removing_the_mac_does_not_pass_quietly(saved, key):
+    # Deleting one field turned every check off silently: other weights with
+    # their digest written in, another normalization, all loaded without a word.
+    from safetensors.torch import save_file
+
+    model, directory = saved
+    other = _retrained(model).unwrap()
+    save_file({n: t.contiguous() for n, t in other.state_dict().items()}, str(directory / "model.safetensors"))
+    path = directory / "protection.json"
+    data = json.loads(path.read_text())
+    del data["mac"]
+    data["weights_digest"] = weights_digest(other)
+    data["mean"] = [0.9, 0.9, 0.9]
+    path.write_text(json.dumps(data))
+    with pytest.warns(UnsignedCheckpointWarning, match="cannot be checked against the key"):
+        load_protected(directory, _fresh_cnn(), key)
+    with pytest.raises(CheckpointError, match="has no mac.*sign it"):
+        ProtectionConfig.load(directory).check_key(key, unsigned="error")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ProtectionConfig.load(directory).check_key(key, unsigned="ignore")
+        load_protected(directory, _fresh_cnn(), key, allow_wrong_key=True)  # evaluation: nothing to check
 
 
 @pytest.mark.parametrize("edit", [("block_size", 8), ("scheme", ["shuffle"])])

@@ -488,3 +488,49 @@ def test_a_down_endpoint_with_a_partial_cache_does_not_blame_hf_hub_offline(test
     with pytest.raises(HubUnreachableError, match="cannot (be )?reach") as raised:
         pull_protected(pushed, KEY, endpoint=CLOSED_ENDPOINT, cache_dir=isolate_hub_client)
     assert "HF_HUB_OFFLINE)" not in str(raised.value)
+
+
+def test_weights_or_protection_json_changed_in_the_repository_without_the_key_are_refused(test_hub, model, tmp_path,
+                                                                                         isolate_hub_client):
+    # Both loaded before: other weights stored as float16 (the digest check
+    # gave up when the file's dtypes were not the model's), and other weights
+    # with protection.json's mac deleted and their digest written in.
+    from huggingface_hub import HfApi
+    from safetensors.torch import save_file
+
+    from kp_plugin.checkpoint import weights_digest
+
+    api = HfApi(endpoint=test_hub.url, token=test_hub.token)
+    push_protected(model, "org/swapped", token=test_hub.token, endpoint=test_hub.url)
+    torch.manual_seed(1)
+    other = timm.create_model("test_resnet", num_classes=3)
+    half = tmp_path / "half.safetensors"
+    save_file({n: (t.half() if t.is_floating_point() else t).contiguous() for n, t in other.state_dict().items()},
+              str(half), metadata={"format": "pt"})
+    api.upload_file(path_or_fileobj=str(half), path_in_repo="model.safetensors", repo_id="org/swapped")
+    with pytest.raises(CheckpointError, match="not the ones protection.json beside it was saved with"):
+        _pull(test_hub, "org/swapped", KEY, isolate_hub_client)
+
+    save_file({n: t.contiguous() for n, t in other.state_dict().items()}, str(tmp_path / "other.safetensors"),
+              metadata={"format": "pt"})
+    protection = json.loads(ProtectionConfig.from_model(wrap_model(other, KEY)).to_json())
+    protection["weights_digest"] = weights_digest(other)
+    assert "mac" not in protection or protection.pop("mac") is None
+    api.upload_file(path_or_fileobj=str(tmp_path / "other.safetensors"), path_in_repo="model.safetensors",
+                    repo_id="org/swapped")
+    api.upload_file(path_or_fileobj=json.dumps(protection).encode(), path_in_repo="protection.json",
+                    repo_id="org/swapped")
+    with pytest.raises(CheckpointError, match="has no mac"):
+        _pull(test_hub, "org/swapped", KEY, isolate_hub_client.parent / "fresh-cache")
+
+
+def test_an_unsigned_checkpoint_folder_is_not_pushed(test_hub, model, tmp_path, isolate_hub_client):
+    folder = save_protected(model, tmp_path / "out")
+    data = json.loads((folder / "protection.json").read_text())
+    del data["mac"]
+    (folder / "protection.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="has no mac.*save_protected"):
+        push_protected(folder, "org/unsigned", key=KEY, token=test_hub.token, endpoint=test_hub.url)
+    from huggingface_hub import HfApi
+
+    assert not HfApi(endpoint=test_hub.url, token=test_hub.token).repo_exists("org/unsigned")

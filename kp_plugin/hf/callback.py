@@ -261,7 +261,7 @@ class KeyProtectionCallback(TrainerCallback):
             processor.check_key(self.key)
         data_keyed = any(b.keys_data for b in batchers) or self.image_processor is not None
         if isinstance(model, ProtectedModel):
-            ProtectionConfig.from_model(model).check_key(self.key)
+            ProtectionConfig.from_model(model).check_key(self.key, unsigned="ignore")  # the live model: no file
             if data_keyed:
                 raise ConfigurationError(
                     "the data path and the model both apply the key (a KeyedImageProcessor output and a "
