@@ -259,6 +259,47 @@ class NumberSequence:
         return "NumberSequence(<secret>)"
 
 
+class WrappedText:
+    """The key's base64 broken over lines, as base64 often is (PEM, MIME,
+    ``base64 -w``): found in the text with its line breaks removed (real
+    ones; in text without NUL bytes also JSON-escaped ones, ``\\n``), which
+    base64 itself never holds, and the URL-safe alphabet read as the
+    standard one. Unbroken, the scanners find it as plain byte needles."""
+
+    _FLATTEN = bytes.maketrans(b"-_", b"+/")
+
+    def __init__(self, material: bytes) -> None:
+        self._needles = _base64_cores(material, urlsafe=False)
+        #: The longest text a match can span, a break (``\\r\\n``) after every character.
+        self.max_length = 5 * max(len(n) for n in self._needles)
+
+    def found_in(self, data: bytes) -> bool:
+        if b"\n" not in data and b"\r" not in data:
+            if b"\0" in data or (b"\\n" not in data and b"\\r" not in data):
+                return False
+        if b"\0" not in data:  # text: JSON may escape the breaks
+            data = data.replace(b"\\r", b"").replace(b"\\n", b"")
+        flat = data.translate(self._FLATTEN, b"\r\n")
+        return any(n in flat for n in self._needles)
+
+    def __repr__(self) -> str:  # never the needles
+        return "WrappedText(<secret>)"
+
+
+def _base64_cores(material: bytes, urlsafe: bool = True) -> list:
+    """The part of the base64 of ``material`` that does not depend on what
+    surrounds it, at each of the three byte alignments it can start at in a
+    longer encoded text (and in the URL-safe alphabet): the characters whose
+    6 bits all come from ``material``."""
+    cores = []
+    for offset in range(3):
+        first = -(-8 * offset // 6)  # the first character with no bit of the bytes before
+        last = 8 * (offset + len(material)) // 6  # past the last with no bit of the bytes after
+        for encode in (base64.b64encode, base64.urlsafe_b64encode)[:2 if urlsafe else 1]:
+            cores.append(encode(bytes(offset) + material)[first:last])
+    return cores
+
+
 def _as_int(value: object) -> object:
     """``value`` as a Python int if it is an integer of any kind (NumPy's
     ``int64``, a 0-d integer tensor), else unchanged for the checks to refuse."""
@@ -448,14 +489,16 @@ class SecretKey:
             base64.urlsafe_b64encode(m),
             base64.b64encode(m).rstrip(b"="),
             base64.urlsafe_b64encode(m).rstrip(b"="),
+            *_base64_cores(m),  # inside a longer base64 text, at any alignment
         ]
 
-    def secret_patterns(self) -> list["NumberSequence"]:
+    def secret_patterns(self) -> list:
         """The pixel permutation written as text in any layout (JSON with
-        any indent, CSV, one number per line), which fixed byte strings
-        cannot all cover. Used by the leak scanners with :meth:`secret_forms`."""
+        any indent, CSV, one number per line) and the key's base64 broken
+        over lines, which fixed byte strings cannot all cover. Used by the leak scanners with :meth:`secret_forms`."""
         perm = self.pixel_permutation()
-        return [NumberSequence(perm)] if len(perm) >= MIN_SCANNED_PERMUTATION else []
+        wrapped = WrappedText(self._material)
+        return [NumberSequence(perm), wrapped] if len(perm) >= MIN_SCANNED_PERMUTATION else [wrapped]
 
     # ------------------------------------------------------ derived objects
     def _derived(self, name: str, make):

@@ -416,6 +416,30 @@ def test_the_scanner_finds_the_permutation_written_as_text_in_any_layout(tmp_pat
     assert found == {"indented.json", "lines.txt", "row.csv", "uint8.bin"}
 
 
+def test_the_scanner_finds_the_keys_base64_inside_longer_text_or_broken_over_lines(tmp_path, key, monkeypatch):
+    # Only the key's own base64 was matched: encoded with a byte or two in
+    # front (another alignment), or wrapped as PEM / MIME / base64 -w do, it
+    # went up with `kp push --include`.
+    import kp_plugin.checkpoint as checkpoint
+
+    def lines(text: bytes, width: int, sep: bytes = b"\n") -> bytes:
+        return sep.join(text[i:i + width] for i in range(0, len(text), width))
+
+    m = key._material
+    (tmp_path / "prefixed1.txt").write_bytes(base64.b64encode(b"a" + m + b"z"))
+    (tmp_path / "prefixed2.txt").write_bytes(base64.urlsafe_b64encode(b"ab" + m))
+    (tmp_path / "wrapped.pem").write_bytes(b"-----BEGIN-----\n" + lines(base64.b64encode(m), 20) + b"\n-----END-----")
+    (tmp_path / "crlf.txt").write_bytes(lines(base64.b64encode(b"x" + m), 7, b"\r\n"))
+    (tmp_path / "escaped.json").write_text(json.dumps({"k": lines(base64.b64encode(m), 16).decode()}))
+    (tmp_path / "in_binary.bin").write_bytes(b"\0\1\2" + lines(base64.b64encode(b"ab" + m), 30) + b"\0")
+    other = SecretKey.generate_like(key)._material
+    (tmp_path / "other.pem").write_bytes(lines(base64.b64encode(b"a" + other), 20))
+    (tmp_path / "noise.bin").write_bytes(os.urandom(300_000))
+    monkeypatch.setattr(checkpoint, "_SCAN_CHUNK", 100)  # matches across read chunks too
+    found = {p.name for p in find_key_material(tmp_path, key)}
+    assert found == {"prefixed1.txt", "prefixed2.txt", "wrapped.pem", "crlf.txt", "escaped.json", "in_binary.bin"}
+
+
 def test_degenerate_keys_do_not_raise_false_leak_alarms(tmp_path):
     # Block size 1 with one channel: the permutation is [0], which every
     # JSON file "contained", so save_protected always raised KeyLeakError.
