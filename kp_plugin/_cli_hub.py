@@ -75,7 +75,8 @@ def register(subparsers) -> None:
     pull.add_argument("repo_id", help="org/name on the Hub")
     pull.add_argument("--key", default=None, help=f"the owner's key file (default: the {KEY_ENV} environment variable)")
     pull.add_argument("-o", "--output", default=None,
-                      help="copy the checkpoint here (weights, config, protection.json; usable with kp evaluate)")
+                      help="copy the checkpoint here (weights, config, protection.json; usable with kp evaluate): a "
+                           "new or empty folder, or one holding this key's checkpoint, which is replaced as one change")
     pull.add_argument("--cache-dir", default=None, help="Hub cache folder (default: HF_HUB_CACHE)")
     pull.add_argument("--force-download", action="store_true",
                       help="download every file again, even if cached (after a damaged download)")
@@ -106,21 +107,63 @@ def _pull(args: argparse.Namespace) -> int:
     from .hub import download_protected
 
     key = cli_key(args.key)
-    if args.output:  # before downloading: the other model there would be replaced
+    if args.output:  # before downloading: what is there would be replaced
         refuse_other_key_checkpoint(args.output, key.fingerprint, remedy="remove it first")
+        _refuse_other_files(Path(args.output))
     folder = download_protected(args.repo_id, key=key, revision=args.revision, cache_dir=args.cache_dir,
                                 endpoint=args.endpoint, force_download=args.force_download)
     load_protected_auto(folder, key, source=args.repo_id)  # the weights fit the architecture
     protection = ProtectionConfig.load(folder)
     where = folder
     if args.output:
-        out = Path(args.output)
-        out.mkdir(parents=True, exist_ok=True)
-        for path in folder.iterdir():
-            if path.is_file():
-                shutil.copyfile(path, out / path.name)  # the cache holds symlinks; copy their content
-        where = out
+        where = Path(args.output)
+        _copy_checkpoint(folder, where)
     print(f"loaded {args.repo_id}: {protection.architecture}, {protection.num_classes} classes, "
           f"scheme {'+'.join(protection.scheme)}, block size {protection.block_size}, key {key.fingerprint} "
           f"matches; files in {where}")
     return 0
+
+
+def _refuse_other_files(out: Path) -> None:
+    """``kp pull -o`` writes into a new or empty folder, or over a checkpoint
+    (of the same key: :func:`refuse_other_key_checkpoint` is checked first);
+    into a folder of other files it would replace any of the same name
+    (a ``config.json`` of the user's) and mix the model with the rest."""
+    from .checkpoint import PROTECTION_FILE
+    from .errors import ConfigurationError
+
+    if out.exists() and not out.is_dir():
+        raise ConfigurationError(f"-o {out} is a file; pass a folder (new, empty, or a checkpoint of this key)")
+    if out.is_dir() and not (out / PROTECTION_FILE).is_file() and any(out.iterdir()):
+        raise ConfigurationError(
+            f"-o {out} is not empty and holds no protected checkpoint; the model's files (config.json, "
+            "model.safetensors, protection.json, ...) would replace files of the same name there: choose a new or "
+            "empty folder"
+        )
+
+
+def _copy_checkpoint(folder: Path, out: Path) -> None:
+    """Copy the pulled files into ``out`` as one change: each to a temporary
+    file beside its place first, then all renamed in (``protection.json``
+    last; a failure puts the previous files back), so a failed copy leaves
+    what was there, not half a checkpoint."""
+    from .checkpoint import PROTECTION_FILE, _swap_in, _temporary_beside
+    from .errors import CheckpointWriteError, first_line
+
+    out.mkdir(parents=True, exist_ok=True)
+    sources = sorted((p for p in folder.iterdir() if p.is_file()), key=lambda p: p.name == PROTECTION_FILE)
+    staged: list = []
+    try:
+        try:
+            for source in sources:
+                staged.append((_temporary_beside(out / source.name), out / source.name))
+                shutil.copyfile(source, staged[-1][0])  # the cache holds symlinks: copy their content
+            _swap_in(staged)
+        finally:
+            for tmp, _ in staged:
+                tmp.unlink(missing_ok=True)
+    except OSError as exc:
+        raise CheckpointWriteError(
+            f"cannot copy the model into {out} ({first_line(exc)}); what was there is unchanged, and the model "
+            f"stays in the Hub cache ({folder})"
+        ) from None

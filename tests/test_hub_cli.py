@@ -68,6 +68,48 @@ def test_pull_into_a_folder_of_another_keys_model_is_refused(test_hub, checkpoin
     assert {p.name: p.read_bytes() for p in (tmp_path / "mine").iterdir()} == before
 
 
+def test_pull_into_a_folder_of_other_files_is_refused_and_a_failed_copy_changes_nothing(
+        test_hub, checkpoint, key_file, tmp_path, monkeypatch, capsys, isolate_hub_client):
+    # kp pull -o replaced the user's config.json there without a word (exit
+    # 0), and a copy failing halfway left half a checkpoint (exit 1).
+    monkeypatch.setenv("HF_TOKEN", test_hub.token)
+    assert main(["push", str(checkpoint), "org/cli-files", "--key", str(key_file), "--endpoint", test_hub.url]) == 0
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"mine": true}')
+    (mine / "notes.txt").write_text("notes")
+    pull = ["pull", "org/cli-files", "--key", str(key_file), "--endpoint", test_hub.url, "-o"]
+    assert main(pull + [str(mine)]) == 1
+    assert "not empty and holds no protected checkpoint" in capsys.readouterr().err
+    assert (mine / "config.json").read_text() == '{"mine": true}' and len(list(mine.iterdir())) == 2
+
+    same = tmp_path / "same"  # this key's checkpoint: replaced, as one change
+    save_protected(wrap_model(timm.create_model("test_resnet", num_classes=3), KEY), same)
+    before = {p.name: p.read_bytes() for p in same.iterdir()}
+    monkeypatch.setattr("kp_plugin.checkpoint.os.replace", _failing_for("protection.json"))  # after the weights
+    assert main(pull + [str(same)]) == 5
+    assert "what was there is unchanged" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in same.iterdir()} == before
+    monkeypatch.undo()
+    monkeypatch.setenv("HF_TOKEN", test_hub.token)
+    assert main(pull + [str(same)]) == 0
+    assert (same / "model.safetensors").read_bytes() == (checkpoint / "model.safetensors").read_bytes()
+
+
+def _failing_for(name):
+    """os.replace failing once, for the first rename onto ``name`` (a full disk)."""
+    import os
+
+    real, failed = os.replace, []
+
+    def replace(src, dst, *args, **kwargs):
+        if str(dst).endswith(name) and not failed:
+            failed.append(dst)
+            raise OSError(28, "No space left on device")
+        return real(src, dst, *args, **kwargs)
+    return replace
+
+
 def test_push_refuses_a_folder_holding_the_key_file(test_hub, checkpoint, capsys, monkeypatch, isolate_hub_client):
     monkeypatch.setenv("HF_TOKEN", test_hub.token)
     KEY.save(checkpoint / "owner.key")
