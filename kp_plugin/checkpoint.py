@@ -1036,6 +1036,8 @@ def load_protected(
     require_key(key)
     device = usable_device(device)
     directory = Path(directory)
+    if directory.is_file():  # out/protection.json: its weights were looked for as out/protection.json/model.safetensors
+        raise CheckpointError(f"{directory} is a file; give the checkpoint folder that holds it ({directory.parent})")
     config = ProtectionConfig.load(directory)
     if not allow_wrong_key:
         config.check_key(key)

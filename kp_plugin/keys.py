@@ -581,6 +581,13 @@ class SecretKey:
         text = text.removeprefix("\ufeff")  # a byte-order mark (Windows editors, PowerShell) is not content
         if not text.strip():
             raise KeyFileError(f"{source} is empty; was the key file truncated? Restore it from your backup")
+        if re.fullmatch(r"\s*(?:[0-9a-fA-F]{64}|[A-Za-z0-9+/_-]{43}=?)\s*", text):
+            # 32 bytes as hex or base64 (the key material alone, or any other secret of that size)
+            raise KeyFileError(
+                f"{source} holds 32 bytes written as text (hex or base64), not a kp-plugin key file: give the whole "
+                "key file's JSON, as kp keygen / SecretKey.save write it (for a variable: "
+                "KP_KEY=\"$(cat owner.key)\"); to build a key from raw bytes in Python, use SecretKey(material, ...)"
+            )
         try:
             body = json.loads(text)
         except (RecursionError, ValueError):  # invalid JSON, a deeply nested array, a number too long to read

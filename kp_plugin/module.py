@@ -795,6 +795,13 @@ class ProtectedModel(nn.Module):
         return self.model(self._prepare(pixel_values), *args, **kwargs)
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        if isinstance(images, torch.Tensor) and images.dim() == 3:
+            # KeyedInput takes one image; the models it is put in front of do
+            # not, and failed deep inside with an untyped error.
+            raise BlockSizeError(
+                f"ProtectedModel takes a batch of images (B, C, H, W), as the model it wraps does; got one image "
+                f"{tuple(images.shape)}: pass images.unsqueeze(0)"
+            )
         out = self.keyed(images)
         dtype = _parameter_dtype(self.model)
         if dtype is not None and out.dtype != dtype and not torch.is_autocast_enabled(out.device.type):

@@ -175,6 +175,10 @@ def test_a_file_inside_the_checkpoint_is_named_as_such(saved, key):
     _, directory = saved
     with pytest.raises(CheckpointError, match="is a file; give the checkpoint folder"):
         load_protected(directory / "model.safetensors", _fresh_cnn(), key)
+    # protection.json itself was read, then its weights were looked for as
+    # out/protection.json/model.safetensors: "missing; the checkpoint is incomplete".
+    with pytest.raises(CheckpointError, match="is a file; give the checkpoint folder"):
+        load_protected(directory / "protection.json", _fresh_cnn(), key)
 
 
 def test_bad_metadata_writes_nothing_over_an_existing_checkpoint(saved, key):

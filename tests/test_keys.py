@@ -450,6 +450,20 @@ def test_from_env_holding_a_path_says_to_use_the_content(golden_key, tmp_path, m
         SecretKey.from_env()
 
 
+@pytest.mark.parametrize("form", ["hex", "HEX", "base64", "urlsafe"])
+def test_from_env_holding_the_bare_key_bytes_says_to_use_the_key_files_content(golden_key, monkeypatch, form):
+    # The message was "not valid JSON (corrupt or truncated key file); restore
+    # it from your backup": the file was fine, the variable held the wrong thing.
+    material = golden_key._material
+    text = {"hex": material.hex(), "HEX": material.hex().upper(), "base64": base64.b64encode(material).decode(),
+            "urlsafe": base64.urlsafe_b64encode(material).decode().rstrip("=")}[form]
+    monkeypatch.setenv("KP_KEY", text + "\n")
+    with pytest.raises(KeyFileError, match="not a kp-plugin key file: give the whole key file's JSON") as info:
+        SecretKey.from_env()
+    assert "backup" not in str(info.value)
+    _assert_no_material(str(info.value), golden_key)
+
+
 def test_from_env_with_tampered_content_names_the_variable(golden_key, monkeypatch):
     monkeypatch.setenv("KP_KEY", golden_key.to_json().replace('"block_size": 4', '"block_size": 8'))
     with pytest.raises(KeyFileError, match="environment variable KP_KEY") as info:

@@ -90,6 +90,16 @@ def test_keyed_input_takes_a_single_image(any_key):
     torch.testing.assert_close(keyed(images[1]), keyed(images)[1])
 
 
+def test_a_protected_model_given_one_image_says_to_add_the_batch_dimension(any_key):
+    # The (C, H, W) result of KeyedInput went on to the base model, which
+    # failed with its own untyped error ("expected 4D input").
+    model = wrap_model(torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.Flatten()), any_key, mean=MEAN, std=STD)
+    image = torch.rand(3, 8, 8)
+    with pytest.raises(BlockSizeError, match=r"batch of images \(B, C, H, W\).*unsqueeze\(0\)"):
+        model(image)
+    assert model(image.unsqueeze(0)).shape[0] == 1
+
+
 def test_assigning_another_key_compiles_its_plan(any_key):
     # The plan cached for this size belongs to the old key; a ProtectedModel
     # whose key is swapped must never transform with it (save_protected would
