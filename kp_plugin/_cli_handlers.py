@@ -537,6 +537,8 @@ def export(args: argparse.Namespace) -> int:
     torch.export program, with protection.json, for deployment (no key)."""
     from .export import INPUT_NAME, OUTPUT_NAME, export_protected
 
+    if args.opset is not None and args.format != "onnx":
+        raise _UsageError(f"--opset is an ONNX setting; --format {args.format} has none")
     output = Path(args.output)
     check_output_folder(output)
     _refuse_key_file_inside(output, args.key)

@@ -276,7 +276,9 @@ def _register_export(subparsers) -> None:
                         help="a fixed batch size (default: any batch size)")
     parser.add_argument("--opset", type=_positive_int, default=None, help="ONNX opset version (default: the exporter's)")
     parser.add_argument("--force", action="store_true",
-                        help="replace an export of another key's model in the output folder (it is lost)")
+                        help="replace an export of another key's model, or files no export there records (a "
+                             "model.onnx made by other means, an unreadable protection.json), in the output folder "
+                             "(they are lost)")
 
 
 class _UsageError(Exception):

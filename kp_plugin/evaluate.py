@@ -28,7 +28,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from .checkpoint import usable_device
+from .checkpoint import _uncompiled, usable_device, weights_digest
 from .errors import ConfigurationError
 from .keys import SecretKey
 from .module import KeyedInput, ProtectedModel, require_protected
@@ -308,4 +308,5 @@ def evaluate_protection(
         scheme=key.scheme_name, block_size=key.block_size, fingerprint=key.fingerprint, seed=seed,
         unprotected_accuracy=unprotected_accuracy, extra=dict(extra or {}),
         example_images=images, example_protected=protected,
+        weights_digest=weights_digest(_uncompiled(model.unwrap())),
     )

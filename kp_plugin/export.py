@@ -28,6 +28,7 @@ import hashlib
 import io
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -202,8 +203,10 @@ def export_protected(
             size it was last called at; else ``input_size=``, the checkpoint's,
             or timm's ``pretrained_cfg``).
         directory: created if needed. An export of this key's model there
-            is replaced; one of another key's is refused unless
-            ``overwrite=True`` (that model would be lost). Both formats of
+            is replaced; one of another key's, a model file its
+            ``protection.json`` does not record, or a ``protection.json``
+            that cannot be read, is refused unless ``overwrite=True`` (that
+            model would be lost). Both formats of
             one model may share a folder; a folder holding the other
             format's export of another model (another key, weights,
             architecture, classes, input size or normalization) is refused,
@@ -222,8 +225,8 @@ def export_protected(
             input size (or one the model fails on), the ONNX exporter is not
             installed, or ``directory`` holds another model's export.
         KeyLeakError: a written file contains key material (it is removed).
-        CheckpointError: ``directory`` holds an export of another key's model
-            (and ``overwrite`` is not set).
+        CheckpointError: ``directory`` holds an export of another key's model,
+            or files no export there records (and ``overwrite`` is not set).
         CheckpointWriteError: the files cannot be written (a full disk);
             the export there before, if any, is unchanged.
     """
@@ -232,6 +235,8 @@ def export_protected(
         raise ConfigurationError(f"unknown export format {format!r}; choose from {', '.join(EXPORT_FORMATS)}")
     if batch_size is not None and batch_size < 1:
         raise ConfigurationError(f"batch_size must be at least 1, got {batch_size}")
+    if opset_version is not None and format != "onnx":
+        raise ConfigurationError(f"opset_version is an ONNX setting; a {format!r} export has none")
     config = ProtectionConfig.from_model(model, **dict(metadata or {}))
     config.weights_digest = weights_digest(_uncompiled(model.unwrap()))
     size = config.input_size
@@ -270,14 +275,17 @@ def export_protected(
             f"{directory / 'deploy'}): the export's protection.json would replace the checkpoint's"
         )
     kept = _check_other_export(directory, format, config)
+    target = directory / EXPORT_FORMATS[format]
     if not overwrite:
         refuse_other_key_checkpoint(directory, config.fingerprint,
                                     remedy="pass overwrite=True (kp export --force) to replace that export")
-    target = directory / EXPORT_FORMATS[format]
+        _refuse_unrecorded_files(directory, target)
     renamed = 0  # files already moved into place
+    created = not directory.exists()
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=directory, prefix=".export-") as scratch:
+        _remove_stale_scratch(directory)
+        with tempfile.TemporaryDirectory(dir=directory, prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-") as scratch:
             staged = Path(scratch) / target.name
             _stage(wrapper, example, staged, format, dynamic_shapes, opset_version, names, type(base).__name__)
             config.extra[DIGESTS_FIELD] = {**kept, target.name: _sha256(staged)}
@@ -289,8 +297,10 @@ def export_protected(
             for produced in sorted(Path(scratch).iterdir()):
                 os.replace(produced, directory / produced.name)
                 renamed += 1
-    except OSError as exc:
-        if isinstance(exc, CheckpointError):
+    except BaseException as exc:
+        if created and not renamed:  # a failed or interrupted export leaves no new, empty folder
+            shutil.rmtree(directory, ignore_errors=True)
+        if not isinstance(exc, OSError) or isinstance(exc, CheckpointError):
             raise
         if renamed:  # some files already replaced: the folder mixes two exports (loads refuse it)
             raise CheckpointWriteError(
@@ -341,6 +351,46 @@ def _caused_by_os_error(exc: BaseException) -> Optional[BaseException]:
 #: What must agree for two exports to share one protection.json.
 _SAME_MODEL_FIELDS = ("scheme", "block_size", "channels", "fingerprint", "mean", "std", "input_size", "architecture",
                       "num_classes", "weights_digest")
+
+
+#: Scratch folders of exports in progress: ``.export-PID-XXXX`` in the output folder.
+_SCRATCH_PREFIX = ".export-"
+
+
+def _remove_stale_scratch(directory: Path) -> None:
+    """Remove the scratch folders that killed exports left in ``directory``
+    (a whole staged model each); those of live processes stay."""
+    for path in directory.glob(f"{_SCRATCH_PREFIX}*-*"):
+        pid = path.name[len(_SCRATCH_PREFIX):].split("-")[0]
+        if not path.is_dir() or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:  # alive (another user's), or cannot tell
+            pass
+
+
+def _refuse_unrecorded_files(directory: Path, target: Path) -> None:
+    """:class:`CheckpointError` when the export would replace files no
+    export of kp-plugin there accounts for: a ``protection.json`` that cannot
+    be read, or a model file its ``protection.json`` does not record (a model
+    made by other means, or edited since). ``overwrite=True`` replaces them."""
+    remedy = "choose another folder, or pass overwrite=True (kp export --force) to replace it"
+    try:
+        existing = ProtectionConfig.load(directory) if (directory / PROTECTION_FILE).exists() else None
+    except CheckpointError:
+        raise CheckpointError(f"{directory / PROTECTION_FILE} cannot be read (corrupt, or not kp-plugin's), and the "
+                              f"export would replace it; {remedy}") from None
+    if not target.is_file():
+        return
+    recorded = existing.extra.get(DIGESTS_FIELD) if existing is not None else None
+    if not isinstance(recorded, dict) or recorded.get(target.name) != _sha256(target):
+        raise CheckpointError(
+            f"{target} is not an export that {directory / PROTECTION_FILE} records (made by other means, or changed "
+            f"since), and it would be replaced; {remedy}"
+        )
 
 
 def _check_other_export(directory: Path, format: str, config: ProtectionConfig) -> dict:

@@ -258,6 +258,13 @@ def push_protected(
                 f"one ({protection.fingerprint}); its accuracies would go on this model's card. Nothing was sent: "
                 "evaluate this model (kp evaluate) or pass the right report="
             )
+        if evaluation is not None and evaluation.get("weights_digest") not in (None, protection.weights_digest):
+            raise ConfigurationError(
+                f"the evaluation report is of other weights (digest {evaluation.get('weights_digest')}) than this "
+                f"checkpoint's ({protection.weights_digest}), another model protected with the same key or this one "
+                "before more training; its accuracies would go on this model's card. Nothing was sent: evaluate "
+                "this model (kp evaluate) or pass the right report="
+            )
         card = build_model_card(
             protection, repo_id=repo_id, native_library=native_library(directory), base_model=base_model,
             report=evaluation,

@@ -65,6 +65,9 @@ class ProtectionReport:
     seed: int = 0
     unprotected_accuracy: Optional[float] = None
     extra: dict = field(default_factory=dict)
+    #: :func:`kp_plugin.checkpoint.weights_digest` of the model evaluated
+    #: (public): ties the report to one checkpoint's weights.
+    weights_digest: Optional[str] = None
     # Not serialized: a few plain images and the same under the key, for the
     # example figure (owner-only, see EXAMPLES_FILE).
     example_images: Optional[torch.Tensor] = field(default=None, repr=False)
@@ -127,6 +130,8 @@ class ProtectionReport:
         }
         if self.unprotected_accuracy is not None:
             out["unprotected_accuracy"] = self.unprotected_accuracy
+        if self.weights_digest is not None:
+            out["weights_digest"] = self.weights_digest
         if self.extra:
             out["extra"] = dict(self.extra)
         return out
@@ -144,7 +149,7 @@ class ProtectionReport:
             num_examples=data["num_examples"], dataset=data["dataset"], scheme=data["scheme"],
             block_size=data["block_size"], fingerprint=data["fingerprint"],
             seed=data.get("wrong_key_seed", 0), unprotected_accuracy=data.get("unprotected_accuracy"),
-            extra=data.get("extra", {}),
+            extra=data.get("extra", {}), weights_digest=data.get("weights_digest"),
         )
 
 

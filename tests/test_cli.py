@@ -515,6 +515,14 @@ def test_numbers_out_of_range_are_usage_errors_before_anything_loads(argv, compl
     assert f"kp {command}: error: argument {complaint}" in err and "Traceback" not in err
 
 
+def test_an_opset_for_a_pt2_export_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    # It was ignored (exit 0, a pt2 file written).
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "out", "-o", "deploy", "--format", "pt2", "--opset", "17"]) == 2
+    assert "kp export: error: --opset is an ONNX setting" in capsys.readouterr().err
+    assert not (tmp_path / "deploy").exists()
+
+
 def test_show_refuses_to_write_over_its_input_image(tmp_path, capsys):
     key_path = tmp_path / "owner.key"
     assert main(["keygen", "--block-size", "8", "-o", str(key_path)]) == 0

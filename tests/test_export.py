@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -440,3 +442,55 @@ def test_a_failure_between_the_exports_renames_does_not_claim_the_old_export_is_
     with pytest.raises(CheckpointWriteError, match="mixes two exports.*export again") as caught:
         export_protected(protected, deploy, format="pt2")
     assert "unchanged" not in str(caught.value)
+
+
+def test_files_no_export_records_are_not_replaced_without_overwrite(protected, tmp_path):
+    # A model.onnx made by other means, or a protection.json that cannot be
+    # read, was replaced silently (exit 0): only a readable export of
+    # another key was refused.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "model.pt2").write_bytes(b"a model made by other means")
+    with pytest.raises(CheckpointError, match="not an export that .* records.*overwrite=True"):
+        export_protected(protected, mine, format="pt2")
+    assert (mine / "model.pt2").read_bytes() == b"a model made by other means"
+
+    unreadable = tmp_path / "unreadable"
+    unreadable.mkdir()
+    (unreadable / "protection.json").write_text('{"hello": 1}')
+    with pytest.raises(CheckpointError, match="cannot be read.*overwrite=True"):
+        export_protected(protected, unreadable, format="pt2")
+    assert (unreadable / "protection.json").read_text() == '{"hello": 1}'
+    assert sorted(p.name for p in unreadable.iterdir()) == ["protection.json"]
+
+    export_protected(protected, mine, format="pt2", overwrite=True)
+    export_protected(protected, mine, format="pt2")  # its own export: replaced as before
+    load_exported(mine, protected.key)
+
+
+def test_a_failed_export_leaves_no_new_folder_and_a_killed_ones_scratch_is_removed(protected, tmp_path):
+    # An opset the exporter cannot write left an empty deploy/ behind; a
+    # killed export left its scratch folder (a whole staged model) for good.
+    pytest.importorskip("onnxscript")
+    with pytest.raises(ConfigurationError):
+        export_protected(protected, tmp_path / "new" / "deploy", format="onnx", opset_version=999)
+    assert not (tmp_path / "new" / "deploy").exists()
+
+    deploy = tmp_path / "deploy"
+    deploy.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = deploy / f".export-{dead.pid}-abcd1234"
+    stale.mkdir()
+    (stale / "model.pt2").write_bytes(b"staged")
+    live = deploy / f".export-{os.getppid()}-abcd1234"
+    live.mkdir()
+    export_protected(protected, deploy, format="pt2")
+    assert not stale.exists() and live.is_dir()
+    assert sorted(p.name for p in deploy.iterdir()) == [live.name, "model.pt2", "protection.json"]
+
+
+def test_an_opset_for_a_pt2_export_is_refused(protected, tmp_path):
+    with pytest.raises(ConfigurationError, match="opset_version is an ONNX setting"):
+        export_protected(protected, tmp_path / "deploy", format="pt2", opset_version=17)
+    assert not (tmp_path / "deploy").exists()

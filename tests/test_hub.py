@@ -142,6 +142,26 @@ def test_a_report_of_another_model_is_refused_for_the_card(test_hub, model, tmp_
     _refused_and_nothing_sent(test_hub, folder, ConfigurationError, "evaluation report", key=KEY)
 
 
+def test_a_report_of_other_weights_under_the_same_key_is_refused_for_the_card(test_hub, model, tmp_path,
+                                                                             isolate_hub_client):
+    # Only the fingerprint was compared: another model protected with the same
+    # key put its accuracies on this model's card (44.8% for a 56.0% model).
+    from kp_plugin.evaluate import evaluate_protection
+
+    images, labels = torch.rand(8, 3, 32, 32), torch.arange(8) % 3
+    dataset = torch.utils.data.TensorDataset(images, labels)
+    folder = save_protected(model, tmp_path / "out")
+    torch.manual_seed(5)
+    same_key = wrap_model(timm.create_model("test_resnet", num_classes=3), KEY).eval()
+    stale = evaluate_protection(same_key, dataset, num_wrong_keys=2, progress=False, batch_size=8)
+    assert stale.weights_digest and stale.to_dict()["weights_digest"] == stale.weights_digest
+    _refused_and_nothing_sent(test_hub, folder, ConfigurationError, "report is of other weights", key=KEY,
+                              report=stale)
+    own = evaluate_protection(model, dataset, num_wrong_keys=2, progress=False, batch_size=8)
+    (folder / "report.json").write_text(json.dumps(own.to_dict()))
+    push_protected(folder, "org/own-report", key=KEY, token=test_hub.token, endpoint=test_hub.url)
+
+
 def test_folder_with_the_permutation_as_indented_json_is_refused(test_hub, model, tmp_path, isolate_hub_client):
     # training.json is uploaded by default; an indented dump of the
     # permutation in it went up before.

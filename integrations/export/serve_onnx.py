@@ -54,6 +54,13 @@ def _limited(batches, limit):
         yield images, labels
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,7 +68,7 @@ def main(argv=None) -> int:
     parser.add_argument("--key", required=True, help="the owner's key file")
     parser.add_argument("--deploy", required=True, help="folder for model.onnx + protection.json")
     parser.add_argument("--data", default=None, help="test data (default: the checkpoint's dataset)")
-    parser.add_argument("--limit", type=int, default=None, help="use the first N test images only")
+    parser.add_argument("--limit", type=_count, default=None, help="use the first N test images only")
     args = parser.parse_args(argv)
 
     try:
@@ -90,7 +97,7 @@ def main(argv=None) -> int:
         return 1
     # Any dataset load_dataset reads (digits, photos, .npz, an ImageFolder), in batches.
     test = load_dataset(data, split="test", image_size=config.input_size[1])
-    count = len(test) if args.limit is None else max(0, min(args.limit, len(test)))
+    count = len(test) if args.limit is None else min(args.limit, len(test))
 
     def onnx(prepare):
         return lambda images: session.run(None, {"pixel_values": prepare(images).numpy()})[0]
