@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -99,7 +100,9 @@ def build_model_card(
     eval_results = None
     if report and isinstance(report.get("key_accuracy"), (int, float)):
         dataset = str(report.get("dataset") or "evaluation")
-        common = dict(task_type="image-classification", dataset_type=dataset, dataset_name=dataset,
+        # model-index wants an identifier as the type ("digits (test)" is a name)
+        slug = re.sub(r"[^a-z0-9_./-]+", "-", dataset.lower()).strip("-") or "evaluation"
+        common = dict(task_type="image-classification", dataset_type=slug, dataset_name=dataset,
                       metric_type="accuracy")
         eval_results = [EvalResult(metric_value=float(report["key_accuracy"]), metric_name="accuracy with the key",
                                    **common)]

@@ -133,7 +133,7 @@ def _prepare_repo(api, repo_id: str, *, private: bool, revision: Optional[str], 
         raise PublicRepoError(
             f"{repo_id!r} already exists and is public, but private=True was asked; nothing was uploaded. "
             f"Make it private first (HfApi().update_repo_settings({repo_id!r}, private=True)), or pass "
-            "private=False to publish the weights openly (they are of little use without the key)"
+            "private=False (kp push --public) to publish the weights openly (they are of little use without the key)"
         )
     if revision and revision != "main":
         api.create_branch(repo_id, branch=revision, exist_ok=True, token=token)

@@ -239,7 +239,7 @@ def test_model_card_has_tags_scheme_and_accuracy_from_the_report(test_hub, model
 
     folder = save_protected(model, tmp_path / "out")
     report = {"key_accuracy": 0.931, "wrong_key_accuracy_mean": 0.112, "wrong_key_accuracy_std": 0.02,
-              "wrong_key_accuracy_max": 0.15, "num_wrong_keys": 100, "chance": 0.1, "dataset": "digits"}
+              "wrong_key_accuracy_max": 0.15, "num_wrong_keys": 100, "chance": 0.1, "dataset": "digits (test)"}
     (folder / "report.json").write_text(json.dumps(report))
     push_protected(folder, "org/carded", key=KEY, token=test_hub.token, endpoint=test_hub.url,
                    base_model="timm/test_resnet.r160_in1k")
@@ -251,6 +251,9 @@ def test_model_card_has_tags_scheme_and_accuracy_from_the_report(test_hub, model
     assert "93.1%" in card.text and "11.2%" in card.text
     assert 'pull_protected("org/carded", key)' in card.text
     assert card.data.eval_results[0].metric_value == pytest.approx(0.931)
+    # the dataset's type is an identifier, its name as kp evaluate wrote it
+    assert (card.data.eval_results[0].dataset_type, card.data.eval_results[0].dataset_name) == \
+        ("digits-test", "digits (test)")
     assert "measurements are below" in card.text
 
 
