@@ -32,6 +32,7 @@ __all__ = [
     "InputSizeWarning",
     "NormalizationWarning",
     "UnsignedCheckpointWarning",
+    "InputGradientWarning",
 ]
 
 
@@ -157,3 +158,9 @@ class UnsignedCheckpointWarning(UserWarning):
     old release, or had its ``mac`` removed; its settings and weights digest
     could not be checked against the key. Save the model again (with
     :func:`kp_plugin.save_protected`) to sign it."""
+
+
+class InputGradientWarning(UserWarning):
+    """Images that require gradients, through a scheme whose value step is
+    an 8-bit lookup (shift, ffx): no gradient reaches them. The model's own
+    parameters are trained as usual."""

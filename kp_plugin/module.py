@@ -23,8 +23,8 @@ from typing import Any, NamedTuple, Optional, Sequence
 import torch
 from torch import nn
 
-from .errors import (BlockSizeError, ConfigurationError, InputDtypeError, InputSizeWarning, KeyLeakError,
-                     NormalizationWarning)
+from .errors import (BlockSizeError, ConfigurationError, InputDtypeError, InputGradientWarning, InputSizeWarning,
+                     KeyLeakError, NormalizationWarning)
 from .keys import SecretKey, require_key
 from .transforms import (
     TransformPlan,
@@ -544,6 +544,13 @@ class KeyedInput(nn.Module):
                 scale = self._in_dtype("value_scale", scale, flat.dtype, functional)
                 bias = self._in_dtype("value_bias", bias, flat.dtype, functional)
         if table is not None:
+            if flat.requires_grad and torch.is_grad_enabled():
+                warnings.warn(
+                    f"the key's scheme ({self.key.scheme_name}) maps values through 8-bit lookup tables (shift / "
+                    "ffx), which have no gradient: none reaches these images (their .grad stays None), while the "
+                    "model's parameters get theirs as usual; for gradients with respect to the images (saliency, "
+                    "gradient attacks) use a scheme without shift and ffx",
+                    InputGradientWarning, stacklevel=3)
             if functional:
                 gathered = torch.gather(flat, 1, plan.source_index.expand(flat.shape[0], -1))
                 out = lookup_table(gathered, plan.lookup_offsets, table, owned=True)

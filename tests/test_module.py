@@ -176,6 +176,24 @@ def test_keyed_input_runs_under_vmap(any_key, uint8):
     torch.testing.assert_close(torch.func.vmap(keyed)(images), keyed(images))
 
 
+@pytest.mark.parametrize("scheme", ["shuffle+np+ffx", "shuffle+shift"])
+def test_a_lookup_scheme_says_no_gradient_reaches_images_that_want_one(scheme):
+    # keyed(x).requires_grad was False and x.grad None, silently: saliency
+    # or attack code reading x.grad failed on None with no hint why.
+    from kp_plugin.errors import InputGradientWarning
+
+    keyed = KeyedInput(SecretKey.generate(block_size=2, scheme=scheme), mean=MEAN, std=STD)
+    images = torch.rand(1, 3, 4, 4, requires_grad=True)
+    with pytest.warns(InputGradientWarning, match="no gradient"):
+        keyed(images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        keyed(images.detach())
+        with torch.no_grad():
+            keyed(images)
+        KeyedInput(SecretKey.generate(block_size=2, scheme="shuffle+np"), mean=MEAN, std=STD)(images)
+
+
 def test_per_sample_gradients_with_torch_func(tiny_cnn, any_key):
     # The torch.func recipe for per-sample gradients (DP-SGD, influence):
     # vmap(grad(loss)) over functional_call of the protected model.
