@@ -237,6 +237,8 @@ class ProtectionConfig:
         model from the Hub), a :class:`CheckpointError`; ``"ignore"`` (a
         check before a load that warns itself)."""
         require_key(key)
+        if unsigned not in ("warn", "error", "ignore"):
+            raise ValueError(f"unsigned must be 'warn', 'error' or 'ignore', got {unsigned!r}")
         if key.fingerprint == self.fingerprint:
             # The owner's key: a block size or scheme that differs from the
             # key's was edited in this file (the mac says so) or in the key
