@@ -471,7 +471,22 @@ def load_keyed_input(directory: Union[str, os.PathLike], key: SecretKey, *,
             (SHA-256 recorded at export).
     """
     config = _checked_config(Path(directory), key, allow_wrong_key)
-    return KeyedInput(key, mean=config.mean, std=config.std, input_size=config.input_size_for(key))
+    return _ExportKeyedInput(key, mean=config.mean, std=config.std, input_size=config.input_size_for(key))
+
+
+class _ExportKeyedInput(KeyedInput):
+    """The keyed input of an export, which takes the one image size it was
+    exported at (onnxruntime fails on any other with its own
+    ``INVALID_ARGUMENT``, after the transform ran)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = tuple(x.shape[-3:]) if isinstance(x, torch.Tensor) and x.dim() in (3, 4) else None
+        if self.input_size is not None and size is not None and size != tuple(self.input_size):
+            raise BlockSizeError(
+                f"this export takes images of {'x'.join(map(str, self.input_size))} (C x H x W), the size it was "
+                f"exported at, got {'x'.join(map(str, size))}; resize them to that size"
+            )
+        return super().forward(x)
 
 
 def load_exported(directory: Union[str, os.PathLike], key: SecretKey, *,

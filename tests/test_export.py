@@ -121,6 +121,9 @@ def test_onnx_export_runs_in_onnxruntime_behind_the_keyed_input(protected, shuff
         load_keyed_input(tmp_path, SecretKey.generate_like(shuffle_np_key))
     with pytest.raises(CheckpointError, match="onnxruntime"):
         load_exported(tmp_path, shuffle_np_key)
+    # Another size passed the keyed input and failed in onnxruntime with its own INVALID_ARGUMENT.
+    with pytest.raises(BlockSizeError, match="this export takes images of 3x16x16.*got 3x32x32"):
+        keyed(torch.rand(2, 3, 32, 32))
 
 
 def test_export_of_a_transformers_model_returns_its_logits(tmp_path):
