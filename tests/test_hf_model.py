@@ -114,14 +114,16 @@ def test_weights_a_plain_trainer_saved_from_the_wrapper_load_or_fail_never_come_
     from safetensors.torch import save_file
 
     from kp_plugin import CheckpointError, ProtectionConfig
+    from kp_plugin.errors import UnsignedCheckpointWarning
 
     trained = wrap_hf_model(tiny_vit(seed=3), key, image_processor=vit_processor())
     (tmp_path / "ckpt").mkdir()
     save_file({k: v.contiguous() for k, v in trained.state_dict().items()},
               str(tmp_path / "ckpt" / "model.safetensors"), metadata={"format": "pt"})
     trained.unwrap().config.save_pretrained(tmp_path / "ckpt")
-    ProtectionConfig.from_model(trained).save(tmp_path / "ckpt")
-    loaded = load_protected(tmp_path / "ckpt", tiny_vit(seed=7), key)
+    ProtectionConfig.from_model(trained).save(tmp_path / "ckpt")  # by hand: unsigned
+    with pytest.warns(UnsignedCheckpointWarning):
+        loaded = load_protected(tmp_path / "ckpt", tiny_vit(seed=7), key)
     for name, value in trained.unwrap().state_dict().items():
         assert torch.equal(loaded.unwrap().state_dict()[name], value), name
     # Names transformers cannot place at all are an error, not a fresh model.
@@ -130,7 +132,7 @@ def test_weights_a_plain_trainer_saved_from_the_wrapper_load_or_fail_never_come_
               str(tmp_path / "other" / "model.safetensors"), metadata={"format": "pt"})
     trained.unwrap().config.save_pretrained(tmp_path / "other")
     ProtectionConfig.from_model(trained).save(tmp_path / "other")
-    with pytest.raises(CheckpointError, match="could not place"):
+    with pytest.raises(CheckpointError, match="could not place"), pytest.warns(UnsignedCheckpointWarning):
         load_protected(tmp_path / "other", tiny_vit(seed=7), key)
 
 
