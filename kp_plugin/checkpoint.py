@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
 import hashlib
 import hmac
 import json
@@ -38,6 +37,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from ._files import remove_stale_temporaries
 from .errors import (CheckpointError, CheckpointWriteError, ConfigurationError, KeyLeakError, KeyMismatchError,
                      UnsignedCheckpointWarning, first_line)
 from .keys import KEY_FILE_FORMAT, SecretKey, parse_scheme, require_key
@@ -363,23 +363,6 @@ def _temporary_beside(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
-def remove_stale_temporaries(directory: Path, names: Iterable[str]) -> None:
-    """Remove the temporaries (:func:`_temporary_beside`) of ``names`` in
-    ``directory`` that a process no longer running left behind (stopped
-    between a rename and its clean-up); those of a live process stay."""
-    for name in names:
-        for path in directory.glob(f".{glob.escape(name)}.*.*.tmp"):
-            pid = path.name[len(name) + 2:].split(".")[0]
-            if not pid.isdigit() or int(pid) == os.getpid():
-                continue
-            try:
-                os.kill(int(pid), 0)
-            except ProcessLookupError:
-                path.unlink(missing_ok=True)
-            except OSError:  # alive (another user's), or cannot tell
-                pass
-
-
 @contextlib.contextmanager
 def replacing(path: Union[str, os.PathLike], *, durable: bool = False) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to; renamed over ``path``
@@ -387,6 +370,7 @@ def replacing(path: Union[str, os.PathLike], *, durable: bool = False) -> Iterat
     disk) leaves the file that was there whole. ``durable``: the file is
     fsynced before the rename (a power loss keeps the old file or the new)."""
     path = Path(path)
+    remove_stale_temporaries(path.parent, [path.name])  # those a killed write of it left
     tmp = _temporary_beside(path)
     try:
         yield tmp

@@ -36,6 +36,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from ._files import process_gone
 from .checkpoint import (PROTECTION_FILE, WEIGHTS_FILE, ProtectionConfig, _uncompiled, find_key_material, hash_file,
                          refuse_other_key_checkpoint, weights_digest)
 from .errors import (BlockSizeError, CheckpointError, CheckpointWriteError, ConfigurationError, KeyLeakError,
@@ -362,14 +363,8 @@ def _remove_stale_scratch(directory: Path) -> None:
     (a whole staged model each); those of live processes stay."""
     for path in directory.glob(f"{_SCRATCH_PREFIX}*-*"):
         pid = path.name[len(_SCRATCH_PREFIX):].split("-")[0]
-        if not path.is_dir() or not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if path.is_dir() and pid.isdigit() and int(pid) != os.getpid() and process_gone(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
-        except OSError:  # alive (another user's), or cannot tell
-            pass
 
 
 def _refuse_unrecorded_files(directory: Path, target: Path) -> None:

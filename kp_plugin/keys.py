@@ -29,6 +29,7 @@ from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Iterable, Iterator, Union
 
+from ._files import remove_stale_temporaries
 from .errors import (ConfigurationError, KeyFileError, KeyFileExistsError, KeyFilePermissionWarning, KeyFileWriteError,
                      KeyPicklingError, KeyTypeError)
 
@@ -688,7 +689,10 @@ class SecretKey:
         directory = path.parent if str(path.parent) else Path(".")
         directory.mkdir(parents=True, exist_ok=True)
         data = self.to_json().encode()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+        # A killed save leaves a whole key in its temporary: the next save of
+        # this name removes those (named after their process) whose process is gone.
+        remove_stale_temporaries(directory, [path.name])
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=directory)
         try:
             if hasattr(os, "fchmod"):  # POSIX; mkstemp already creates the file 0600
                 os.fchmod(fd, 0o600)

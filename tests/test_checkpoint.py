@@ -997,3 +997,21 @@ def test_a_save_removes_the_temporaries_a_stopped_save_left(saved):
         path.write_bytes(b"x")
     save_protected(model, directory)
     assert not stale.exists() and live.exists()
+
+
+def test_every_replaced_file_removes_the_temporaries_killed_writes_of_it_left(tmp_path):
+    # report.json, report.md and training.json (written through replacing())
+    # kept the temporaries of a killed kp evaluate / kp protect for good.
+    import subprocess
+    import sys
+
+    from kp_plugin.checkpoint import replacing
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".report.json.{int(ended.stdout)}.0a1b2c3d.tmp"
+    live = tmp_path / f".report.json.{os.getppid()}.0a1b2c3d.tmp"
+    for path in (stale, live):
+        path.write_bytes(b"x")
+    with replacing(tmp_path / "report.json") as tmp:
+        tmp.write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "report.json"])

