@@ -418,4 +418,8 @@ def _show(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # `python -m kp_plugin.cli`: run the imported module's main, whose
+    # _UsageError is the one the handlers raise (this copy's is another class).
+    from kp_plugin.cli import main as _main
+
+    sys.exit(_main())

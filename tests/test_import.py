@@ -89,3 +89,17 @@ def test_a_command_missing_an_optional_package_names_the_extra_to_install(tmp_pa
     assert done.returncode == 1, done.stderr
     assert "kp show: error: this needs PIL, which is not installed; install it with pip install 'kp-plugin[demo]'" \
         in done.stderr and "Traceback" not in done.stderr
+
+
+def test_python_dash_m_gives_the_same_usage_errors_as_kp(tmp_path):
+    # `python -m kp_plugin.cli` ran main() from __main__, whose _UsageError is
+    # another class than the handlers raise: a traceback and exit 1, not exit 2.
+    import os
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    for module in ("kp_plugin.cli", "kp_plugin"):
+        done = subprocess.run([sys.executable, "-m", module, "export", "out", "-o", "deploy", "--format", "pt2",
+                               "--opset", "17"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+        assert done.returncode == 2, (module, done.stderr)
+        assert "kp export: error: --opset is an ONNX setting" in done.stderr and "Traceback" not in done.stderr
