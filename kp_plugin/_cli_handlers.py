@@ -275,9 +275,53 @@ class _BaselineBeside:
             self.process.join()
 
 
+#: Held (flock) by the kp protect writing into a folder, inside it.
+WRITER_LOCK = ".kp-protect.lock"
+
+
+@contextlib.contextmanager
+def _only_writer(out: Path, command: str):
+    """Hold ``out`` for one ``command`` at a time. Two kp protect runs into
+    one folder with one key both said they saved; the folder held one model,
+    the other was lost without a word. Released however the process ends (a
+    kill too: the kernel drops the lock); a folder this made stays only if
+    something was written into it."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / WRITER_LOCK
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigurationError(
+                f"another {command} is writing into {out}; wait for it to finish, or choose another -o"
+            ) from None
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+
+
 def protect(args: argparse.Namespace) -> int:
     """``kp protect``: fine-tune a keyed model (distilling from, or beside,
     the unprotected fine-tune), save the protected checkpoint and the history."""
+    out = Path(args.output)
+    check_output_folder(out)
+    with _only_writer(out, "kp protect"):
+        return _protect(args)
+
+
+def _protect(args: argparse.Namespace) -> int:
     from .data import DatasetNameWarning, load_dataset
     from .timm import create_protected_model
     from .train import TRAINING_STATE_FILE, TrainConfig, evaluate_accuracy, fit

@@ -280,6 +280,22 @@ def test_a_key_file_inside_the_output_folder_is_refused_before_any_work(protecte
     assert sorted(p.name for p in out.iterdir()) == ["owner.key"]
 
 
+def test_a_second_protect_into_a_folder_another_is_writing_is_refused(protected, tmp_path, capsys):
+    # Two runs into one folder with one key both printed "saved the protected
+    # model": the folder held one of them, the other was lost without a word.
+    fcntl = pytest.importorskip("fcntl")
+    key_path, _ = protected
+    out = tmp_path / "busy"
+    out.mkdir()
+    with open(out / ".kp-protect.lock", "w") as held:  # what a running kp protect holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["protect", *TINY, "--key", str(key_path), "-o", str(out)]) == 1
+        assert "another kp protect is writing into" in capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == [".kp-protect.lock"]
+    assert main(["protect", *TINY, "--key", str(key_path), "-o", str(out)]) == 0  # once it is free
+    assert ".kp-protect.lock" not in {p.name for p in out.iterdir()}
+
+
 def test_protect_refuses_a_dataset_with_one_class(protected, tmp_path, capsys):
     # It trained, then reported 100% with the key, with every wrong key, on
     # plain images and as chance: nothing protected, nothing measured.
