@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -35,4 +36,7 @@ def remove_stale_temporaries(directory: Path, names: Iterable[str]) -> None:
         for path in Path(directory).glob(f".{glob.escape(name)}.*.*.tmp"):
             pid = path.name[len(name) + 2:].split(".")[0]
             if pid.isdigit() and int(pid) != os.getpid() and process_gone(int(pid)):
-                path.unlink(missing_ok=True)
+                if path.is_dir() and not path.is_symlink():  # a scratch folder (safetensors' own temporary in it)
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)

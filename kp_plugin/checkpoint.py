@@ -399,16 +399,33 @@ def save_weights_atomic(module: nn.Module, path: Path, metadata: dict) -> None:
     then renamed over it: a reader never sees half a file, and a failed write
     leaves the previous one in place."""
     from safetensors import SafetensorError
-    from safetensors.torch import save_model
 
     try:
         with replacing(path, durable=True) as tmp:
-            save_model(module, str(tmp), metadata=metadata)
+            _save_model_file(module, tmp, Path(path), metadata)
     except SafetensorError as exc:  # the disk full among them: safetensors' own error, not an OSError
         raise CheckpointWriteError(
             f"cannot write {path} ({first_line(exc)}); the file there before, if any, is unchanged: free some "
             "space or choose another folder"
         ) from None
+
+
+def _save_model_file(module: nn.Module, tmp: Path, final: Path, metadata: dict) -> None:
+    """``safetensors.torch.save_model`` of ``module`` into ``tmp`` (the
+    temporary of ``final``), through a scratch folder of this process named
+    like the other temporaries of ``final``: safetensors writes a temporary of
+    its own (``.tmpXXXXXX``) beside the file it is given, which a killed
+    process left in the checkpoint folder for good; in the scratch folder,
+    the next save of ``final`` removes it."""
+    from safetensors.torch import save_model
+
+    scratch = _temporary_beside(final)
+    scratch.mkdir()
+    try:
+        save_model(module, str(scratch / final.name), metadata=metadata)
+        os.replace(scratch / final.name, tmp)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 #: timm.create_model arguments that are not architecture (where weights come
@@ -549,7 +566,11 @@ def find_key_material(directory: Union[str, os.PathLike], key: SecretKey) -> lis
     """
     needles = leak_needles(key)
     root = Path(directory)
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    # os.walk, not rglob: a folder another writer removes during the scan
+    # (its scratch folder) is skipped, where rglob raised FileNotFoundError.
+    files = [root] if root.is_file() else sorted(
+        path for folder, _, names in os.walk(root) for path in (Path(folder) / name for name in names)
+        if path.is_file())
     return [path for path in files if _still_there_and_contains(path, needles)]
 
 
@@ -715,7 +736,6 @@ def _write_all(directory: Path, files: list, *, weights: Optional[tuple] = None)
     file; so does a failure or an interrupt (Ctrl-C) between the renames,
     which puts the previous files back (:func:`_swap_in`)."""
     from safetensors import SafetensorError
-    from safetensors.torch import save_model
 
     names = [name for name, _ in files] + ([WEIGHTS_FILE] if weights is not None else [])
     remove_stale_temporaries(directory, names)  # those a stopped save into this folder left
@@ -734,7 +754,7 @@ def _write_all(directory: Path, files: list, *, weights: Optional[tuple] = None)
                 stage(lambda tmp: tmp.write_bytes(data))
             if weights is not None:
                 name = WEIGHTS_FILE
-                stage(lambda tmp: save_model(weights[0], str(tmp), metadata=weights[1]))
+                stage(lambda tmp: _save_model_file(weights[0], tmp, directory / WEIGHTS_FILE, weights[1]))
             name = None  # the renames
             _swap_in(list(reversed(staged)))
         finally:

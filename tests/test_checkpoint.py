@@ -1015,3 +1015,22 @@ def test_every_replaced_file_removes_the_temporaries_killed_writes_of_it_left(tm
     with replacing(tmp_path / "report.json") as tmp:
         tmp.write_text("{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "report.json"])
+
+
+def test_safetensors_own_temporary_of_a_killed_save_is_removed_by_the_next_save(saved, tmp_path):
+    # safetensors writes a .tmpXXXXXX of its own beside the file it is given:
+    # a save killed during the weights left it in the checkpoint folder for
+    # good (1.5 MB, through 35 later saves in an audit). It is written in a
+    # scratch folder named after the process now, which the next save removes.
+    import subprocess
+    import sys
+
+    model, directory = saved
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    scratch = directory / f".model.safetensors.{int(ended.stdout)}.0a1b2c3d.tmp"
+    scratch.mkdir()
+    (scratch / ".tmpAbC123").write_bytes(b"half a weights file")
+    before = sorted(p.name for p in directory.iterdir() if p != scratch)
+    save_protected(model, directory)
+    assert sorted(p.name for p in directory.iterdir()) == before
+    load_protected(directory, _fresh_cnn(), model.key)
