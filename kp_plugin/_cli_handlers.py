@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import sys
@@ -695,9 +696,12 @@ def writing_into(folder: Path):
         yield
     except OSError as exc:
         reason = exc.strerror or first_line(exc)
-        where = f"{exc.filename} in " if exc.filename else ""
+        named = exc.filename and Path(exc.filename) != Path(folder)
+        where = f"{exc.filename} in " if named else ""
+        remedy = "free some space" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else \
+            "check that the folder can be written"
         raise ConfigurationError(
-            f"cannot write the results into {where}{folder} ({reason}); free some space, or choose another -o"
+            f"cannot write the results into {where}{folder} ({reason}); {remedy}, or choose another -o"
         ) from None
 
 
@@ -706,6 +710,9 @@ def check_output_folder(directory: Path) -> None:
     an existing file (found, before, only when the results were written)."""
     if directory.exists() and not directory.is_dir():
         raise _UsageError(f"-o {directory} is a file; the command writes a folder there: name a folder")
+    if directory.is_symlink() and not directory.exists():  # creating the folder said "File exists"
+        raise _UsageError(f"-o {directory} is a symbolic link to {os.readlink(directory)}, which does not exist; "
+                          "create that folder, or name another -o")
 
 
 def _refuse_key_file_inside(directory: Path, key_file: Optional[str]) -> None:

@@ -741,6 +741,26 @@ def test_a_report_that_cannot_be_written_is_one_line_naming_the_folder(protected
     err = capsys.readouterr().err
     assert f"cannot write the results into {out} (File too large); free some space, or choose another -o" in err
 
+    def read_only(*args, **kwargs):  # the folder itself named, as a read-only file system does
+        raise OSError(errno.EROFS, "Read-only file system", str(out))
+
+    monkeypatch.setattr(kp_plugin.evaluate, "write_report", read_only)
+    assert main(["evaluate", str(checkpoint), "--key", str(key_path), "--wrong-keys", "1", "--quiet",
+                 "-o", str(out)]) == 1
+    err = capsys.readouterr().err  # it said "into OUT in OUT", and to free some space
+    assert (f"cannot write the results into {out} (Read-only file system); check that the folder can be written, "
+            "or choose another -o") in err
+
+
+def test_an_output_folder_that_is_a_dangling_link_is_named_as_such(protected, tmp_path, capsys):
+    # Creating the folder failed with "File exists", for a path that looks missing.
+    key_path, checkpoint = protected
+    link = tmp_path / "report"
+    link.symlink_to(tmp_path / "gone")
+    assert main(["evaluate", str(checkpoint), "--key", str(key_path), "-o", str(link)]) == 2
+    err = capsys.readouterr().err
+    assert f"-o {link} is a symbolic link to {tmp_path / 'gone'}, which does not exist" in err
+
 
 def test_a_key_file_in_the_report_folder_is_to_be_moved_not_deleted(protected, tmp_path, capsys):
     # The remedy was "delete these files": for a key file, losing its model.
