@@ -27,6 +27,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -397,12 +398,13 @@ def _atomic_write(path: Path, data: bytes) -> None:
 def save_weights_atomic(module: nn.Module, path: Path, metadata: dict) -> None:
     """``safetensors.torch.save_model`` to a temporary file beside ``path``,
     then renamed over it: a reader never sees half a file, and a failed write
-    leaves the previous one in place."""
+    leaves the previous one in place. Owner-only (0600): it holds the
+    unprotected teacher of ``kp protect --distill``."""
     from safetensors import SafetensorError
 
     try:
         with replacing(path, durable=True) as tmp:
-            _save_model_file(module, tmp, Path(path), metadata)
+            _save_model_file(module, tmp, Path(path), metadata, owner_only=True)
     except SafetensorError as exc:  # the disk full among them: safetensors' own error, not an OSError
         raise CheckpointWriteError(
             f"cannot write {path} ({first_line(exc)}); the file there before, if any, is unchanged: free some "
@@ -410,7 +412,7 @@ def save_weights_atomic(module: nn.Module, path: Path, metadata: dict) -> None:
         ) from None
 
 
-def _save_model_file(module: nn.Module, tmp: Path, final: Path, metadata: dict) -> None:
+def _save_model_file(module: nn.Module, tmp: Path, final: Path, metadata: dict, *, owner_only: bool = False) -> None:
     """``safetensors.torch.save_model`` of ``module`` into ``tmp`` (the
     temporary of ``final``), through a scratch folder of this process named
     like the other temporaries of ``final``: safetensors writes a temporary of
@@ -423,6 +425,13 @@ def _save_model_file(module: nn.Module, tmp: Path, final: Path, metadata: dict) 
     scratch.mkdir()
     try:
         save_model(module, str(scratch / final.name), metadata=metadata)
+        if not owner_only:
+            # safetensors' temporary is owner-only (0600), and became the
+            # weights file so; weights for publishing are as readable as the
+            # files beside them: the mode a new file gets here (the umask's).
+            probe = scratch / "mode"
+            os.close(os.open(probe, os.O_CREAT | os.O_WRONLY, 0o666))
+            os.chmod(scratch / final.name, stat.S_IMODE(os.stat(probe).st_mode))
         os.replace(scratch / final.name, tmp)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

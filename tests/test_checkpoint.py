@@ -1034,3 +1034,19 @@ def test_safetensors_own_temporary_of_a_killed_save_is_removed_by_the_next_save(
     save_protected(model, directory)
     assert sorted(p.name for p in directory.iterdir()) == before
     load_protected(directory, _fresh_cnn(), model.key)
+
+
+def test_the_weights_file_is_as_readable_as_the_files_beside_it(saved, tmp_path):
+    # model.safetensors came out 0600 (safetensors' own temporary file's
+    # mode) beside a 0644 protection.json and config.json: the file to
+    # publish was the one other users could not read.
+    import stat
+
+    model, _ = saved
+    old = os.umask(0o022)
+    try:
+        directory = save_protected(model, tmp_path / "modes")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in directory.iterdir()}
+    assert modes["model.safetensors"] == modes["protection.json"] == 0o644, modes
