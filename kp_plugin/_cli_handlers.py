@@ -549,6 +549,8 @@ def evaluate(args: argparse.Namespace) -> int:
     from .data import load_dataset
     from .evaluate import evaluate_protection, format_summary, write_report
 
+    import matplotlib  # noqa: F401 - the report's figures: missing, say so before the long evaluation, not after
+
     device = _runtime(args)
     checkpoint = Path(args.checkpoint)
     out = Path(args.output) if args.output else checkpoint / REPORT_DIR

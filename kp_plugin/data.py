@@ -332,8 +332,8 @@ def _load_digits(split: str, image_size: int, seed: int) -> TensorImageDataset:
         from sklearn.datasets import load_digits
     except ImportError:
         raise ConfigurationError(
-            "the 'digits' dataset needs scikit-learn (`pip install scikit-learn`), or pass a .npz "
-            "written by kp_plugin.data.save_npz"
+            "the 'digits' dataset needs scikit-learn (`pip install 'kp-plugin[demo]'`, or `pip install scikit-learn`), "
+            "or pass a .npz written by kp_plugin.data.save_npz"
         ) from None
     digits = load_digits()
     images = np.asarray(digits.images, dtype=np.float32) / 16.0
@@ -363,8 +363,8 @@ def _photo(name: str) -> np.ndarray:
         import skimage.data
     except ImportError:
         raise ConfigurationError(
-            "the 'photos' dataset needs scikit-image (`pip install scikit-image`), or pass a .npz "
-            "written by kp_plugin.data.save_npz"
+            "the 'photos' dataset needs scikit-image (`pip install 'kp-plugin[demo]'`, or `pip install scikit-image`), "
+            "or pass a .npz written by kp_plugin.data.save_npz"
         ) from None
     image = getattr(skimage.data, name)()
     if isinstance(image, tuple):  # stereo_motorcycle: (left, right, disparity)

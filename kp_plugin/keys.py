@@ -750,7 +750,11 @@ class SecretKey:
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            raise KeyFileError(f"key file {path} does not exist; create one with `kp keygen -o {path}`") from None
+            raise KeyFileError(
+                f"key file {path} does not exist; give the path of the key the model was protected with (restore it "
+                f"from your backup: a new key cannot open that model), or, to start a new model, create one with "
+                f"`kp keygen -o {path}`"
+            ) from None
         except OSError as exc:
             raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from None
         key = cls.from_json(data, source=f"key file {path}")

@@ -89,6 +89,12 @@ def test_a_command_missing_an_optional_package_names_the_extra_to_install(tmp_pa
     assert done.returncode == 1, done.stderr
     assert "kp show: error: this needs PIL, which is not installed; install it with pip install 'kp-plugin[demo]'" \
         in done.stderr and "Traceback" not in done.stderr
+    # kp evaluate ran the whole evaluation, then failed on matplotlib for the figures and wrote nothing.
+    code = ("import sys; sys.modules['matplotlib'] = None; from kp_plugin.cli import main; "
+            "sys.exit(main(['evaluate', 'no-checkpoint-here', '--key', 'k.key']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
+                          timeout=120)
+    assert done.returncode == 1 and "kp evaluate: error: this needs matplotlib" in done.stderr, done.stderr
 
 
 def test_python_dash_m_gives_the_same_usage_errors_as_kp(tmp_path):

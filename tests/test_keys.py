@@ -418,8 +418,10 @@ def test_a_created_field_the_spec_does_not_allow_is_rejected_even_with_a_valid_m
         SecretKey(golden_key._material, created=created if created is not None else "null")
 
 
-def test_missing_key_file_says_how_to_make_one(tmp_path):
-    with pytest.raises(KeyFileError, match="kp keygen"):
+def test_missing_key_file_says_to_restore_the_owners_key_before_making_one(tmp_path):
+    # It said only "create one with kp keygen": a new key never opens the
+    # model the missing one protected (kp evaluate then exits 3, wrong key).
+    with pytest.raises(KeyFileError, match=r"restore it from your backup: a new key cannot open that model.*kp keygen"):
         SecretKey.load(tmp_path / "nope.key")
 
 
