@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import importlib
 import json
 import os
 import sys
@@ -549,7 +550,7 @@ def evaluate(args: argparse.Namespace) -> int:
     from .data import load_dataset
     from .evaluate import evaluate_protection, format_summary, write_report
 
-    import matplotlib  # noqa: F401 - the report's figures: missing, say so before the long evaluation, not after
+    importlib.import_module("matplotlib")  # the report's figures: missing, say so before the long evaluation
 
     device = _runtime(args)
     checkpoint = Path(args.checkpoint)
