@@ -37,7 +37,8 @@ def register(subparsers) -> None:
     parser.add_argument("--image-size", type=_image_size, default=None, help="image side (default: the checkpoint's)")
     parser.add_argument("--attacks", default="all", type=_attack_list, help=f"'all' or a comma list of: {', '.join(ATTACKS)}")
     parser.add_argument("--budget", default="quick", choices=tuple(BUDGETS),
-                        help="how hard to try: smoke (seconds), quick, standard, paper (20,000 random keys)")
+                        help="how hard to try: smoke (seconds), quick (the default), standard, paper (20,000 random "
+                             "keys)")
     parser.add_argument("--base", default="auto",
                         help="the public pre-trained base for fine-tuning and weight matching: 'auto' (the "
                              "checkpoint's architecture, pre-trained), a timm model name, a transformers model id or "
