@@ -39,7 +39,6 @@ from .checkpoint import (
     _save_protected,
     _uncompiled,
     _write_all,
-    remove_stale_temporaries,
     find_key_material,
     load_error_summary,
     read_weights_header,
@@ -478,7 +477,6 @@ def _save_checkpoint(model: nn.Module, directory: Path, state: dict) -> None:
     Ctrl-C there, a kill) leaves a state that resumes whole, from its epoch,
     beside the next epoch's published weights (:func:`_load_checkpoint`)."""
     directory.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(directory, (TRAINING_STATE_FILE,))  # the other files': _write_all removes them
     base = _uncompiled(model.unwrap() if hasattr(model, "unwrap") else model)
     # which weights this state continues, and those weights themselves
     state = {**state, "weights_digest": weights_digest(base), "weights": base.state_dict()}
