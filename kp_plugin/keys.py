@@ -275,10 +275,11 @@ class WrappedText:
         self.max_length = 5 * max(len(n) for n in self._needles)
 
     def found_in(self, data: bytes) -> bool:
-        if b"\n" not in data and b"\r" not in data:
-            if b"\0" in data or (b"\\n" not in data and b"\\r" not in data):
-                return False
-        if b"\0" not in data:  # text: JSON may escape the breaks
+        # text (no NUL byte): JSON may escape the breaks
+        escaped = b"\0" not in data and (b"\\n" in data or b"\\r" in data)
+        if not escaped and b"\n" not in data and b"\r" not in data:
+            return False
+        if escaped:
             data = data.replace(b"\\r", b"").replace(b"\\n", b"")
         flat = data.translate(self._FLATTEN, b"\r\n")
         return any(n in flat for n in self._needles)
