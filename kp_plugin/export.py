@@ -36,7 +36,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from ._files import process_gone
+from ._files import remove_stale_temporaries
 from .checkpoint import (PROTECTION_FILE, WEIGHTS_FILE, ProtectionConfig, _uncompiled, find_key_material, hash_file,
                          refuse_other_key_checkpoint, weights_digest)
 from .errors import (BlockSizeError, CheckpointError, CheckpointWriteError, ConfigurationError, KeyLeakError,
@@ -285,8 +285,8 @@ def export_protected(
     created = not directory.exists()
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        _remove_stale_scratch(directory)
-        with tempfile.TemporaryDirectory(dir=directory, prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-") as scratch:
+        remove_stale_temporaries(directory, [_SCRATCH])  # the scratch folders killed exports left
+        with tempfile.TemporaryDirectory(dir=directory, prefix=f".{_SCRATCH}.{os.getpid()}.", suffix=".tmp") as scratch:
             staged = Path(scratch) / target.name
             _stage(wrapper, example, staged, format, dynamic_shapes, opset_version, names, type(base).__name__)
             config.extra[DIGESTS_FIELD] = {**kept, target.name: _sha256(staged)}
@@ -354,17 +354,9 @@ _SAME_MODEL_FIELDS = ("scheme", "block_size", "channels", "fingerprint", "mean",
                       "num_classes", "weights_digest")
 
 
-#: Scratch folders of exports in progress: ``.export-PID-XXXX`` in the output folder.
-_SCRATCH_PREFIX = ".export-"
-
-
-def _remove_stale_scratch(directory: Path) -> None:
-    """Remove the scratch folders that killed exports left in ``directory``
-    (a whole staged model each); those of live processes stay."""
-    for path in directory.glob(f"{_SCRATCH_PREFIX}*-*"):
-        pid = path.name[len(_SCRATCH_PREFIX):].split("-")[0]
-        if path.is_dir() and pid.isdigit() and int(pid) != os.getpid() and process_gone(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
+#: Scratch folders of exports in progress, ``.export.PID.XXXX.tmp`` in the output folder (a whole staged model
+#: each), named like kp's other temporaries so that the next export removes those of killed processes.
+_SCRATCH = "export"
 
 
 def _refuse_unrecorded_files(directory: Path, target: Path) -> None:

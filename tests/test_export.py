@@ -483,10 +483,10 @@ def test_a_failed_export_leaves_no_new_folder_and_a_killed_ones_scratch_is_remov
     deploy.mkdir()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = deploy / f".export-{dead.pid}-abcd1234"
+    stale = deploy / f".export.{dead.pid}.abcd1234.tmp"
     stale.mkdir()
     (stale / "model.pt2").write_bytes(b"staged")
-    live = deploy / f".export-{os.getppid()}-abcd1234"
+    live = deploy / f".export.{os.getppid()}.abcd1234.tmp"
     live.mkdir()
     export_protected(protected, deploy, format="pt2")
     assert not stale.exists() and live.is_dir()
