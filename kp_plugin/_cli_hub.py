@@ -147,11 +147,13 @@ def _copy_checkpoint(folder: Path, out: Path) -> None:
     file beside its place first, then all renamed in (``protection.json``
     last; a failure puts the previous files back), so a failed copy leaves
     what was there, not half a checkpoint."""
+    from ._files import remove_stale_temporaries
     from .checkpoint import PROTECTION_FILE, _swap_in, _temporary_beside
     from .errors import CheckpointWriteError, first_line
 
     out.mkdir(parents=True, exist_ok=True)
     sources = sorted((p for p in folder.iterdir() if p.is_file()), key=lambda p: p.name == PROTECTION_FILE)
+    remove_stale_temporaries(out, [source.name for source in sources])  # those a killed pull or save left
     staged: list = []
     try:
         try:

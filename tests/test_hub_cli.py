@@ -96,6 +96,28 @@ def test_pull_into_a_folder_of_other_files_is_refused_and_a_failed_copy_changes_
     assert (same / "model.safetensors").read_bytes() == (checkpoint / "model.safetensors").read_bytes()
 
 
+def test_pull_into_a_checkpoint_removes_the_temporaries_a_killed_pull_left(
+        test_hub, checkpoint, key_file, tmp_path, monkeypatch, isolate_hub_client):
+    # A kp pull -o killed while copying left its .NAME.PID.XXXX.tmp files in
+    # the folder for good: later pulls into it did not sweep them, as saves do.
+    import os
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("HF_TOKEN", test_hub.token)
+    assert main(["push", str(checkpoint), "org/cli-stale", "--key", str(key_file), "--endpoint", test_hub.url]) == 0
+    same = tmp_path / "same"
+    save_protected(wrap_model(timm.create_model("test_resnet", num_classes=3), KEY), same)
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = same / f".model.safetensors.{int(ended.stdout)}.0a1b2c3d.tmp"
+    live = same / f".model.safetensors.{os.getppid()}.0a1b2c3d.tmp"
+    for path in (stale, live):
+        path.write_bytes(b"half a weights file")
+    assert main(["pull", "org/cli-stale", "--key", str(key_file), "--endpoint", test_hub.url, "-o", str(same)]) == 0
+    assert not stale.exists() and live.exists()
+    assert (same / "model.safetensors").read_bytes() == (checkpoint / "model.safetensors").read_bytes()
+
+
 def _failing_for(name):
     """os.replace failing once, for the first rename onto ``name`` (a full disk)."""
     import os
