@@ -7,7 +7,8 @@ import contextlib
 import os
 from typing import Iterator, Optional
 
-from .errors import CheckpointError, KPError, first_line
+from .errors import (CorruptDownloadError, HubError, HubUnreachableError, HubUploadError, KPError, NotProtectedRepoError,
+                     PublicRepoError, RepoNotFoundError, first_line)
 
 __all__ = [
     "HubError",
@@ -20,40 +21,6 @@ __all__ = [
 ]
 
 _DEFAULT_ENDPOINT = "https://huggingface.co"
-
-
-class HubError(KPError):
-    """Talking to the Hub failed; the message says what to do."""
-
-
-class HubUnreachableError(HubError):
-    """The Hub endpoint cannot be reached (and, for a pull, the model is not
-    in the local cache)."""
-
-
-class RepoNotFoundError(HubError):
-    """The repository or revision does not exist, or the token cannot see it."""
-
-
-class NotProtectedRepoError(HubError, CheckpointError):
-    """The repository exists but holds no ``protection.json``: it is not a
-    kp-plugin protected model."""
-
-
-class PublicRepoError(HubError):
-    """``private=True`` was asked but the repository exists and is public;
-    nothing was uploaded."""
-
-
-class HubUploadError(HubError):
-    """The upload itself failed (e.g. the Xet protocol against a self-hosted
-    endpoint)."""
-
-
-class CorruptDownloadError(HubError, CheckpointError):
-    """A downloaded (or cached) file is not the file the Hub holds: cut
-    short, or changed in transfer or on disk. Pull again with
-    ``force_download=True``."""
 
 
 def _endpoint(endpoint: Optional[str]) -> str:

@@ -37,7 +37,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .errors import KPError
+from .errors import AdaptationError
 from .keys import SecretKey
 from .module import ProtectedModel, resolve_normalization, wrap_model
 
@@ -51,10 +51,6 @@ __all__ = [
 
 #: Steps whose effect a patch embedding (plus position embeddings) can absorb.
 ADAPTABLE_STEPS = ("shuffle", "np", "scramble")
-
-
-class AdaptationError(KPError, ValueError):
-    """The model or the scheme does not allow exact zero-training adaptation."""
 
 
 def first_conv(model: nn.Module, channels: Optional[int] = None) -> tuple[str, nn.Conv2d]:

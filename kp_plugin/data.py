@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigurationError, KPError
+from .errors import ConfigurationError, DatasetError, DatasetNameWarning
 
 __all__ = [
     "ImageDataset",
@@ -53,16 +53,6 @@ __all__ = [
     "PHOTO_SOURCES",
     "IMAGE_EXTENSIONS",
 ]
-
-
-class DatasetError(KPError):
-    """A dataset cannot be found or read, or a split/size is invalid."""
-
-
-class DatasetNameWarning(UserWarning):
-    """A folder in the working directory has the name of an embedded dataset
-    ("digits", "photos"): the bare name loads the embedded dataset, not the
-    folder; pass the folder as a path (``./photos``) to load it."""
 
 
 #: Image side per embedded dataset (a multiple of 2, 4, 8, 16 and 32, so

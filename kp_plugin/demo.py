@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 from ._cli_handlers import auto_threads
 from .cli import _image_size, _positive_int, _wrong_keys
 from .cli import main as kp_main
-from .errors import ConfigurationError, KPError
+from .errors import ConfigurationError, DemoStepError, KPError
 
 __all__ = ["run_demo", "main", "DEFAULT_OUTPUT"]
 
@@ -70,10 +70,6 @@ def _run(argv: list, timings: dict, label: str) -> None:
     timings[label] = time.perf_counter() - start
     if code != 0:
         raise DemoStepError(f"`kp {argv[0]}` failed (exit code {code}); see the message above")
-
-
-class DemoStepError(KPError):
-    """A step of the demo failed."""
 
 
 def _pct(value: Optional[float]) -> str:

@@ -28,11 +28,27 @@ __all__ = [
     "KeyTypeError",
     "KeyLeakError",
     "KeyPicklingError",
+    "KeyRequiredError",
+    "NotAProcessorError",
+    "DatasetError",
+    "AdaptationError",
+    "AttackError",
+    "PretrainedWeightsError",
+    "DemoStepError",
+    "HubError",
+    "HubUnreachableError",
+    "RepoNotFoundError",
+    "NotProtectedRepoError",
+    "PublicRepoError",
+    "HubUploadError",
+    "CorruptDownloadError",
     "KeyFilePermissionWarning",
     "InputSizeWarning",
     "NormalizationWarning",
     "UnsignedCheckpointWarning",
     "InputGradientWarning",
+    "DatasetNameWarning",
+    "ProtectionMarginWarning",
 ]
 
 
@@ -134,6 +150,77 @@ class KeyPicklingError(KeyLeakError, TypeError):
     holding one) outside multiprocessing: the pickle would hold the key."""
 
 
+# The errors (and warnings) of the adapters (transformers, timm, the Hub,
+# datasets, attacks) live here too, so that every one can be imported from
+# kp_plugin.errors without importing an adapter; each adapter module
+# re-exports its own.
+
+
+class KeyRequiredError(KPError, TypeError):
+    """A keyed image processor was loaded or built without its secret key."""
+
+
+class NotAProcessorError(ConfigurationError, TypeError):
+    """KeyedImageProcessor was given something other than a transformers
+    image processor to wrap (a name or path: use ``from_pretrained``)."""
+
+
+class DatasetError(KPError):
+    """A dataset cannot be found or read, or a split/size is invalid."""
+
+
+class AdaptationError(KPError, ValueError):
+    """The model or the scheme does not allow exact zero-training adaptation."""
+
+
+class AttackError(KPError, ValueError):
+    """An attack cannot run on this model, scheme or data as asked (the
+    message says which setting to change)."""
+
+
+class PretrainedWeightsError(KPError):
+    """Pre-trained weights could not be fetched (no Hub access, or timm has
+    none for the model)."""
+
+
+class DemoStepError(KPError):
+    """A step of the demo failed."""
+
+
+class HubError(KPError):
+    """Talking to the Hub failed; the message says what to do."""
+
+
+class HubUnreachableError(HubError):
+    """The Hub endpoint cannot be reached (and, for a pull, the model is not
+    in the local cache)."""
+
+
+class RepoNotFoundError(HubError):
+    """The repository or revision does not exist, or the token cannot see it."""
+
+
+class NotProtectedRepoError(HubError, CheckpointError):
+    """The repository exists but holds no ``protection.json``: it is not a
+    kp-plugin protected model."""
+
+
+class PublicRepoError(HubError):
+    """``private=True`` was asked but the repository exists and is public;
+    nothing was uploaded."""
+
+
+class HubUploadError(HubError):
+    """The upload itself failed (e.g. the Xet protocol against a self-hosted
+    endpoint)."""
+
+
+class CorruptDownloadError(HubError, CheckpointError):
+    """A downloaded (or cached) file is not the file the Hub holds: cut
+    short, or changed in transfer or on disk. Pull again with
+    ``force_download=True``."""
+
+
 class InputSizeWarning(UserWarning):
     """Images of another size than a loaded model was saved for, with a key
     that scrambles blocks: the block order differs at every size, so a model
@@ -164,3 +251,13 @@ class InputGradientWarning(UserWarning):
     """Images that require gradients, through a scheme whose value step is
     an 8-bit lookup (shift, ffx): no gradient reaches them. The model's own
     parameters are trained as usual."""
+
+
+class DatasetNameWarning(UserWarning):
+    """A folder in the working directory has the name of an embedded dataset
+    ("digits", "photos"): the bare name loads the embedded dataset, not the
+    folder; pass the folder as a path (``./photos``) to load it."""
+
+
+class ProtectionMarginWarning(UserWarning):
+    """The key's accuracy is not far enough above the best wrong key's."""

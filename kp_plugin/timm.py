@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from .checkpoint import CONFIG_FILE, ProtectionConfig, load_protected
-from .errors import BlockSizeError, CheckpointError, ConfigurationError, KPError, first_line, torch_load_failure
+from .errors import (BlockSizeError, CheckpointError, ConfigurationError, PretrainedWeightsError, first_line,
+                     torch_load_failure)
 from .keys import SecretKey, require_key
 from .module import ProtectedModel, wrap_model
 from .transforms import check_image_size, nearest_valid_size
@@ -51,11 +52,6 @@ __all__ = [
 OFFLINE_PRETRAINED = ("tf_efficientnet_lite0",)
 
 _WEIGHT_SOURCES = ("auto", "timm", "package")
-
-
-class PretrainedWeightsError(KPError):
-    """Pre-trained weights could not be fetched (no Hub access, or timm has
-    none for the model)."""
 
 
 def _input_size_triple(input_size: Union[int, Sequence[int]], channels: int) -> tuple:

@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..errors import KeyPicklingError, KPError
+from ..errors import AttackError, KeyPicklingError
 from ..keys import SecretKey
 from ..module import ProtectedModel
 from ..objectives import logits_of
@@ -44,11 +44,6 @@ __all__ = [
     "seeded_key",
     "check_count",
 ]
-
-
-class AttackError(KPError, ValueError):
-    """An attack cannot run on this model, scheme or data as asked (the
-    message says which setting to change)."""
 
 
 def check_count(name: str, value, why: str) -> None:

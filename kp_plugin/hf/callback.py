@@ -38,7 +38,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
 from ..checkpoint import PROTECTION_FILE, ProtectionConfig, held_fingerprint, refuse_key_material
-from ..errors import CheckpointError, ConfigurationError, KeyMismatchError
+from ..errors import CheckpointError, ConfigurationError, KeyMismatchError, ProtectionMarginWarning
 from ..keys import SecretKey, require_key
 from ..module import KeyedInput, ProtectedModel
 from ..objectives import logits_of
@@ -88,10 +88,6 @@ def _over_ranks(counts: torch.Tensor, seen: int, last: torch.Tensor, device: tor
     dist.all_gather(rows, padded)
     last = torch.cat([r[: int(n.item())] for r, n in zip(rows, sizes)]).cpu()
     return summed[: len(counts)].cpu(), int(summed[-2].item()), last
-
-
-class ProtectionMarginWarning(UserWarning):
-    """The key's accuracy is not far enough above the best wrong key's."""
 
 
 def _calling_handler(callback: TrainerCallback) -> Any:

@@ -29,7 +29,8 @@ from transformers.image_processing_utils import BaseImageProcessor
 
 from ..checkpoint import check_key_matches, refuse_key_material, replacing
 from ..errors import (BlockSizeError, CheckpointError, CheckpointWriteError, ConfigurationError, InputRangeError,
-                      KeyMismatchError, KPError, exception_chain, first_line)
+                      KeyMismatchError, KeyRequiredError, KPError, NotAProcessorError, exception_chain,
+                      first_line)
 from ..keys import SecretKey, parse_scheme, require_key
 from ..module import KeyedInput
 from ..transforms import invert_transform, nearest_valid_size
@@ -52,15 +53,6 @@ _PER_CALL_SETTINGS = ("do_rescale", "do_normalize", "rescale_factor", "image_mea
 #: Attributes of the keyed processor itself; any other name the base has is
 #: the base's setting (read and written through).
 _OWN_ATTRIBUTES = frozenset({"image_processor", "check_range", "key"})
-
-
-class KeyRequiredError(KPError, TypeError):
-    """A keyed image processor was loaded or built without its secret key."""
-
-
-class NotAProcessorError(ConfigurationError, TypeError):
-    """KeyedImageProcessor was given something other than a transformers
-    image processor to wrap (a name or path: use ``from_pretrained``)."""
 
 
 def _key_required(where: str) -> KeyRequiredError:
