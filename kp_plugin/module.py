@@ -14,11 +14,12 @@ import contextlib
 import functools
 import inspect
 import math
+import re
 import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
@@ -36,7 +37,7 @@ from .transforms import (
 )
 
 __all__ = ["KeyedInput", "ProtectedModel", "wrap_model", "unwrap", "protected_model_of", "require_protected",
-           "resolve_normalization", "fixed_image_size"]
+           "resolve_normalization", "fixed_image_size", "set_pretrained_cfg"]
 
 
 #: Outputs at least this large (bytes, CPU) are written into a buffer the
@@ -596,6 +597,16 @@ def fixed_image_size(model: nn.Module) -> Optional[tuple]:
     return tuple(size) if all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size) else None
 
 
+def set_pretrained_cfg(model: nn.Module, cfg: dict) -> None:
+    """Give a timm model a new ``pretrained_cfg``. timm keeps
+    ``default_cfg`` as the same dict (its older name, still read by timm's
+    own helpers and by user code), so both names get it: replaced alone,
+    ``default_cfg`` kept the old input size."""
+    model.pretrained_cfg = cfg
+    if hasattr(model, "default_cfg"):
+        model.default_cfg = cfg
+
+
 def resolve_normalization(
     model: nn.Module,
     mean: Optional[Sequence[float]] = None,
@@ -749,6 +760,55 @@ def _accept_base_names(module: "ProtectedModel", state_dict: dict, prefix: str, 
         metadata.setdefault(f"{prefix}model", metadata.get(prefix[:-1], {}))
 
 
+def _under_model(pattern: str) -> str:
+    """A regular expression over the base's parameter names as one over the
+    wrapper's (``model.`` in front); timm applies them with ``re.match``."""
+    return r"model\.(?:" + re.sub(r"(^|\|)\^", r"\1", pattern) + ")"
+
+
+def _prefixed_group_matcher(method: Callable) -> Callable:
+    """timm's ``group_matcher`` of the base model, for the wrapper's
+    parameter names: timm's optimizer factory (layer-wise learning-rate
+    decay) groups ``model.named_parameters()`` with it, and the base's
+    patterns matched none of them (one group for the whole model)."""
+
+    @functools.wraps(method)
+    def group_matcher(*args: Any, **kwargs: Any) -> Any:
+        matcher = method(*args, **kwargs)
+        if callable(matcher):
+            return lambda name: matcher(name[len("model."):]) if name.startswith("model.") else (float("inf"),)
+        if not isinstance(matcher, dict):
+            return matcher
+        out = {}
+        for group, spec in matcher.items():
+            if isinstance(spec, str):
+                out[group] = _under_model(spec)
+            elif isinstance(spec, (list, tuple)):
+                out[group] = [(_under_model(entry[0]), *entry[1:]) for entry in spec]
+            else:
+                out[group] = spec
+        return out
+
+    return group_matcher
+
+
+def _prefixed_names(method: Callable) -> Callable:
+    """timm's ``no_weight_decay`` of the base model (names or fnmatch
+    patterns of parameters kept out of weight decay: position embeddings,
+    class tokens), for the wrapper's parameter names."""
+
+    @functools.wraps(method)
+    def names(*args: Any, **kwargs: Any) -> Any:
+        return {f"model.{name}" for name in method(*args, **kwargs)}
+
+    return names
+
+
+#: Base-model methods that name parameters, reached through attribute
+#: fall-through: their names get the wrapper's ``model.`` prefix.
+_PARAMETER_NAME_METHODS = {"group_matcher": _prefixed_group_matcher, "no_weight_decay": _prefixed_names}
+
+
 #: KeyedInput settings a ProtectedModel answers for when its base model has
 #: no attribute of that name (``model.mean``, ``model.input_size``).
 _KEYED_SETTINGS = ("mean", "std", "input_size")
@@ -809,11 +869,27 @@ class ProtectedModel(nn.Module):
                 f"ProtectedModel takes a batch of images (B, C, H, W), as the model it wraps does; got one image "
                 f"{tuple(images.shape)}: pass images.unsqueeze(0)"
             )
+        if isinstance(images, torch.Tensor) and images.dim() == 4:
+            self._check_fixed_size(tuple(images.shape[-2:]))
         out = self.keyed(images)
         dtype = _parameter_dtype(self.model)
         if dtype is not None and out.dtype != dtype and not torch.is_autocast_enabled(out.device.type):
             out = out.to(dtype)
         return out
+
+    def _check_fixed_size(self, size: tuple) -> None:
+        """A model built for one image size (timm ViT, DeiT, Swin) refuses
+        others deep inside with a bare ``AssertionError``; say it here."""
+        built_for = fixed_image_size(self.model)
+        if built_for is None or size == built_for:
+            return
+        if not getattr(getattr(self.model, "patch_embed", None), "strict_img_size", True):
+            return  # timm pads or interpolates: other sizes work
+        raise BlockSizeError(
+            f"images are {size[0]}x{size[1]} but this {type(self.model).__name__} takes {built_for[0]}x{built_for[1]} "
+            f"images only (it was built for that size); resize them to {built_for[0]}x{built_for[1]}, or create the "
+            f"model for {size[0]}x{size[1]} (create_protected_model(..., input_size={size}) or timm's img_size)"
+        )
 
     def unwrap(self) -> nn.Module:
         """The base model, without the keyed input."""
@@ -879,6 +955,8 @@ class ProtectedModel(nn.Module):
                 raise
             if name in IMAGE_METHODS and callable(attribute):
                 return self._keyed_method(name, attribute)
+            if name in _PARAMETER_NAME_METHODS and callable(attribute):
+                return _PARAMETER_NAME_METHODS[name](attribute)
             return attribute
 
     def _keyed_method(self, name: str, method: Any) -> Any:

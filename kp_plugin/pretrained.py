@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ConfigurationError, first_line, torch_load_failure
+from .module import set_pretrained_cfg
 
 __all__ = [
     "ARCHITECTURE",
@@ -210,7 +211,7 @@ def load_efficientnet_lite0(
         ) from None
     cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
     cfg.update(PRETRAINED_CFG)
-    model.pretrained_cfg = cfg
+    set_pretrained_cfg(model, cfg)
     if num_classes is not None and not features_only:  # timm ignores num_classes for features_only too
         model.reset_classifier(num_classes)  # 0: no classifier, as timm.create_model(num_classes=0)
         model.pretrained_cfg["num_classes"] = num_classes

@@ -30,11 +30,11 @@ import timm.data
 import torch
 from torch import nn
 
-from .checkpoint import CONFIG_FILE, ProtectionConfig, load_protected
-from .errors import (BlockSizeError, CheckpointError, ConfigurationError, PretrainedWeightsError, first_line,
-                     torch_load_failure)
+from .checkpoint import CONFIG_FILE, PROTECTION_FILE, ProtectionConfig, load_protected
+from .errors import (BlockSizeError, CheckpointError, ConfigurationError, KeyMismatchError, PretrainedWeightsError,
+                     first_line, torch_load_failure)
 from .keys import SecretKey, require_key
-from .module import ProtectedModel, wrap_model
+from .module import ProtectedModel, set_pretrained_cfg, wrap_model
 from .transforms import check_image_size, nearest_valid_size
 
 __all__ = [
@@ -90,8 +90,73 @@ def _checkpoint_errors(checkpoint_path: Optional[str]) -> Iterator[None]:
         ) from None
 
 
+def _check_checkpoint_path(checkpoint_path: Optional[str], key: Optional[SecretKey]) -> None:
+    """Before any model is built: ``checkpoint_path`` is a file, and a
+    kp-plugin weights file (its metadata names the key's fingerprint) is of
+    ``key`` (a model with another key's weights gives wrong predictions, with
+    no error, for every image)."""
+    if not checkpoint_path:
+        return
+    path = Path(checkpoint_path)
+    if path.is_dir():
+        where = ("a protected checkpoint folder: load it with kp_plugin.timm.load_protected_timm(folder, key)"
+                 if (path / PROTECTION_FILE).is_file() else "a folder")
+        raise CheckpointError(f"checkpoint_path {path} is {where}, or pass the weights file itself "
+                              f"({path / 'model.safetensors'})")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint_path {path} does not exist")
+    if key is None or path.suffix != ".safetensors":
+        return
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read checkpoint_path {path} ({first_line(exc)[:200]}); pass an intact "
+                              "safetensors file") from None
+    fingerprint = metadata.get("kp_fingerprint")
+    if fingerprint is not None and fingerprint != key.fingerprint:
+        raise KeyMismatchError(
+            f"checkpoint_path {path} holds weights protected with another key (fingerprint {fingerprint}; the key "
+            f"given has {key.fingerprint}): with this key the model would give wrong predictions. Pass the owner's "
+            "key, or load the checkpoint with load_protected_timm(folder, key, allow_wrong_key=True) to evaluate "
+            "a wrong key on purpose"
+        )
+
+
+def _load_checkpoint(base: nn.Module, checkpoint_path: str) -> None:
+    """``checkpoint_path``'s weights into ``base``, strictly, as
+    ``timm.create_model(checkpoint_path=...)`` does (safetensors, or a torch
+    file read with ``weights_only``; a training checkpoint's ``state_dict``,
+    EMA weights first). A protected model's own state dict (its names under
+    ``model.``, e.g. ``torch.save(model.state_dict())`` or timm's
+    ``CheckpointSaver`` of a protected model) loads too."""
+    with _checkpoint_errors(checkpoint_path):
+        state = timm.models.load_state_dict(str(checkpoint_path))
+    own = base.state_dict()
+    if state and all(name.startswith("model.") for name in state) and not any(name in own for name in state):
+        state = {name[len("model."):]: value for name, value in state.items()}
+    try:
+        result = base.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that differ: another num_classes or architecture
+        details = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+        raise CheckpointError(
+            f"checkpoint_path {checkpoint_path} does not fit this model: {'; '.join(details[:3])[:500]}; pass a "
+            "checkpoint of this architecture, with its num_classes"
+        ) from None
+    if result.missing_keys or result.unexpected_keys:
+        parts = [f"{len(names)} {what} (e.g. {', '.join(names[:3])})"
+                 for what, names in (("weights missing from it", result.missing_keys),
+                                     ("weights this model does not have", result.unexpected_keys)) if names]
+        raise CheckpointError(
+            f"checkpoint_path {checkpoint_path} does not fit this model: {'; '.join(parts)}; pass a checkpoint of "
+            "this architecture"
+        )
+
+
 def _create_base(name: str, *, pretrained: bool, weights: str, num_classes: Optional[int],
-                 checkpoint_path: Optional[str], timm_kwargs: dict) -> nn.Module:
+                 checkpoint_path: Optional[str], timm_kwargs: dict, key: Optional[SecretKey] = None) -> nn.Module:
     if weights not in _WEIGHT_SOURCES:
         raise ConfigurationError(f"weights must be one of {', '.join(_WEIGHT_SOURCES)}, got {weights!r}")
     use_package = pretrained and name in OFFLINE_PRETRAINED and (
@@ -102,15 +167,11 @@ def _create_base(name: str, *, pretrained: bool, weights: str, num_classes: Opti
             f"no offline weights for {name!r}; offline weights exist for {', '.join(OFFLINE_PRETRAINED)}. "
             "Use weights='timm' (downloads from the Hub)"
         )
-    if checkpoint_path and not Path(checkpoint_path).is_file():
-        raise CheckpointError(f"checkpoint_path {checkpoint_path} does not exist (or is not a file)")
+    _check_checkpoint_path(checkpoint_path, key)
     if use_package:
         from .pretrained import load_efficientnet_lite0
 
         base = load_efficientnet_lite0(num_classes=num_classes, **timm_kwargs).train()  # like timm.create_model
-        if checkpoint_path:
-            with _checkpoint_errors(checkpoint_path):
-                timm.models.load_checkpoint(base, checkpoint_path)
     else:
         kwargs = dict(timm_kwargs)
         if num_classes is not None:
@@ -122,8 +183,7 @@ def _create_base(name: str, *, pretrained: bool, weights: str, num_classes: Opti
                 + " (timm.list_models('*pattern*') lists them)"
             )
         try:
-            with _checkpoint_errors(checkpoint_path):
-                base = timm.create_model(name, pretrained=pretrained, checkpoint_path=checkpoint_path or "", **kwargs)
+            base = timm.create_model(name, pretrained=pretrained, **kwargs)
         except OSError as exc:  # huggingface_hub's offline / not-found errors are OSErrors
             if not pretrained:
                 raise
@@ -133,6 +193,8 @@ def _create_base(name: str, *, pretrained: bool, weights: str, num_classes: Opti
                 f"model with offline weights ({offline}), a local checkpoint_path, or pretrained=False "
                 "(kp protect --no-pretrained)"
             ) from None
+    if checkpoint_path:
+        _load_checkpoint(base, checkpoint_path)
     # timm does not keep the arguments a model was created with; save_protected
     # writes them to config.json as timm's "model_args" so the architecture
     # can be rebuilt (load_protected_timm, timm.create_model("hf-hub:...")).
@@ -273,7 +335,7 @@ def create_protected_model(
     if size is not None:
         check_image_size(size[1], size[2], key.block_size)
     base = _create_base(name, pretrained=pretrained, weights=weights, num_classes=num_classes,
-                        checkpoint_path=checkpoint_path, timm_kwargs=_sized_kwargs(name, size, timm_kwargs))
+                        checkpoint_path=checkpoint_path, timm_kwargs=_sized_kwargs(name, size, timm_kwargs), key=key)
     cfg = getattr(base, "pretrained_cfg", None) or {}
     if size is None and cfg.get("input_size") is not None:
         size = tuple(cfg["input_size"])
@@ -290,7 +352,7 @@ def create_protected_model(
     if size is not None and isinstance(getattr(base, "pretrained_cfg", None), dict):
         # Record the size the model is really fed, so saved configs and the
         # data pipeline agree with the keyed input.
-        base.pretrained_cfg = dict(base.pretrained_cfg, input_size=tuple(size))
+        set_pretrained_cfg(base, dict(base.pretrained_cfg, input_size=tuple(size)))
     return wrap_model(base, key, input_size=size, check_range=check_range)
 
 

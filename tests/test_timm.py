@@ -250,6 +250,76 @@ def test_a_checkpoint_path_that_is_missing_or_not_a_checkpoint_is_named(tmp_path
     create_protected_model(TINY, key, num_classes=3, checkpoint_path=str(good))
 
 
+def test_checkpoint_path_takes_a_protected_models_own_state_dict_and_checks_its_key(tmp_path, key):
+    # torch.save(model.state_dict()) of a protected model (names under
+    # "model.", as timm's CheckpointSaver writes them too) was refused with a
+    # one-line error; another key's model.safetensors loaded without a word
+    # and gave wrong predictions; a checkpoint folder was "does not exist".
+    torch.manual_seed(0)
+    model = create_protected_model(TINY, key, num_classes=3).eval()
+    images = torch.rand(2, 3, 64, 64)
+    torch.save(model.state_dict(), tmp_path / "own.pth")
+    torch.save({"epoch": 3, "state_dict": model.state_dict()}, tmp_path / "saver.pth.tar")  # timm's CheckpointSaver
+    with torch.no_grad():
+        for name in ("own.pth", "saver.pth.tar"):
+            again = create_protected_model(TINY, key, num_classes=3, checkpoint_path=str(tmp_path / name)).eval()
+            torch.testing.assert_close(again(images), model(images))
+    folder = save_protected(model, tmp_path / "out")
+    with torch.no_grad():
+        again = create_protected_model(TINY, key, num_classes=3, checkpoint_path=str(folder / "model.safetensors"))
+        torch.testing.assert_close(again.eval()(images), model(images))
+    with pytest.raises(KeyMismatchError, match="another key"):
+        create_protected_model(TINY, SecretKey.generate_like(key), num_classes=3,
+                               checkpoint_path=str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="load_protected_timm"):
+        create_protected_model(TINY, key, num_classes=3, checkpoint_path=str(folder))
+    with pytest.raises(CheckpointError, match=r"does not fit this model: .*classifier"):
+        create_protected_model(TINY, key, num_classes=5, checkpoint_path=str(tmp_path / "own.pth"))
+    torch.save({k: v for k, v in model.state_dict().items() if "classifier" not in k}, tmp_path / "part.pth")
+    with pytest.raises(CheckpointError, match=r"2 weights missing from it \(e\.g\. classifier"):
+        create_protected_model(TINY, key, num_classes=3, checkpoint_path=str(tmp_path / "part.pth"))
+
+
+def test_timms_optimizer_factory_groups_a_protected_models_parameters_as_the_base_models(key):
+    # The base's no_weight_decay() / group_matcher() name its parameters
+    # without the wrapper's "model.": a ViT's position embedding and class
+    # token got weight decay, and layer-wise decay put every parameter in
+    # one group ("Layer-wise lr decay has no effect").
+    import timm.optim
+
+    def groups(optimizer):
+        return sorted((len(g["params"]), g["weight_decay"], round(g.get("lr_scale", 1.0), 6))
+                      for g in optimizer.param_groups)
+
+    for name, kwargs in (("vit_tiny_patch16_224", TINY_VIT), (TINY, {})):
+        base = timm.create_model(name, **kwargs)
+        protected = wrap_model(timm.create_model(name, **kwargs), key)
+        for layer_decay in (None, 0.65):
+            expected = timm.optim.create_optimizer_v2(base, "adamw", weight_decay=0.05, layer_decay=layer_decay)
+            got = timm.optim.create_optimizer_v2(protected, "adamw", weight_decay=0.05, layer_decay=layer_decay)
+            assert groups(got) == groups(expected) and len(expected.param_groups) > 1, (name, layer_decay)
+    vit = wrap_model(timm.create_model("vit_tiny_patch16_224", **TINY_VIT), key)
+    assert "model.pos_embed" in vit.no_weight_decay() and "model.cls_token" in vit.no_weight_decay()
+
+
+def test_timms_default_cfg_stays_the_same_dict_as_pretrained_cfg(key):
+    # create_protected_model replaced pretrained_cfg (the size the model is
+    # fed) and left timm's alias default_cfg at 224.
+    model = create_protected_model(TINY, key, num_classes=3, input_size=64)
+    assert model.default_cfg is model.pretrained_cfg and model.default_cfg["input_size"] == (3, 64, 64)
+
+
+def test_a_model_built_for_one_size_refuses_other_sizes_with_a_typed_error(key):
+    # timm's bare "AssertionError: Input height (64) doesn't match model (32)."
+    model = create_protected_model("vit_tiny_patch16_224", key, **TINY_VIT)
+    with pytest.raises(BlockSizeError, match=r"images are 64x64 but .* takes 32x32 images only .*; resize them to 32x32"):
+        model(torch.rand(1, 3, 64, 64))
+    with pytest.raises(BlockSizeError, match="takes 32x32 images only"):
+        model.forward_features(torch.rand(1, 3, 64, 64))
+    dynamic = create_protected_model("vit_tiny_patch16_224", key, dynamic_img_size=True, **TINY_VIT)
+    assert dynamic(torch.rand(1, 3, 64, 64)).shape == (1, 1000)  # timm interpolates: any size
+
+
 def _same_outputs_after_reload(model, directory, key, images) -> None:
     model.eval()
     save_protected(model, directory)
