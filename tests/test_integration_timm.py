@@ -83,3 +83,17 @@ def test_recipe_trains_a_training_set_smaller_than_one_batch(tmp_path):
     done, _ = run_recipe(tmp_path, "--batch-size", "8")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "training in batches of 6" in done.stdout and "(6 images," in done.stdout
+
+
+def test_recipe_refuses_a_folder_without_class_folders_or_a_missing_one(tmp_path):
+    # --data data/train/red (images, no class folders) trained and saved a
+    # model of 0 classes (exit 0); a missing folder was a raw traceback.
+    write_image_folder(tmp_path / "images", held_out=None)
+    (tmp_path / "data").symlink_to(tmp_path / "images" / "train" / "red")
+    done, _ = run_recipe(tmp_path, "--max-steps", "1")
+    assert done.returncode != 0 and "0 class folder(s)" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "data").unlink()
+    (tmp_path / "owner.key").unlink()  # run_recipe writes a new key
+    done, _ = run_recipe(tmp_path, "--max-steps", "1")
+    assert done.returncode != 0 and "is not a folder" in done.stderr and "Traceback" not in done.stderr

@@ -67,12 +67,17 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     key = SecretKey.load(args.key)
     root = Path(args.data)
+    if not root.is_dir():
+        raise SystemExit(f"error: --data {root} is not a folder; pass an ImageFolder root (train/<class>/*.jpg)")
     train_root = root / "train" if (root / "train").is_dir() else root
     # The held-out split under any name kp protect reads (timm's val/ first).
     val_root = next((root / name for name in ("val", "validation", "valid", "test") if (root / name).is_dir()), None)
 
     # Hidden folders (.ipynb_checkpoints, .git) are not classes, as in kp protect.
     classes = sorted(p.name for p in train_root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:  # a folder of images itself (data/train/cat) made a model of 0 classes, trained and saved
+        raise SystemExit(f"error: {train_root} has {len(classes)} class folder(s); an ImageFolder holds one folder "
+                         f"of images per class ({train_root}/<class>/*.jpg), at least two of them")
     model = create_protected_model(args.model, key, pretrained=args.pretrained, num_classes=len(classes),
                                    input_size=args.image_size).to(device)
 
@@ -80,8 +85,11 @@ def main(argv=None) -> int:
     # One class map for both splits: per-folder numbering would shift the
     # validation labels wherever val/ lacks a class.
     class_map = {name: index for index, name in enumerate(classes)}
-    train_set = timm.data.ImageDataset(str(train_root), class_map=class_map,
-                                       transform=create_transform(model, is_training=True))
+    try:
+        train_set = timm.data.ImageDataset(str(train_root), class_map=class_map,
+                                           transform=create_transform(model, is_training=True))
+    except RuntimeError as exc:  # timm: "Found 0 images in subfolders of ..."
+        raise SystemExit(f"error: {exc}; put the images in {train_root}/<class>/") from None
     # drop_last, as timm's own training does: a last batch of one image
     # stops batch norm ("Expected more than 1 value per channel").
     if len(train_set) < 2:
