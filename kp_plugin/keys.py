@@ -819,12 +819,28 @@ def _send_to_child_process(key: SecretKey):
     return _key_in_child_process, (key._material, key.block_size, key.scheme, key.channels, key.created)
 
 
-# multiprocessing's own pickler (the pipe to a process started by spawn or
-# forkserver, and multiprocessing / torch.multiprocessing queues) may carry a
-# key, so DataLoader workers and mp.spawn work where fork is not the default
-# (macOS, Windows). pickle.dumps, torch.save, copyreg-based picklers (dill,
+def child_process_picklers() -> list:
+    """The picklers that carry objects to child processes only, over a pipe:
+    multiprocessing's (the pipe to a process started by spawn or forkserver,
+    multiprocessing / torch.multiprocessing queues), and ``multiprocess``'s,
+    the dill-based fork that ``datasets``' ``map(num_proc=N)`` sends its
+    function through, when it is installed."""
+    picklers = [ForkingPickler]
+    try:
+        from multiprocess.reduction import ForkingPickler as DillForkingPickler
+    except ImportError:
+        return picklers
+    return picklers + [DillForkingPickler]
+
+
+# These picklers may carry a key, so DataLoader workers and mp.spawn work
+# where fork is not the default (macOS, Windows), and so does datasets' map
+# with num_proc over a function holding a KeyedInput or a protected model
+# (registered here, not by kp_plugin.hf: that one failed unless kp_plugin.hf
+# was imported). pickle.dumps, torch.save, copyreg-based picklers (dill,
 # cloudpickle) still refuse: they write files.
-ForkingPickler.register(SecretKey, _send_to_child_process)
+for _pickler in child_process_picklers():
+    _pickler.register(SecretKey, _send_to_child_process)
 
 
 def require_key(key: object, what: str = "key") -> SecretKey:

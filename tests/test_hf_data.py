@@ -3,7 +3,9 @@ carries no key (datasets fingerprints transforms by pickling them)."""
 
 from __future__ import annotations
 
+import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,6 +87,36 @@ def test_datasets_map_with_worker_processes_gets_the_transform(key):
     assert torch.equal(torch.tensor(two["pixel_values"]), torch.tensor(one["pixel_values"]))
     assert two["label"] == raw["label"]
     assert Hasher.hash(transform) == Hasher.hash(KeyedExampleTransform(KeyedImageProcessor(vit_processor(), key)))
+
+
+def test_datasets_map_with_worker_processes_carries_a_keyed_input_without_kp_plugin_hf(tmp_path):
+    # A function holding a KeyedInput (defined in main(), so the workers get
+    # it through dill) failed with KeyPicklingError unless kp_plugin.hf had
+    # been imported: only that module registered the key with multiprocess.
+    import subprocess
+    import sys
+
+    code = """
+import sys, torch, datasets
+from kp_plugin import KeyedInput, SecretKey
+def main():
+    keyed = KeyedInput(SecretKey(bytes(range(32)), block_size=4), mean=0.5, std=0.5)
+    x = torch.rand(6, 3, 8, 8)
+    ds = datasets.Dataset.from_dict({"x": x.tolist()}).with_format("torch")
+    out = ds.map(lambda b: {"y": keyed(b["x"])}, batched=True, num_proc=2, batch_size=3)
+    assert "kp_plugin.hf" not in sys.modules
+    torch.testing.assert_close(out.with_format("torch")[:]["y"], keyed(x), rtol=0, atol=0)
+    print("ok")
+if __name__ == "__main__":
+    main()
+"""
+    (tmp_path / "run.py").write_text(code)
+    root = str(Path(__file__).resolve().parent.parent)  # this checkout's kp_plugin
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(tmp_path / "run.py")], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env=env)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-1500:]
 
 
 def test_missing_image_column_names_the_trap(key):

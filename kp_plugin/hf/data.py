@@ -22,14 +22,12 @@ missing column is a clear error here, not a silent drop.
 
 from __future__ import annotations
 
-from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from ..errors import ConfigurationError
-from ..keys import SecretKey
-from ..keys import _send_to_child_process as _send_key_to_child_process
+from ..keys import child_process_picklers
 from .processor import KeyedImageProcessor, KeyRequiredError
 
 __all__ = ["KeyedImageCollator", "KeyedExampleTransform", "OUTPUTS"]
@@ -43,24 +41,6 @@ _TRAP_HINT = (
 )
 
 
-def _child_process_picklers() -> list:
-    """The picklers that carry objects to child processes only: multiprocessing's,
-    and ``multiprocess``'s (the dill-based fork ``datasets.map(num_proc=N)``
-    sends its function through), when installed."""
-    picklers = [ForkingPickler]
-    try:
-        from multiprocess.reduction import ForkingPickler as DillForkingPickler
-    except ImportError:
-        return picklers
-    return picklers + [DillForkingPickler]
-
-
-# As multiprocessing's (kp_plugin.keys): a worker process of datasets' map
-# receives the key with the function, over its pipe.
-for _pickler in _child_process_picklers()[1:]:
-    _pickler.register(SecretKey, _send_key_to_child_process)
-
-
 class _ImageBatcher:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -68,7 +48,7 @@ class _ImageBatcher:
         # workers, datasets' map with num_proc) gets the helper whole, key
         # included, as SecretKey allows for those picklers only; every other
         # pickle gets __reduce__ below.
-        for pickler in _child_process_picklers():
+        for pickler in child_process_picklers():
             pickler.register(cls, _send_to_child_process)
 
     def __init__(
