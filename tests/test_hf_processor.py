@@ -502,3 +502,20 @@ def test_a_name_or_a_corrupt_saved_config_gives_a_typed_error_that_says_what_to_
         (saved / "preprocessor_config.json").write_text(json.dumps(corrupt))
         with pytest.raises(CheckpointError, match="cannot load the image processor"):
             KeyedImageProcessor.from_pretrained(saved, key=key)
+
+
+def test_a_shallow_copy_has_its_own_settings_and_key(key, images):
+    # copy.copy shared the base processor and the keyed transform: a size,
+    # key or check_range set on the copy changed the original's output.
+    import copy
+
+    processor = KeyedImageProcessor(vit_processor(), key)
+    before = processor(images, return_tensors="pt")["pixel_values"]
+    clone = copy.copy(processor)
+    torch.testing.assert_close(clone(images, return_tensors="pt")["pixel_values"], before, rtol=0, atol=0)
+    clone.size = {"height": IMAGE_SIZE // 2, "width": IMAGE_SIZE // 2}
+    clone.key = SecretKey.generate_like(key)
+    clone.check_range = False
+    assert clone(images, return_tensors="pt")["pixel_values"].shape[-1] == IMAGE_SIZE // 2
+    torch.testing.assert_close(processor(images, return_tensors="pt")["pixel_values"], before, rtol=0, atol=0)
+    assert processor.key is key and processor._keyed.check_range is True

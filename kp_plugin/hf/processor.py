@@ -365,6 +365,17 @@ class KeyedImageProcessor(BaseImageProcessor):
         if (keyed.mean, keyed.std) != (self._keyed.mean, self._keyed.std):
             self._keyed = keyed  # image_mean, image_std, do_normalize, include_top
 
+    def __copy__(self) -> "KeyedImageProcessor":
+        # A shallow copy shared the base and the keyed transform with the
+        # original: a size, key or check_range set on the copy changed the
+        # original too (a plain processor's copy keeps its own settings).
+        clone = type(self).__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        clone.__dict__["image_processor"] = copy.copy(self.image_processor)
+        clone.__dict__["_keyed"] = KeyedInput(self.key, mean=self._keyed.mean, std=self._keyed.std,
+                                              check_range=self.check_range)
+        return clone
+
     @property
     def key(self) -> SecretKey:
         """The secret key (the keyed transform's; assigning another one
