@@ -145,3 +145,15 @@ def test_an_unlabeled_split_gives_batches_without_labels(key, tmp_path):
     assert result.predictions.shape == (4, 10) and result.label_ids is None
     with pytest.raises(Exception, match="of the 2 examples in this batch have no 'label'"):
         KeyedImageCollator(processor)([{"image": raw[0]["image"], "label": 1}, {"image": raw[1]["image"]}])
+
+
+def test_keyed_batches_are_bit_for_bit_the_processors_output(key):
+    # The helpers went through [0, 1] floats, the processor keys 8-bit images
+    # as bytes: training batches differed from what a pipeline is served in
+    # the last bit of most values.
+    processor = KeyedImageProcessor(vit_processor(), key)
+    raw = digits_dataset("test", size=4)
+    expected = processor(list(raw["image"]), return_tensors="pt")["pixel_values"]
+    got = KeyedImageCollator(processor)([raw[i] for i in range(4)])["pixel_values"]
+    assert torch.equal(got, expected)
+    assert torch.equal(torch.stack(list(KeyedExampleTransform(processor)(raw[:4])["pixel_values"])), expected)

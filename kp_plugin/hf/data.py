@@ -94,6 +94,11 @@ class _ImageBatcher:
         return helper
 
     def _pixel_values(self, images: Sequence[Any]) -> torch.Tensor:
+        if self.output == "keyed" and self.augment is None:
+            # The processor's own path (8-bit images keyed as bytes): the
+            # batches are bit for bit what it gives a pipeline, where going
+            # through [0, 1] floats first differed in the last bit.
+            return self.image_processor(list(images), return_tensors="pt")["pixel_values"]
         x = self.image_processor.images01(list(images))
         if self.augment is not None:
             x = self.augment(x)
