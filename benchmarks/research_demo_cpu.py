@@ -66,6 +66,15 @@ def write_tail_report(paths: list) -> None:
         worst = ", ".join(_pct(v) for v in r.get("worst_of_each_100") or [r["wrong_key_accuracy_max"]])
         lr_note = "" if r.get("lr") in (None, 2e-3) else f", lr {r['lr']:g}"
         lr_note += ", no augmentation" if r.get("augment") is False else ""
+        # Settings off their defaults (a run of the dropout study is not a
+        # default-recipe row).
+        for name, label in (("drop_rate", "dropout"), ("drop_path_rate", "drop path"), ("ema_decay", "EMA"),
+                            ("mixup_alpha", "mixup"), ("cutmix_alpha", "cutmix"),
+                            ("label_smoothing", "label smoothing")):
+            if r.get(name):
+                lr_note += f", {label} {r[name]:g}"
+        if r.get("stem_lr_scale") not in (None, 1.0):
+            lr_note += f", stem lr x{r['stem_lr_scale']:g}"
         lines.append(
             f"| {r['dataset']} {r['size']}x{r['size']} | {r['scheme']} | {r['block_size']} | {r['objective']}{lr_note} "
             f"| {r['epochs']} | {r.get('seed', '–')} | {_pct(r['key_accuracy'])} "
