@@ -28,7 +28,7 @@ import textwrap
 import warnings
 from typing import Callable, Optional, Sequence
 
-from .errors import CheckpointError, KeyFileError, KeyMismatchError, KPError
+from .errors import CheckpointError, KeyFileError, KeyMismatchError, KPError, first_line
 
 #: Environment variable read for the key when --key is not given (a key file's content).
 KEY_ENV = "KP_KEY"
@@ -382,6 +382,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"kp {args.command}: error: this needs {exc.name}, which is not installed; install it with "
               f"pip install 'kp-plugin[{extra}]'", file=sys.stderr)
         return EXIT_ERROR
+    except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        if not _out_of_memory(exc):
+            raise
+        print(f"kp {args.command}: error: out of memory ({first_line(exc)[:200]}); use a smaller --batch-size "
+              "(or smaller images)", file=sys.stderr)
+        return EXIT_ERROR
     except OSError as exc:  # an output path that is a file, unwritable, on a read-only disk, ...
         if exc.filename:
             detail = f"{exc.strerror or exc} ({exc.filename}); check the path and its permissions"
@@ -389,6 +395,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             detail = str(exc) or type(exc).__name__
         print(f"kp {args.command}: error: {detail}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """An allocation that failed: Python's MemoryError, torch's CUDA
+    ``OutOfMemoryError``, or the CPU allocator's RuntimeError."""
+    text = str(exc)
+    return (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in text or "out of memory" in text.lower())
 
 
 # The long handlers live in their own module; imported lazily so that

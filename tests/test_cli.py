@@ -814,3 +814,23 @@ def test_the_librarys_warnings_are_one_warning_line_each(protected, tmp_path, mo
     assert sum("'digits' loads the embedded digits dataset" in line for line in lines) == 1
     assert sum("trained at 16x16" in line or "saved for 16x16" in line for line in lines) == 1
     assert all(line.startswith("warning: ") for line in lines), err
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: you tried "
+                 "to allocate 289507639296 bytes. Error code 12 (Cannot allocate memory)"),
+    MemoryError(),
+])
+def test_running_out_of_memory_is_one_line_saying_what_to_lower(tmp_path, capsys, monkeypatch, error):
+    # kp protect --image-size 4096 (within the documented bounds) ended in a
+    # traceback of torch's allocator.
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr("kp_plugin.cli._protect", fail)
+    assert main(["protect", *TINY, "--key", str(tmp_path / "k.key"), "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("kp protect: error: out of memory") and "--batch-size" in err and "Traceback" not in err
+    monkeypatch.setattr("kp_plugin.cli._protect", lambda args: (_ for _ in ()).throw(RuntimeError("other")))
+    with pytest.raises(RuntimeError, match="other"):  # any other RuntimeError is not hidden
+        main(["protect", *TINY, "--key", str(tmp_path / "k.key"), "-o", str(tmp_path / "out")])
