@@ -81,9 +81,11 @@ def _checkpoint_errors(checkpoint_path: Optional[str]) -> Iterator[None]:
     if not checkpoint_path:
         yield
         return
+    from safetensors import SafetensorError
+
     try:
         yield
-    except (RuntimeError, pickle.UnpicklingError, EOFError, KeyError) as exc:
+    except (RuntimeError, pickle.UnpicklingError, EOFError, KeyError, SafetensorError) as exc:
         raise CheckpointError(
             f"cannot load checkpoint_path {checkpoint_path}: {torch_load_failure(exc)[:300]}; pass a timm / PyTorch "
             "checkpoint of this architecture (and num_classes)"

@@ -245,6 +245,9 @@ def test_a_checkpoint_path_that_is_missing_or_not_a_checkpoint_is_named(tmp_path
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint at all")
     with pytest.raises(CheckpointError, match="garbage.pth"):
         create_protected_model(TINY, key, num_classes=3, checkpoint_path=str(tmp_path / "garbage.pth"))
+    (tmp_path / "cut.safetensors").write_bytes(b"garbage" * 10)  # safetensors' own error, uncaught before
+    with pytest.raises(CheckpointError, match="cut.safetensors"):
+        create_base_model(TINY, num_classes=3, checkpoint_path=str(tmp_path / "cut.safetensors"))
     good = tmp_path / "good.pth"
     torch.save(timm.create_model(TINY, num_classes=3).state_dict(), good)
     create_protected_model(TINY, key, num_classes=3, checkpoint_path=str(good))
