@@ -106,10 +106,15 @@ class ProtectionConfig:
         """The config describing a :class:`ProtectedModel`."""
         protected = require_protected(model, "ProtectionConfig.from_model")
         key, keyed, base = protected.key, protected.keyed, protected.unwrap()
-        # The size it was last used at: wrap_model takes timm's default
-        # (224) when no size is given, and a model fine-tuned at 32x32 must
-        # not be recorded (and exported) for 224.
-        input_size = keyed._size or keyed.input_size
+        # The size it was trained at, else the size a loaded model was saved
+        # for, else the size it was last used at: wrap_model takes timm's
+        # default (224) when no size is given, and a model fine-tuned at
+        # 32x32 must not be recorded (and exported) for 224, nor for the
+        # size of a later evaluation (a ViT run at 48x48 with
+        # interpolate_pos_encoding), which with block scrambling is not the
+        # order it learned.
+        saved_for = (key.channels, *keyed.trained_size) if keyed.trained_size else None
+        input_size = keyed._train_size or saved_for or keyed._size or keyed.input_size
         return cls(
             scheme=list(key.scheme),
             block_size=key.block_size,

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import inspect
 import math
+import os
 import re
 import sys
 import threading
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from .errors import (BlockSizeError, ConfigurationError, InputDtypeError, InputGradientWarning, InputSizeWarning,
-                     KeyLeakError, NormalizationWarning)
+                     KeyLeakError, KeyMismatchError, NormalizationWarning)
 from .keys import SecretKey, require_key
 from .transforms import (
     TransformPlan,
@@ -279,6 +280,9 @@ class KeyedInput(nn.Module):
         #: (:class:`~kp_plugin.errors.InputSizeWarning`). ``None`` (the
         #: default) takes any multiple of the block size silently.
         self.trained_size: Optional[tuple] = None
+        # (C, H, W) of the last images seen in training mode: what a save
+        # records, over a later evaluation at another size.
+        self._train_size: Optional[tuple] = None
         self.input_size: Optional[tuple] = None
         if input_size is not None:
             input_size = _checked_input_size(input_size)
@@ -532,6 +536,8 @@ class KeyedInput(nn.Module):
                 "(channels-first layout (B, C, H, W) is expected)"
             )
         plan = self._plan_for(x)
+        if self.training and size != self._train_size:
+            self._train_size = size
         functional = torch.compiler.is_compiling() or _functorch_active()
         if self.check_range and x.is_floating_point() and not functional:
             check_float_range(x)
@@ -809,6 +815,11 @@ def _prefixed_names(method: Callable) -> Callable:
 _PARAMETER_NAME_METHODS = {"group_matcher": _prefixed_group_matcher, "no_weight_decay": _prefixed_names}
 
 
+#: transformers save_pretrained keywords that save something other than the
+#: model's own weights as one file: refused by ProtectedModel.save_pretrained.
+_CUSTOM_SAVE_KEYWORDS = frozenset({"state_dict", "save_function", "variant"})
+
+
 #: KeyedInput settings a ProtectedModel answers for when its base model has
 #: no attribute of that name (``model.mean``, ``model.input_size``).
 _KEYED_SETTINGS = ("mean", "std", "input_size")
@@ -908,6 +919,14 @@ class ProtectedModel(nn.Module):
         from .checkpoint import save_protected
 
         _require_safetensors(safe_serialization)
+        hub_kwargs.pop("max_shard_size", None)  # the weights are one file whatever their size, as push_to_hub's
+        custom = sorted(set(hub_kwargs) & _CUSTOM_SAVE_KEYWORDS)
+        if custom:
+            raise ConfigurationError(
+                f"save_pretrained does not take {', '.join(custom)} for a protected model: it writes the model's own "
+                "weights, one safetensors file, and signs them in protection.json; to save other weights, load them "
+                "into the model first (model.load_state_dict)"
+            )
         hub_only = sorted(hub_kwargs) + (["repo_id"] if repo_id else [])
         if hub_only and not push_to_hub:
             raise TypeError(f"save_pretrained got {hub_only}, which only apply with push_to_hub=True")
@@ -921,6 +940,16 @@ class ProtectedModel(nn.Module):
             if hub_kwargs.get("processor") is None:  # as push_to_hub: wrap_hf_model's processor goes up too
                 hub_kwargs["processor"] = getattr(self, "keyed_image_processor", None)
             push_protected(directory, repo_id or Path(directory).name, **hub_kwargs)
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> "ProtectedModel":
+        """Refused: through attribute fall-through it was the base model's
+        ``from_pretrained``, which returns a plain, unprotected model."""
+        raise ConfigurationError(
+            "ProtectedModel.from_pretrained would load the base model alone, without its keyed transform; load a "
+            "protected checkpoint with kp_plugin.autoload.load_protected_auto(path, key), or build the base model "
+            "and use kp_plugin.load_protected(path, model, key)"
+        )
 
     def push_to_hub(self, repo_id: str, **hub_kwargs: Any):
         """Publish on the Hub with :func:`kp_plugin.hub.push_protected`
@@ -1037,6 +1066,8 @@ def wrap_model(
     explicit_size = input_size is not None
     if explicit_size:
         input_size = _checked_input_size(input_size)
+    if mean is None and std is None:
+        mean, std, input_size = _settings_saved_beside(model, key, input_size)
     mean, std, input_size = resolve_normalization(model, mean, std, input_size)
     if input_size is not None and not explicit_size and (
         input_size[-1] % key.block_size or input_size[-2] % key.block_size
@@ -1057,6 +1088,37 @@ def wrap_model(
             )
     keyed = KeyedInput(key, mean=mean, std=std, input_size=input_size, check_range=check_range)
     return ProtectedModel(model, keyed)
+
+
+def _settings_saved_beside(model: nn.Module, key: SecretKey, input_size: Optional[tuple]) -> tuple:
+    """mean, std (and input size, unless given) from the ``protection.json``
+    beside the folder a transformers model was loaded from (a protected
+    checkpoint read with the base class's ``from_pretrained``), after
+    checking it names ``key``: wrapped with the architecture's default
+    normalization, or another key, it predicted wrongly without an error.
+    ``(None, None, input_size)`` for other models."""
+    import json
+
+    config = getattr(model, "config", None)
+    source = getattr(config, "_name_or_path", None) if config is not None and not isinstance(config, dict) else None
+    path = Path(str(source)) / "protection.json" if isinstance(source, (str, os.PathLike)) and str(source) else None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8")) if path is not None and path.is_file() else None
+    except (OSError, ValueError):  # unreadable: the usual normalization lookup, as before
+        saved = None
+    if not isinstance(saved, dict) or not isinstance(saved.get("fingerprint"), str):
+        return None, None, input_size
+    if saved["fingerprint"] != key.fingerprint:
+        raise KeyMismatchError(
+            f"this {type(model).__name__} was loaded from {path.parent}, a checkpoint protected with another key "
+            f"(fingerprint {saved['fingerprint']}; the key given has {key.fingerprint}), so with this key it would "
+            "predict wrongly. Load it with its owner's key (kp_plugin.autoload.load_protected_auto(path, key)); to "
+            "put these weights behind this key on purpose, pass mean= and std= to wrap_model"
+        )
+    mean, std, size = saved.get("mean"), saved.get("std"), saved.get("input_size")
+    if input_size is None and isinstance(size, list) and len(size) == 3:
+        input_size = tuple(size)
+    return mean, std, input_size
 
 
 def protected_model_of(model: Any) -> Optional[ProtectedModel]:

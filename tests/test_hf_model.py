@@ -230,3 +230,50 @@ def test_an_unreadable_saved_processor_config_falls_back_to_the_class_defaults(k
     loaded = type(model).from_pretrained(tmp_path)
     with pytest.warns(NormalizationWarning, match="ViTImageProcessor's defaults"):
         assert wrap_model(loaded, key).keyed.mean == (0.5, 0.5, 0.5)
+
+
+def test_a_save_records_the_training_size_not_a_later_evaluations(key, tmp_path):
+    # A ViT trained at 16x16 and then run once at 24x24 (interpolate_pos_encoding)
+    # was recorded for 24x24: loaded back, it warned at its right size and told
+    # the user to resize to the wrong one (with block scrambling, wrong answers).
+    model = wrap_hf_model(tiny_vit(), key, mean=[0.5] * 3, std=[0.5] * 3)
+    model.train()
+    model(pixel_values=torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE))
+    model.eval()
+    with torch.no_grad():
+        model(pixel_values=torch.rand(1, 3, IMAGE_SIZE + 8, IMAGE_SIZE + 8), interpolate_pos_encoding=True)
+    model.save_pretrained(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "protection.json").read_text())["input_size"] == [3, IMAGE_SIZE, IMAGE_SIZE]
+
+
+def test_from_pretrained_through_the_wrapper_is_refused_and_a_plain_load_is_wrapped_with_the_saved_settings(
+        key, tmp_path):
+    # model.from_pretrained(dir) fell through to the base class and returned
+    # a plain, unprotected model; wrap_model over the base class's
+    # from_pretrained(dir) ignored protection.json (default normalization,
+    # any key accepted).
+    from transformers import ViTForImageClassification
+
+    from kp_plugin import KeyMismatchError, wrap_model
+
+    model = wrap_hf_model(tiny_vit(), key, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    model.save_pretrained(tmp_path / "out")
+    with pytest.raises(ConfigurationError, match="load_protected_auto"):
+        model.from_pretrained(tmp_path / "out")
+    again = wrap_model(ViTForImageClassification.from_pretrained(tmp_path / "out"), key)
+    assert again.keyed.mean == pytest.approx([0.485, 0.456, 0.406]) and again.keyed.std == model.keyed.std
+    images = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(images).logits, model.eval()(images).logits)
+    with pytest.raises(KeyMismatchError, match="another key"):
+        wrap_model(ViTForImageClassification.from_pretrained(tmp_path / "out"), SecretKey.generate_like(key))
+
+
+def test_save_pretrained_takes_max_shard_size_and_refuses_other_weights(key, tmp_path):
+    # max_shard_size was "only with push_to_hub=True" (a plain TypeError).
+    model = wrap_hf_model(tiny_vit(), key, mean=[0.5] * 3, std=[0.5] * 3)
+    model.save_pretrained(tmp_path / "out", max_shard_size="1GB")
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    with pytest.raises(ConfigurationError, match="state_dict"):
+        model.save_pretrained(tmp_path / "other", state_dict={})
+    assert not (tmp_path / "other").exists()
