@@ -489,7 +489,7 @@ def open_checkpoint(args: argparse.Namespace, device: torch.device) -> tuple:
     """
     model, key, protection = open_protected(args, device)
     checkpoint = Path(args.checkpoint)
-    data = args.data or protection.extra.get("dataset")
+    data = args.data or recorded(protection, "dataset")
     if not data:
         raise ConfigurationError(f"{checkpoint} does not record its dataset; pass --data")
     from .data import EMBEDDED_DATASETS
@@ -526,14 +526,46 @@ def _warn_if_unsplit(dataset, data: str) -> None:
               f"{Path(data) / 'test'} (and the rest in {Path(data) / 'train'}) for honest figures", file=sys.stderr)
 
 
+def recorded(protection, name: str) -> Any:
+    """A value ``kp protect`` recorded in ``protection.json``'s ``extra``
+    (``dataset``, ``classes``, ``unprotected_accuracy``), checked: that part
+    is not signed, and a hand-edited value went into reports (an unprotected
+    accuracy of 500%) or failed deep inside. ``None`` when absent."""
+    value = protection.extra.get(name)
+    if value is None:
+        return None
+    if name == "unprotected_accuracy":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+    elif name == "dataset":
+        ok = isinstance(value, str) and bool(value)
+    elif name == "classes":
+        ok = isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+    else:
+        ok = True
+    if not ok:
+        raise CheckpointError(
+            f"the checkpoint's protection.json records {name} = {str(value)[:80]!r}, which no save "
+            "writes (edited or damaged); restore the file from the save, or remove that entry of its 'extra'"
+        )
+    return value
+
+
 def check_classes(protection, dataset, where: str) -> None:
     """Refuse data whose classes are not the ones the model was trained on
     (recorded by ``kp protect``): the labels would not line up."""
-    trained_on = protection.extra.get("classes")
+    trained_on = recorded(protection, "classes")
     if trained_on is not None and list(dataset.classes) != list(trained_on):
+        unknown = [name for name in dataset.classes if name not in trained_on]
+        if not unknown and hasattr(dataset, "use_classes"):
+            # A test set with some of the classes: label by the model's list.
+            dataset.use_classes(trained_on)
+            print(f"note: {where} has {len(set(dataset.labels.tolist()))} of the {len(trained_on)} classes the model "
+                  "was trained on; they are labelled as in training", file=sys.stderr)
+            return
         raise ConfigurationError(
             f"{where} has the classes {_class_list(dataset.classes)} but the model was trained on "
-            f"{_class_list(trained_on)}; its labels would not line up. Use data with the same class folders"
+            f"{_class_list(trained_on)}" + (f"; not among them: {_class_list(unknown)}" if unknown else "")
+            + "; its labels would not line up. Use data with the class folders the model was trained on"
         )
     # Checkpoints not written by kp protect (Trainer, save_protected) record
     # no class names, but their number of outputs.
@@ -570,7 +602,7 @@ def evaluate(args: argparse.Namespace) -> int:
     report = evaluate_protection(
         model, dataset, num_wrong_keys=args.wrong_keys, seed=args.seed, batch_size=batch_size,
         device=device, progress=not args.quiet, dataset_name=f"{data} ({args.split})",
-        unprotected_accuracy=protection.extra.get("unprotected_accuracy"),
+        unprotected_accuracy=recorded(protection, "unprotected_accuracy"),
     )
     with writing_into(out):
         write_report(report, out, private_directory=checkpoint / PRIVATE_DIR)

@@ -250,6 +250,20 @@ class ImageFolderDataset(ImageDataset):
         self.split = split if (split is not None and found.get(split) == root) else "all"
         self.labels = torch.tensor([label for _, label in self.samples], dtype=torch.int64)
 
+    def use_classes(self, classes: Sequence[str]) -> None:
+        """Label the images by their class folder's place in ``classes`` (a
+        model's class list that holds every folder here): a test set with
+        some of the classes a model was trained on lines up with its
+        outputs."""
+        classes = [str(name) for name in classes]
+        missing = sorted(set(self.classes) - set(classes))
+        if missing:
+            raise DatasetError(f"{self.name} has class folders that are not among the classes given: {missing}")
+        place = {name: index for index, name in enumerate(classes)}
+        self.samples = [(path, place[self.classes[label]]) for path, label in self.samples]
+        self.classes = classes
+        self.labels = torch.tensor([label for _, label in self.samples], dtype=torch.int64)
+
     def __len__(self) -> int:
         return len(self.samples)
 

@@ -834,3 +834,49 @@ def test_running_out_of_memory_is_one_line_saying_what_to_lower(tmp_path, capsys
     monkeypatch.setattr("kp_plugin.cli._protect", lambda args: (_ for _ in ()).throw(RuntimeError("other")))
     with pytest.raises(RuntimeError, match="other"):  # any other RuntimeError is not hidden
         main(["protect", *TINY, "--key", str(tmp_path / "k.key"), "-o", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("name, value", [("unprotected_accuracy", 5.0), ("unprotected_accuracy", "abc"),
+                                         ("dataset", 5), ("classes", "0123")])
+def test_an_edited_record_in_protection_json_is_refused_not_reported(protected, tmp_path, capsys, name, value):
+    # protection.json's "extra" is not signed: an unprotected accuracy of 5.0
+    # was reported as 500.0% (exit 0); other values ended in tracebacks.
+    import shutil
+
+    key_path, out = protected
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    config = json.loads((copy / "protection.json").read_text())
+    config["extra"][name] = value
+    (copy / "protection.json").write_text(json.dumps(config))
+    data = [] if name == "dataset" else ["--data", "digits"]  # --data overrides the recorded dataset
+    assert main(["evaluate", str(copy), "--key", str(key_path), *data, "--wrong-keys", "1",
+                 "--quiet", "-o", str(tmp_path / "report")]) == 5
+    err = capsys.readouterr().err
+    assert f"records {name} = " in err and "Traceback" not in err and not (tmp_path / "report").exists()
+
+
+def test_a_test_set_with_some_of_the_classes_is_evaluated_with_the_models_labels(protected, tmp_path, capsys):
+    # "has the classes [3, 7] but the model was trained on [0, 1, ...]":
+    # a test set covering some classes could not be evaluated at all.
+    from PIL import Image
+
+    from kp_plugin.data import load_dataset
+
+    key_path, out = protected
+    digits = load_dataset("digits", split="test", image_size=16)
+    wanted = {3: [], 7: []}
+    for index in range(len(digits)):
+        image, label = digits[index]
+        if int(label) in wanted and len(wanted[int(label)]) < 4:
+            wanted[int(label)].append(image)
+    for label, images in wanted.items():
+        (tmp_path / "data" / "test" / str(label)).mkdir(parents=True)
+        for i, image in enumerate(images):
+            pixels = (image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+            Image.fromarray(pixels).save(tmp_path / "data" / "test" / str(label) / f"{i}.png")
+    assert main(["evaluate", str(out), "--key", str(key_path), "--data", str(tmp_path / "data"), "--split", "test",
+                 "--wrong-keys", "1", "--quiet", "-o", str(tmp_path / "report")]) == 0
+    assert "has 2 of the 10 classes" in capsys.readouterr().err
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["num_classes"] == 10 and report["num_examples"] == 8 and report["chance"] == pytest.approx(0.1)

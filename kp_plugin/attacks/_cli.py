@@ -207,6 +207,8 @@ def attack(args: argparse.Namespace) -> int:
     check_classes(protection, test_set, f"{data} (test)")
     _warn_if_unsplit(test_set, data)
     train_set = load_dataset(data, split="train", image_size=size) if {"finetune", "key_estimation"} & set(attacks) else None
+    if train_set is not None:
+        check_classes(protection, train_set, f"{data} (train)")  # labelled as the test set is
 
     public_base = None
     needs_base = [name for name in attacks if name in NEEDS_BASE]
