@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .checkpoint import _uncompiled, usable_device, weights_digest
-from .errors import ConfigurationError
+from .errors import ConfigurationError, first_line
 from .keys import SecretKey
 from .module import KeyedInput, ProtectedModel, require_protected
 from .objectives import logits_of
@@ -93,10 +93,32 @@ def _device_of(model: nn.Module, device) -> torch.device:
     return torch.device("cpu")
 
 
+#: The most wrong keys one evaluation tries (as ``kp evaluate --wrong-keys``).
+MAX_WRONG_KEYS = 100_000
+
+
 def _batches(dataset, batch_size: int) -> Iterator[tuple]:
     from .data import iterate_batches  # in-memory datasets are sliced, not read item by item
 
-    yield from iterate_batches(dataset, batch_size=batch_size)
+    try:
+        yield from iterate_batches(dataset, batch_size=batch_size)
+    except TypeError as exc:
+        if "default_collate" not in str(exc):
+            raise
+        # torch's collate on PIL images (a torchvision-style dataset without a transform)
+        raise ConfigurationError(
+            f"the dataset gives items torch cannot batch ({first_line(exc)[:160]}); give it a transform to tensors "
+            "(torchvision.transforms.ToTensor(): float (C, H, W) in [0, 1]), or use kp_plugin.data.load_dataset"
+        ) from None
+
+
+def _check_labels(labels: torch.Tensor, logits: torch.Tensor) -> None:
+    """Labels the model has no output for scored 0% with no error."""
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= logits.shape[-1]):
+        raise ConfigurationError(
+            f"the dataset's labels run from {int(labels.min())} to {int(labels.max())} but the model has "
+            f"{logits.shape[-1]} outputs (labels 0 to {logits.shape[-1] - 1}); use data labelled as in training"
+        )
 
 
 def _num_classes(model: ProtectedModel, dataset) -> int:
@@ -187,6 +209,7 @@ def _score(
                 total += labels.numel()
                 if with_key:
                     out = logits_of(base(_model_input(model.keyed(images), dtype)))
+                    _check_labels(labels, out)
                     key_correct += int((out.argmax(-1) == labels).sum())
                     bar.update(1)
                 if plain:
@@ -292,8 +315,15 @@ def evaluate_protection(
         >>> report = evaluate_protection(model, test_set, num_wrong_keys=100)  # doctest: +SKIP
         >>> print(report.key_accuracy, report.wrong_key_accuracy_max)         # doctest: +SKIP
     """
-    if num_wrong_keys < 0:
-        raise ConfigurationError(f"num_wrong_keys must be >= 0, got {num_wrong_keys}")
+    if not isinstance(num_wrong_keys, int) or isinstance(num_wrong_keys, bool) or not (
+            0 <= num_wrong_keys <= MAX_WRONG_KEYS):
+        # 1e6 (a float) started a pass that grew to gigabytes; 2.5 ran 3 keys.
+        raise ConfigurationError(f"num_wrong_keys must be a whole number from 0 to {MAX_WRONG_KEYS}, "
+                                 f"got {num_wrong_keys!r}")
+    if unprotected_accuracy is not None and not (
+            isinstance(unprotected_accuracy, (int, float)) and not isinstance(unprotected_accuracy, bool)
+            and 0 <= unprotected_accuracy <= 1):
+        raise ConfigurationError(f"unprotected_accuracy must be a fraction in [0, 1], got {unprotected_accuracy!r}")
     model = require_protected(model, "evaluate_protection")  # also through DataParallel / DDP / torch.compile
     key = model.key
     num_classes = _num_classes(model, dataset)  # before the long pass, which cannot tell it either

@@ -136,9 +136,26 @@ def test_evaluation_leaves_a_training_model_in_training_mode(tiny_model, random_
         tiny_model.eval()
 
 
-def test_negative_number_of_wrong_keys_is_a_configuration_error(tiny_model, random_set):
-    with pytest.raises(ConfigurationError):
-        evaluate_protection(tiny_model, random_set, num_wrong_keys=-1, progress=False)
+@pytest.mark.parametrize("count", [-1, 1e6, 2.5, True, "3", 100_001])
+def test_a_number_of_wrong_keys_that_is_not_a_count_is_a_configuration_error(tiny_model, random_set, count):
+    # 1e6 (a float) started a pass that grew past 1.6 GB; 2.5 ran 3 keys; "3" was a bare TypeError.
+    with pytest.raises(ConfigurationError, match="num_wrong_keys"):
+        evaluate_protection(tiny_model, random_set, num_wrong_keys=count, progress=False)
+
+
+def test_labels_the_model_has_no_output_for_and_pil_images_are_configuration_errors(tiny_model, random_set):
+    # Labels 10..17 on a 5-output model scored 0% with no error; a
+    # torchvision-style dataset of PIL images was torch's bare collate TypeError.
+    from PIL import Image
+
+    shifted = ListDataset(random_set.images, random_set.labels + 10, random_set.classes)
+    with pytest.raises(ConfigurationError, match="labels run from 10 to 14 but the model has 5 outputs"):
+        evaluate_protection(tiny_model, shifted, num_wrong_keys=1, progress=False)
+    pil = ListDataset([Image.new("RGB", (16, 16))] * 4, torch.zeros(4, dtype=torch.int64), random_set.classes)
+    with pytest.raises(ConfigurationError, match="transform to tensors"):
+        evaluate_protection(tiny_model, pil, num_wrong_keys=1, progress=False)
+    with pytest.raises(ConfigurationError, match="unprotected_accuracy"):
+        evaluate_protection(tiny_model, random_set, num_wrong_keys=1, progress=False, unprotected_accuracy=5.0)
 
 
 def test_report_json_has_the_agreed_keys_and_reads_back(tmp_path, tiny_model, random_set):
