@@ -23,6 +23,7 @@ import errno
 import importlib
 import json
 import os
+import re
 import sys
 import time
 import warnings
@@ -732,7 +733,10 @@ def writing_into(folder: Path):
     except OSError as exc:
         reason = exc.strerror or first_line(exc)
         named = exc.filename and Path(exc.filename) != Path(folder)
-        where = f"{exc.filename} in " if named else ""
+        name = Path(exc.filename).name if named else ""
+        if re.fullmatch(r"\.(.+)\.\d+\.[0-9a-f]+\.tmp", name):  # the temporary a file is written to first
+            name = re.fullmatch(r"\.(.+)\.\d+\.[0-9a-f]+\.tmp", name).group(1)
+        where = f"{name} in " if named else ""
         remedy = "free some space" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else \
             "check that the folder can be written"
         raise ConfigurationError(

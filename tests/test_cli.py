@@ -751,6 +751,14 @@ def test_a_report_that_cannot_be_written_is_one_line_naming_the_folder(protected
     assert (f"cannot write the results into {out} (Read-only file system); check that the folder can be written, "
             "or choose another -o") in err
 
+    def half_written(*args, **kwargs):  # the temporary the file is written to first: the file's own name is said
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / ".report.md.2227.765da8af.tmp"))
+
+    monkeypatch.setattr(kp_plugin.evaluate, "write_report", half_written)
+    assert main(["evaluate", str(checkpoint), "--key", str(key_path), "--wrong-keys", "1", "--quiet",
+                 "-o", str(out)]) == 1
+    assert f"cannot write the results into report.md in {out} (No space left" in capsys.readouterr().err
+
 
 def test_an_output_folder_that_is_a_dangling_link_is_named_as_such(protected, tmp_path, capsys):
     # Creating the folder failed with "File exists", for a path that looks missing.
