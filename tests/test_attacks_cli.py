@@ -44,6 +44,8 @@ def test_kp_attack_writes_report_and_plots_without_the_key(checkpoint, capsys):
         assert (out / figure).stat().st_size > 0
     assert find_key_material(out, key) == []
     assert "weight matching: key positions recovered" in capsys.readouterr().out
+    # The base the attacks started from is said: the verdicts read differently against a random one.
+    assert "(random)" in (out / "report.md").read_text()
 
 
 def test_kp_attack_rejects_an_unknown_attack_as_a_usage_error(checkpoint):

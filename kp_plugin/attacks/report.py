@@ -57,8 +57,10 @@ def report_markdown(report: AttackReport, *, figures: Optional[dict] = None) -> 
     figures = figures or {}
     meta, r = report.meta, report.results
     out = ["# Attack report", ""]
-    facts = [(k, meta[k]) for k in ("model", "dataset", "scheme", "block_size", "fingerprint", "budget", "seed",
-                                    "test_images", "train_images", "machine") if meta.get(k) is not None]
+    # "base": what the attacks that start from a public model started from
+    # (a random initialization reads very differently from pre-trained weights).
+    facts = [(k, meta[k]) for k in ("model", "dataset", "base", "scheme", "block_size", "fingerprint", "budget",
+                                    "seed", "test_images", "train_images", "machine") if meta.get(k) is not None]
     out += [_table(["", ""], facts), ""]
 
     targets = report.targets()
@@ -172,7 +174,9 @@ def _figures(report: AttackReport, directory: Path) -> dict:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         xs = [100 * row.fraction for row in f.rows]
         ax.plot(xs, [100 * row.protected_accuracy for row in f.rows], "o-", label="stolen protected weights")
-        ax.plot(xs, [100 * row.base_accuracy for row in f.rows], "s--", label="public pre-trained base")
+        base = str(report.meta.get("base") or "")
+        ax.plot(xs, [100 * row.base_accuracy for row in f.rows], "s--",
+                label="randomly initialized base" if "random" in base else "public pre-trained base")
         ax.axhline(100 * f.key_accuracy, color="grey", lw=0.8, ls=":", label="owner, with the key")
         ax.set_xscale("log")
         ax.set_xlabel("attacker's labelled data (% of the training set)")
