@@ -589,6 +589,7 @@ def evaluate(args: argparse.Namespace) -> int:
     checkpoint = Path(args.checkpoint)
     out = Path(args.output) if args.output else checkpoint / REPORT_DIR
     check_output_folder(out)
+    refuse_other_report(out, "evaluate")
     model, key, protection, data, size = open_checkpoint(args, device)
     if size is not None:
         _check_size_for_key(size, key)
@@ -742,6 +743,23 @@ def writing_into(folder: Path):
         raise ConfigurationError(
             f"cannot write the results into {where}{folder} ({reason}); {remedy}, or choose another -o"
         ) from None
+
+
+def refuse_other_report(directory: Path, mine: str) -> None:
+    """A usage error when ``directory`` holds the other command's report:
+    ``kp evaluate`` and ``kp attack`` both write ``report.json`` /
+    ``report.md``, and one replaced the other's (the Hub card then read
+    'n/a' with the key), leaving the other's figures beside it."""
+    try:
+        data = json.loads((directory / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(data, dict):
+        return
+    theirs = "attack" if "attacks" in data else "evaluate" if "key_accuracy" in data else None
+    if theirs is not None and theirs != mine:
+        raise _UsageError(f"-o {directory} holds kp {theirs}'s report, which kp {mine}'s would replace; "
+                          f"choose another -o (by default kp {mine} writes its own folder)")
 
 
 def check_output_folder(directory: Path) -> None:

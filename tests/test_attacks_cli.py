@@ -247,3 +247,23 @@ def test_no_target_is_met_when_the_key_itself_scores_near_chance():
 def test_a_missed_target_stays_missed_when_the_key_scores_near_chance():
     report = _near_chance_report(wrong_mean=0.25)
     assert [t.met for t in report.targets()] == [False, None, None]
+
+
+def test_kp_attack_and_kp_evaluate_do_not_replace_each_others_report(checkpoint, tmp_path, capsys):
+    # Both write report.json / report.md: kp attack -o CK/report replaced kp
+    # evaluate's (exit 0; the Hub card then read "n/a" with the key).
+    directory, key_file, _ = checkpoint
+    out = tmp_path / "shared"
+    assert main(["evaluate", str(directory), "--key", str(key_file), "--data", "digits", "--image-size", "16",
+                 "--wrong-keys", "1", "--quiet", "-o", str(out)]) == 0
+    before = (out / "report.json").read_bytes()
+    assert main(["attack", str(directory), "--key", str(key_file), "--data", "digits", "--image-size", "16",
+                 "--attacks", "wrong_keys", "--budget", "smoke", "--quiet", "-o", str(out)]) == 2
+    assert "holds kp evaluate's report" in capsys.readouterr().err
+    assert (out / "report.json").read_bytes() == before
+    other = tmp_path / "attack"
+    assert main(["attack", str(directory), "--key", str(key_file), "--data", "digits", "--image-size", "16",
+                 "--attacks", "wrong_keys", "--budget", "smoke", "--quiet", "-o", str(other)]) == 0
+    assert main(["evaluate", str(directory), "--key", str(key_file), "--data", "digits", "--image-size", "16",
+                 "--wrong-keys", "1", "--quiet", "-o", str(other)]) == 2
+    assert "holds kp attack's report" in capsys.readouterr().err

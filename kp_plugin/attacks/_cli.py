@@ -105,11 +105,12 @@ NEEDS_BASE = ("weight_matching", "finetune")
 
 def _check_output(out: Path) -> None:
     """A usage error, before any work, for an ``-o`` the report cannot go to."""
-    from .._cli_handlers import _is_key_file, check_output_folder
+    from .._cli_handlers import _is_key_file, check_output_folder, refuse_other_report
     from ..cli import _UsageError
     from .report import FIGURES, REPORT_JSON, REPORT_MD
 
     check_output_folder(out)
+    refuse_other_report(out, "attack")
     for name in (REPORT_JSON, REPORT_MD, *FIGURES.values()):
         if _is_key_file(out / name):
             raise _UsageError(f"{out / name} is a key file, which the attack report would replace (losing the key "
