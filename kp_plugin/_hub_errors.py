@@ -7,18 +7,11 @@ import contextlib
 import os
 from typing import Iterator, Optional
 
-from .errors import (CorruptDownloadError, HubError, HubUnreachableError, HubUploadError, KPError, NotProtectedRepoError,
-                     PublicRepoError, RepoNotFoundError, first_line)
+from .errors import (CorruptDownloadError, HubError, HubUnreachableError, HubUploadError, KPError,
+                     NotProtectedRepoError, PublicRepoError, RepoNotFoundError, first_line)
 
-__all__ = [
-    "HubError",
-    "HubUnreachableError",
-    "RepoNotFoundError",
-    "NotProtectedRepoError",
-    "PublicRepoError",
-    "HubUploadError",
-    "CorruptDownloadError",
-]
+__all__ = [cls.__name__ for cls in (HubError, HubUnreachableError, RepoNotFoundError, NotProtectedRepoError,
+                                    PublicRepoError, HubUploadError, CorruptDownloadError)]
 
 _DEFAULT_ENDPOINT = "https://huggingface.co"
 

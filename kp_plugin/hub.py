@@ -56,18 +56,9 @@ from .errors import CheckpointError, ConfigurationError, KeyMismatchError, first
 from .keys import SecretKey, require_key
 from .module import ProtectedModel, protected_model_of
 
-__all__ = [
-    "push_protected",
-    "pull_protected",
-    "download_protected",
-    "HubError",
-    "HubUnreachableError",
-    "RepoNotFoundError",
-    "NotProtectedRepoError",
-    "PublicRepoError",
-    "HubUploadError",
-    "CorruptDownloadError",
-]
+__all__ = ["push_protected", "pull_protected", "download_protected",
+           *(cls.__name__ for cls in (HubError, HubUnreachableError, RepoNotFoundError, NotProtectedRepoError,
+                                      PublicRepoError, HubUploadError, CorruptDownloadError))]
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 #: Where a keyed image processor's saved config records its key's public
