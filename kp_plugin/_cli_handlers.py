@@ -504,6 +504,8 @@ def open_checkpoint(args: argparse.Namespace, device: torch.device) -> tuple:
         )
     saved = protection.input_size[1] if protection.input_size else None
     size = args.image_size or saved
+    if size is not None:
+        _check_size_for_key(size, key)  # before the warning below: a size the key cannot take is the error
     if saved is not None and size != saved:
         scrambled = "scramble" in key.scheme
         warnings.filterwarnings("ignore", category=InputSizeWarning)  # said here, for this command (kp.main's scope)

@@ -888,3 +888,13 @@ def test_a_test_set_with_some_of_the_classes_is_evaluated_with_the_models_labels
     assert "has 2 of the 10 classes" in capsys.readouterr().err
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["num_classes"] == 10 and report["num_examples"] == 8 and report["chance"] == pytest.approx(0.1)
+
+
+def test_an_image_size_the_key_cannot_take_is_the_one_error_said(protected, tmp_path, capsys):
+    # --image-size 18 (block size 8) first warned that the model was trained at
+    # 16x16 and scrambling would give chance, then failed on the block size.
+    key_path, checkpoint = protected
+    assert main(["evaluate", str(checkpoint), "--key", str(key_path), "--image-size", "18", "--wrong-keys", "1",
+                 "--quiet", "-o", str(tmp_path / "report")]) == 1
+    err = capsys.readouterr().err
+    assert "pass --image-size 16" in err and "trained at" not in err and not (tmp_path / "report").exists()
