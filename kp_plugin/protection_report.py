@@ -21,7 +21,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .checkpoint import replacing
+from ._files import remove_stale_temporaries
+from .checkpoint import _swap_in, _temporary_beside
 
 __all__ = [
     "ProtectionReport",
@@ -226,24 +227,39 @@ def write_report(
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    drawn = []
-    private_examples = None
-    if figures:
-        from .figures import plot_examples, plot_wrong_key_histogram
+    drawn = [HISTOGRAM_FILE] if figures else []
+    private = None
+    if figures and report.example_images is not None:
+        private = Path(private_directory) if private_directory is not None else (
+            directory.resolve().parent / PRIVATE_DIR)
+    private_examples = os.path.relpath(private / EXAMPLES_FILE, directory.resolve()) if private is not None else None
+    # Both texts before any file is written (a value JSON refuses fails here),
+    # then the report's files as one change: each to a temporary beside its
+    # place, renamed in together (a failed write or rename puts the previous
+    # ones back), so report.json and report.md never come from two runs.
+    texts = [(REPORT_FILE, json.dumps(report.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n"),
+             (REPORT_MARKDOWN, report_markdown(report, figures=drawn, private_examples=private_examples))]
+    if private is not None:
+        from .figures import plot_examples
 
-        plot_wrong_key_histogram(report, directory / HISTOGRAM_FILE)
-        drawn.append(HISTOGRAM_FILE)
-        if report.example_images is not None:
-            private = Path(private_directory) if private_directory is not None else (
-                directory.resolve().parent / PRIVATE_DIR)
-            private.mkdir(parents=True, exist_ok=True)
-            os.chmod(private, 0o700)  # owner-only: plain images beside protected ones
-            plot_examples(report.example_images, report.example_protected, private / EXAMPLES_FILE)
-            private_examples = os.path.relpath(private / EXAMPLES_FILE, directory.resolve())
-    with replacing(directory / REPORT_FILE) as tmp:
-        tmp.write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n")
-    with replacing(directory / REPORT_MARKDOWN) as tmp:
-        tmp.write_text(report_markdown(report, figures=drawn, private_examples=private_examples))
+        private.mkdir(parents=True, exist_ok=True)
+        os.chmod(private, 0o700)  # owner-only: plain images beside protected ones
+        plot_examples(report.example_images, report.example_protected, private / EXAMPLES_FILE)
+    remove_stale_temporaries(directory, [HISTOGRAM_FILE, REPORT_FILE, REPORT_MARKDOWN])
+    staged: list = []
+    try:
+        if figures:
+            from .figures import plot_wrong_key_histogram
+
+            staged.append((_temporary_beside(directory / HISTOGRAM_FILE), directory / HISTOGRAM_FILE))
+            plot_wrong_key_histogram(report, staged[-1][0])
+        for name, text in texts:
+            staged.append((_temporary_beside(directory / name), directory / name))
+            staged[-1][0].write_text(text)
+        _swap_in(staged)
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
     return directory
 
 
