@@ -8,6 +8,7 @@ argument: those show up in ``ps``); the key from ``--key FILE`` or the
 from __future__ import annotations
 
 import argparse
+import functools
 import shutil
 import textwrap
 from pathlib import Path
@@ -147,23 +148,13 @@ def _copy_checkpoint(folder: Path, out: Path) -> None:
     file beside its place first, then all renamed in (``protection.json``
     last; a failure puts the previous files back), so a failed copy leaves
     what was there, not half a checkpoint."""
-    from ._files import remove_stale_temporaries
-    from .checkpoint import PROTECTION_FILE, _swap_in, _temporary_beside
+    from .checkpoint import PROTECTION_FILE, write_together
     from .errors import CheckpointWriteError, first_line
 
     out.mkdir(parents=True, exist_ok=True)
     sources = sorted((p for p in folder.iterdir() if p.is_file()), key=lambda p: p.name == PROTECTION_FILE)
-    remove_stale_temporaries(out, [source.name for source in sources])  # those a killed pull or save left
-    staged: list = []
-    try:
-        try:
-            for source in sources:
-                staged.append((_temporary_beside(out / source.name), out / source.name))
-                shutil.copyfile(source, staged[-1][0])  # the cache holds symlinks: copy their content
-            _swap_in(staged)
-        finally:
-            for tmp, _ in staged:
-                tmp.unlink(missing_ok=True)
+    try:  # the cache holds symlinks: copy their content
+        write_together([(out / source.name, functools.partial(shutil.copyfile, source)) for source in sources])
     except OSError as exc:
         raise CheckpointWriteError(
             f"cannot copy the model into {out} ({first_line(exc)}); what was there is unchanged, and the model "

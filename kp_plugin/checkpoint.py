@@ -32,7 +32,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -780,6 +780,25 @@ def _write_all(directory: Path, files: list, *, weights: Optional[tuple] = None)
             f"cannot write {where} ({first_line(exc)}); the checkpoint there before, if any, is unchanged: "
             "free some space or choose another folder"
         ) from None
+
+
+def write_together(writes: Sequence[tuple]) -> None:
+    """Write ``(path, write)`` pairs as one change: ``write(tmp)`` fills a
+    temporary file beside ``path``; when every one is written they are
+    renamed in, in the order given (:func:`_swap_in`: a failed rename puts
+    the previous files back), and no temporary stays behind. The
+    temporaries that killed writes of these names left are removed first."""
+    for folder in {Path(path).parent for path, _ in writes}:
+        remove_stale_temporaries(folder, [Path(path).name for path, _ in writes if Path(path).parent == folder])
+    staged: list = []
+    try:
+        for path, write in writes:
+            staged.append((_temporary_beside(Path(path)), Path(path)))
+            write(staged[-1][0])
+        _swap_in(staged)
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
 
 
 def _swap_in(moves: list) -> None:

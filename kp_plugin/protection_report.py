@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -21,8 +22,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ._files import remove_stale_temporaries
-from .checkpoint import _swap_in, _temporary_beside
+from .checkpoint import write_together
 
 __all__ = [
     "ProtectionReport",
@@ -245,21 +245,12 @@ def write_report(
         private.mkdir(parents=True, exist_ok=True)
         os.chmod(private, 0o700)  # owner-only: plain images beside protected ones
         plot_examples(report.example_images, report.example_protected, private / EXAMPLES_FILE)
-    remove_stale_temporaries(directory, [HISTOGRAM_FILE, REPORT_FILE, REPORT_MARKDOWN])
-    staged: list = []
-    try:
-        if figures:
-            from .figures import plot_wrong_key_histogram
+    writes = [(directory / name, functools.partial(Path.write_text, data=text)) for name, text in texts]
+    if figures:
+        from .figures import plot_wrong_key_histogram
 
-            staged.append((_temporary_beside(directory / HISTOGRAM_FILE), directory / HISTOGRAM_FILE))
-            plot_wrong_key_histogram(report, staged[-1][0])
-        for name, text in texts:
-            staged.append((_temporary_beside(directory / name), directory / name))
-            staged[-1][0].write_text(text)
-        _swap_in(staged)
-    finally:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
+        writes.insert(0, (directory / HISTOGRAM_FILE, functools.partial(plot_wrong_key_histogram, report)))
+    write_together(writes)
     return directory
 
 
