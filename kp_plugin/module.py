@@ -678,9 +678,8 @@ def _transformers_processor_normalization(model: nn.Module, config: Any) -> Opti
     # what it normalizes with: none, or EfficientNet's twice
     from .hf.processor import _as_list, _normalization, image_processor_classes
 
-    source = Path(str(getattr(config, "_name_or_path", "") or ""))
-    saved = source / "preprocessor_config.json"
-    if source.parts and saved.is_file():
+    saved = _file_beside_weights(config, "preprocessor_config.json")
+    if saved is not None:
         settings: dict = {}
         try:
             settings = json.loads(saved.read_text(encoding="utf-8"))
@@ -1090,6 +1089,17 @@ def wrap_model(
     return ProtectedModel(model, keyed)
 
 
+def _file_beside_weights(config: Any, name: str) -> Optional[Path]:
+    """The file ``name`` in the folder a transformers model was loaded from
+    (its config's ``_name_or_path``), when there is one; ``None`` for a
+    model loaded by Hub id, built from a config, or without that file."""
+    source = getattr(config, "_name_or_path", None)
+    if not isinstance(source, (str, os.PathLike)) or not str(source):
+        return None
+    path = Path(str(source)) / name
+    return path if path.is_file() else None
+
+
 def _settings_saved_beside(model: nn.Module, key: SecretKey, input_size: Optional[tuple]) -> tuple:
     """mean, std (and input size, unless given) from the ``protection.json``
     beside the folder a transformers model was loaded from (a protected
@@ -1100,10 +1110,9 @@ def _settings_saved_beside(model: nn.Module, key: SecretKey, input_size: Optiona
     import json
 
     config = getattr(model, "config", None)
-    source = getattr(config, "_name_or_path", None) if config is not None and not isinstance(config, dict) else None
-    path = Path(str(source)) / "protection.json" if isinstance(source, (str, os.PathLike)) and str(source) else None
+    path = _file_beside_weights(config, "protection.json") if not isinstance(config, dict) else None
     try:
-        saved = json.loads(path.read_text(encoding="utf-8")) if path is not None and path.is_file() else None
+        saved = json.loads(path.read_text(encoding="utf-8")) if path is not None else None
     except (OSError, ValueError):  # unreadable: the usual normalization lookup, as before
         saved = None
     if not isinstance(saved, dict) or not isinstance(saved.get("fingerprint"), str):
