@@ -8,12 +8,13 @@ carry fractions and accuracies, the key only by its public fingerprint.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
 from typing import Optional, Union
 
-from ..checkpoint import replacing
+from ..checkpoint import write_together
 from .suite import KEY_ABOVE_CHANCE_POINTS, AttackReport
 
 __all__ = ["write_attack_report", "report_markdown", "report_files", "REPORT_JSON", "REPORT_MD", "FIGURES"]
@@ -160,13 +161,14 @@ def report_markdown(report: AttackReport, *, figures: Optional[dict] = None) -> 
     return "\n".join(out)
 
 
-def _figures(report: AttackReport, directory: Path) -> dict:
+def _figures(report: AttackReport) -> dict:
+    """The report's plots, drawn but not saved: ``{FIGURES key: figure}``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = {}
+    drawn = {}
     r = report.results
     names = _figure_names(report)
     if "finetune" in names:
@@ -184,10 +186,7 @@ def _figures(report: AttackReport, directory: Path) -> dict:
         ax.legend(fontsize=8)
         ax.set_title("Fine-tuning attack")
         fig.tight_layout()
-        with replacing(directory / FIGURES["finetune"]) as tmp:
-            fig.savefig(tmp, format="png", dpi=120)
-        plt.close(fig)
-        written["finetune"] = FIGURES["finetune"]
+        drawn["finetune"] = fig
     if "recovery" in names:
         bars = [(label, r[name].recovered_fraction) for name, label in
                 (("heuristic_search", "swap search"), ("key_estimation", "key estimation"),
@@ -203,10 +202,7 @@ def _figures(report: AttackReport, directory: Path) -> dict:
         ax.set_ylim(0, 100)
         ax.set_title("Fraction of the key recovered")
         fig.tight_layout()
-        with replacing(directory / FIGURES["recovery"]) as tmp:
-            fig.savefig(tmp, format="png", dpi=120)
-        plt.close(fig)
-        written["recovery"] = FIGURES["recovery"]
+        drawn["recovery"] = fig
     if "partial_key" in names:
         p = r["partial_key"]
         fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -217,10 +213,7 @@ def _figures(report: AttackReport, directory: Path) -> dict:
         ax.set_title("Partial key")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        with replacing(directory / FIGURES["partial_key"]) as tmp:
-            fig.savefig(tmp, format="png", dpi=120)
-        plt.close(fig)
-        written["partial_key"] = FIGURES["partial_key"]
+        drawn["partial_key"] = fig
     if "random_search" in names:
         s = r["random_search"]
         fig, ax = plt.subplots(figsize=(5, 3))
@@ -232,11 +225,12 @@ def _figures(report: AttackReport, directory: Path) -> dict:
         ax.set_title(f"{s.num_keys} random keys")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        with replacing(directory / FIGURES["random_search"]) as tmp:
-            fig.savefig(tmp, format="png", dpi=120)
-        plt.close(fig)
-        written["random_search"] = FIGURES["random_search"]
-    return written
+        drawn["random_search"] = fig
+    return drawn
+
+
+def _save_figure(figure, path: Path) -> None:
+    figure.savefig(path, format="png", dpi=120)
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -268,11 +262,23 @@ def write_attack_report(report: AttackReport, directory: Union[str, os.PathLike]
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    written = _figures(report, directory) if figures else {}
+    drawn = _figures(report) if figures else {}
+    try:
+        written = {name: FIGURES[name] for name in drawn}
+        # Both texts before any file is written, then every file as one
+        # change (staged beside its place, renamed in together), so
+        # report.json, report.md and the plots never come from two runs.
+        texts = [(REPORT_JSON, json.dumps(report.summary(), indent=2, sort_keys=True) + "\n"),
+                 (REPORT_MD, report_markdown(report, figures=written))]
+        writes = [(directory / FIGURES[name], functools.partial(_save_figure, fig)) for name, fig in drawn.items()]
+        writes += [(directory / name, functools.partial(Path.write_text, data=text)) for name, text in texts]
+        write_together(writes)
+    finally:
+        if drawn:
+            import matplotlib.pyplot as plt
+
+            for fig in drawn.values():
+                plt.close(fig)
     for name in set(FIGURES.values()) - set(written.values()):
         _remove_stale_figure(directory / name)
-    with replacing(directory / REPORT_JSON) as tmp:
-        tmp.write_text(json.dumps(report.summary(), indent=2, sort_keys=True) + "\n")
-    with replacing(directory / REPORT_MD) as tmp:
-        tmp.write_text(report_markdown(report, figures=written))
     return directory
