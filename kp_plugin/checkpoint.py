@@ -736,19 +736,23 @@ def _save_protected(model: ProtectedModel, directory: Path, metadata: Optional[d
         "kp_weights_digest": config.weights_digest,
     }
     files = [(PROTECTION_FILE, text.encode())] + ([(CONFIG_FILE, config_text.encode())] if config_text else [])
-    _write_all(directory, files, weights=(base, metadata))
+    _write_all(directory, files, weights=(base, metadata), needles=needles)
     refuse_key_material(directory, model.key)
     return directory
 
 
-def _write_all(directory: Path, files: list, *, weights: Optional[tuple] = None) -> None:
+def _write_all(directory: Path, files: list, *, weights: Optional[tuple] = None,
+               needles: Optional[list] = None) -> None:
     """Write ``files`` (name, bytes) and the weights ``(module, metadata)``
     into ``directory``, each to a temporary file first (fsynced); only when
     every one is written are they renamed into place (the weights first,
     ``protection.json`` last). A failed write (a full disk) leaves the
     checkpoint that was there whole: :class:`CheckpointError` naming the
     file; so does a failure or an interrupt (Ctrl-C) between the renames,
-    which puts the previous files back (:func:`_swap_in`)."""
+    which puts the previous files back (:func:`_swap_in`). With ``needles``
+    (:func:`leak_needles`), a written file that holds one is a
+    :class:`KeyLeakError` before any rename: the key never reaches the
+    folder (a base model with the key in a buffer, say)."""
     from safetensors import SafetensorError
 
     names = [name for name, _ in files] + ([WEIGHTS_FILE] if weights is not None else [])
@@ -769,8 +773,13 @@ def _write_all(directory: Path, files: list, *, weights: Optional[tuple] = None)
             if weights is not None:
                 name = WEIGHTS_FILE
                 stage(lambda tmp: _save_model_file(weights[0], tmp, directory / WEIGHTS_FILE, weights[1]))
-            name = None  # the renames
-            _swap_in(list(reversed(staged)))
+            name = None
+            leaks = [final.name for tmp, final in staged if needles and file_contains_any(tmp, needles)]
+            if leaks:
+                raise KeyLeakError(f"key material found in {', '.join(leaks)} for {directory}: the model holds the "
+                                   "key (a buffer or parameter that stores it?); remove it from the model "
+                                   "(nothing was written)")
+            _swap_in(list(reversed(staged)))  # the renames
         finally:
             for tmp, _ in staged:
                 tmp.unlink(missing_ok=True)

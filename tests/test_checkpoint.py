@@ -4,6 +4,7 @@ damaged files, and no key material in anything written."""
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import os
 import warnings
@@ -204,6 +205,24 @@ def test_key_material_in_metadata_is_refused_before_anything_is_written(tmp_path
             save_protected(model, tmp_path / "fresh", metadata={"note": leak})
     assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
     assert not (tmp_path / "fresh").exists()
+
+
+def test_a_model_that_holds_the_key_is_refused_before_its_weights_reach_the_folder(tmp_path, saved, key):
+    # The weights file was scanned after it was renamed in: save_protected
+    # raised KeyLeakError, but a loadable checkpoint with the key's bytes in
+    # a buffer stayed in the folder (and replaced the previous save).
+    model, directory = saved
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+    leaky = copy.deepcopy(model)
+    for leak in (torch.tensor(list(key._material), dtype=torch.uint8),
+                 torch.tensor(key.pixel_permutation(), dtype=torch.int64)):
+        leaky.unwrap().register_buffer("stored_key", leak)
+        for target in (directory, tmp_path / "fresh"):
+            with pytest.raises(KeyLeakError, match="nothing was written") as info:
+                save_protected(leaky, target)
+            assert "model.safetensors" in str(info.value) and key._material.hex() not in str(info.value)
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
+    assert list((tmp_path / "fresh").iterdir()) == []
 
 
 def test_saving_onto_a_file_names_it(tmp_path, saved):
