@@ -19,6 +19,32 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def full_disk_at(monkeypatch):
+    """``full_disk_at(suffix)``: the next rename onto a path ending in
+    ``suffix`` (in kp_plugin.checkpoint, which renames staged files in)
+    fails with "No space left on device"; later ones (putting the previous
+    files back) work. ``monkeypatch.undo()`` ends it."""
+    import errno
+
+    import kp_plugin.checkpoint
+
+    real_replace = kp_plugin.checkpoint.os.replace
+
+    def arm(suffix: str) -> None:
+        failed = []
+
+        def replace(src, dst, *args, **kwargs):
+            if str(dst).endswith(suffix) and not failed:
+                failed.append(dst)
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_replace(src, dst, *args, **kwargs)
+
+        monkeypatch.setattr(kp_plugin.checkpoint.os, "replace", replace)
+
+    return arm
+
+
 #: The golden-vector key of docs/key-format.md.
 GOLDEN_MATERIAL = bytes(range(32))
 

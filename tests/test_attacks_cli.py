@@ -269,14 +269,10 @@ def test_kp_attack_and_kp_evaluate_do_not_replace_each_others_report(checkpoint,
     assert "holds kp attack's report" in capsys.readouterr().err
 
 
-def test_an_attack_report_that_fails_halfway_leaves_the_previous_report_whole(tmp_path, monkeypatch):
+def test_an_attack_report_that_fails_halfway_leaves_the_previous_report_whole(tmp_path, monkeypatch, full_disk_at):
     # The plots and report.json were renamed in one by one: a failed write of
     # report.md (a full disk) left the new report.json and plots beside the
     # old report.md, two runs in one report.
-    import errno
-
-    import kp_plugin.checkpoint
-
     key = SecretKey(bytes(range(32)), block_size=4, scheme="shuffle+np")
     protected = protected_patchnet(key)
     first = run_attacks(protected, digits("test"), attacks="partial_key", budget="smoke", progress=False)
@@ -284,15 +280,7 @@ def test_an_attack_report_that_fails_halfway_leaves_the_previous_report_whole(tm
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     second = run_attacks(protected, digits("test"), attacks="wrong_keys,random_search", budget="smoke",
                          progress=False)
-    real_replace, failed = kp_plugin.checkpoint.os.replace, []
-
-    def full_disk_at_the_markdown(src, dst, *args, **kwargs):  # once: putting the old files back works
-        if str(dst).endswith("report.md") and not failed:
-            failed.append(dst)
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_replace(src, dst, *args, **kwargs)
-
-    monkeypatch.setattr(kp_plugin.checkpoint.os, "replace", full_disk_at_the_markdown)
+    full_disk_at("report.md")
     with pytest.raises(OSError):
         write_attack_report(second, tmp_path)
     monkeypatch.undo()

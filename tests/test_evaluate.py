@@ -190,26 +190,15 @@ def test_report_writes_png_figures_and_markdown_without_key_material(tmp_path, t
     assert find_key_material(tmp_path, tiny_model.key) == []
 
 
-def test_a_report_that_fails_halfway_leaves_the_previous_report_whole(tmp_path, tiny_model, random_set, monkeypatch):
+def test_a_report_that_fails_halfway_leaves_the_previous_report_whole(tmp_path, tiny_model, random_set, monkeypatch,
+                                                                     full_disk_at):
     # A failed write of report.md (a full disk) left the new report.json and
     # wrong_keys.png beside the old report.md: two runs' figures in one report.
-    import errno
-
-    import kp_plugin.checkpoint
-
     first = evaluate_protection(tiny_model, random_set, num_wrong_keys=3, progress=False)
     write_report(first, tmp_path / "report")
     before = {p.name: p.read_bytes() for p in (tmp_path / "report").iterdir()}
     second = evaluate_protection(tiny_model, random_set, num_wrong_keys=4, seed=1, progress=False)
-    real_replace, failed = kp_plugin.checkpoint.os.replace, []
-
-    def full_disk_at_the_markdown(src, dst, *args, **kwargs):  # once: putting the old files back works
-        if str(dst).endswith("report.md") and not failed:
-            failed.append(dst)
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_replace(src, dst, *args, **kwargs)
-
-    monkeypatch.setattr(kp_plugin.checkpoint.os, "replace", full_disk_at_the_markdown)
+    full_disk_at("report.md")
     with pytest.raises(OSError):
         write_report(second, tmp_path / "report")
     monkeypatch.undo()
