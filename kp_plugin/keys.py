@@ -237,13 +237,17 @@ PathLike = Union[str, "os.PathLike[str]"]
 #: no secret anyway (block size 1 with one channel has L = 1).
 MIN_SCANNED_PERMUTATION = 8
 
-#: Separators allowed between the numbers of a :class:`NumberSequence`.
-_SEPARATOR = rb"[\s,;]{1,16}"
+#: Separators allowed between the numbers of a :class:`NumberSequence`:
+#: whitespace, commas, semicolons, and whitespace as JSON or a Python
+#: string escapes it (``\\n``, ``\\r``, ``\\t``: numbers joined by newlines
+#: inside a JSON string).
+_SEPARATOR = rb"(?:[\s,;]|\\[nrt]){1,16}"
 
 
 class NumberSequence:
     """Decimal numbers in order, separated by whitespace, commas or
-    semicolons (at most 16 characters between two), as text of any layout."""
+    semicolons (at most 16 between two; whitespace escaped as in JSON, ``\\n``,
+    counts as one), as text of any layout."""
 
     def __init__(self, numbers: list[int]) -> None:
         digits = [str(int(v)).encode() for v in numbers]
@@ -251,7 +255,7 @@ class NumberSequence:
         # search (10x slower over a weights file); found_in checks instead.
         self._regex = re.compile(_SEPARATOR.join(digits) + rb"(?![0-9])")
         #: The longest text a match can span (scanners overlap chunks by it).
-        self.max_length = sum(len(d) for d in digits) + 16 * (len(digits) - 1) + 1
+        self.max_length = sum(len(d) for d in digits) + 32 * (len(digits) - 1) + 1  # 16 two-byte escapes
 
     def found_in(self, data: bytes) -> bool:
         return any(m.start() == 0 or not data[m.start() - 1:m.start()].isdigit() for m in self._regex.finditer(data))

@@ -432,11 +432,13 @@ def test_the_scanner_finds_the_permutation_written_as_text_in_any_layout(tmp_pat
     (tmp_path / "lines.txt").write_text("\n".join(map(str, perm)) + "\n")
     (tmp_path / "row.csv").write_text("step;" + ";".join(map(str, perm)))
     (tmp_path / "uint8.bin").write_bytes(bytes(perm))  # L = 48 fits a byte
+    # one number per line inside a JSON string: the line breaks escaped as \\n
+    (tmp_path / "escaped.json").write_text(json.dumps({"p": "\n".join(map(str, perm)), "q": "\t".join(map(str, perm))}))
     (tmp_path / "other.json").write_text(json.dumps(SecretKey.generate_like(key).pixel_permutation(), indent=2))
     (tmp_path / "digits_run_on.txt").write_text("1" + ", ".join(map(str, perm)))  # another number, not the permutation
     monkeypatch.setattr(checkpoint, "_SCAN_CHUNK", 100)  # matches across read chunks too
     found = {p.name for p in find_key_material(tmp_path, key)}
-    assert found == {"indented.json", "lines.txt", "row.csv", "uint8.bin"}
+    assert found == {"indented.json", "lines.txt", "row.csv", "uint8.bin", "escaped.json"}
 
 
 def test_the_scanner_finds_the_keys_base64_inside_longer_text_or_broken_over_lines(tmp_path, key, monkeypatch):
