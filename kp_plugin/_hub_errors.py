@@ -100,7 +100,16 @@ def _hub_errors(endpoint: str, repo_id: str, revision: Optional[str], *, pushing
             ) from None
         if pushing and _xet_enabled() and _mentions_xet(exc) and endpoint != _DEFAULT_ENDPOINT:
             raise HubUploadError(_xet_hint(where, exc)) from None
-        raise HubError(f"the Hub at {endpoint} answered HTTP {status} for {repo_id!r}: {first_line(exc)}") from None
+        if status == 429:
+            advice = "too many requests: wait a minute and try again"
+        elif status is not None and status >= 500:
+            advice = "a server error: try again later" + (
+                "" if pushing else " (a model pulled before loads from the local cache with HF_HUB_OFFLINE=1)")
+        else:
+            advice = "check the repository name, the revision and the token"
+        raise HubError(
+            f"the Hub at {endpoint} answered HTTP {status} for {repo_id!r} ({first_line(exc)[:200]}); {advice}"
+        ) from None
     except transport_errors() as exc:
         if pushing and _xet_enabled() and _mentions_xet(exc) and endpoint != _DEFAULT_ENDPOINT:
             raise HubUploadError(_xet_hint(where, exc)) from None

@@ -35,6 +35,7 @@ how that file is served: ``"damage"`` (same length, some bytes changed),
 ``"cut"`` (half the body, the headers still announcing the whole size),
 ``"error500"``, or ``"move_main"`` (served as usual, then the repository's
 ``main`` moves to the commit in ``"to"``; the fault is then removed).
+The path ``"api"`` stands for the repository's info route (``"error500"``).
 
 Run: ``python tests/hub_server.py --root DIR --token TOKEN [--port 0]``;
 it prints ``listening on http://127.0.0.1:PORT`` once ready and serves until
@@ -262,6 +263,8 @@ class Handler(BaseHTTPRequestHandler):
 
         m = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/(.+))?", path)
         if m and method == "GET":
+            if self._fault(m.group(1), "api").get("mode") == "error500":
+                raise HubError(500, None, "Internal Error (injected)")
             return self._repo_info(m.group(1), m.group(2) or "main")
         m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/preupload/(.+)", path)
         if m and method == "POST":

@@ -498,7 +498,14 @@ def test_a_server_error_is_not_reported_as_an_unreachable_hub(test_hub, pushed, 
         with pytest.raises(HubError, match="HTTP 500") as raised:
             _pull(test_hub, pushed, KEY, isolate_hub_client)
         assert not isinstance(raised.value, HubUnreachableError)
+        assert "try again later" in str(raised.value)
         assert waits  # the client's retries ran (the error is what they end with)
+        # The same from the first request of a pull (the repository's info),
+        # which said only "answered HTTP 500".
+        _fault(test_hub, repo=pushed, path="api", mode="error500")
+        with pytest.raises(HubError, match="HTTP 500.*try again later") as raised:
+            _pull(test_hub, pushed, KEY, isolate_hub_client.parent / "fresh-cache")
+        assert not isinstance(raised.value, HubUnreachableError)
     finally:
         (test_hub.root / "fault.json").unlink(missing_ok=True)
 
