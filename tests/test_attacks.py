@@ -15,7 +15,7 @@ from attack_models import (
     protected_patchnet,
     public_patchnet,
 )
-from kp_plugin import SecretKey, apply_transform, wrap_model
+from kp_plugin import InputRangeError, SecretKey, apply_transform, wrap_model
 from kp_plugin.attacks import (
     AttackError,
     CandidateKey,
@@ -70,6 +70,23 @@ def test_least_likely_readout_exposes_a_model_that_ranks_the_true_class_last(key
     result = wrong_key_attack(upside_down, test_set, num_keys=2, progress=False)
     assert result.plain_accuracy < 0.05
     assert result.plain_least_likely_accuracy > 0.9
+
+
+def test_every_row_of_the_wrong_key_attack_reads_uint8_images_as_the_model_does(key, test_set):
+    # An (images, labels) pair of uint8 images reached the plain-image row
+    # unscaled (0..255 where the model takes [0, 1]): the leak that row
+    # measures came out near chance, without a word.
+    upside_down = negated_protected(key)
+    images = torch.stack([test_set[i][0] for i in range(len(test_set))])
+    labels = torch.tensor([int(test_set[i][1]) for i in range(len(test_set))])
+    as_floats = wrong_key_attack(upside_down, (images, labels), num_keys=2, progress=False)
+    as_bytes = wrong_key_attack(upside_down, ((images * 255).round().to(torch.uint8), labels), num_keys=2,
+                                progress=False)
+    assert as_bytes.plain_least_likely_accuracy > 0.9
+    assert as_bytes.plain_least_likely_accuracy == pytest.approx(as_floats.plain_least_likely_accuracy, abs=0.02)
+    assert as_bytes.key_accuracy == pytest.approx(as_floats.key_accuracy, abs=0.02)
+    with pytest.raises(InputRangeError, match="8-bit"):  # 0..255 as floats: refused, not scored
+        wrong_key_attack(upside_down, (images * 255, labels), num_keys=2, progress=False)
 
 
 def test_partial_key_curve_reaches_the_key_accuracy_at_full_fraction(protected, test_set):

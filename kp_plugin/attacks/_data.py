@@ -8,6 +8,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..checkpoint import usable_device
+from ..transforms import check_float_range
 from ._candidate import AttackError
 
 __all__ = [
@@ -27,23 +28,35 @@ def resolve_device(device=None) -> torch.device:
 
 
 def as_tensors(dataset, *, indices: Optional[Sequence[int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack ``dataset`` items ``(image, label)`` (images float in [0, 1]) into
-    ``(images, labels)`` tensors; a pair of tensors passes through."""
+    """Stack ``dataset`` items ``(image, label)`` into ``(images, labels)``
+    tensors, or take a pair of tensors: float images in [0, 1] (uint8 ones,
+    0..255, are scaled to it; floats clearly outside it are an
+    :class:`~kp_plugin.InputRangeError`, as :class:`~kp_plugin.KeyedInput`
+    gives: every row of an attack must see the same images)."""
     if isinstance(dataset, (tuple, list)) and len(dataset) == 2 and isinstance(dataset[0], torch.Tensor):
         images, labels = dataset
         if indices is not None:
             idx = torch.as_tensor(list(indices), dtype=torch.long)
             images, labels = images[idx], labels[idx]
-        return images, labels
+        return _images01(images), torch.as_tensor(labels, dtype=torch.long)
     order = range(len(dataset)) if indices is None else indices
     items = [dataset[i] for i in order]
     if not items:
         raise AttackError("the dataset is empty; attacks need labelled images")
     images = torch.stack([torch.as_tensor(img) for img, _ in items])
     labels = torch.tensor([int(lbl) for _, lbl in items], dtype=torch.long)
+    return _images01(images), labels
+
+
+def _images01(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images scaled to [0, 1]; float ones checked to be in it. (The
+    plain-image row of the wrong-key attack read uint8 pairs unscaled.)"""
     if images.dtype == torch.uint8:
-        images = images.float() / 255
-    return images, labels
+        return images.float() / 255
+    if not images.is_floating_point():
+        raise AttackError(f"images have dtype {images.dtype}; pass float images in [0, 1] or uint8 images in 0..255")
+    check_float_range(images)
+    return images
 
 
 def num_classes_of(dataset, labels: torch.Tensor) -> int:
