@@ -146,12 +146,19 @@ def _register_keygen(subparsers) -> None:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    from .keys import SecretKey, parse_scheme
+    from .keys import SecretKey, _special_file_kind, parse_scheme
 
     try:
         scheme = parse_scheme(args.scheme)
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
+    if args.output == "-":
+        raise _UsageError("-o - would mean standard output: kp keygen writes the key to a file only (key material "
+                          "never goes to a terminal, pipe or log); give a path, e.g. -o owner.key")
+    kind = _special_file_kind(args.output)
+    if kind:  # /dev/stdout, a FIFO, a link: never replaced by a key file, --force or not
+        raise KeyFileError(f"{args.output} is {kind}, not a key file; kp keygen writes regular files only: choose "
+                           "another path")
     if os.path.lexists(args.output) and not args.force and not os.path.isdir(args.output):
         dangling = " (a symbolic link to a missing file)" if not os.path.exists(args.output) else ""
         raise KeyFileError(

@@ -435,6 +435,8 @@ class SecretKey:
         return self.block_size * self.block_size * self.channels
 
     def __repr__(self) -> str:
+        if not hasattr(self, "_cache"):  # one whose __init__ failed (a traceback's locals show it too)
+            return "SecretKey(<incomplete>)"
         return (
             f"SecretKey(fingerprint='{self.fingerprint}', block_size={self.block_size}, "
             f"scheme='{self.scheme_name}', channels={self.channels})"
@@ -579,6 +581,14 @@ class SecretKey:
     @classmethod
     def from_json(cls, text: Union[str, bytes], *, source: str = "key data") -> "SecretKey":
         """Parse key file content; :class:`KeyFileError` says what is wrong."""
+        key, error = _parsed(cls, text, source)
+        del text  # raised below, the error's traceback holds this frame: no key file content in its locals
+        if error is not None:
+            raise error
+        return key
+
+    @classmethod
+    def _parse(cls, text: Union[str, bytes], source: str) -> "SecretKey":
         if isinstance(text, bytes):
             try:
                 text = text.decode("utf-8")
@@ -595,7 +605,12 @@ class SecretKey:
                 "KP_KEY=\"$(cat owner.key)\"); to build a key from raw bytes in Python, use SecretKey(material, ...)"
             )
         try:
-            body = json.loads(text)
+            body = json.loads(text, object_pairs_hook=_no_repeated_fields)
+        except _RepeatedField as exc:
+            raise KeyFileError(
+                f"{source} has the field {exc.args[0]!r} more than once (a hand edit or a merge?); readers would "
+                "disagree on which one counts: restore the key file from your backup"
+            ) from None
         except (RecursionError, ValueError):  # invalid JSON, a deeply nested array, a number too long to read
             raise KeyFileError(
                 f"{source} is not valid JSON (corrupt or truncated key file); restore it from your backup"
@@ -623,6 +638,11 @@ class SecretKey:
             material = bytes.fromhex(hexkey)
         except ValueError:
             raise KeyFileError(f"{source}: field 'key' is not hexadecimal (corrupt key file)") from None
+        for name in ("block_size", "scheme", "channels", "created"):
+            long_text = _long_text(body[name])
+            if long_text:  # the settings' errors quote the value: never a pasted key
+                raise KeyFileError(f"{source} has an invalid setting: field {name!r} holds {long_text} (corrupt or "
+                                   "hand-edited key file); restore it from your backup")
         if not _valid_created(body["created"]):  # null too: the constructor would take it as "now"
             raise KeyFileError(f"{source} has an invalid setting: {_CREATED_RULE}, got {body['created']!r}")
         try:
@@ -668,10 +688,18 @@ class SecretKey:
             KeyFileWriteError: the file cannot be written there (an
                 ``OSError`` too; the previous file, if any, stays intact).
         """
+        given = os.fspath(path)
         path = Path(path)
         try:  # the checks too: a name too long for the file system fails already there
-            if path.is_dir():
-                raise KeyFileError(f"{path} is a directory; give the key file's own path, e.g. {path / 'owner.key'}")
+            if path.is_dir() or (isinstance(given, str) and given.endswith(("/", os.sep))):
+                raise KeyFileError(f"{given} is a directory; give the key file's own path, e.g. {path / 'owner.key'}")
+            kind = _special_file_kind(path)
+            if kind:
+                raise KeyFileError(
+                    f"{path} is {kind}, not a key file; a key file is written only as a regular file (replacing "
+                    f"{kind} would break what uses it): choose another path"
+                    + (f", or the link's target {os.path.realpath(path)}" if kind.endswith("link") else "")
+                )
             if path.exists() and not overwrite:
                 raise KeyFileExistsError(
                     f"{path} already exists; refusing to overwrite a key file (the model it protects "
@@ -692,7 +720,7 @@ class SecretKey:
 
     def _write(self, path: Path, overwrite: bool) -> Path:
         directory = path.parent if str(path.parent) else Path(".")
-        directory.mkdir(parents=True, exist_ok=True)
+        _make_private_folders(directory)
         data = self.to_json().encode()
         # A killed save leaves a whole key in its temporary: the next save of
         # this name removes those (named after their process) whose process is gone.
@@ -751,18 +779,19 @@ class SecretKey:
             KeyFilePermissionWarning: on POSIX, the file is readable or
                 writable by its group or others (``chmod 600`` it).
         """
-        path = Path(path)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
+        if isinstance(path, str) and _is_key_content(path):
+            del path  # key content: kept out of the message and of the traceback's locals
             raise KeyFileError(
-                f"key file {path} does not exist; give the path of the key the model was protected with (restore it "
-                f"from your backup: a new key cannot open that model), or, to start a new model, create one with "
-                f"`kp keygen -o {path}`"
-            ) from None
-        except OSError as exc:
-            raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from None
-        key = cls.from_json(data, source=f"key file {path}")
+                "the key file path given is key content (a key file's JSON, or 32 bytes as hex or base64), not a "
+                "path: pass the key file's path (kp ... --key owner.key), or the content through an environment "
+                "variable (kp ... with KP_KEY set; SecretKey.from_env('KP_KEY') in Python)"
+            )
+        path = Path(path)
+        data = _read_key_file(path)
+        key, error = _parsed(cls, data, f"key file {path}")
+        del data  # raised below, the error's traceback holds this frame: no key file content in its locals
+        if error is not None:
+            raise error
         _warn_if_shared(path)
         return key
 
@@ -781,7 +810,151 @@ class SecretKey:
                 f"environment variable {name} holds a file path; it must hold the key file's content, "
                 f'e.g. export {name}="$(cat {value})"'
             )
-        return cls.from_json(value, source=f"environment variable {name}")
+        hint = _not_json_hint(value)
+        if hint:
+            del value
+            raise KeyFileError(f"environment variable {name} holds {hint}, not a key file's content: set it with "
+                               f'export {name}="$(cat owner.key)", or pass the key file\'s path (--key PATH, '
+                               "SecretKey.load(PATH))")
+        key, error = _parsed(cls, value, f"environment variable {name}")
+        del value  # raised below, the error's traceback holds this frame: no key in its locals
+        if error is not None:
+            raise error
+        return key
+
+
+#: Far above a key file's size (about 400 bytes): a larger file is not one.
+MAX_KEY_FILE_BYTES = 64 * 1024
+
+
+def _parsed(cls, text, source: str) -> tuple:
+    """``(key, None)``, or ``(None, error)``: a fresh :class:`KeyFileError`
+    without traceback or context, so that raising it keeps the parser's
+    locals (the key file's text, the key's hex and bytes) out of every
+    traceback that shows locals (pytest --showlocals, rich, Sentry)."""
+    try:
+        return cls._parse(text, source), None
+    except KeyFileError as exc:
+        error = type(exc)(*exc.args)
+    return None, error
+
+
+class _RepeatedField(ValueError):
+    pass
+
+
+def _no_repeated_fields(pairs: list) -> dict:
+    seen: dict = {}
+    for name, value in pairs:
+        if name in seen:
+            raise _RepeatedField(name)
+        seen[name] = value
+    return seen
+
+
+def _long_text(value: object) -> str:
+    """A description of the first string over 24 characters in ``value`` (a
+    setting of a key file, or a list of them), else ''."""
+    for item in (value if isinstance(value, list) else [value]):
+        if isinstance(item, str) and len(item) > 24:
+            return f"a {len(item)}-character string"
+    return ""
+
+
+_KEY_TEXT = re.compile(r"\s*(?:[0-9a-fA-F]{64}|[A-Za-z0-9+/_-]{43}=?)\s*")
+
+
+def _is_key_content(text: str) -> bool:
+    """Whether ``text``, given where a path belongs, is key content: a key
+    file's JSON, or 32 bytes written as hex or base64."""
+    return text.lstrip().startswith("{") or KEY_FILE_FORMAT in text or bool(_KEY_TEXT.fullmatch(text))
+
+
+def _not_json_hint(value: str) -> str:
+    """What a key variable holds when it is clearly not a key file's JSON (a
+    path, base64 of the file), said without its content; '' otherwise."""
+    stripped = value.strip()
+    if not stripped or stripped.startswith("{") or _KEY_TEXT.fullmatch(value):
+        return ""  # empty, JSON, or 32 bytes as text: the parser says what is wrong
+    if re.fullmatch(r"[A-Za-z0-9+/=_\-\s]+", stripped) and len(stripped) > 64:
+        try:
+            decoded = base64.b64decode("".join(stripped.split()) + "==", altchars=b"-_" if "-" in stripped or "_"
+                                       in stripped else None)
+        except ValueError:
+            decoded = b""
+        if decoded.lstrip().startswith(b"{"):
+            return "base64 (of a key file?); decode it first (base64 -d)"
+    if "\n" not in stripped and len(stripped) < 4096 and (
+            "/" in stripped or "\\" in stripped or stripped.startswith("~") or stripped.endswith(".key")):
+        return "what looks like a file path (not an existing file)"
+    return ""
+
+
+def _special_file_kind(path: Path) -> str:
+    """'' for a regular file or nothing at ``path``; else what is there (a
+    symbolic link, a device, a FIFO, a socket)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return ""
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return ""
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device"
+
+
+def _read_key_file(path: Path) -> bytes:
+    """The bytes of the key file at ``path``: a regular file (a FIFO, a device
+    or /dev/zero would block or never end) of at most MAX_KEY_FILE_BYTES."""
+    try:
+        # O_NONBLOCK: opening a FIFO nobody writes to returns instead of waiting;
+        # fstat then tells what was opened (no race with a swap after a stat).
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        raise KeyFileError(
+            f"key file {path} does not exist; give the path of the key the model was protected with (restore it "
+            f"from your backup: a new key cannot open that model), or, to start a new model, create one with "
+            f"`kp keygen -o {path}`"
+        ) from None
+    except OSError as exc:
+        raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as stream:
+        mode = os.fstat(stream.fileno()).st_mode
+        if stat.S_ISDIR(mode):
+            raise KeyFileError(f"cannot read key file {path}: it is a directory; give the key file's own path")
+        if not stat.S_ISREG(mode):
+            kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+            raise KeyFileError(f"{path} is {kind}, not a key file: give the path of the key file kp keygen or "
+                               "SecretKey.save wrote")
+        try:
+            data = stream.read(MAX_KEY_FILE_BYTES + 1)
+        except OSError as exc:
+            raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from None
+    if len(data) > MAX_KEY_FILE_BYTES:
+        raise KeyFileError(f"{path} is larger than {MAX_KEY_FILE_BYTES // 1024} KiB, far larger than a key file "
+                           "(about 400 bytes): it is not one; give the path of the key file kp keygen wrote")
+    return data
+
+
+def _make_private_folders(directory: Path) -> None:
+    """Create ``directory`` and any missing parents owner-only (0700), as
+    ssh-keygen does for ~/.ssh: in a folder others can write to, anyone could
+    delete the key file or swap in a key of their own."""
+    missing = []
+    for folder in (directory, *directory.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:  # made meanwhile by another writer
+            pass
 
 
 def _warn_if_shared(path: Path) -> None:

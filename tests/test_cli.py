@@ -7,6 +7,7 @@ import json
 import os
 import stat
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,13 +70,30 @@ def test_a_usage_error_found_after_parsing_shows_the_subcommands_usage(tmp_path,
     assert err.startswith("usage: kp keygen") and "kp keygen: error: unknown scheme step 'rot13'" in err
 
 
-def test_keygen_over_a_broken_symlink_says_force_not_the_api_argument(tmp_path, capsys):
+def test_keygen_never_replaces_a_link_a_device_or_a_pipe_and_never_writes_to_stdout(tmp_path, capsys):
+    # --force replaced /dev/null (as root) and a link to /proc/self/fd/1 with
+    # a 0600 key file; "-o -" wrote a file named "-"; /dev/stdout was called
+    # "a key file".
     link = tmp_path / "owner.key"
     link.symlink_to(tmp_path / "gone.key")
-    assert main(["keygen", "-o", str(link)]) == 4
-    err = capsys.readouterr().err
-    assert "--force" in err and "overwrite=True" not in err and "symbolic link" in err
+    fifo = tmp_path / "pipe.key"
+    os.mkfifo(fifo)
+    for target in (link, fifo):
+        for force in ([], ["--force"]):
+            assert main(["keygen", "-o", str(target), *force]) == 4
+            err = capsys.readouterr().err
+            assert "not a key file" in err and "overwrite=True" not in err
+    assert "symbolic link" in main_err(["keygen", "-o", str(link)], capsys)
     assert link.is_symlink() and not (tmp_path / "gone.key").exists()
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert main(["keygen", "-o", "-"]) == 2
+    assert "standard output" in capsys.readouterr().err
+    assert not Path("-").exists()
+
+
+def main_err(argv, capsys) -> str:
+    main(argv)
+    return capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [["keygen", "--scheme", "rot13", "-o", "x.key"], ["keygen", "--block-size", "0", "-o",

@@ -511,7 +511,7 @@ def test_bad_key_settings_are_library_errors(arguments):
 def test_a_key_file_of_deeply_nested_json_is_a_key_file_error(tmp_path):
     # RecursionError from the JSON decoder.
     path = tmp_path / "nested.key"
-    path.write_text("[" * 100_000)
+    path.write_text("[" * 60_000)  # under the size limit of a key file
     with pytest.raises(KeyFileError, match="not valid JSON"):
         SecretKey.load(path)
 
@@ -580,3 +580,128 @@ def test_a_save_removes_the_whole_keys_that_killed_saves_left_in_their_temporari
     golden_key.save(tmp_path / "owner.key")
     assert not stale.exists() and live.exists() and other.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "owner.key"])
+
+
+def _shown_with_locals(exc: BaseException) -> str:
+    """The traceback's library frames as tools that show local variables
+    print them (pytest --showlocals, rich, Sentry, loguru); the test's own
+    frame, which holds the key, left out."""
+    shown, te = [], traceback.TracebackException.from_exception(exc, capture_locals=True)
+    while te is not None:
+        shown += [str(te)] + [f"{frame.name}: {frame.locals}" for frame in te.stack if "kp_plugin" in frame.filename]
+        te = te.__cause__ or te.__context__
+    return "\n".join(shown)
+
+
+def test_no_traceback_of_a_refused_key_file_holds_the_key_in_its_locals(golden_key, tmp_path, monkeypatch):
+    # The parser raised with the file's text, the key's hex and its bytes in
+    # its locals (and load's frame held the file): printed by any traceback
+    # that shows locals. A setting out of range left a half-built SecretKey
+    # whose repr raised AttributeError inside the traceback printer.
+    path = golden_key.save(tmp_path / "owner.key")
+    _edit(path, lambda b: b.update(created="2030-01-01T00:00:00Z"))  # the mac no longer holds
+    bad_setting = golden_key.save(tmp_path / "zero.key")
+    _edit(bad_setting, lambda b: b.update(block_size=0))
+    monkeypatch.setenv("KP_KEY", path.read_text())
+    for load in (lambda: SecretKey.load(path), lambda: SecretKey.from_json(path.read_text()),
+                 lambda: SecretKey.from_env("KP_KEY"), lambda: SecretKey.load(bad_setting)):
+        with pytest.raises(KeyFileError) as info:
+            load()
+        shown = _shown_with_locals(info.value)
+        _assert_no_material(shown, golden_key)
+        assert repr(bytes(golden_key._material)) not in shown
+    assert repr(SecretKey.__new__(SecretKey)) == "SecretKey(<incomplete>)"
+
+
+def test_key_content_given_as_a_key_file_path_is_never_echoed(golden_key, tmp_path, monkeypatch, capsys):
+    # kp ... --key "$KP_KEY" printed the whole key file ("cannot read key file
+    # {...}: File name too long"); the key's hex as a path was echoed twice.
+    from kp_plugin.cli import main
+
+    (tmp_path / "x.png").write_bytes(b"")
+    for content in (golden_key.to_json(), golden_key._material.hex(),
+                    base64.b64encode(golden_key._material).decode()):
+        with pytest.raises(KeyFileError, match="is key content") as info:
+            SecretKey.load(content)
+        _assert_no_material(_shown_with_locals(info.value), golden_key)
+        assert main(["show", "--key", content, str(tmp_path / "x.png"), "-o", str(tmp_path / "y.png")]) == 4
+        captured = capsys.readouterr()
+        _assert_no_material(captured.out + captured.err, golden_key)
+
+
+def test_a_key_setting_holding_long_text_is_not_quoted(golden_key, tmp_path):
+    # A hand edit that pasted the key's hex into block_size / scheme /
+    # channels / created was quoted back: "got '0e97b4...'".
+    for field, value in (("block_size", golden_key._material.hex()), ("scheme", ["shuffle", golden_key._material.hex()]),
+                         ("channels", golden_key._material.hex()), ("created", golden_key._material.hex())):
+        path = golden_key.save(tmp_path / f"{field}.key")
+        _edit(path, lambda b: b.update({field: value}))
+        with pytest.raises(KeyFileError, match=f"field '{field}' holds a 64-character string") as info:
+            SecretKey.load(path)
+        _assert_no_material(str(info.value), golden_key)
+
+
+def test_a_key_file_with_a_field_twice_is_refused(golden_key, tmp_path):
+    # The last "key" won: a person (or another parser) reading the first saw another key.
+    path = tmp_path / "twice.key"
+    text = golden_key.to_json()
+    path.write_text(text.replace('{', '{\n  "key": "' + "ab" * 32 + '",', 1))
+    with pytest.raises(KeyFileError, match="field 'key' more than once"):
+        SecretKey.load(path)
+
+
+def test_loading_a_pipe_a_device_or_a_huge_file_is_refused_at_once(tmp_path):
+    # A FIFO nobody writes to hung forever; /dev/zero was read until memory
+    # ran out (kp: "out of memory; use a smaller --batch-size").
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "pipe.key"
+    os.mkfifo(fifo)
+    big = tmp_path / "big.key"
+    big.write_bytes(b"{" + b" " * 1_000_000)
+    script = ("import sys\nfrom kp_plugin import SecretKey, KeyFileError\n"
+              "try:\n    SecretKey.load(sys.argv[1])\nexcept KeyFileError as e:\n    print(e)\n")
+    for target, said in ((fifo, "is a FIFO"), ("/dev/zero", "is a device"), (big, "far larger than a key file")):
+        run = subprocess.run([sys.executable, "-c", script, str(target)], capture_output=True, text=True, timeout=60)
+        assert said in run.stdout, run.stdout + run.stderr
+
+
+def test_save_never_replaces_a_link_or_a_pipe_and_makes_its_folders_owner_only(golden_key, tmp_path):
+    # overwrite=True replaced a device node or a link (to /proc/self/fd/1, to
+    # another key) with a key file; "keys/" wrote a file named "keys"; the
+    # folders save made followed the umask (0777 under umask 0), so anyone
+    # could delete the key or swap in their own.
+    other = SecretKey.generate_like(golden_key).save(tmp_path / "other.key")
+    link = tmp_path / "link.key"
+    link.symlink_to(other)
+    fifo = tmp_path / "pipe.key"
+    os.mkfifo(fifo)
+    for target in (link, fifo):
+        with pytest.raises(KeyFileError, match="not a key file"):
+            golden_key.save(target, overwrite=True)
+    assert link.is_symlink() and SecretKey.load(other) != golden_key
+    with pytest.raises(KeyFileError, match="is a directory"):
+        golden_key.save(f"{tmp_path}/keys/")
+    assert not (tmp_path / "keys").exists()
+    before = os.umask(0)
+    try:
+        written = golden_key.save(tmp_path / "made" / "for" / "owner.key")
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE(written.stat().st_mode) == 0o600
+    for folder in (tmp_path / "made", tmp_path / "made" / "for"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+
+
+@pytest.mark.parametrize("value, said", [
+    ("base64", "base64"), ("~/owner.key", "file path"), ("/no/such/owner.key", "file path")])
+def test_a_key_variable_holding_base64_or_a_path_says_so(golden_key, monkeypatch, value, said):
+    # All of these said "not valid JSON (corrupt or truncated key file)".
+    if value == "base64":
+        value = base64.b64encode(golden_key.to_json().encode()).decode()
+    monkeypatch.setenv("KP_KEY", value)
+    with pytest.raises(KeyFileError, match=said) as info:
+        SecretKey.from_env("KP_KEY")
+    assert 'KP_KEY="$(cat owner.key)"' in str(info.value)
+    assert value not in str(info.value)
