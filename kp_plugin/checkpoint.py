@@ -673,9 +673,9 @@ def save_protected(
         The directory.
 
     Raises:
-        KeyLeakError: the metadata or model config holds key material
-            (nothing is written), or a file in ``directory`` does after the
-            save (a key file kept there: move it out before sharing).
+        KeyLeakError: the metadata, the model config or the weights hold
+            key material, or a file already in ``directory`` does (a key
+            file kept there: move it out); nothing is written.
         CheckpointError: ``directory`` holds another key's checkpoint, or
             the weights cannot be written (the previous ones stay).
 
@@ -736,8 +736,11 @@ def _save_protected(model: ProtectedModel, directory: Path, metadata: Optional[d
         "kp_weights_digest": config.weights_digest,
     }
     files = [(PROTECTION_FILE, text.encode())] + ([(CONFIG_FILE, config_text.encode())] if config_text else [])
+    # A key file (any key's) or key material already in the folder: refused
+    # before writing, as the files written are scanned before they are
+    # renamed in (_write_all); the folder is what gets published.
+    refuse_key_material(directory, model.key, remedy="move them out of the folder first (nothing was written)")
     _write_all(directory, files, weights=(base, metadata), needles=needles)
-    refuse_key_material(directory, model.key)
     return directory
 
 

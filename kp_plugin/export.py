@@ -5,7 +5,8 @@ Exporting the whole :class:`~kp_plugin.ProtectedModel` would bake the
 key-derived permutation into the exported graph as a constant, so
 ``KeyedInput`` refuses to be exported or traced (:class:`KeyLeakError`).
 What is exported instead takes the keyed, normalized images (``pixel_values``,
-float32 ``(B, C, H, W)``) and returns the logits (or, for a model that returns
+float ``(B, C, H, W)`` in the model's dtype: float32, or float16 for a
+``.half()`` model; :func:`load_keyed_input` gives that dtype) and returns the logits (or, for a model that returns
 several tensors, such as timm's ``features_only``, every one of them:
 ``output_0``, ``output_1``, ...); the licensed user runs the keyed transform in
 front of it, from their key file:
@@ -26,10 +27,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -38,9 +41,9 @@ from torch import nn
 
 from ._files import remove_stale_temporaries
 from .checkpoint import (PROTECTION_FILE, WEIGHTS_FILE, ProtectionConfig, _uncompiled, find_key_material, hash_file,
-                         refuse_other_key_checkpoint, weights_digest)
+                         refuse_key_material, refuse_other_key_checkpoint, weights_digest)
 from .errors import (BlockSizeError, CheckpointError, CheckpointWriteError, ConfigurationError, KeyLeakError,
-                     exception_chain, first_line)
+                     UnsignedCheckpointWarning, exception_chain, first_line)
 from .keys import SecretKey
 from .module import KeyedInput, ProtectedModel, require_protected, wrap_model
 from .objectives import logits_of
@@ -104,23 +107,43 @@ class _ExportedProgram(nn.Module):
     keeps that behaviour, so ``train()`` / ``eval()`` (which the program's own
     module refuses) only set the flag."""
 
-    def __init__(self, program_module: nn.Module, input_size: Optional[tuple] = None) -> None:
+    def __init__(self, program_module: nn.Module, input_size: Optional[tuple] = None,
+                 batch_size: Optional[int] = None) -> None:
         super().__init__()
         self.program = program_module
         self.input_size = tuple(input_size) if input_size else None
+        self.batch_size = batch_size
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        # The program's own guard fails with a bare AssertionError.
-        if self.input_size and tuple(pixel_values.shape[1:]) != self.input_size:
-            raise BlockSizeError(
-                f"this export takes images of {'x'.join(map(str, self.input_size))} (C x H x W), the size it was "
-                f"exported at, got {'x'.join(map(str, pixel_values.shape[1:]))}; resize them to that size"
-            )
+        # The program's own guards fail with a bare AssertionError.
+        _check_export_shape(pixel_values, self.input_size, self.batch_size)
         return self.program(pixel_values)
 
     def train(self, mode: bool = True) -> "_ExportedProgram":
         self.training = mode
         return self
+
+
+def _check_export_shape(images: torch.Tensor, input_size: Optional[tuple], batch_size: Optional[int]) -> None:
+    """:class:`BlockSizeError` for images an export cannot take: one image
+    instead of a batch, another size than it was exported at, another batch
+    size than a fixed-batch export's."""
+    if not isinstance(images, torch.Tensor):
+        return
+    if images.dim() == 3:
+        raise BlockSizeError(f"an export takes a batch of images (B, C, H, W); got one image {tuple(images.shape)}: "
+                             "pass images.unsqueeze(0)")
+    if input_size and images.dim() == 4 and tuple(images.shape[1:]) != tuple(input_size):
+        channels = "" if images.shape[1] == input_size[0] else f" ({input_size[0]} channels)"
+        raise BlockSizeError(
+            f"this export takes images of {'x'.join(map(str, input_size))} (C x H x W), the size it was "
+            f"exported at, got {'x'.join(map(str, images.shape[1:]))}; resize them to that size{channels}"
+        )
+    if batch_size is not None and images.dim() == 4 and images.shape[0] != batch_size:
+        raise BlockSizeError(
+            f"this export takes batches of exactly {batch_size} images (it was exported with batch_size={batch_size}), "
+            f"got {images.shape[0]}; pad or split the batch, or export again without a fixed batch size"
+        )
 
 
 def _parameter(model: nn.Module) -> Optional[torch.Tensor]:
@@ -238,6 +261,11 @@ def export_protected(
         raise ConfigurationError(f"batch_size must be at least 1, got {batch_size}")
     if opset_version is not None and format != "onnx":
         raise ConfigurationError(f"opset_version is an ONNX setting; a {format!r} export has none")
+    try:  # before anything is exported: a value JSON cannot hold failed only when protection.json was written
+        json.dumps(dict(metadata or {}), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"metadata must hold JSON values (strings, finite numbers, lists, dicts): {exc}; "
+                                 "nothing was written") from None
     config = ProtectionConfig.from_model(model, **dict(metadata or {}))
     config.weights_digest = weights_digest(_uncompiled(model.unwrap()))
     size = config.input_size
@@ -267,6 +295,8 @@ def export_protected(
             ) from exc
     names = wrapper.named_outputs or output_names(len(produced) if isinstance(produced, tuple) else 1)
     config.extra.update(exported_format=format, exported_file=EXPORT_FORMATS[format], input_name=INPUT_NAME,
+                        input_dtype=str(dtype).removeprefix("torch."),
+                        **({"batch_size": batch_size} if batch_size is not None else {}),
                         **({"output_name": names[0]} if len(names) == 1 else {"output_names": names}))
 
     directory = Path(directory)
@@ -277,6 +307,8 @@ def export_protected(
         )
     kept = _check_other_export(directory, format, config)
     target = directory / EXPORT_FORMATS[format]
+    if directory.is_dir():  # a key file (any key's) there would be served or published beside the model
+        refuse_key_material(directory, model.key, remedy="move it out of the folder first (nothing was written)")
     if not overwrite:
         refuse_other_key_checkpoint(directory, config.fingerprint,
                                     remedy="pass overwrite=True (kp export --force) to replace that export")
@@ -436,13 +468,40 @@ def _check_exported_files(directory: Path, config: ProtectionConfig, names: tupl
             )
 
 
+#: A checkpoint's remedies, as an export's (its files are made by exporting again).
+_EXPORT_REMEDIES = (("give the folder written by save_protected / kp protect",
+                     "give the folder written by export_protected / kp export"),
+                    ("save the model again with save_protected", "export the model again (export_protected / kp export)"),
+                    ("restore it from the save, or save the model again", "export the model again"),
+                    ("to sign it, save the model again with save_protected", "to sign it, export the model again"))
+
+
 def _checked_config(directory: Path, key: SecretKey, allow_wrong_key: bool,
                     names: tuple = tuple(EXPORT_FORMATS.values())) -> ProtectionConfig:
-    config = ProtectionConfig.load(directory)
-    if not allow_wrong_key:
-        config.check_key(key)
+    if (directory / WEIGHTS_FILE).is_file() and not any((directory / name).exists() for name in names):
+        raise CheckpointError(
+            f"{directory} holds a protected checkpoint ({WEIGHTS_FILE}), not an export: load it with "
+            "kp_plugin.load_protected (or load_protected_timm / load_protected_auto), or export it first with "
+            "export_protected / kp export"
+        )
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UnsignedCheckpointWarning)
+            config = ProtectionConfig.load(directory)
+            if not allow_wrong_key:
+                config.check_key(key)
+    except CheckpointError as exc:
+        raise CheckpointError(_as_export_remedy(str(exc))) from None
+    for warning in caught:  # said again, with an export's remedy
+        warnings.warn(_as_export_remedy(str(warning.message)), warning.category, stacklevel=3)
     _check_exported_files(directory, config, names)
     return config
+
+
+def _as_export_remedy(message: str) -> str:
+    for checkpoint_remedy, export_remedy in _EXPORT_REMEDIES:
+        message = message.replace(checkpoint_remedy, export_remedy)
+    return message
 
 
 def load_keyed_input(directory: Union[str, os.PathLike], key: SecretKey, *,
@@ -458,22 +517,27 @@ def load_keyed_input(directory: Union[str, os.PathLike], key: SecretKey, *,
             (SHA-256 recorded at export).
     """
     config = _checked_config(Path(directory), key, allow_wrong_key)
-    return _ExportKeyedInput(key, mean=config.mean, std=config.std, input_size=config.input_size_for(key))
+    keyed = _ExportKeyedInput(key, mean=config.mean, std=config.std, input_size=config.input_size_for(key))
+    keyed.batch_size = config.extra.get("batch_size")
+    dtype = getattr(torch, str(config.extra.get("input_dtype", "float32")), None)
+    keyed.export_dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+    return keyed
 
 
 class _ExportKeyedInput(KeyedInput):
-    """The keyed input of an export, which takes the one image size it was
-    exported at (onnxruntime fails on any other with its own
-    ``INVALID_ARGUMENT``, after the transform ran)."""
+    """The keyed input of an export: it takes the one image size (and, if
+    fixed, the batch size) the model was exported at, and gives the dtype
+    the exported model takes (float32, or float16 for a half export), as
+    onnxruntime refuses any other with its own ``INVALID_ARGUMENT``, after
+    the transform ran. Float64 images (``np.asarray(image) / 255``) too."""
+
+    batch_size: Optional[int] = None
+    export_dtype: torch.dtype = torch.float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size = tuple(x.shape[-3:]) if isinstance(x, torch.Tensor) and x.dim() in (3, 4) else None
-        if self.input_size is not None and size is not None and size != tuple(self.input_size):
-            raise BlockSizeError(
-                f"this export takes images of {'x'.join(map(str, self.input_size))} (C x H x W), the size it was "
-                f"exported at, got {'x'.join(map(str, size))}; resize them to that size"
-            )
-        return super().forward(x)
+        _check_export_shape(x, tuple(self.input_size) if self.input_size is not None else None, self.batch_size)
+        out = super().forward(x)
+        return out.to(self.export_dtype) if out.dtype != self.export_dtype else out
 
 
 def load_exported(directory: Union[str, os.PathLike], key: SecretKey, *,
@@ -494,9 +558,11 @@ def load_exported(directory: Union[str, os.PathLike], key: SecretKey, *,
     config = _checked_config(directory, key, allow_wrong_key, (EXPORT_FORMATS["pt2"],))
     path = directory / EXPORT_FORMATS["pt2"]
     if not path.is_file():
+        onnx = (directory / EXPORT_FORMATS["onnx"]).is_file()
         raise CheckpointError(
-            f"{path} is missing (this directory holds a {config.extra.get('exported_format')!r} export); run an "
-            "ONNX export with onnxruntime, feeding it load_keyed_input(directory, key)(images)"
+            f"{directory} holds no {path.name}"
+            + (" but an ONNX export: run it with onnxruntime, feeding it load_keyed_input(directory, key)(images)"
+               if onnx else ": export the model again with format='pt2' (kp export --format pt2)")
         )
     try:
         program = torch.export.load(str(path))
@@ -504,6 +570,7 @@ def load_exported(directory: Union[str, os.PathLike], key: SecretKey, *,
         raise CheckpointError(
             f"{path} is corrupt or not a torch.export program ({type(exc).__name__}: {exc})"
         ) from None
-    model = wrap_model(_ExportedProgram(program.module(), config.input_size), key, mean=config.mean, std=config.std,
+    model = wrap_model(_ExportedProgram(program.module(), config.input_size, config.extra.get("batch_size")), key,
+                       mean=config.mean, std=config.std,
                        input_size=config.input_size_for(key))
     return model.eval()

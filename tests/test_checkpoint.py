@@ -1071,3 +1071,13 @@ def test_the_weights_file_is_as_readable_as_the_files_beside_it(saved, tmp_path)
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in directory.iterdir()}
     assert modes["model.safetensors"] == modes["protection.json"] == 0o644, modes
+
+
+def test_a_key_file_of_any_key_in_the_folder_is_refused_before_anything_is_written(tmp_path, tiny_cnn, key):
+    # The folder was scanned after the save: KeyLeakError, with the new
+    # checkpoint already written beside the key file.
+    SecretKey.generate_like(key).save(tmp_path / "colleague.key")
+    model = wrap_model(tiny_cnn, key, mean=MEAN, std=STD)
+    with pytest.raises(KeyLeakError, match="colleague.key.*nothing was written"):
+        save_protected(model, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["colleague.key"]

@@ -497,3 +497,65 @@ def test_an_opset_for_a_pt2_export_is_refused(protected, tmp_path):
     with pytest.raises(ConfigurationError, match="opset_version is an ONNX setting"):
         export_protected(protected, tmp_path / "deploy", format="pt2", opset_version=17)
     assert not (tmp_path / "deploy").exists()
+
+
+def test_the_keyed_input_of_an_export_gives_what_the_exported_model_takes(protected, shuffle_np_key, tmp_path):
+    # A half export took float16 but load_keyed_input gave float32 (float64
+    # images passed through as float64): onnxruntime's INVALID_ARGUMENT on the
+    # documented serving line. One image (C, H, W) passed, for "Invalid rank".
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    half = copy.deepcopy(protected).half().eval()
+    path = export_protected(half, tmp_path / "half", format="onnx")
+    keyed = load_keyed_input(tmp_path / "half", shuffle_np_key)
+    session = ort.InferenceSession(str(path))
+    for images in (torch.rand(2, *SIZE), torch.rand(2, *SIZE, dtype=torch.float64),
+                   (torch.rand(2, *SIZE) * 255).to(torch.uint8)):
+        assert keyed(images).dtype == torch.float16
+        session.run(None, {"pixel_values": keyed(images).numpy()})
+    export_protected(protected, tmp_path / "float", format="onnx")
+    assert load_keyed_input(tmp_path / "float", shuffle_np_key)(torch.rand(2, *SIZE, dtype=torch.float64)).dtype == \
+        torch.float32
+    with pytest.raises(BlockSizeError, match="unsqueeze"):
+        keyed(torch.rand(*SIZE))
+
+
+def test_a_fixed_batch_export_names_its_batch_size(protected, shuffle_np_key, tmp_path):
+    # torch's bare "AssertionError: Guard failed: pixel_values.size()[0] == 3".
+    export_protected(protected, tmp_path, format="pt2", batch_size=3)
+    loaded = load_exported(tmp_path, shuffle_np_key)
+    loaded(torch.rand(3, *SIZE))
+    for keyed in (loaded, load_keyed_input(tmp_path, shuffle_np_key)):
+        with pytest.raises(BlockSizeError, match="batches of exactly 3 images.*got 1"):
+            keyed(torch.rand(1, *SIZE))
+
+
+def test_an_export_beside_a_key_file_or_with_bad_metadata_writes_nothing(protected, shuffle_np_key, tmp_path):
+    # export_protected wrote model.pt2 and protection.json beside the owner's
+    # key file without a word (kp export refused it); another key's file was
+    # found only after writing. Metadata JSON cannot hold: a bare TypeError.
+    for key in (shuffle_np_key, SecretKey.generate_like(shuffle_np_key)):
+        folder = tmp_path / key.fingerprint
+        key.save(folder / "some.key")
+        with pytest.raises(KeyLeakError, match="some.key.*nothing was written"):
+            export_protected(protected, folder, format="pt2")
+        assert [p.name for p in folder.iterdir()] == ["some.key"]
+    for bad in ({"x": object()}, {"x": float("nan")}):
+        with pytest.raises(ConfigurationError, match="metadata.*nothing was written"):
+            export_protected(protected, tmp_path / "meta", format="pt2", metadata=bad)
+        assert not (tmp_path / "meta").exists()
+
+
+def test_loading_a_checkpoint_or_a_damaged_export_as_an_export_names_the_right_remedy(protected, shuffle_np_key,
+                                                                                      tmp_path):
+    # "model.pt2 is missing (this directory holds a None export)"; a corrupt
+    # export's protection.json: "save the model again with save_protected".
+    save_protected(protected, tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="holds a protected checkpoint.*load_protected"):
+        load_exported(tmp_path / "ckpt", shuffle_np_key)
+    export_protected(protected, tmp_path / "deploy", format="pt2")
+    (tmp_path / "deploy" / "protection.json").write_text("{")
+    for load in (load_exported, load_keyed_input):
+        with pytest.raises(CheckpointError, match="export the model again") as info:
+            load(tmp_path / "deploy", shuffle_np_key)
+        assert "save_protected" not in str(info.value)
