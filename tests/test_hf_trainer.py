@@ -212,9 +212,19 @@ def test_small_margin_warns_and_can_stop_training(key, data, tmp_path):
                            train_dataset=train, eval_dataset=test, data_collator=KeyedImageCollator(processor),
                            callbacks=[KeyProtectionCallback(key, wrong_keys=2, min_margin=0.9,
                                                             stop_on_small_margin=True)])
-    with pytest.warns(ProtectionMarginWarning, match="below min_margin=0.9"):
+    with pytest.warns(ProtectionMarginWarning, match="below min_margin=0.9") as warned:
         trainer.train()
     assert trainer.state.global_step == 1
+    assert "objective=DEFAULT_OBJECTIVE" in str(warned[0].message)
+    # With the objective already in use it said to use it.
+    trainer = KeyedTrainer(model=tiny_vit(), args=_args(tmp_path, max_steps=1, eval_strategy="steps", eval_steps=1),
+                           train_dataset=train, eval_dataset=test, data_collator=KeyedImageCollator(processor),
+                           callbacks=[KeyProtectionCallback(key, wrong_keys=2, min_margin=0.9)],
+                           objective=ProtectionObjective(wrong_key_weight=0.5))
+    with pytest.warns(ProtectionMarginWarning) as warned:
+        trainer.train()
+    message = str(warned[0].message)
+    assert "DEFAULT_OBJECTIVE" not in message and "wrong_key_weight (now 0.5)" in message
 
 
 def test_patience_stops_after_that_many_small_margins_and_none_only_logs(key, data, tmp_path):

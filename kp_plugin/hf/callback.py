@@ -311,13 +311,24 @@ class KeyProtectionCallback(TrainerCallback):
             warnings.warn(
                 f"protection margin {margin:.3f} (key accuracy {result[f'{prefix}_key_accuracy']:.3f}, best of "
                 f"{len(self.wrong_keys)} wrong keys {result[f'{prefix}_wrong_key_accuracy_max']:.3f}) is below "
-                f"min_margin={self.min_margin} at step {state.global_step}. Train longer, or use the protection "
-                "objective (KeyedTrainer(objective=DEFAULT_OBJECTIVE)) and a scheme with value steps",
+                f"min_margin={self.min_margin} at step {state.global_step}. {self._margin_advice()}",
                 ProtectionMarginWarning,
                 stacklevel=2,
             )
             if self.stop_on_small_margin and below >= self.patience:
                 control.should_training_stop = True
+
+    def _margin_advice(self) -> str:
+        """What widens the margin, leaving out what the run already does."""
+        advice = ["Train longer"]
+        objective = getattr(self._trainer, "objective", None)
+        if objective is None:
+            advice.append("use the protection objective (KeyedTrainer(objective=DEFAULT_OBJECTIVE))")
+        elif getattr(objective, "wrong_key_weight", 0) < 1:
+            advice.append(f"raise the objective's wrong_key_weight (now {objective.wrong_key_weight})")
+        if not set(self.key.scheme) & {"np", "shift", "ffx"}:
+            advice.append(f"use a scheme with value steps (the key's is {self.key.scheme_name}; e.g. shuffle+np)")
+        return ", or ".join(advice) + "."
 
     @torch.no_grad()
     def measure(self, model: nn.Module, dataloader: Any) -> Optional[dict]:
