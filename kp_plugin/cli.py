@@ -50,6 +50,22 @@ EXIT_CODES = (
     (KPError, EXIT_ERROR),
 )
 
+def run_script(main: Callable[[], int], name: str) -> int:
+    """Run a recipe's ``main()`` as a script: a kp-plugin error (another
+    key, a damaged checkpoint, an unreachable Hub, ...) is one line on
+    stderr and the exit code ``kp`` gives it, not a traceback.
+
+    Example:
+        >>> if __name__ == "__main__":                                # doctest: +SKIP
+        ...     sys.exit(run_script(main, "publish.py"))
+    """
+    try:
+        return main()
+    except KPError as exc:
+        print(f"{name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return next(code for kind, code in EXIT_CODES if isinstance(exc, kind))
+
+
 #: Modules that add subcommands through ``register(subparsers)``; a module
 #: that is not there (yet) is skipped.
 EXTENSION_MODULES = ("kp_plugin._cli_hub", "kp_plugin.attacks._cli")

@@ -78,3 +78,17 @@ def test_publish_then_load_in_fresh_processes(test_hub, tmp_path):
     del offline["KP_KEY"]
     assert f"with key {key.fingerprint}" in _run("load.py", ["--repo", "org/published", "--key", str(key_file)], offline)
     assert test_hub.received()[before:] == []
+
+
+def test_an_unreachable_hub_is_one_line_and_kps_exit_code_in_the_recipes(tmp_path):
+    # Offline, load.py and publish.py ended in a full traceback.
+    SecretKey.generate(block_size=16).save(tmp_path / "owner.key")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "KP_"))}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_XET="1", OMP_NUM_THREADS="1")
+    for script, args in (("load.py", []), ("publish.py", ["--model", "test_resnet", "--num-classes", "3"])):
+        result = subprocess.run([sys.executable, str(RECIPE / script), "--repo", "org/none", "--key",
+                                 str(tmp_path / "owner.key"), "--endpoint", CLOSED_ENDPOINT, *args], env=env,
+                                capture_output=True, text=True, timeout=180)
+        assert result.returncode == 1, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+        assert result.stderr.startswith(f"{script}: HubUnreachableError: "), result.stderr[-2000:]

@@ -99,6 +99,7 @@ def test_serve_onnx_with_another_key_is_one_line_and_the_kp_exit_code(checkpoint
                                                                          monkeypatch):
     # Before: a KeyMismatchError traceback and exit 1 (kp says one line, exit 3).
     from kp_plugin import SecretKey
+    from kp_plugin.cli import run_script
 
     key_path, out = checkpoint
     other = tmp_path / "other.key"
@@ -106,7 +107,7 @@ def test_serve_onnx_with_another_key_is_one_line_and_the_kp_exit_code(checkpoint
     monkeypatch.setattr("sys.argv", ["serve_onnx.py", "--checkpoint", str(out), "--key", str(other),
                                      "--deploy", str(tmp_path / "deploy")])
     capsys.readouterr()
-    assert recipe._run() == 3
+    assert run_script(recipe.main, "serve_onnx") == 3
     printed = capsys.readouterr()
     assert printed.err.startswith("serve_onnx: KeyMismatchError: ") and "Traceback" not in printed.err
     assert not (tmp_path / "deploy").exists()

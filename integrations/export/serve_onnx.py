@@ -116,18 +116,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def _run() -> int:
-    """``main`` as a script: a kp-plugin error (another key, a damaged
-    checkpoint or export, ...) is one line and the ``kp`` command's exit code."""
-    from kp_plugin import KPError
-    from kp_plugin.cli import EXIT_CODES
-
-    try:
-        return main()
-    except KPError as exc:
-        print(f"serve_onnx: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return next(code for kind, code in EXIT_CODES if isinstance(exc, kind))
-
-
 if __name__ == "__main__":
-    sys.exit(_run())
+    from kp_plugin.cli import run_script
+
+    sys.exit(run_script(main, "serve_onnx"))

@@ -56,4 +56,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from kp_plugin.cli import run_script
+
+    sys.exit(run_script(main, "load.py"))

@@ -154,4 +154,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from kp_plugin.cli import run_script
+
+    raise SystemExit(run_script(main, "finetune_keyed.py"))
