@@ -923,14 +923,15 @@ def _read_key_file(path: Path) -> bytes:
         ) from None
     except OSError as exc:
         raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as stream:
-        mode = os.fstat(stream.fileno()).st_mode
+    mode = os.fstat(fd).st_mode  # before fdopen, which refuses a directory with a bare IsADirectoryError
+    if not stat.S_ISREG(mode):
+        os.close(fd)
         if stat.S_ISDIR(mode):
             raise KeyFileError(f"cannot read key file {path}: it is a directory; give the key file's own path")
-        if not stat.S_ISREG(mode):
-            kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
-            raise KeyFileError(f"{path} is {kind}, not a key file: give the path of the key file kp keygen or "
-                               "SecretKey.save wrote")
+        kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+        raise KeyFileError(f"{path} is {kind}, not a key file: give the path of the key file kp keygen or "
+                           "SecretKey.save wrote")
+    with os.fdopen(fd, "rb") as stream:
         try:
             data = stream.read(MAX_KEY_FILE_BYTES + 1)
         except OSError as exc:

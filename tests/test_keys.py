@@ -662,7 +662,8 @@ def test_loading_a_pipe_a_device_or_a_huge_file_is_refused_at_once(tmp_path):
     big.write_bytes(b"{" + b" " * 1_000_000)
     script = ("import sys\nfrom kp_plugin import SecretKey, KeyFileError\n"
               "try:\n    SecretKey.load(sys.argv[1])\nexcept KeyFileError as e:\n    print(e)\n")
-    for target, said in ((fifo, "is a FIFO"), ("/dev/zero", "is a device"), (big, "far larger than a key file")):
+    for target, said in ((fifo, "is a FIFO"), ("/dev/zero", "is a device"), (big, "far larger than a key file"),
+                         (tmp_path, "is a directory")):
         run = subprocess.run([sys.executable, "-c", script, str(target)], capture_output=True, text=True, timeout=60)
         assert said in run.stdout, run.stdout + run.stderr
 
