@@ -867,7 +867,7 @@ _KEY_TEXT = re.compile(r"\s*(?:[0-9a-fA-F]{64}|[A-Za-z0-9+/_-]{43}=?)\s*")
 def _is_key_content(text: str) -> bool:
     """Whether ``text``, given where a path belongs, is key content: a key
     file's JSON, or 32 bytes written as hex or base64."""
-    return text.lstrip().startswith("{") or KEY_FILE_FORMAT in text or bool(_KEY_TEXT.fullmatch(text))
+    return text.lstrip().removeprefix("\ufeff").lstrip().startswith("{") or bool(_KEY_TEXT.fullmatch(text))
 
 
 def _not_json_hint(value: str) -> str:

@@ -627,6 +627,9 @@ def test_key_content_given_as_a_key_file_path_is_never_echoed(golden_key, tmp_pa
         assert main(["show", "--key", content, str(tmp_path / "x.png"), "-o", str(tmp_path / "y.png")]) == 4
         captured = capsys.readouterr()
         _assert_no_material(captured.out + captured.err, golden_key)
+    # A path that merely names the format is a path.
+    named = golden_key.save(tmp_path / "kp-plugin-key.json")
+    assert SecretKey.load(str(named)) == golden_key
 
 
 def test_a_key_setting_holding_long_text_is_not_quoted(golden_key, tmp_path):
