@@ -787,9 +787,9 @@ class SecretKey:
                 "variable (kp ... with KP_KEY set; SecretKey.from_env('KP_KEY') in Python)"
             )
         path = Path(path)
-        data = _read_key_file(path)
-        key, error = _parsed(cls, data, f"key file {path}")
-        del data  # raised below, the error's traceback holds this frame: no key file content in its locals
+        # The file's bytes are never a local here: the error raised below
+        # keeps this frame in its traceback.
+        key, error = _parsed(cls, _read_key_file(path), f"key file {path}")
         if error is not None:
             raise error
         _warn_if_shared(path)
@@ -891,12 +891,16 @@ def _not_json_hint(value: str) -> str:
 
 
 def _special_file_kind(path: Path) -> str:
-    """'' for a regular file or nothing at ``path``; else what is there (a
-    symbolic link, a device, a FIFO, a socket)."""
+    """'' for a regular file, a folder or nothing at ``path``; else what is
+    there (a symbolic link, a device, a FIFO, a socket)."""
     try:
-        mode = os.lstat(path).st_mode
+        return _kind_of(os.lstat(path).st_mode)
     except OSError:
         return ""
+
+
+def _kind_of(mode: int) -> str:
+    """'' for a regular file or a folder; else what a file of ``mode`` is."""
     if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
         return ""
     if stat.S_ISLNK(mode):
@@ -928,9 +932,8 @@ def _read_key_file(path: Path) -> bytes:
         os.close(fd)
         if stat.S_ISDIR(mode):
             raise KeyFileError(f"cannot read key file {path}: it is a directory; give the key file's own path")
-        kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
-        raise KeyFileError(f"{path} is {kind}, not a key file: give the path of the key file kp keygen or "
-                           "SecretKey.save wrote")
+        raise KeyFileError(f"{path} is {_kind_of(mode)}, not a key file: give the path of the key file kp keygen "
+                           "or SecretKey.save wrote")
     with os.fdopen(fd, "rb") as stream:
         try:
             data = stream.read(MAX_KEY_FILE_BYTES + 1)
