@@ -39,7 +39,6 @@ from .checkpoint import (
     _save_protected,
     _uncompiled,
     _write_all,
-    find_key_material,
     load_error_summary,
     read_weights_header,
     replacing,
@@ -47,7 +46,7 @@ from .checkpoint import (
     weights_digest,
 )
 from .data import iterate_batches
-from .errors import (CheckpointError, CheckpointWriteError, ConfigurationError, KeyLeakError, KPError, first_line,
+from .errors import (CheckpointError, CheckpointWriteError, ConfigurationError, KPError, first_line,
                      torch_load_failure)
 from .keys import SecretKey
 from .module import KeyedInput, ProtectedModel, protected_model_of
@@ -495,10 +494,9 @@ def _save_checkpoint(model: nn.Module, directory: Path, state: dict) -> None:
             f"cannot write the training state into {directory} ({first_line(exc)[:200]}); the previous epoch's "
             "checkpoint there, if any, is unchanged: free some space and resume"
         ) from None
-    if isinstance(model, ProtectedModel):
-        leaks = find_key_material(directory, model.key)
-        if leaks:
-            raise KeyLeakError(f"key material found in {', '.join(p.name for p in leaks)} under {directory}")
+    # No scan of the folder after this: _save_protected scanned it (this
+    # state's temporary included) before writing, and its own files before
+    # renaming them in.
 
 
 def _check_training_state(state: Any, state_path: Path, groups: Optional[list] = None) -> None:

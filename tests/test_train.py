@@ -76,6 +76,20 @@ def test_checkpoints_hold_no_key_and_resume_continues(tmp_path, key):
     assert find_key_material(tmp_path, key) == []
 
 
+def test_a_model_holding_the_key_leaves_no_checkpoint_or_state(tmp_path, key):
+    # Both the weights and the training state (which holds the weights too)
+    # are refused before they reach the folder.
+    from kp_plugin import KeyLeakError
+
+    model = _model(key)
+    model.unwrap().register_buffer("stored_key", torch.tensor(list(key._material), dtype=torch.uint8))
+    with pytest.raises(KeyLeakError):
+        fit(model, _separable_dataset(16), config=TrainConfig(epochs=1, batch_size=8), checkpoint_dir=tmp_path,
+            progress=False)
+    assert find_key_material(tmp_path, key) == []
+    assert not (tmp_path / TRAINING_STATE_FILE).exists() and not (tmp_path / WEIGHTS_FILE).exists()
+
+
 def test_resume_with_another_key_is_refused(tmp_path, key):
     data = _separable_dataset(16)
     fit(_model(key), data, config=TrainConfig(epochs=1, batch_size=16), checkpoint_dir=tmp_path, progress=False)
