@@ -133,8 +133,19 @@ class ProtectionConfig:
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
-        """Sorted, indented JSON text of :meth:`to_dict`."""
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n"
+        """Sorted, indented JSON text of :meth:`to_dict`.
+
+        Raises:
+            ConfigurationError: ``extra`` (the caller's metadata) holds a
+                value JSON cannot (an object, NaN); every writer makes the
+                text before writing, so nothing was written.
+        """
+        try:
+            return json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n"
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(
+                f"metadata must hold JSON values (strings, finite numbers, lists, dicts): {exc}; nothing was written"
+            ) from None
 
     @classmethod
     def from_dict(cls, data: dict, *, source: str = PROTECTION_FILE) -> "ProtectionConfig":
@@ -695,12 +706,7 @@ def _save_protected(model: ProtectedModel, directory: Path, metadata: Optional[d
     config = ProtectionConfig.from_model(model, **(metadata or {}))
     config.weights_digest = digest
     config.sign(model.key)
-    try:  # before anything is written: bad metadata must not leave new weights beside an old protection.json
-        text = config.to_json()
-    except (TypeError, ValueError) as exc:
-        raise ConfigurationError(
-            f"metadata must hold JSON values (strings, finite numbers, lists, dicts): {exc}; nothing was written"
-        ) from None
+    text = config.to_json()  # before anything is written: bad metadata must not leave new weights beside an old one
     needles = leak_needles(model.key)
     if bytes_contain_any(text.encode(), needles):
         # Found after writing, the key would already be on disk.

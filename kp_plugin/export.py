@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import logging
 import os
 import shutil
@@ -261,12 +260,8 @@ def export_protected(
         raise ConfigurationError(f"batch_size must be at least 1, got {batch_size}")
     if opset_version is not None and format != "onnx":
         raise ConfigurationError(f"opset_version is an ONNX setting; a {format!r} export has none")
-    try:  # before anything is exported: a value JSON cannot hold failed only when protection.json was written
-        json.dumps(dict(metadata or {}), allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise ConfigurationError(f"metadata must hold JSON values (strings, finite numbers, lists, dicts): {exc}; "
-                                 "nothing was written") from None
     config = ProtectionConfig.from_model(model, **dict(metadata or {}))
+    config.to_json()  # metadata JSON cannot hold: refused before exporting, not when protection.json is written
     config.weights_digest = weights_digest(_uncompiled(model.unwrap()))
     size = config.input_size
     if not size:
@@ -535,7 +530,7 @@ class _ExportKeyedInput(KeyedInput):
     export_dtype: torch.dtype = torch.float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_export_shape(x, tuple(self.input_size) if self.input_size is not None else None, self.batch_size)
+        _check_export_shape(x, self.input_size, self.batch_size)
         out = super().forward(x)
         return out.to(self.export_dtype) if out.dtype != self.export_dtype else out
 
