@@ -162,7 +162,7 @@ def _register_keygen(subparsers) -> None:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    from .keys import SecretKey, _special_file_kind, parse_scheme
+    from .keys import SecretKey, parse_scheme
 
     try:
         scheme = parse_scheme(args.scheme)
@@ -171,14 +171,10 @@ def _keygen(args: argparse.Namespace) -> int:
     if args.output == "-":
         raise _UsageError("-o - would mean standard output: kp keygen writes the key to a file only (key material "
                           "never goes to a terminal, pipe or log); give a path, e.g. -o owner.key")
-    kind = _special_file_kind(args.output)
-    if kind:  # /dev/stdout, a FIFO, a link: never replaced by a key file, --force or not
-        raise KeyFileError(f"{args.output} is {kind}, not a key file; kp keygen writes regular files only: choose "
-                           "another path")
-    if os.path.lexists(args.output) and not args.force and not os.path.isdir(args.output):
-        dangling = " (a symbolic link to a missing file)" if not os.path.exists(args.output) else ""
+    # A link, a FIFO or a device (/dev/stdout) is refused by save, --force or not.
+    if os.path.isfile(args.output) and not os.path.islink(args.output) and not args.force:
         raise KeyFileError(
-            f"{args.output} already exists{dangling}; refusing to overwrite a key file (the models it protects "
+            f"{args.output} already exists; refusing to overwrite a key file (the models it protects "
             "would be lost). Choose another path, or pass --force to replace it"
         )
     try:
