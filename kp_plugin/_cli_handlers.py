@@ -592,9 +592,7 @@ def evaluate(args: argparse.Namespace) -> int:
     out = Path(args.output) if args.output else checkpoint / REPORT_DIR
     check_output_folder(out)
     refuse_other_report(out, "evaluate")
-    model, key, protection, data, size = open_checkpoint(args, device)
-    if size is not None:
-        _check_size_for_key(size, key)
+    model, key, protection, data, size = open_checkpoint(args, device)  # the size checked against the key there
     # The layout oneDNN's convolutions run fastest in (as in training).
     model = model.to(memory_format=torch.channels_last)
     dataset = load_dataset(data, split=args.split, image_size=size)
@@ -737,8 +735,9 @@ def writing_into(folder: Path):
         reason = exc.strerror or first_line(exc)
         named = exc.filename and Path(exc.filename) != Path(folder)
         name = Path(exc.filename).name if named else ""
-        if re.fullmatch(r"\.(.+)\.\d+\.[0-9a-f]+\.tmp", name):  # the temporary a file is written to first
-            name = re.fullmatch(r"\.(.+)\.\d+\.[0-9a-f]+\.tmp", name).group(1)
+        temporary = re.fullmatch(r"\.(.+)\.\d+\.[0-9a-f]+\.tmp", name)  # the temporary a file is written to first
+        if temporary:
+            name = temporary.group(1)
         where = f"{name} in " if named else ""
         remedy = "free some space" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else \
             "check that the folder can be written"
