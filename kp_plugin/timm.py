@@ -22,6 +22,8 @@ import difflib
 import json
 import os
 import pickle
+import socket
+import urllib.parse
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -157,6 +159,45 @@ def _load_checkpoint(base: nn.Module, checkpoint_path: str) -> None:
         )
 
 
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+HUB_PROBE_TIMEOUT = 3.0  # seconds for one TCP connection to the Hub before pre-trained weights are fetched
+
+
+def _hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT) -> Optional[str]:
+    """The Hub endpoint's address when no TCP connection to it can be made
+    (no network, DNS failure, a closed port), else None.
+
+    huggingface_hub retries an unreachable Hub for over a minute before
+    giving up, or before falling back to weights it has cached; one probe
+    first lets a machine without Hub access fail (or use the cache) at once.
+    Behind a proxy, and in offline mode, nothing is probed."""
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode() or any(os.environ.get(name) for name in _PROXY_VARIABLES):
+        return None
+    endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
+    try:
+        port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+        with socket.create_connection((endpoint.hostname, port), timeout=timeout):
+            return None
+    except (OSError, ValueError):  # refused, timed out, unknown host; a malformed endpoint
+        return constants.ENDPOINT
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """huggingface_hub in offline mode for the duration (cached files only,
+    no requests), as ``HF_HUB_OFFLINE=1`` would have it."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
 def _create_base(name: str, *, pretrained: bool, weights: str, num_classes: Optional[int],
                  checkpoint_path: Optional[str], timm_kwargs: dict, key: Optional[SecretKey] = None) -> nn.Module:
     if weights not in _WEIGHT_SOURCES:
@@ -184,16 +225,20 @@ def _create_base(name: str, *, pretrained: bool, weights: str, num_classes: Opti
                 f"timm has no model {name!r}" + (f"; did you mean {', '.join(close)}?" if close else "")
                 + " (timm.list_models('*pattern*') lists them)"
             )
+        unreachable = pretrained and not name.startswith("local-dir:") and _hub_unreachable()
         try:
-            base = timm.create_model(name, pretrained=pretrained, **kwargs)
+            with _hub_offline() if unreachable else contextlib.nullcontext():
+                base = timm.create_model(name, pretrained=pretrained, **kwargs)
         except OSError as exc:  # huggingface_hub's offline / not-found errors are OSErrors
             if not pretrained:
                 raise
             offline = ", ".join(OFFLINE_PRETRAINED)
             raise PretrainedWeightsError(
-                f"cannot fetch pre-trained weights for {name!r} ({type(exc).__name__}); without Hub access use a "
-                f"model with offline weights ({offline}), a local checkpoint_path, or pretrained=False "
-                "(kp protect --no-pretrained)"
+                f"cannot fetch pre-trained weights for {name!r} "
+                + (f"(the Hub at {unreachable} cannot be reached and they are not in the local cache)" if unreachable
+                   else f"({type(exc).__name__})")
+                + f"; without Hub access use a model with offline weights ({offline}), a local checkpoint_path, "
+                "or pretrained=False (kp protect --no-pretrained)"
             ) from None
     if checkpoint_path:
         _load_checkpoint(base, checkpoint_path)

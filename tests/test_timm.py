@@ -4,6 +4,8 @@ protected timm checkpoints."""
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import timm
@@ -430,3 +432,57 @@ def test_a_corrupt_timm_config_json_is_a_checkpoint_error(key, tmp_path, field, 
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="config.json"):
         load_protected_timm(tmp_path, key)
+
+
+_FETCH_PRETRAINED = """
+import sys, torch
+from kp_plugin import SecretKey
+from kp_plugin.errors import PretrainedWeightsError
+from kp_plugin.timm import create_protected_model
+try:
+    model = create_protected_model("test_efficientnet", SecretKey.generate(block_size=8), pretrained=True)
+except PretrainedWeightsError as exc:
+    print("refused:", exc)
+else:
+    print("loaded:", float(model.unwrap().conv_stem.weight.sum()))
+"""
+
+
+def _fetch_pretrained(tmp_path, home):
+    import subprocess
+    import sys
+
+    from hub_servers import free_port
+
+    root = str(Path(__file__).resolve().parent.parent)  # this checkout's kp_plugin
+    env = {**os.environ, "HF_HOME": str(home), "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}",  # a closed port
+           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE",
+                 "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        env.pop(name, None)
+    done = subprocess.run([sys.executable, "-c", _FETCH_PRETRAINED], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip(), done.stderr
+
+
+def test_an_unreachable_hub_fails_at_once_or_uses_the_cached_weights(tmp_path):
+    # huggingface_hub retried a Hub it could not reach for 48 s (74 s when
+    # DNS failed) before the error; a probe first says so at once, in words.
+    said, log = _fetch_pretrained(tmp_path, tmp_path / "empty-home")
+    assert said.startswith("refused:") and "cannot be reached" in said and "not in the local cache" in said
+    assert "Retrying" not in log
+    # Weights fetched before are used from the cache, without requests.
+    from safetensors.torch import save_file
+
+    repo = tmp_path / "home" / "hub" / "models--timm--test_efficientnet.r160_in1k"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    weights = {name: torch.full_like(value, 0.5) if name == "conv_stem.weight" else value.contiguous()
+               for name, value in timm.create_model("test_efficientnet").state_dict().items()}
+    save_file(weights, snapshot / "model.safetensors")
+    said, log = _fetch_pretrained(tmp_path, tmp_path / "home")
+    assert said == f"loaded: {float(weights['conv_stem.weight'].sum())}"
+    assert "Retrying" not in log
