@@ -119,10 +119,39 @@ if __name__ == "__main__":
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-1500:]
 
 
-def test_missing_image_column_names_the_trap(key):
+def test_missing_image_column_names_the_trap_and_the_column_setting(key):
+    # CIFAR-10 keeps its images in 'img': the error blamed only Trainer's
+    # column removal, which a KeyedTrainer user had already dealt with.
     collator = KeyedImageCollator(KeyedImageProcessor(vit_processor(), key))
-    with pytest.raises(Exception, match="remove_unused_columns"):
-        collator([{"label": 1}])
+    with pytest.raises(Exception, match="remove_unused_columns") as caught:
+        collator([{"img": 1, "label": 1}])
+    assert "KeyedImageCollator(processor, image_column=...)" in str(caught.value)
+
+
+def test_a_labels_column_is_read_as_transformers_collators_read_it(key, tmp_path):
+    # Datasets that name the column 'labels' (beans, ...) lost their labels
+    # without a word: training failed with transformers' "did not return a
+    # loss", and an evaluation split skipped the protection metrics.
+    from transformers import TrainingArguments
+
+    from hf_fixtures import tiny_vit
+    from kp_plugin.hf import KeyedTrainer, KeyProtectionCallback
+
+    processor = KeyedImageProcessor(vit_processor(), key)
+    raw = digits_dataset("test", size=4)
+    for name in ("labels", "label_ids"):
+        renamed = raw.rename_column("label", name)
+        assert KeyedImageCollator(processor)([renamed[i] for i in range(4)])["labels"].tolist() == raw["label"]
+        assert renamed.with_transform(KeyedExampleTransform(processor))[0]["labels"] == raw["label"][0]
+    given = KeyedImageCollator(processor, label_column="digit")  # a column named is the one read
+    assert given([{"image": raw[0]["image"], "label": 3, "digit": 1}])["labels"].tolist() == [1]
+    args = TrainingArguments(str(tmp_path), report_to=[], use_cpu=True, max_steps=1, per_device_train_batch_size=4,
+                             per_device_eval_batch_size=4, eval_strategy="steps", eval_steps=1, save_strategy="no")
+    trainer = KeyedTrainer(model=tiny_vit(), args=args, train_dataset=raw.rename_column("label", "labels"),
+                           eval_dataset=raw.rename_column("label", "labels"),
+                           data_collator=KeyedImageCollator(processor), callbacks=[KeyProtectionCallback(key, wrong_keys=1)])
+    trainer.train()
+    assert any("eval_protection_margin" in entry for entry in trainer.state.log_history)
 
 
 def test_an_unlabeled_split_gives_batches_without_labels(key, tmp_path):

@@ -214,7 +214,9 @@ class KeyProtectionCallback(TrainerCallback):
         # Trainer never does, so look where it saves checkpoints.
         resumed = Path(args.output_dir) / f"checkpoint-{state.global_step}" / PROTECTION_FILE
         if state.global_step > 0 and resumed.is_file():
-            ProtectionConfig.load(resumed).check_key(self.key)
+            ProtectionConfig.load(resumed).check_key(self.key, remedy=(
+                f"This run resumes {resumed.parent}, saved under that key: resume it with the key file it was "
+                "trained with, or train into another output_dir"))
         elif state.global_step == 0 and args.should_save:
             refuse_other_key_output_dir(args.output_dir, self.key)
 
@@ -257,7 +259,10 @@ class KeyProtectionCallback(TrainerCallback):
             processor.check_key(self.key)
         data_keyed = any(b.keys_data for b in batchers) or self.image_processor is not None
         if isinstance(model, ProtectedModel):
-            ProtectionConfig.from_model(model).check_key(self.key, unsigned="ignore")  # the live model: no file
+            ProtectionConfig.from_model(model).check_key(  # the live model: no file
+                self.key, unsigned="ignore",
+                remedy="Wrap the model and build the callback from the same key (one SecretKey.load of the owner's "
+                       "key file)")
             if data_keyed:
                 raise ConfigurationError(
                     "the data path and the model both apply the key (a KeyedImageProcessor output and a "
@@ -363,7 +368,9 @@ class KeyProtectionCallback(TrainerCallback):
                     reached_end = False
                     break
                 if "labels" not in batch or "pixel_values" not in batch:
-                    logger.warning("evaluation batches lack pixel_values/labels; protection metrics skipped")
+                    missing = "/".join(name for name in ("pixel_values", "labels") if name not in batch)
+                    logger.warning("evaluation batches lack %s; protection metrics skipped (labels in a column of "
+                                   "another name: give it to the collator, label_column=...)", missing)
                     return None
                 pixels = batch["pixel_values"].to(device)
                 labels = batch["labels"].to(device)

@@ -34,6 +34,9 @@ __all__ = ["KeyedImageCollator", "KeyedExampleTransform", "OUTPUTS"]
 
 #: What the helpers produce: keyed pixel_values, or [0, 1] images.
 OUTPUTS = ("keyed", "images01")
+#: The label columns read when ``label_column`` is left at ``"label"``, the
+#: first present: the names transformers' own collators take.
+LABEL_COLUMNS = ("label", "labels", "label_ids")
 
 _TRAP_HINT = (
     "Trainer's remove_unused_columns drops columns that model.forward does not name; use "
@@ -76,7 +79,16 @@ class _ImageBatcher:
     @property
     def input_columns(self) -> list:
         """The dataset columns this helper reads (Trainer must keep them)."""
-        return [c for c in (self.image_column, self.label_column) if c]
+        labels = LABEL_COLUMNS if self.label_column == "label" else (self.label_column,)
+        return [c for c in (self.image_column, *labels) if c]
+
+    def _label_column_in(self, columns: Sequence[str]) -> Optional[str]:
+        """The label column of examples with ``columns``: ``label_column``,
+        or with the default ``"label"`` the first of :data:`LABEL_COLUMNS`
+        they have (``labels`` in many datasets)."""
+        if self.label_column != "label":
+            return self.label_column
+        return next((name for name in LABEL_COLUMNS if name in columns), "label")
 
     @property
     def keys_data(self) -> bool:
@@ -120,22 +132,28 @@ class _ImageBatcher:
     def __deepcopy__(self, memo: dict):
         return self
 
-    def _labelled(self, examples: Sequence[dict]) -> bool:
-        """Whether the examples carry labels: all of them or none (an
-        unlabeled split; Trainer's column removal keeps ``label``, so a
-        missing label column is the data's, not the trap's)."""
-        if not self.label_column:
-            return False
-        have = [self.label_column in example for example in examples]
+    def _labelled(self, examples: Sequence[dict]) -> Optional[str]:
+        """The label column when the examples carry labels: all of them or
+        none (an unlabeled split: ``None``; Trainer's column removal keeps
+        ``label`` and ``labels``, so a missing label column is the data's,
+        not the trap's)."""
+        column = self._label_column_in([name for example in examples for name in example])
+        if not column:
+            return None
+        have = [column in example for example in examples]
         if any(have) and not all(have):
             raise ConfigurationError(
-                f"{have.count(False)} of the {len(examples)} examples in this batch have no {self.label_column!r} "
+                f"{have.count(False)} of the {len(examples)} examples in this batch have no {column!r} "
                 "value: label every example of a split, or none (for predict)"
             )
-        return all(have)
+        return column if all(have) else None
 
-    def _missing(self, column: str, have: Sequence[str]) -> ConfigurationError:
-        return ConfigurationError(f"examples have no {column!r} column (they have {sorted(have)}). {_TRAP_HINT}")
+    def _missing(self, have: Sequence[str]) -> ConfigurationError:
+        return ConfigurationError(
+            f"examples have no {self.image_column!r} column (they have {sorted(have)}). If the images are in a "
+            f"column with another name, name it: {type(self).__name__}(processor, image_column=...) (and "
+            "label_column=... for the labels). Otherwise: " + _TRAP_HINT
+        )
 
 
 def _refuse_unpickling(name: str, *public_settings: Any) -> None:
@@ -164,10 +182,13 @@ class KeyedImageCollator(_ImageBatcher):
 
     Args:
         image_processor: a :class:`KeyedImageProcessor`.
-        image_column: the column with PIL images / arrays.
-        label_column: the column with int labels (``None``: no labels).
-            Examples without it (an unlabeled split for ``predict``) give
-            batches without ``labels``, as transformers' own collators do.
+        image_column: the column with PIL images / arrays (CIFAR-10 on the
+            Hub calls it ``img``).
+        label_column: the column with int labels (``None``: no labels). Left
+            at ``"label"``, examples with ``labels`` or ``label_ids``
+            instead are read from that column. Examples without labels (an
+            unlabeled split for ``predict``) give batches without
+            ``labels``, as transformers' own collators do.
         output: ``"keyed"`` (plain model) or ``"images01"`` (wrapped model).
         augment: optional function on a float ``(B, C, H, W)`` batch in
             [0, 1], applied before the key (e.g. a torchvision v2 transform).
@@ -184,12 +205,12 @@ class KeyedImageCollator(_ImageBatcher):
     def __call__(self, examples: Sequence[dict]) -> dict:
         if not examples:
             raise ConfigurationError("empty batch")
-        have = list(examples[0].keys())
         if self.image_column not in examples[0]:
-            raise self._missing(self.image_column, have)
+            raise self._missing(list(examples[0].keys()))
         batch = {"pixel_values": self._pixel_values([ex[self.image_column] for ex in examples])}
-        if self._labelled(examples):
-            batch["labels"] = torch.tensor([int(ex[self.label_column]) for ex in examples], dtype=torch.long)
+        column = self._labelled(examples)
+        if column:
+            batch["labels"] = torch.tensor([int(ex[column]) for ex in examples], dtype=torch.long)
         return batch
 
 
@@ -211,8 +232,9 @@ class KeyedExampleTransform(_ImageBatcher):
 
     def __call__(self, batch: dict) -> dict:
         if self.image_column not in batch:
-            raise self._missing(self.image_column, list(batch.keys()))
+            raise self._missing(list(batch.keys()))
         out = {"pixel_values": list(self._pixel_values(batch[self.image_column]).unbind(0))}
-        if self.label_column and self.label_column in batch:  # else an unlabeled split (see the collator)
-            out["labels"] = [int(v) for v in batch[self.label_column]]
+        column = self._label_column_in(list(batch.keys()))
+        if column and column in batch:  # else an unlabeled split (see the collator)
+            out["labels"] = [int(v) for v in batch[column]]
         return out
