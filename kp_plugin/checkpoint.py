@@ -245,14 +245,15 @@ class ProtectionConfig:
                                   "model again with save_protected, or download it again") from None
         return cls.from_dict(data, source=str(path))
 
-    def check_key(self, key: SecretKey, *, unsigned: str = "warn") -> None:
+    def check_key(self, key: SecretKey, *, unsigned: str = "warn", remedy: Optional[str] = None) -> None:
         """Raise :class:`KeyMismatchError` unless ``key`` is the checkpoint's
         key, and :class:`CheckpointError` when the config was changed after
         it was signed (its ``mac`` does not verify with ``key``). A config
         without ``mac`` (``unsigned``): ``"warn"``, an
         :class:`~kp_plugin.errors.UnsignedCheckpointWarning`; ``"error"`` (a
         model from the Hub), a :class:`CheckpointError`; ``"ignore"`` (a
-        check before a load that warns itself)."""
+        check before a load that warns itself). ``remedy``: what to do about
+        another key, where the loader's own advice does not apply."""
         require_key(key)
         if unsigned not in ("warn", "error", "ignore"):
             raise ValueError(f"unsigned must be 'warn', 'error' or 'ignore', got {unsigned!r}")
@@ -262,7 +263,7 @@ class ProtectionConfig:
             # file (it verifies); check the mac first to tell which.
             self._check_mac(key, unsigned)
         check_key_matches(key, fingerprint=self.fingerprint, block_size=self.block_size,
-                          scheme=self.scheme, channels=self.channels)
+                          scheme=self.scheme, channels=self.channels, remedy=remedy)
 
     def _check_mac(self, key: SecretKey, unsigned: str) -> None:
         if self.mac is None:
@@ -307,9 +308,18 @@ class ProtectionConfig:
         return input_size
 
 
-def check_key_matches(key: SecretKey, *, fingerprint: str, block_size: int, scheme, channels: int) -> None:
+#: What to do about a model protected with another key, when loading it.
+LOAD_REMEDY = ("Load the owner's key file (SecretKey.load), or pass allow_wrong_key=True to evaluate with a wrong "
+               "key on purpose")
+
+
+def check_key_matches(key: SecretKey, *, fingerprint: str, block_size: int, scheme, channels: int,
+                      situation: str = "this model was protected with another key",
+                      remedy: Optional[str] = None) -> None:
     """Raise :class:`KeyMismatchError` when ``key`` differs from the expected
-    fingerprint / settings; the message shows only public values."""
+    fingerprint / settings; the message shows only public values: what is
+    refused (``situation``), how the key differs, and what to do
+    (``remedy``; by default :data:`LOAD_REMEDY`)."""
     require_key(key)
     problems = []
     if key.fingerprint != fingerprint:
@@ -330,9 +340,7 @@ def check_key_matches(key: SecretKey, *, fingerprint: str, block_size: int, sche
         )
     if problems:
         raise KeyMismatchError(
-            "this model was protected with another key: the key given has " + "; ".join(problems)
-            + ". Load the owner's key file (SecretKey.load), or pass allow_wrong_key=True to "
-            "evaluate with a wrong key on purpose"
+            f"{situation}: the key given has " + "; ".join(problems) + f". {remedy or LOAD_REMEDY}"
         )
 
 

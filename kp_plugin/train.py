@@ -552,7 +552,9 @@ def _load_checkpoint(model: nn.Module, directory: Path, groups: Optional[list] =
         raise CheckpointError(f"cannot resume: {state_path} is missing")
     config = ProtectionConfig.load(directory) if isinstance(model, ProtectedModel) else None
     if config is not None:
-        config.check_key(model.key)
+        config.check_key(model.key, remedy=(
+            f"{directory} was saved under that key: resume with the key file it was trained with, or start a "
+            "new run elsewhere"))
     base = model.unwrap() if hasattr(model, "unwrap") else model
     # The state first: a corrupt one must not leave the model half-loaded.
     try:  # tensors, numbers, strings and containers only: loading runs no code from the file

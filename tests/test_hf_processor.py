@@ -256,6 +256,20 @@ def test_a_corrupt_saved_processor_is_a_checkpoint_error_not_a_wrong_key(key, tm
             KeyedImageProcessor.from_pretrained(str(tmp_path / name), key=key)
 
 
+def test_a_processor_saved_by_a_newer_release_asks_for_an_upgrade(key, tmp_path):
+    # A new format version with a scheme step this release does not know was
+    # called corrupt ("save the processor again"), which cannot be done.
+    from transformers import AutoImageProcessor
+
+    KeyedImageProcessor(vit_processor(), key).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    saved["kp_protection"].update(format_version=2, scheme=[*saved["kp_protection"]["scheme"], "rotate"])
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(saved))
+    for load in (KeyedImageProcessor.from_pretrained, AutoImageProcessor.from_pretrained):
+        with pytest.raises(CheckpointError, match="reads up to v1. Upgrade kp-plugin"):
+            load(str(tmp_path), key=key)
+
+
 @pytest.mark.parametrize("images", [[], torch.zeros(0, 3, 20, 20, dtype=torch.uint8), np.zeros((20, 20), np.uint8)])
 def test_no_images_or_unreadable_arrays_are_typed_errors(key, images):
     # IndexError ("list index out of range") / transformers' bare ValueError.

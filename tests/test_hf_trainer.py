@@ -428,8 +428,11 @@ def test_resuming_another_keys_checkpoint_is_refused(key, data, tmp_path, style)
     loaded = load_protected(tmp_path / "checkpoint-1", tiny_vit(seed=5), key)  # either style's checkpoint loads
     base = first.model.unwrap() if isinstance(first.model, ProtectedModel) else first.model
     torch.testing.assert_close(loaded.unwrap().classifier.weight, base.classifier.weight)
-    with pytest.raises(KeyMismatchError, match="another key"):
+    with pytest.raises(KeyMismatchError, match="another key") as caught:
         trainer(other, 2).train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    # The advice is a trainer's (it said to pass allow_wrong_key=True, which no trainer takes).
+    assert "resume it with the key file it was trained with" in str(caught.value)
+    assert "allow_wrong_key" not in str(caught.value)
     assert not (tmp_path / "checkpoint-2").exists()
     trainer(key, 2).train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))  # the owner's key resumes
     assert (tmp_path / "checkpoint-2" / "protection.json").is_file()

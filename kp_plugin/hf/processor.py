@@ -259,12 +259,9 @@ def _as_list(values: Any) -> list:
 
 def _check_key(key: SecretKey, protection: dict, *, situation: str, remedy: str) -> None:
     """KeyMismatchError (public values only) unless ``key`` fits ``protection``."""
-    try:
-        check_key_matches(key, fingerprint=protection["fingerprint"], block_size=protection["block_size"],
-                          scheme=parse_scheme(protection["scheme"]), channels=protection["channels"])
-    except KeyMismatchError as exc:
-        detail = str(exc).split(". Load the owner")[0].split(": ", 1)[-1]
-        raise KeyMismatchError(f"{situation}: {detail}. {remedy}") from None
+    check_key_matches(key, fingerprint=protection["fingerprint"], block_size=protection["block_size"],
+                      scheme=parse_scheme(protection["scheme"]), channels=protection["channels"],
+                      situation=situation, remedy=remedy)
 
 
 def _check_saved_key(key: SecretKey, protection: dict) -> None:
@@ -727,11 +724,6 @@ class KeyedImageProcessor(BaseImageProcessor):
             if protection is None or base_type is None:
                 raise CheckpointError("preprocessor_config.json names KeyedImageProcessor but has no kp_protection block")
             _check_protection_block(protection)
-            if protection.get("format") != _FORMAT or int(protection.get("format_version", 0)) > _FORMAT_VERSION:
-                raise CheckpointError(
-                    f"preprocessor_config.json has protection format {protection.get('format')!r} "
-                    f"v{protection.get('format_version')!r}; this kp-plugin reads {_FORMAT} up to v{_FORMAT_VERSION}"
-                )
             if not allow_wrong_key:
                 _check_saved_key(key, protection)
             settings["image_processor_type"] = base_type
@@ -795,11 +787,19 @@ def _check_protection_block(protection: Any) -> None:
     if not isinstance(protection, dict):
         raise CheckpointError(f"preprocessor_config.json's {PROTECTION_FIELD} is a {type(protection).__name__}, not "
                               "an object: the file is corrupt; save the processor again")
+    version = protection.get("format_version", 1)
+    if protection.get("format") != _FORMAT:
+        raise CheckpointError(f"preprocessor_config.json's {PROTECTION_FIELD}.format is {protection.get('format')!r}, "
+                              f"not {_FORMAT!r}: the file is corrupt; save the processor again")
+    # A newer release's file first: its other fields may hold what this one
+    # does not know (a new scheme step), which is not corruption.
+    if isinstance(version, int) and not isinstance(version, bool) and version > _FORMAT_VERSION:
+        raise CheckpointError(f"preprocessor_config.json has protection format {_FORMAT} v{version}; this kp-plugin "
+                              f"reads up to v{_FORMAT_VERSION}. Upgrade kp-plugin")
     block = protection.get("block_size")
     channels = protection.get("channels")
     fingerprint = protection.get("fingerprint")
-    for name, value in (("block_size", block), ("channels", channels),
-                        ("format_version", protection.get("format_version", 1))):
+    for name, value in (("block_size", block), ("channels", channels), ("format_version", version)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise CheckpointError(f"preprocessor_config.json's {PROTECTION_FIELD}.{name} is {value!r}, not a "
                                   "positive integer: the file is corrupt; save the processor again")

@@ -341,7 +341,9 @@ class KeyedTrainer(Trainer):
         if key is not None and os.path.isfile(os.path.join(resume_from_checkpoint, PROTECTION_FILE)):
             # Resuming another key's run would go on training its weights
             # under this key; the stock loader never looks.
-            ProtectionConfig.load(resume_from_checkpoint).check_key(key)
+            ProtectionConfig.load(resume_from_checkpoint).check_key(key, remedy=(
+                f"{resume_from_checkpoint} was saved under that key: resume it with the key file it was trained "
+                "with, or train without resume_from_checkpoint into another output_dir"))
         if model is None and isinstance(wrapped, ProtectedModel):
             model = wrapped.unwrap()
         target = wrapped if model is None else model
