@@ -29,8 +29,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 
 from ..checkpoint import check_key_matches, refuse_key_material, replacing
 from ..errors import (BlockSizeError, CheckpointError, CheckpointWriteError, ConfigurationError, InputRangeError,
-                      KeyMismatchError, KeyRequiredError, KPError, NotAProcessorError, exception_chain,
-                      first_line)
+                      KeyRequiredError, KPError, NotAProcessorError, exception_chain, first_line)
 from ..keys import SecretKey, parse_scheme, require_key
 from ..module import KeyedInput
 from ..transforms import invert_transform, nearest_valid_size
