@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .cli import MIN_DATASET_IMAGE_SIZE
 from .errors import ConfigurationError, DatasetError, DatasetNameWarning
 
 __all__ = [
@@ -180,8 +181,13 @@ def _image_files(folder: Path) -> Iterator[Path]:
             folders[:] = []
             continue
         seen.add((info.st_dev, info.st_ino))
-        folders.sort()  # which of two routes to one folder is read must not depend on the file system's order
+        # Hidden folders and files are skipped, as hidden class folders are:
+        # .ipynb_checkpoints/ held copies of the images, macOS's ._x.png
+        # (AppleDouble metadata) stopped training at its first read.
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
         for name in files:
+            if name.startswith("."):
+                continue
             path = Path(parent) / name
             if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
                 yield path
@@ -275,7 +281,7 @@ class ImageFolderDataset(ImageDataset):
             with Image.open(path) as img:
                 image = image_01(img)
         except OSError as exc:
-            raise DatasetError(f"cannot read image {path}: {exc}") from None
+            raise DatasetError(f"cannot read image {path}: {exc}; replace or remove that file") from None
         except Image.DecompressionBombError as exc:
             raise DatasetError(
                 f"cannot read image {path}: {str(exc).rstrip('.')}; shrink the image, or, if you trust the file, "
@@ -289,13 +295,18 @@ class ImageFolderDataset(ImageDataset):
 #: PIL modes of 16-bit grayscale (16-bit PNG, TIFF); convert("RGB") clips
 #: them at 255, which turns most of an image white.
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+#: Formats whose 32-bit integer mode ("I") holds samples of up to 16 bits,
+#: scaled to 0..65535 by PIL (a 16-bit PGM opens as "I"): read by 65535
+#: whatever the values, so a dark image is not read 257 times too bright.
+_SIXTEEN_BIT_FORMATS = ("PPM", "PNG")
 
 
 def image_01(image: Any, channels: int = 3) -> torch.Tensor:
     """A PIL image as float ``(channels, H, W)`` in [0, 1], whatever its
     mode: 8-bit (L, P, RGB, RGBA, CMYK, ...) through PIL's conversion, 16-bit
-    grayscale divided by 65535, 32-bit integer by 65535 when its values pass
-    255 (else by 255), 32-bit float taken as [0, 1] (or 0..255)."""
+    grayscale divided by 65535 (PGM and PNG files PIL opens as 32-bit
+    integers too), other 32-bit integer images by 65535 when their values
+    pass 255 (else by 255), 32-bit float taken as [0, 1] (or 0..255)."""
     if channels not in (1, 3):
         raise DatasetError(f"images can be read as 1 or 3 channels, not {channels}")
     if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
@@ -309,7 +320,8 @@ def image_01(image: Any, channels: int = 3) -> torch.Tensor:
                 )
             scale = 1.0 if top <= 1 else 255.0
         else:
-            scale = 65535.0 if (image.mode in _SIXTEEN_BIT_MODES or top > 255) else 255.0
+            sixteen = image.mode in _SIXTEEN_BIT_MODES or getattr(image, "format", None) in _SIXTEEN_BIT_FORMATS
+            scale = 65535.0 if (sixteen or top > 255) else 255.0
         gray = torch.from_numpy(values / scale).float().clamp_(0, 1)[None]
         return gray.repeat(channels, 1, 1) if channels > 1 else gray
     array = np.asarray(image.convert("RGB" if channels == 3 else "L"), dtype=np.uint8)
@@ -326,8 +338,8 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
 
 def _check_size(image_size: Optional[int], default: int) -> int:
     size = default if image_size is None else int(image_size)
-    if size < 8:
-        raise DatasetError(f"image_size must be at least 8, got {size}")
+    if size < MIN_DATASET_IMAGE_SIZE:
+        raise DatasetError(f"image_size must be at least {MIN_DATASET_IMAGE_SIZE}, got {size}")
     return size
 
 

@@ -250,3 +250,42 @@ def test_unknown_dataset_says_what_is_accepted(tmp_path):
         load_dataset(str(tmp_path / "empty"))
     with pytest.raises(DatasetError, match="split"):
         load_dataset("digits", split="validation")
+
+
+def test_a_dark_16_bit_pgm_is_read_by_65535_whatever_its_values(tmp_path):
+    # PIL opens a 16-bit PGM as 32-bit integers; one whose values stayed at
+    # or below 255 (a dark image) was divided by 255: 257 times too bright.
+    from PIL import Image
+
+    dark = (np.arange(24 * 32).reshape(24, 32) % 256).astype(">u2")  # at most 255 of 65535
+    path = tmp_path / "dark.pgm"
+    path.write_bytes(b"P5 32 24 65535\n" + dark.tobytes())
+    with Image.open(path) as img:
+        assert img.mode == "I"  # what this test is about
+        torch.testing.assert_close(image_01(img, channels=1)[0], torch.from_numpy(dark.astype(np.float32) / 65535))
+
+
+def test_hidden_files_and_folders_in_class_folders_are_skipped(tmp_path):
+    # .ipynb_checkpoints/ copies became training images; macOS's ._x.png
+    # (AppleDouble metadata, not an image) stopped training when read.
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (tmp_path / cls / ".ipynb_checkpoints").mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / cls / "0.png")
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / cls / ".ipynb_checkpoints" / "0-checkpoint.png")
+        (tmp_path / cls / "._0.png").write_bytes(b"\x00\x05\x16\x07 not an image")
+    dataset = ImageFolderDataset(tmp_path, image_size=8)
+    assert sorted(path.relative_to(tmp_path).as_posix() for path, _ in dataset.samples) == ["a/0.png", "b/0.png"]
+    assert [label for _, label in iterate_batches(dataset, batch_size=2)][0].tolist() == [0, 1]
+
+
+def test_an_unreadable_image_is_named_with_what_to_do(tmp_path):
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / cls / "0.png")
+    (tmp_path / "b" / "0.png").write_bytes((tmp_path / "b" / "0.png").read_bytes()[:30])  # truncated
+    with pytest.raises(DatasetError, match=r"b/0\.png.*replace or remove that file"):
+        ImageFolderDataset(tmp_path, image_size=8)[1]
