@@ -34,6 +34,7 @@ from torch import nn
 
 from ._depthwise import small_map_depthwise
 from .checkpoint import (
+    PROTECTION_FILE,
     WEIGHTS_FILE,
     ProtectionConfig,
     _save_protected,
@@ -46,8 +47,8 @@ from .checkpoint import (
     weights_digest,
 )
 from .data import iterate_batches
-from .errors import (CheckpointError, CheckpointWriteError, ConfigurationError, KPError, first_line,
-                     torch_load_failure)
+from .errors import (CheckpointError, CheckpointWriteError, ConfigurationError, KeyMismatchError, KPError,
+                     first_line, torch_load_failure)
 from .keys import SecretKey
 from .module import KeyedInput, ProtectedModel, protected_model_of
 from .objectives import DEFAULT_OBJECTIVE, ProtectionObjective, logits_of
@@ -479,6 +480,8 @@ def _save_checkpoint(model: nn.Module, directory: Path, state: dict) -> None:
     base = _uncompiled(model.unwrap() if hasattr(model, "unwrap") else model)
     # which weights this state continues, and those weights themselves
     state = {**state, "weights_digest": weights_digest(base), "weights": base.state_dict()}
+    if isinstance(model, ProtectedModel):  # whose run this is (public), for a state copied into another run's folder
+        state["fingerprint"] = model.key.fingerprint
     try:
         with replacing(directory / TRAINING_STATE_FILE, durable=True) as tmp:
             torch.save(state, tmp)
@@ -567,6 +570,13 @@ def _load_checkpoint(model: nn.Module, directory: Path, groups: Optional[list] =
             f"({torch_load_failure(exc)}); start a new run"
         ) from None
     _check_training_state(state, state_path, groups)
+    if isinstance(model, ProtectedModel) and state.get("fingerprint") not in (None, model.key.fingerprint):
+        # protection.json was this key's, the state (with its weights) another's.
+        raise KeyMismatchError(
+            f"cannot resume: {state_path} is from a run with another key (fingerprint {state['fingerprint']}, "
+            f"the key given has {model.key.fingerprint}), beside {directory / PROTECTION_FILE} of this key: the "
+            "folder mixes two runs' files. Resume each run from its own folder with its own key"
+        )
     if check is not None:
         check(state, state_path)
     if "weights" in state:  # the state's own weights: whole even when the run stopped between the renames
@@ -709,6 +719,10 @@ def _check_resumed_settings(state: dict, config: "TrainConfig", train_set: Any, 
                       for name, value in now["objective"].items() if name in saved["objective"]]
         problems += [f"{name} {value!r} (saved: {before!r})" for name, value, before in pairs
                      if name not in RESUMABLE_CHANGES and _differs(value, before)]
+    trained = state.get("epoch")
+    if isinstance(trained, int) and trained > config.epochs:
+        problems.append(f"epochs {config.epochs}, fewer than the {trained} it has trained (resume with epochs of "
+                        f"{trained} or more)")
     data = state.get("data")
     if isinstance(data, dict):
         identity = _data_identity(train_set)
@@ -797,6 +811,12 @@ def fit(
     device = usable_device(device)
     if len(train_set) == 0:
         raise ConfigurationError("the training set is empty")
+    if config.batch_size == 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        # Every batch would be the one image batch norm cannot train on.
+        raise ConfigurationError(
+            "batch_size 1 cannot train this model: its batch norm layers need at least 2 images per batch; use a "
+            "batch size of 2 or more"
+        )
     if resume and checkpoint_dir is None:
         raise ConfigurationError("resume=True needs checkpoint_dir")
     objective.check_teacher(teacher)
@@ -880,7 +900,7 @@ def fit(
             sums: dict = {}
             correct = seen = 0
             for images, labels in iterate_batches(train_set, batch_size=config.batch_size, shuffle=True, generator=generator):
-                if labels.numel() == 1 and len(train_set) > 1:
+                if labels.numel() == 1 and config.batch_size > 1 and len(train_set) > 1:
                     continue  # a last batch of one image: batch norm cannot train on it (timm drops it too)
                 if outputs is not None:
                     _check_label_range(train_set, labels, outputs)

@@ -675,3 +675,47 @@ def test_the_next_save_removes_temporaries_a_stopped_run_left(tmp_path, key):
         progress=False)
     assert not any(path.exists() for path in stale)
     assert live.exists() and other.exists()
+
+
+def test_batch_size_one_trains_a_model_without_batch_norm_and_refuses_one_with_it(key):
+    # Every batch was skipped as "a last batch of one image", then the epoch's
+    # accuracy divided by zero: a ZeroDivisionError traceback.
+    data = _separable_dataset(4)
+    with pytest.raises(ConfigurationError, match="batch size of 2 or more"):
+        fit(_model(key), data, config=TrainConfig(epochs=1, batch_size=1), progress=False)
+    torch.manual_seed(0)
+    flat = wrap_model(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * SIZE * SIZE, 2)), key,
+                      mean=(0.5,) * 3, std=(0.5,) * 3)
+    result = fit(flat, data, config=TrainConfig(epochs=1, batch_size=1), progress=False)
+    assert len(result.history) == 1 and 0 <= result.history[0]["accuracy"] <= 1
+
+
+def test_resume_with_fewer_epochs_than_trained_is_refused(tmp_path, key):
+    # It resumed a 2-epoch run with epochs=1: no training, and the record
+    # (published in protection.json) said 1 epoch over a 2-epoch history.
+    data = _separable_dataset(16)
+    fit(_model(key), data, config=TrainConfig(epochs=2, batch_size=16), checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(ConfigurationError, match="fewer than the 2 it has trained"):
+        fit(_model(key), data, config=TrainConfig(epochs=1, batch_size=16), checkpoint_dir=tmp_path, resume=True,
+            progress=False)
+    again = fit(_model(key), data, config=TrainConfig(epochs=2, batch_size=16), checkpoint_dir=tmp_path,
+                resume=True, progress=False)  # as many: nothing left to train, accepted
+    assert [entry["epoch"] for entry in again.history] == [1, 2]
+
+
+def test_a_training_state_from_another_keys_run_is_refused(tmp_path, key):
+    # A state (which holds its own weights) copied beside this key's
+    # protection.json resumed: another key's weights trained on under this key.
+    data = _separable_dataset(16)
+    other = SecretKey.generate_like(key)
+    fit(_model(key), data, config=TrainConfig(epochs=1, batch_size=16), checkpoint_dir=tmp_path / "mine",
+        progress=False)
+    fit(_model(other), data, config=TrainConfig(epochs=1, batch_size=16), checkpoint_dir=tmp_path / "theirs",
+        progress=False)
+    (tmp_path / "mine" / TRAINING_STATE_FILE).write_bytes((tmp_path / "theirs" / TRAINING_STATE_FILE).read_bytes())
+    model = _model(key)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    with pytest.raises(KeyMismatchError, match="mixes two runs' files"):
+        fit(model, data, config=TrainConfig(epochs=2, batch_size=16), checkpoint_dir=tmp_path / "mine",
+            resume=True, progress=False)
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
