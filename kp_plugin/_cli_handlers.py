@@ -32,7 +32,7 @@ from typing import Any, Optional
 
 import torch
 
-from .checkpoint import (KEY_FILE_MARKERS, PROTECTION_FILE, ProtectionConfig, file_contains_any, find_key_material,
+from .checkpoint import (CONFIG_FILE, KEY_FILE_MARKERS, PROTECTION_FILE, ProtectionConfig, file_contains_any, find_key_material,
                          replacing, save_protected, usable_device)
 from .cli import KEY_ENV, _UsageError
 from .errors import (
@@ -146,6 +146,35 @@ def _model_args(args) -> dict:
     return {name: value for name, value in pairs if value is not None}
 
 
+def _check_resumed_model_options(args, out: Path, resume_dir: Path) -> None:
+    """``--resume`` with other ``--drop`` / ``--drop-path`` / ``--no-pretrained``
+    than the run was started with: a usage error naming them. Those were
+    taken and recorded as if the whole run had used them (the learning rate
+    and the rest of the recipe are checked by :func:`kp_plugin.train.fit`)."""
+    def saved(path: Path) -> dict:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):  # missing or damaged: fit's own checks say so
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    problems = []
+    model_args = saved(resume_dir / CONFIG_FILE).get("model_args")
+    if isinstance(model_args, dict):
+        for option, name in (("--drop", "drop_rate"), ("--drop-path", "drop_path_rate")):
+            now, before = _model_args(args).get(name), model_args.get(name)
+            if now != before:
+                problems.append(f"{option} {'not given' if now is None else now} (the run: "
+                                f"{'not given' if before is None else before})")
+    pretrained = saved(out / TRAINING_FILE).get("pretrained")
+    if isinstance(pretrained, bool) and pretrained == args.no_pretrained:
+        problems.append(f"--no-pretrained {'given' if args.no_pretrained else 'left out'} (the run started from "
+                        f"{'pre-trained' if pretrained else 'random'} weights)")
+    if problems:
+        raise _UsageError(f"the run in {out} was started with other model options: {'; '.join(problems)}. Resume "
+                          "it with the options it was started with")
+
+
 def _unprotected_fine_tune(args, num_classes: int, keyed, train_set, test_set, config, device, record: dict,
                            teacher_path: Optional[Path] = None):
     """The unprotected model with the same recipe (cross-entropy only): the
@@ -177,9 +206,27 @@ def _unprotected_fine_tune(args, num_classes: int, keyed, train_set, test_set, c
     return model
 
 
-def _baseline_worker(options: dict, num_classes: int, normalization: tuple, config, threads: int, queue) -> None:
+def _end_with_parent(parent: int, every: float = 1.0) -> None:
+    """In a child process: end it (a daemon thread watches) once ``parent``
+    is gone, whatever ended it (a kill -9 gives the parent no chance to end
+    its child; the baseline went on training alone, a whole core for nothing)."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="kp-end-with-parent", daemon=True).start()
+
+
+def _baseline_worker(options: dict, num_classes: int, normalization: tuple, config, threads: int, queue,
+                     parent: Optional[int] = None) -> None:
     """Child process of :class:`_BaselineBeside`: the unprotected fine-tune
-    with ``threads`` CPU threads; puts ``("ok", record)`` or ``("error", text)``."""
+    with ``threads`` CPU threads; puts ``("ok", record)`` or ``("error", text)``.
+    Ends when ``parent`` (the kp protect process) does."""
+    if parent is not None:
+        _end_with_parent(parent)
     try:
         from types import SimpleNamespace
 
@@ -237,7 +284,7 @@ class _BaselineBeside:
         self.process = context.Process(
             target=_baseline_worker, daemon=True, name="kp-baseline",
             args=(options, num_classes, (list(keyed.mean), list(keyed.std), keyed.input_size), config,
-                  child_threads, self.queue),
+                  child_threads, self.queue, os.getpid()),
         )
         start_ignoring_interrupts(self.process)
         self.total = total
@@ -343,6 +390,8 @@ def _protect(args: argparse.Namespace) -> int:
         if trained is not None and trained != args.image_size:
             raise _UsageError(f"the run in {out} trains at {trained}x{trained}; resume it with --image-size {trained} "
                               "(or leave the option out): the keyed transform depends on the size")
+    if args.resume:
+        _check_resumed_model_options(args, out, resume_dir)
     if not args.resume and (out / PROTECTION_FILE).exists():
         raise ConfigurationError(
             f"{out} already holds a protected model; pass --resume to continue it, or choose another -o"

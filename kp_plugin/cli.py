@@ -20,13 +20,14 @@ own module (listed in :data:`EXTENSION_MODULES`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import math
 import os
 import sys
 import textwrap
 import warnings
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from .errors import CheckpointError, KeyFileError, KeyMismatchError, KPError, first_line
 
@@ -109,8 +110,12 @@ MAX_IMAGE_SIZE = 4096
 MAX_WRONG_KEYS = 100_000
 MAX_BATCH_SIZE = 65_536
 MAX_THREADS = 4 * (os.cpu_count() or 1)
+#: The smallest side the datasets resize to (kp_plugin.data).
+MIN_DATASET_IMAGE_SIZE = 8
 _image_size = _number(int, lambda v: 1 <= v <= MAX_IMAGE_SIZE, f"an image side from 1 to {MAX_IMAGE_SIZE}",
                       "image size")
+_dataset_image_size = _number(int, lambda v: MIN_DATASET_IMAGE_SIZE <= v <= MAX_IMAGE_SIZE,
+                              f"an image side from {MIN_DATASET_IMAGE_SIZE} to {MAX_IMAGE_SIZE}", "image size")
 _wrong_keys = _number(int, lambda v: 0 <= v <= MAX_WRONG_KEYS, f"a count from 0 to {MAX_WRONG_KEYS}", "count")
 _batch_size = _number(int, lambda v: 1 <= v <= MAX_BATCH_SIZE, f"a batch size from 1 to {MAX_BATCH_SIZE}",
                       "batch size")
@@ -140,7 +145,7 @@ def _add_data_option(parser: argparse.ArgumentParser, *, required: bool) -> None
              "splits if present)"
              + ("" if required else "; default: the dataset the model was trained on"),
     )
-    parser.add_argument("--image-size", type=_image_size, default=None,
+    parser.add_argument("--image-size", type=_dataset_image_size, default=None,
                         help="image side in pixels (a multiple of the key's block size)")
 
 
@@ -360,6 +365,43 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
         _show_warning(message, category, filename, lineno, file, line)
 
 
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (a scheduler, a closed terminal), raised where the
+    command is, like Ctrl-C: what an interrupt cleans up (a child process,
+    the output folder's lock, temporary files) is cleaned up for them too.
+    Without it the process died at once and ``kp protect --baseline`` left
+    its baseline process training on its own."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
+        yield
+        return
+
+    def stop(signum, frame):
+        raise _Stopped(signum)
+
+    previous = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        number = getattr(signal, name, None)
+        # Only where the signal would kill: a SIGHUP ignored by nohup stays ignored.
+        if number is not None and signal.getsignal(number) is signal.SIG_DFL:
+            previous[number] = signal.signal(number, stop)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``kp`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code.
 
@@ -373,7 +415,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as exc:
         return int(exc.code or 0)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _stopped_by_signals():
             warnings.showwarning = _one_line_warning
             return int(args.func(args) or 0)
     except _UsageError as exc:  # found after parsing: the subcommand's usage, as argparse's own errors show
@@ -391,7 +433,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if isinstance(exc, error_type):
                 return code
         return EXIT_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, _Stopped):
+            import signal
+
+            print(f"kp {args.command}: stopped ({signal.Signals(exc.signum).name})", file=sys.stderr)
+            return 128 + exc.signum  # the shell's code for a process ended by that signal
         print(f"kp {args.command}: interrupted", file=sys.stderr)
         return 130
     except ModuleNotFoundError as exc:  # an optional dependency: kp-plugin alone is torch + safetensors

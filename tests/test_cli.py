@@ -522,12 +522,13 @@ def test_protect_mixes_batches_for_the_protected_model_and_the_baseline(tmp_path
     (["protect", "--mixup", "nan"], "--mixup: expected a number >= 0"),
     (["protect", "--ema-decay", "1"], "--ema-decay: expected a number in (0, 1)"),
     (["protect", "--wrong-key-weight", "-1"], "--wrong-key-weight: expected a number >= 0"),
-    (["protect", "--image-size", "0"], "--image-size: expected an image side from 1 to 4096"),
-    (["protect", "--image-size", "100000"], "--image-size: expected an image side from 1 to 4096"),
+    (["protect", "--image-size", "0"], "--image-size: expected an image side from 8 to 4096"),
+    (["protect", "--image-size", "4"], "--image-size: expected an image side from 8 to 4096"),
+    (["protect", "--image-size", "100000"], "--image-size: expected an image side from 8 to 4096"),
     (["evaluate", "out", "--wrong-keys", "-3"], "--wrong-keys: expected a count from 0 to 100000, got -3"),
     (["evaluate", "out", "--wrong-keys", "100000000000"], "--wrong-keys: expected a count from 0 to 100000"),
     (["evaluate", "out", "--threads", "0"], "--threads: expected a thread count from 1 to"),
-    (["evaluate", "out", "--image-size", "100000"], "--image-size: expected an image side from 1 to 4096"),
+    (["evaluate", "out", "--image-size", "100000"], "--image-size: expected an image side from 8 to 4096"),
     (["export", "out", "-o", "deploy", "--batch-size", "0"], "--batch-size: expected a batch size from 1 to 65536"),
     (["show", "image.png", "-o", "s.png", "--image-size", "-1"], "--image-size: expected an image side from 1"),
     (["show", "image.png", "-o", "s.png", "--image-size", "100000"], "--image-size: expected an image side from 1"),
@@ -916,3 +917,66 @@ def test_an_image_size_the_key_cannot_take_is_the_one_error_said(protected, tmp_
                  "--quiet", "-o", str(tmp_path / "report")]) == 1
     err = capsys.readouterr().err
     assert "pass --image-size 16" in err and "trained at" not in err and not (tmp_path / "report").exists()
+
+
+def test_resume_with_other_model_options_is_a_usage_error(protected, tmp_path, capsys):
+    # --drop / --drop-path / --no-pretrained changed on --resume were taken,
+    # and the record described the whole run with them.
+    key_path, _ = protected
+    out = tmp_path / "run"
+    assert main(["protect", *TINY, "--key", str(key_path), "-o", str(out), "--drop", "0.1"]) == 0
+    more = [a if a != "1" else "2" for a in TINY]
+    capsys.readouterr()
+    assert main(["protect", *more, "--key", str(key_path), "-o", str(out), "--resume", "--drop", "0.5",
+                 "--drop-path", "0.2"]) == 2
+    err = capsys.readouterr().err
+    assert "--drop 0.5 (the run: 0.1)" in err and "--drop-path 0.2 (the run: not given)" in err
+    pretrained = [a for a in more if a != "--no-pretrained"]
+    assert main(["protect", *pretrained, "--key", str(key_path), "-o", str(out), "--resume", "--drop", "0.1"]) == 2
+    assert "--no-pretrained left out" in capsys.readouterr().err
+    assert json.loads((out / "training.json").read_text())["model_args"] == {"drop_rate": 0.1}
+    assert main(["protect", *more, "--key", str(key_path), "-o", str(out), "--resume", "--drop", "0.1"]) == 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads child processes from /proc")
+def test_sigterm_stops_protect_and_its_baseline_process_like_ctrl_c(protected, tmp_path):
+    # A scheduler's SIGTERM killed kp protect outright: its baseline process
+    # trained on alone (a whole core) and the folder's lock file stayed.
+    import signal
+    import subprocess
+    import sys
+
+    key_path, _ = protected
+    out = tmp_path / "run"
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    argv = [a if a != "1" else "50" for a in TINY]
+    run = subprocess.Popen([sys.executable, "-m", "kp_plugin", "protect", *argv, "--key", str(key_path), "-o",
+                            str(out), "--baseline", "--threads", "2"], env=env, stderr=subprocess.PIPE, text=True)
+
+    def children() -> list:
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == run.pid:
+                    found.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                pass
+        return found
+
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "training" / "training_state.pt").exists() and run.poll() is None:
+            assert time.monotonic() < deadline, "no epoch finished"
+            time.sleep(0.2)
+        kids = children()
+        assert kids, "the baseline runs in a second process"
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert "stopped (SIGTERM)" in run.stderr.read()
+    time.sleep(2)
+    assert [pid for pid in kids if Path(f"/proc/{pid}").exists()] == []
+    assert not (out / ".kp-protect.lock").exists()
