@@ -10,7 +10,7 @@ from typing import Iterable, Mapping, Optional
 
 from ._cli_handlers import RESUME_DIR
 from .errors import KeyLeakError
-from .checkpoint import bytes_contain_any, file_contains_any, leak_needles
+from .checkpoint import bytes_contain_any, leak_needles, still_there_and_contains
 from .keys import SecretKey
 from .protection_report import PRIVATE_DIR
 
@@ -65,7 +65,9 @@ def _refuse_key_material(files: Mapping[str, Path], key: Optional[SecretKey], *,
         raise KeyLeakError("refusing to upload: the commit message holds key material. Nothing was sent")
     if any(bytes_contain_any(name.encode("utf-8"), needles) for name in files):
         raise KeyLeakError("refusing to upload: a file name holds key material. Nothing was sent; rename the file")
-    leaks = [name for name, path in files.items() if name.endswith(".key") or file_contains_any(Path(path), needles)]
+    # A file gone since the listing (another writer's temporary) has nothing left to leak.
+    leaks = [name for name, path in files.items()
+             if name.endswith(".key") or still_there_and_contains(Path(path), needles)]
     if leaks:
         raise KeyLeakError(
             f"refusing to upload: {', '.join(leaks)} hold(s) key material or a key file. Nothing was sent. "

@@ -604,10 +604,11 @@ def find_key_material(directory: Union[str, os.PathLike], key: SecretKey) -> lis
     files = [root] if root.is_file() else sorted(
         path for folder, _, names in os.walk(root) for path in (Path(folder) / name for name in names)
         if path.is_file())
-    return [path for path in files if _still_there_and_contains(path, needles)]
+    return [path for path in files if still_there_and_contains(path, needles)]
 
 
-def _still_there_and_contains(path: Path, needles: list) -> bool:
+def still_there_and_contains(path: Path, needles: list) -> bool:
+    """:func:`file_contains_any`, False for a file removed since it was listed."""
     try:
         return file_contains_any(path, needles)
     except FileNotFoundError:  # gone since the listing (another writer's temporary file): nothing left to leak
@@ -706,6 +707,35 @@ def save_protected(
                            weights_digest(_uncompiled(model.unwrap())))
 
 
+@contextlib.contextmanager
+def folder_lock(directory: Path, *, shared: bool = False) -> Iterator[None]:
+    """An advisory lock (``flock``) on the folder itself, no file made:
+    :func:`save_protected` holds it exclusively from its checks to its last
+    rename, so two saves into one folder run one after the other (both said
+    they saved, and the folder held one of them, or a mix); a reader that
+    must take one save whole (a push opening the files it sends) holds it
+    shared. Where folders cannot be locked (not POSIX, some network file
+    systems) it does nothing."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _save_protected(model: ProtectedModel, directory: Path, metadata: Optional[dict], overwrite: bool,
                     digest: str) -> Path:
     """:func:`save_protected` with the weights' digest already computed (a
@@ -734,14 +764,25 @@ def _save_protected(model: ProtectedModel, directory: Path, metadata: Optional[d
     try:  # a name too long, a folder under a file, a read-only place: OSError from the checks already
         if directory.exists() and not directory.is_dir():
             raise CheckpointError(f"{directory} is a file; save_protected writes a folder: pass a folder path")
-        if not overwrite:
-            refuse_other_key_checkpoint(directory, model.key.fingerprint)
         directory.mkdir(parents=True, exist_ok=True)
     except CheckpointError:
         raise
     except OSError as exc:
         raise CheckpointWriteError(f"cannot create the folder {directory} ({first_line(exc)}); nothing was "
                                    "written: choose another folder") from None
+    with folder_lock(directory):
+        _save_locked(model, directory, config, text, config_text, overwrite, needles)
+    return directory
+
+
+def _save_locked(model: ProtectedModel, directory: Path, config: ProtectionConfig, text: str,
+                 config_text: Optional[str], overwrite: bool, needles: list) -> None:
+    """The writing part of :func:`_save_protected`, under its folder lock:
+    the other-key check (under the lock, so a save that finished while this
+    one waited is seen), then the files."""
+    base = _uncompiled(model.unwrap())
+    if not overwrite:
+        refuse_other_key_checkpoint(directory, model.key.fingerprint)
     metadata = {
         "format": "pt",
         "kp_format": PROTECTION_FORMAT,
@@ -755,7 +796,6 @@ def _save_protected(model: ProtectedModel, directory: Path, metadata: Optional[d
     # renamed in (_write_all); the folder is what gets published.
     refuse_key_material(directory, model.key, remedy="move them out of the folder first (nothing was written)")
     _write_all(directory, files, weights=(base, metadata), needles=needles)
-    return directory
 
 
 def _write_all(directory: Path, files: list, *, weights: Optional[tuple] = None,

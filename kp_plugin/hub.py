@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -50,7 +51,7 @@ from ._hub_errors import (
 )
 from .autoload import _read_native_config, load_protected_auto, native_library
 from ._hub_scan import CARD_FILE, _files_to_upload, _folder_files, _refuse_key_material
-from .checkpoint import (CONFIG_FILE, PROTECTION_FILE, WEIGHTS_FILE, ProtectionConfig, hash_file,
+from .checkpoint import (CONFIG_FILE, PROTECTION_FILE, WEIGHTS_FILE, ProtectionConfig, folder_lock, hash_file,
                          read_weights_header, replacing, save_protected)
 from .errors import CheckpointError, ConfigurationError, KeyMismatchError, first_line
 from .keys import SecretKey, require_key
@@ -203,7 +204,7 @@ def push_protected(
         require_key(key)
     _check_repo_id(repo_id)
     endpoint = _endpoint(endpoint)
-    with tempfile.TemporaryDirectory(prefix="kp-push-") as staging_dir:
+    with tempfile.TemporaryDirectory(prefix="kp-push-") as staging_dir, contextlib.ExitStack() as stack:
         staging = Path(staging_dir)
         protected = protected_model_of(model_or_directory)  # also through torch.compile / DDP
         if protected is not None:
@@ -226,51 +227,62 @@ def push_protected(
             raise ConfigurationError(
                 f"push_protected takes a ProtectedModel or a directory, got {type(model_or_directory).__name__}"
             )
-        protection = ProtectionConfig.load(directory)
-        if key is not None:
-            protection.check_key(key, unsigned="error")
-        files = _files_to_upload(directory, include)
-        if processor is None and key is not None and PREPROCESSOR_FILE not in files:
-            processor = _default_processor(directory, protection, key)
-        if processor is not None:
-            processor.save_pretrained(str(staging / "processor"))
-            files[PREPROCESSOR_FILE] = staging / "processor" / PREPROCESSOR_FILE
-        if WEIGHTS_FILE not in files and not any(n.endswith(".safetensors") for n in files):
-            raise CheckpointError(f"{directory} has no {WEIGHTS_FILE}; save the model with save_protected first")
-        for name, path in files.items():
-            if name.endswith(".safetensors"):  # a truncated or foreign file went up and failed only on pull
-                read_weights_header(Path(path), protection)
-        if PREPROCESSOR_FILE in files:
-            _check_processor_key(Path(files[PREPROCESSOR_FILE]), protection)
-        evaluation = read_report(report if report is not None else directory)
-        if evaluation is not None and evaluation.get("fingerprint") not in (None, protection.fingerprint):
-            raise ConfigurationError(
-                f"the evaluation report is of a model protected with key {evaluation.get('fingerprint')}, not this "
-                f"one ({protection.fingerprint}); its accuracies would go on this model's card. Nothing was sent: "
-                "evaluate this model (kp evaluate) or pass the right report="
+        # One save whole: save_protected holds this folder's lock while it
+        # renames its files in, so under the shared lock the files checked
+        # here are one checkpoint; they are opened here and sent from these
+        # handles, so a save after the lock is released changes nothing sent
+        # (sent by path, a push beside a training run's saves published
+        # weights and protection.json of different saves, which then failed
+        # to load for everyone).
+        with folder_lock(directory, shared=True):
+            protection = ProtectionConfig.load(directory)
+            if key is not None:
+                protection.check_key(key, unsigned="error")
+            files = _files_to_upload(directory, include)
+            if processor is None and key is not None and PREPROCESSOR_FILE not in files:
+                processor = _default_processor(directory, protection, key)
+            if processor is not None:
+                processor.save_pretrained(str(staging / "processor"))
+                files[PREPROCESSOR_FILE] = staging / "processor" / PREPROCESSOR_FILE
+            if WEIGHTS_FILE not in files and not any(n.endswith(".safetensors") for n in files):
+                raise CheckpointError(f"{directory} has no {WEIGHTS_FILE}; save the model with save_protected "
+                                      "first")
+            for name, path in files.items():
+                if name.endswith(".safetensors"):  # a truncated or foreign file went up and failed only on pull
+                    read_weights_header(Path(path), protection)
+            if PREPROCESSOR_FILE in files:
+                _check_processor_key(Path(files[PREPROCESSOR_FILE]), protection)
+            evaluation = read_report(report if report is not None else directory)
+            if evaluation is not None and evaluation.get("fingerprint") not in (None, protection.fingerprint):
+                raise ConfigurationError(
+                    f"the evaluation report is of a model protected with key {evaluation.get('fingerprint')}, not "
+                    f"this one ({protection.fingerprint}); its accuracies would go on this model's card. Nothing was "
+                    "sent: evaluate this model (kp evaluate) or pass the right report="
+                )
+            if evaluation is not None and evaluation.get("weights_digest") not in (None, protection.weights_digest):
+                raise ConfigurationError(
+                    f"the evaluation report is of other weights (digest {evaluation.get('weights_digest')}) than "
+                    f"this checkpoint's ({protection.weights_digest}), another model protected with the same key or "
+                    "this one before more training; its accuracies would go on this model's card. Nothing was sent: "
+                    "evaluate this model (kp evaluate) or pass the right report="
+                )
+            card = build_model_card(
+                protection, repo_id=repo_id, native_library=native_library(directory), base_model=base_model,
+                report=evaluation,
             )
-        if evaluation is not None and evaluation.get("weights_digest") not in (None, protection.weights_digest):
-            raise ConfigurationError(
-                f"the evaluation report is of other weights (digest {evaluation.get('weights_digest')}) than this "
-                f"checkpoint's ({protection.weights_digest}), another model protected with the same key or this one "
-                "before more training; its accuracies would go on this model's card. Nothing was sent: evaluate "
-                "this model (kp evaluate) or pass the right report="
-            )
-        card = build_model_card(
-            protection, repo_id=repo_id, native_library=native_library(directory), base_model=base_model,
-            report=evaluation,
-        )
-        card.save(staging / CARD_FILE)
-        files[CARD_FILE] = staging / CARD_FILE
-        # Everything in the folder is scanned, not only what is uploaded: a
-        # key file next to the weights is a mistake worth stopping for.
-        _refuse_key_material({**_folder_files(directory), **files}, key, commit_message=commit_message or "")
+            card.save(staging / CARD_FILE)
+            files[CARD_FILE] = staging / CARD_FILE
+            # Everything in the folder is scanned, not only what is uploaded: a
+            # key file next to the weights is a mistake worth stopping for.
+            _refuse_key_material({**_folder_files(directory), **files}, key,
+                                 commit_message=commit_message or "")
+            sent = {name: stack.enter_context(open(path, "rb")) for name, path in files.items()}
 
         api = HfApi(endpoint=endpoint, token=token)
         with _hub_errors(endpoint, repo_id, revision, pushing=True):
             _prepare_repo(api, repo_id, private=private, revision=revision, token=token)
-            operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
-                          for name, path in files.items()]
+            operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=handle)
+                          for name, handle in sent.items()]
             return api.create_commit(
                 repo_id, operations=operations, commit_message=commit_message or "Upload key-protected model",
                 revision=revision, token=token,

@@ -564,3 +564,74 @@ def test_an_unsigned_checkpoint_folder_is_not_pushed(test_hub, model, tmp_path, 
     from huggingface_hub import HfApi
 
     assert not HfApi(endpoint=test_hub.url, token=test_hub.token).repo_exists("org/unsigned")
+
+
+def test_a_folder_push_sends_the_checkpoint_it_checked_while_a_save_replaces_it(test_hub, model, tmp_path,
+                                                                                isolate_hub_client, monkeypatch):
+    # The files were checked (key, weights header, leak scan) at the start and
+    # read again by path while uploading: a save in between (a training run
+    # saving its epochs) published what was not checked, or weights and
+    # protection.json of two saves, which then failed to load.
+    import kp_plugin.hub as hub
+
+    folder = tmp_path / "ck"
+    save_protected(model, folder)
+    torch.manual_seed(1)
+    later = wrap_model(timm.create_model("test_resnet", num_classes=3), KEY).eval()
+    prepare = hub._prepare_repo
+
+    def save_in_between(*args, **kwargs):
+        save_protected(later, folder)  # after the checks, before the upload
+        return prepare(*args, **kwargs)
+
+    monkeypatch.setattr(hub, "_prepare_repo", save_in_between)
+    push_protected(folder, "org/snapshot", key=KEY, token=test_hub.token, endpoint=test_hub.url)
+    pulled = _pull(test_hub, "org/snapshot", KEY, isolate_hub_client)
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(pulled(images), model(images))
+
+
+def test_a_save_into_a_folder_another_save_holds_waits_and_then_checks_the_key(model, tmp_path):
+    # Two saves at once both said they saved: the folder held one of them
+    # (another key's model replaced without overwrite=True), or a mix.
+    import shutil
+    import threading
+
+    from kp_plugin.checkpoint import folder_lock
+
+    theirs, folder = tmp_path / "theirs", tmp_path / "ck"
+    save_protected(model, theirs)
+    folder.mkdir()
+    other = wrap_model(timm.create_model("test_resnet", num_classes=3), SecretKey.generate_like(KEY))
+    outcome = []
+
+    def save_other():
+        try:
+            save_protected(other, folder)
+            outcome.append("saved")
+        except CheckpointError as exc:
+            outcome.append(str(exc))
+
+    with folder_lock(folder):  # as a save of KEY's model holds it
+        saver = threading.Thread(target=save_other)
+        saver.start()
+        saver.join(timeout=2)
+        assert saver.is_alive() and outcome == []  # waiting for the lock
+        for path in theirs.iterdir():  # the first save's files land
+            shutil.copy2(path, folder / path.name)
+    saver.join(timeout=60)
+    assert len(outcome) == 1 and "another key" in outcome[0]
+    assert ProtectionConfig.load(folder).fingerprint == KEY.fingerprint
+
+
+def test_the_push_scan_passes_over_a_file_removed_since_the_listing(tmp_path):
+    # Another writer's temporary file, gone between the listing and its scan,
+    # ended a push with a bare FileNotFoundError.
+    from kp_plugin._hub_scan import _refuse_key_material
+
+    (tmp_path / "kept.json").write_text("{}")
+    _refuse_key_material({"kept.json": tmp_path / "kept.json", ".x.tmp": tmp_path / ".x.tmp"}, KEY)
+    (tmp_path / "leak.txt").write_bytes(MATERIAL)
+    with pytest.raises(KeyLeakError):
+        _refuse_key_material({"leak.txt": tmp_path / "leak.txt", ".x.tmp": tmp_path / ".x.tmp"}, KEY)
