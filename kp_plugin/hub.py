@@ -403,6 +403,14 @@ def download_protected(
                     f"the Hub at {endpoint} answered HTTP {status} (a server error) for {filename} of {repo_id!r} "
                     "and it is not in the local cache: try again later"
                 ) from None
+            if not offline and listed is not None:
+                # The repository's information came through; the file did not
+                # (a proxy or link that stalls downloads): not an offline matter.
+                raise HubUnreachableError(
+                    f"{filename} of {repo_id!r} could not be downloaded from {endpoint} ({type(exc).__name__}), "
+                    "though the repository's information came through: check the network or proxy (HF_ENDPOINT) "
+                    "and pull again; on a slow link raise HF_HUB_DOWNLOAD_TIMEOUT and HF_HUB_ETAG_TIMEOUT"
+                ) from exc
             raise HubUnreachableError(
                 f"{filename} of {repo_id!r} is not in the local cache and {endpoint} "
                 f"{why_offline if offline else 'cannot be reached'}: pull it once online "

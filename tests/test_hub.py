@@ -635,3 +635,20 @@ def test_the_push_scan_passes_over_a_file_removed_since_the_listing(tmp_path):
     (tmp_path / "leak.txt").write_bytes(MATERIAL)
     with pytest.raises(KeyLeakError):
         _refuse_key_material({"leak.txt": tmp_path / "leak.txt", ".x.tmp": tmp_path / ".x.tmp"}, KEY)
+
+
+def test_downloads_that_time_out_after_the_repository_answered_say_so(test_hub, pushed, isolate_hub_client,
+                                                                       monkeypatch):
+    # A proxy that let the repository's information through and stalled the
+    # files: after huggingface_hub's retries the error gave offline advice
+    # ("pull it once online ... then offline works").
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def stalled(*args, **kwargs):  # what hf_hub_download raises once its retries time out, the file not cached
+        raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", stalled)
+    with pytest.raises(HubUnreachableError, match="information came through: check the network or proxy") as caught:
+        _pull(test_hub, pushed, KEY, isolate_hub_client)
+    assert "offline" not in str(caught.value)
