@@ -32,8 +32,8 @@ from typing import Any, Optional
 
 import torch
 
-from .checkpoint import (CONFIG_FILE, KEY_FILE_MARKERS, PROTECTION_FILE, ProtectionConfig, file_contains_any, find_key_material,
-                         replacing, save_protected, usable_device)
+from .checkpoint import (CONFIG_FILE, KEY_FILE_MARKERS, PROTECTION_FILE, ProtectionConfig, file_contains_any,
+                         find_key_material, replacing, save_protected, usable_device)
 from .cli import KEY_ENV, _UsageError
 from .errors import (
     CheckpointError,

@@ -149,7 +149,8 @@ def test_a_labels_column_is_read_as_transformers_collators_read_it(key, tmp_path
                              per_device_eval_batch_size=4, eval_strategy="steps", eval_steps=1, save_strategy="no")
     trainer = KeyedTrainer(model=tiny_vit(), args=args, train_dataset=raw.rename_column("label", "labels"),
                            eval_dataset=raw.rename_column("label", "labels"),
-                           data_collator=KeyedImageCollator(processor), callbacks=[KeyProtectionCallback(key, wrong_keys=1)])
+                           data_collator=KeyedImageCollator(processor),
+                           callbacks=[KeyProtectionCallback(key, wrong_keys=1)])
     trainer.train()
     assert any("eval_protection_margin" in entry for entry in trainer.state.log_history)
 

@@ -34,7 +34,8 @@ def register(subparsers) -> None:
                         help="the owner's key file (used to score the attacks, never by them; default: KP_KEY)")
     parser.add_argument("--data", default=None,
                         help="'digits', 'photos' or an ImageFolder directory (default: the checkpoint's dataset)")
-    parser.add_argument("--image-size", type=_dataset_image_size, default=None, help="image side (default: the checkpoint's)")
+    parser.add_argument("--image-size", type=_dataset_image_size, default=None,
+                        help="image side (default: the checkpoint's)")
     parser.add_argument("--attacks", default="all", type=_attack_list, help=f"'all' or a comma list of: {', '.join(ATTACKS)}")
     parser.add_argument("--budget", default="quick", choices=tuple(BUDGETS),
                         help="how hard to try: smoke (seconds), quick (the default), standard, paper (20,000 random "
