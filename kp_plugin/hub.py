@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -229,11 +230,11 @@ def push_protected(
             )
         # One save whole: save_protected holds this folder's lock while it
         # renames its files in, so under the shared lock the files checked
-        # here are one checkpoint; they are opened here and sent from these
-        # handles, so a save after the lock is released changes nothing sent
-        # (sent by path, a push beside a training run's saves published
-        # weights and protection.json of different saves, which then failed
-        # to load for everyone).
+        # here are one checkpoint; they are linked (or copied) into a folder
+        # of their own there and sent from it, so a save after the lock is
+        # released changes nothing sent (sent from the folder, a push beside
+        # a training run's saves published weights and protection.json of
+        # different saves, which then failed to load for everyone).
         with folder_lock(directory, shared=True):
             protection = ProtectionConfig.load(directory)
             if key is not None:
@@ -276,17 +277,45 @@ def push_protected(
             # key file next to the weights is a mistake worth stopping for.
             _refuse_key_material({**_folder_files(directory), **files}, key,
                                  commit_message=commit_message or "")
-            sent = {name: stack.enter_context(open(path, "rb")) for name, path in files.items()}
+            sent = _snapshot(files, directory, staging, stack)
 
         api = HfApi(endpoint=endpoint, token=token)
         with _hub_errors(endpoint, repo_id, revision, pushing=True):
             _prepare_repo(api, repo_id, private=private, revision=revision, token=token)
-            operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=handle)
-                          for name, handle in sent.items()]
+            operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
+                          for name, path in sent.items()]
             return api.create_commit(
                 repo_id, operations=operations, commit_message=commit_message or "Upload key-protected model",
                 revision=revision, token=token,
             )
+
+
+def _snapshot(files: Mapping[str, Path], directory: Path, staging: Path, stack: contextlib.ExitStack) -> dict:
+    """The files of ``directory`` among ``files`` as they are now: hard links
+    in a hidden folder inside ``directory`` (the same file system; removed when
+    ``stack`` closes), or copies in ``staging`` where links cannot be made (a
+    read-only folder). A save that renames new files in afterwards leaves
+    these on the files that were checked. Paths, not open files, go to
+    huggingface_hub: it uploads open files without Xet."""
+    try:
+        held = Path(tempfile.mkdtemp(prefix=".kp-push-", dir=directory))
+        stack.callback(shutil.rmtree, held, ignore_errors=True)
+    except OSError:
+        held = staging / "snapshot"
+    taken = {}
+    for name, path in files.items():
+        path = Path(path)
+        if directory not in path.parents:  # made for this push (card, processor): stays as it is
+            taken[name] = path
+            continue
+        copy = held / name
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, copy)
+        except OSError:  # another file system, links not allowed
+            shutil.copy2(path, copy)
+        taken[name] = copy
+    return taken
 
 
 def _check_repo_id(repo_id: object) -> None:
