@@ -171,17 +171,18 @@ def _hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT) -> Optional[str]:
     giving up, or before falling back to weights it has cached; one probe
     first lets a machine without Hub access fail (or use the cache) at once.
     Behind a proxy, and in offline mode, nothing is probed."""
-    from huggingface_hub import constants
+    from ._hub_errors import _endpoint, _offline
 
-    if constants.is_offline_mode() or any(os.environ.get(name) for name in _PROXY_VARIABLES):
+    if _offline() or any(os.environ.get(name) for name in _PROXY_VARIABLES):
         return None
-    endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
+    address = _endpoint(None)
+    endpoint = urllib.parse.urlsplit(address)
     try:
         port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
         with socket.create_connection((endpoint.hostname, port), timeout=timeout):
             return None
     except (OSError, ValueError):  # refused, timed out, unknown host; a malformed endpoint
-        return constants.ENDPOINT
+        return address
 
 
 @contextlib.contextmanager
