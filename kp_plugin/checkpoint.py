@@ -713,7 +713,7 @@ def folder_lock(directory: Path, *, shared: bool = False) -> Iterator[None]:
     :func:`save_protected` holds it exclusively from its checks to its last
     rename, so two saves into one folder run one after the other (both said
     they saved, and the folder held one of them, or a mix); a reader that
-    must take one save whole (a push opening the files it sends) holds it
+    must take one save whole (a push taking the files it sends) holds it
     shared. Where folders cannot be locked (not POSIX, some network file
     systems) it does nothing."""
     try:
@@ -770,19 +770,6 @@ def _save_protected(model: ProtectedModel, directory: Path, metadata: Optional[d
     except OSError as exc:
         raise CheckpointWriteError(f"cannot create the folder {directory} ({first_line(exc)}); nothing was "
                                    "written: choose another folder") from None
-    with folder_lock(directory):
-        _save_locked(model, directory, config, text, config_text, overwrite, needles)
-    return directory
-
-
-def _save_locked(model: ProtectedModel, directory: Path, config: ProtectionConfig, text: str,
-                 config_text: Optional[str], overwrite: bool, needles: list) -> None:
-    """The writing part of :func:`_save_protected`, under its folder lock:
-    the other-key check (under the lock, so a save that finished while this
-    one waited is seen), then the files."""
-    base = _uncompiled(model.unwrap())
-    if not overwrite:
-        refuse_other_key_checkpoint(directory, model.key.fingerprint)
     metadata = {
         "format": "pt",
         "kp_format": PROTECTION_FORMAT,
@@ -791,11 +778,16 @@ def _save_locked(model: ProtectedModel, directory: Path, config: ProtectionConfi
         "kp_weights_digest": config.weights_digest,
     }
     files = [(PROTECTION_FILE, text.encode())] + ([(CONFIG_FILE, config_text.encode())] if config_text else [])
-    # A key file (any key's) or key material already in the folder: refused
-    # before writing, as the files written are scanned before they are
-    # renamed in (_write_all); the folder is what gets published.
-    refuse_key_material(directory, model.key, remedy="move them out of the folder first (nothing was written)")
-    _write_all(directory, files, weights=(base, metadata), needles=needles)
+    with folder_lock(directory):
+        # Under the lock, so a save that finished while this one waited is seen.
+        if not overwrite:
+            refuse_other_key_checkpoint(directory, model.key.fingerprint)
+        # A key file (any key's) or key material already in the folder: refused
+        # before writing, as the files written are scanned before they are
+        # renamed in (_write_all); the folder is what gets published.
+        refuse_key_material(directory, model.key, remedy="move them out of the folder first (nothing was written)")
+        _write_all(directory, files, weights=(base, metadata), needles=needles)
+    return directory
 
 
 def _write_all(directory: Path, files: list, *, weights: Optional[tuple] = None,
