@@ -32,8 +32,8 @@ from typing import Any, Optional
 
 import torch
 
-from .checkpoint import (CONFIG_FILE, KEY_FILE_MARKERS, PROTECTION_FILE, ProtectionConfig, file_contains_any,
-                         find_key_material, replacing, save_protected, usable_device)
+from .checkpoint import (KEY_FILE_MARKERS, PROTECTION_FILE, ProtectionConfig, file_contains_any, find_key_material,
+                         replacing, save_protected, usable_device)
 from .cli import KEY_ENV, _UsageError
 from .errors import (
     CheckpointError,
@@ -150,23 +150,24 @@ def _check_resumed_model_options(args, out: Path, resume_dir: Path) -> None:
     """``--resume`` with other ``--drop`` / ``--drop-path`` / ``--no-pretrained``
     than the run was started with: a usage error naming them. Those were
     taken and recorded as if the whole run had used them (the learning rate
-    and the rest of the recipe are checked by :func:`kp_plugin.train.fit`)."""
-    def saved(path: Path) -> dict:
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):  # missing or damaged: fit's own checks say so
-            return {}
-        return data if isinstance(data, dict) else {}
+    and the rest of the recipe are checked by :func:`kp_plugin.train.fit`).
+    Files missing or damaged are left to fit's own checks."""
+    from .autoload import _read_native_config
 
     problems = []
-    model_args = saved(resume_dir / CONFIG_FILE).get("model_args")
+    native = _read_native_config(resume_dir)
+    model_args = native.get("model_args") if isinstance(native, dict) else None
     if isinstance(model_args, dict):
         for option, name in (("--drop", "drop_rate"), ("--drop-path", "drop_path_rate")):
             now, before = _model_args(args).get(name), model_args.get(name)
             if now != before:
                 problems.append(f"{option} {'not given' if now is None else now} (the run: "
                                 f"{'not given' if before is None else before})")
-    pretrained = saved(out / TRAINING_FILE).get("pretrained")
+    try:
+        record = json.loads((out / TRAINING_FILE).read_text())
+    except (OSError, ValueError):
+        record = None
+    pretrained = record.get("pretrained") if isinstance(record, dict) else None
     if isinstance(pretrained, bool) and pretrained == args.no_pretrained:
         problems.append(f"--no-pretrained {'given' if args.no_pretrained else 'left out'} (the run started from "
                         f"{'pre-trained' if pretrained else 'random'} weights)")
@@ -221,12 +222,11 @@ def _end_with_parent(parent: int, every: float = 1.0) -> None:
 
 
 def _baseline_worker(options: dict, num_classes: int, normalization: tuple, config, threads: int, queue,
-                     parent: Optional[int] = None) -> None:
+                     parent: int) -> None:
     """Child process of :class:`_BaselineBeside`: the unprotected fine-tune
     with ``threads`` CPU threads; puts ``("ok", record)`` or ``("error", text)``.
     Ends when ``parent`` (the kp protect process) does."""
-    if parent is not None:
-        _end_with_parent(parent)
+    _end_with_parent(parent)
     try:
         from types import SimpleNamespace
 
